@@ -1,0 +1,172 @@
+//! The one error type of the runtime. Every variant says where (a file, a tensor name or a module path) and what
+//! was expected, so that a message alone is enough to act on.
+
+use std::path::PathBuf;
+
+/// Result type of the runtime.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while loading, building or running a model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file or folder the loader needs does not exist.
+    #[error("file not found: {path} ({what})")]
+    FileNotFound {
+        /// The path that was looked for.
+        path: PathBuf,
+        /// What the file was needed for.
+        what: String,
+    },
+
+    /// Reading a file failed.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A file exists but its contents are not what its format requires.
+    #[error("{path}: {message}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong, and where in the file.
+        message: String,
+    },
+
+    /// A `config.json` (or the GGUF metadata standing in for it) lacks a field or holds a bad value.
+    #[error("config {path}: {message}")]
+    Config {
+        /// Where the configuration came from.
+        path: PathBuf,
+        /// The field and what was expected of it.
+        message: String,
+    },
+
+    /// A GGUF tensor is stored in a quantization this crate cannot dequantize.
+    #[error("{path}: tensor `{tensor}` has GGUF type {ggml_type} ({type_name}), which is not supported; supported: {supported}")]
+    UnsupportedTensorType {
+        /// The GGUF file.
+        path: PathBuf,
+        /// The tensor's name in the file.
+        tensor: String,
+        /// The numeric GGML type id.
+        ggml_type: u32,
+        /// The type's llama.cpp name, where known.
+        type_name: String,
+        /// The supported types, comma separated.
+        supported: String,
+    },
+
+    /// The checkpoint's architecture has no implementation registered.
+    #[error("architecture `{found}` is not supported; supported architectures: {supported}")]
+    UnsupportedArchitecture {
+        /// The `model_type` / `general.architecture` found.
+        found: String,
+        /// Registered architectures, comma separated.
+        supported: String,
+    },
+
+    /// A typed load (`LanguageModel::<Llama>::load`) found a checkpoint of another architecture.
+    #[error("{path} holds a `{found}` model, but a `{expected}` model was asked for")]
+    WrongArchitecture {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The architecture asked for.
+        expected: String,
+        /// The architecture found.
+        found: String,
+    },
+
+    /// Tensors that the architecture needs are absent from the checkpoint.
+    #[error("{path}: missing tensors ({count}): {names}", count = names.len(), names = names.join(", "))]
+    MissingTensors {
+        /// The checkpoint.
+        path: PathBuf,
+        /// Names (Hugging Face state-dict keys) of the missing tensors.
+        names: Vec<String>,
+    },
+
+    /// The checkpoint holds tensors that the architecture has no place for.
+    #[error("{path}: unexpected tensors ({count}): {names}", count = names.len(), names = names.join(", "))]
+    UnexpectedTensors {
+        /// The checkpoint.
+        path: PathBuf,
+        /// Names of the tensors left over.
+        names: Vec<String>,
+    },
+
+    /// A tensor of the checkpoint, or a value given to a module, has the wrong shape.
+    #[error("shape mismatch for `{name}`: expected {expected:?}, found {found:?}")]
+    ShapeMismatch {
+        /// Tensor name or module path.
+        name: String,
+        /// The shape required.
+        expected: Vec<i64>,
+        /// The shape given.
+        found: Vec<i64>,
+    },
+
+    /// The tokenizer could not be built, or failed on an input.
+    #[error("tokenizer: {message}")]
+    Tokenizer {
+        /// What failed.
+        message: String,
+    },
+
+    /// The input given to a model is unusable (empty batch, empty prompt, bad token id, ...).
+    #[error("invalid input: {message}")]
+    InvalidInput {
+        /// What was wrong.
+        message: String,
+    },
+
+    /// A libtorch operation failed inside a module.
+    #[error("in module `{module}`: {source}")]
+    Torch {
+        /// Dotted path of the module whose forward failed (empty for the model itself).
+        module: String,
+        /// libtorch's error.
+        #[source]
+        source: tch::TchError,
+    },
+}
+
+impl Error {
+    /// Attaches a module path to a libtorch error.
+    pub fn torch(module: impl Into<String>, source: tch::TchError) -> Self {
+        Error::Torch { module: module.into(), source }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        let path = path.into();
+        if source.kind() == std::io::ErrorKind::NotFound {
+            return Error::FileNotFound { path, what: source.to_string() };
+        }
+        Error::Io { path, source }
+    }
+
+    pub(crate) fn format(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Format { path: path.into(), message: message.into() }
+    }
+
+    pub(crate) fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Config { path: path.into(), message: message.into() }
+    }
+}
+
+/// Extension for `tch` results: attach the module path where the operation ran.
+pub trait TchResultExt<T> {
+    /// Turns a `TchError` into [`Error::Torch`] naming `module`.
+    fn at(self, module: &str) -> Result<T>;
+}
+
+impl<T> TchResultExt<T> for std::result::Result<T, tch::TchError> {
+    fn at(self, module: &str) -> Result<T> {
+        self.map_err(|e| Error::torch(module, e))
+    }
+}

@@ -1,0 +1,362 @@
+//! `LanguageModel<M>`: a tokenizer and a model on a device, loaded from a Hugging Face folder or a GGUF file.
+
+use crate::load::gguf::GgufFile;
+use crate::load::tokenizer::{self, SpecialTokens};
+use crate::load::{safetensors, Weights};
+use crate::models::{self, Architecture, AutoModel, CausalLm, RawConfig};
+use crate::nn::{Ctx, Hook, ModuleTree};
+use crate::progress::Progress;
+use crate::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+use tokenizers::Tokenizer;
+
+/// Options of [`LanguageModel::load_with`].
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Floating-point dtype of the parameters (default `Kind::Float`); quantized GGUF tensors are dequantized to it.
+    pub kind: Kind,
+    /// Device the model is placed on (default CPU).
+    pub device: Device,
+    /// Show loading progress on standard error (default true; `NNSIGHT_QUIET=1` also silences it).
+    pub progress: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { kind: Kind::Float, device: Device::Cpu, progress: true }
+    }
+}
+
+impl LoadOptions {
+    /// These options with parameters of dtype `kind`.
+    pub fn kind(mut self, kind: Kind) -> Self {
+        self.kind = kind;
+        self
+    }
+    /// These options with the model on `device`.
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+    /// These options with progress shown or not.
+    pub fn progress(mut self, show: bool) -> Self {
+        self.progress = show;
+        self
+    }
+}
+
+/// What a model is run on: one text, a batch of texts, or token ids (one row or several).
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// One prompt.
+    Text(String),
+    /// Several prompts, left-padded to a common length.
+    Texts(Vec<String>),
+    /// Token ids, one `Vec` per row, left-padded to a common length.
+    Ids(Vec<Vec<i64>>),
+}
+
+impl From<&str> for Input {
+    fn from(s: &str) -> Self {
+        Input::Text(s.to_string())
+    }
+}
+impl From<String> for Input {
+    fn from(s: String) -> Self {
+        Input::Text(s)
+    }
+}
+impl From<&String> for Input {
+    fn from(s: &String) -> Self {
+        Input::Text(s.clone())
+    }
+}
+impl From<Vec<String>> for Input {
+    fn from(v: Vec<String>) -> Self {
+        Input::Texts(v)
+    }
+}
+impl From<Vec<&str>> for Input {
+    fn from(v: Vec<&str>) -> Self {
+        Input::Texts(v.into_iter().map(String::from).collect())
+    }
+}
+impl From<&[&str]> for Input {
+    fn from(v: &[&str]) -> Self {
+        Input::Texts(v.iter().map(|s| s.to_string()).collect())
+    }
+}
+impl<const N: usize> From<[&str; N]> for Input {
+    fn from(v: [&str; N]) -> Self {
+        Input::Texts(v.iter().map(|s| s.to_string()).collect())
+    }
+}
+impl From<Vec<i64>> for Input {
+    fn from(v: Vec<i64>) -> Self {
+        Input::Ids(vec![v])
+    }
+}
+impl From<&[i64]> for Input {
+    fn from(v: &[i64]) -> Self {
+        Input::Ids(vec![v.to_vec()])
+    }
+}
+impl From<Vec<Vec<i64>>> for Input {
+    fn from(v: Vec<Vec<i64>>) -> Self {
+        Input::Ids(v)
+    }
+}
+
+/// A tokenized, left-padded batch on the model's device.
+#[derive(Debug)]
+pub struct Batch {
+    /// Token ids `[batch, seq]` (i64), pad tokens on the left of shorter rows.
+    pub input_ids: Tensor,
+    /// `[batch, seq]` (i64): 1 for real tokens, 0 for padding.
+    pub attention_mask: Tensor,
+    /// `[batch, seq]` (i64): positions counted from each row's first real token.
+    pub position_ids: Tensor,
+    /// Number of real tokens in each row.
+    pub lengths: Vec<usize>,
+    /// Whether any row is padded.
+    pub padded: bool,
+}
+
+impl Batch {
+    /// Builds a left-padded batch from rows of ids.
+    pub fn from_rows(rows: &[Vec<i64>], pad_id: i64, device: Device) -> Result<Self> {
+        if rows.is_empty() {
+            return Err(Error::InvalidInput { message: "empty batch: give at least one prompt".into() });
+        }
+        if let Some(i) = rows.iter().position(|r| r.is_empty()) {
+            return Err(Error::InvalidInput { message: format!("row {i} of the batch has no tokens") });
+        }
+        let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        let b = rows.len();
+        let mut ids = Vec::with_capacity(b * seq);
+        let mut mask = Vec::with_capacity(b * seq);
+        let mut pos = Vec::with_capacity(b * seq);
+        for r in rows {
+            let pad = seq - r.len();
+            ids.extend(std::iter::repeat_n(pad_id, pad).chain(r.iter().copied()));
+            mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1i64, r.len())));
+            pos.extend(std::iter::repeat_n(0i64, pad).chain(0..r.len() as i64));
+        }
+        let f = |e| Error::torch("input", e);
+        let shape = [b as i64, seq as i64];
+        let mk = |v: &[i64]| Tensor::from_slice(v).f_reshape(shape).and_then(|t| t.f_to_device(device)).map_err(f);
+        Ok(Batch {
+            input_ids: mk(&ids)?,
+            attention_mask: mk(&mask)?,
+            position_ids: mk(&pos)?,
+            lengths: rows.iter().map(|r| r.len()).collect(),
+            padded: rows.iter().any(|r| r.len() != seq),
+        })
+    }
+}
+
+/// A tokenizer and a causal language model on a device.
+///
+/// `M` is the architecture ([`crate::models::llama::Llama`], [`crate::models::gpt2::Gpt2`]), or [`AutoModel`] for
+/// whichever the checkpoint holds.
+pub struct LanguageModel<M: CausalLm = AutoModel> {
+    model: M,
+    tokenizer: Tokenizer,
+    special: SpecialTokens,
+    device: Device,
+    source: PathBuf,
+}
+
+impl<M: CausalLm> LanguageModel<M> {
+    /// Loads a Hugging Face folder (`config.json`, safetensors, `tokenizer.json`) or a `.gguf` file, in float32 on
+    /// the CPU, showing progress.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        Self::load_with(path, LoadOptions::default())
+    }
+
+    /// Loads with the given dtype, device and progress display.
+    pub fn load_with(path: impl AsRef<Path>, options: LoadOptions) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(Error::FileNotFound {
+                path: path.to_path_buf(),
+                what: "model: a Hugging Face folder or a .gguf file".into(),
+            });
+        }
+        if path.is_dir() {
+            Self::load_hf_dir(path, &options)
+        } else {
+            Self::load_gguf(path, &options)
+        }
+    }
+
+    fn check_arch(path: &Path, arch: &Architecture) -> Result<()> {
+        if M::accepts(arch) {
+            Ok(())
+        } else {
+            Err(Error::WrongArchitecture {
+                path: path.to_path_buf(),
+                expected: M::ARCHITECTURE.to_string(),
+                found: arch.name.to_string(),
+            })
+        }
+    }
+
+    fn load_hf_dir(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let config = models::read_config(dir)?;
+        let arch = models::by_model_type(config.model_type()?)?;
+        Self::check_arch(dir, arch)?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = tokenizer::tokenizer_from_file(&tok_path)?;
+        let label = format!("loading {}", dir.display());
+        let tensors = safetensors::read_dir(dir, &label, options.progress)?;
+        let mut weights = Weights::new(dir, tensors, options.kind, options.device);
+        let model = M::from_config(&config, &mut weights)?;
+        weights.finish()?;
+        let special = special_from_config(&config.json);
+        Ok(LanguageModel { model, tokenizer, special, device: options.device, source: dir.to_path_buf() })
+    }
+
+    fn load_gguf(path: &Path, options: &LoadOptions) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let arch = models::by_gguf_architecture(file.architecture()?)?;
+        Self::check_arch(path, arch)?;
+        let gguf = arch.gguf.as_ref().expect("entry found by its GGUF support");
+        let json = (gguf.config)(&file)?;
+        let config = RawConfig { source: path.to_path_buf(), json };
+        let tokenizer = tokenizer::tokenizer_from_gguf(&file)?;
+        let special = tokenizer::special_tokens_from_gguf(&file);
+
+        let total: u64 = file.tensors.iter().map(|t| file.tensor_bytes(t) as u64).sum();
+        let mut progress = if options.progress {
+            Progress::new(&format!("loading {}", path.display()), total)
+        } else {
+            Progress::hidden()
+        };
+        let mut tensors = BTreeMap::new();
+        let mut unknown = Vec::new();
+        for info in &file.tensors {
+            let Some(name) = (gguf.tensor_name)(&info.name) else {
+                unknown.push(info.name.clone());
+                continue;
+            };
+            let t = file.load_tensor(info, options.kind)?;
+            let t = (gguf.fix_tensor)(&name, t, &config.json)?;
+            progress.advance(file.tensor_bytes(info) as u64);
+            tensors.insert(name, t);
+        }
+        progress.finish();
+        if !unknown.is_empty() {
+            return Err(Error::UnexpectedTensors { path: path.to_path_buf(), names: unknown });
+        }
+        let mut weights = Weights::new(path, tensors, options.kind, options.device);
+        let model = M::from_config(&config, &mut weights)?;
+        weights.finish()?;
+        Ok(LanguageModel { model, tokenizer, special, device: options.device, source: path.to_path_buf() })
+    }
+
+    /// Moves the model to `device` (parameters keep their dtype).
+    pub fn to(mut self, device: Device) -> Result<Self> {
+        let kind = self.model.dtype();
+        self.model.to_device(device, kind)?;
+        self.device = device;
+        Ok(self)
+    }
+
+    /// The model.
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// BOS, EOS and padding ids.
+    pub fn special_tokens(&self) -> &SpecialTokens {
+        &self.special
+    }
+
+    /// The device the model is on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The checkpoint the model was loaded from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// The module tree (paths, types and parameter shapes), printable with `{}` like `print(model)` in PyTorch.
+    pub fn tree(&self) -> ModuleTree<'_> {
+        ModuleTree(&self.model)
+    }
+
+    /// Token ids of `text` (with whatever special tokens the tokenizer adds).
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        let enc = self.tokenizer.encode(text, true).map_err(|e| Error::Tokenizer { message: e.to_string() })?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// The text of token ids.
+    pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        let ids: Vec<u32> = ids
+            .iter()
+            .map(|&i| {
+                u32::try_from(i).map_err(|_| Error::InvalidInput { message: format!("token id {i} is negative") })
+            })
+            .collect::<Result<_>>()?;
+        self.tokenizer.decode(&ids, false).map_err(|e| Error::Tokenizer { message: e.to_string() })
+    }
+
+    /// Tokenizes and left-pads `input` into a batch on the model's device.
+    pub fn batch(&self, input: impl Into<Input>) -> Result<Batch> {
+        let rows = match input.into() {
+            Input::Text(t) => vec![self.encode(&t)?],
+            Input::Texts(ts) => ts.iter().map(|t| self.encode(t)).collect::<Result<_>>()?,
+            Input::Ids(rows) => rows,
+        };
+        let vocab = self.model.vocab_size();
+        for (r, row) in rows.iter().enumerate() {
+            if let Some(&bad) = row.iter().find(|&&i| i < 0 || i >= vocab) {
+                return Err(Error::InvalidInput {
+                    message: format!("token id {bad} in row {r} is outside the vocabulary (0..{vocab})"),
+                });
+            }
+        }
+        let pad = self.special.pad.or(self.special.eos).unwrap_or(0) as i64;
+        Batch::from_rows(&rows, pad, self.device)
+    }
+
+    /// A forward pass: logits `[batch, seq, vocab]`. Rows of unequal length are left-padded; each row's logits at
+    /// its real positions equal those of its solo run.
+    pub fn forward(&self, input: impl Into<Input>) -> Result<Tensor> {
+        let batch = self.batch(input)?;
+        self.forward_batch(&batch)
+    }
+
+    /// A forward pass over a prepared batch.
+    pub fn forward_batch(&self, batch: &Batch) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        self.model.run(&mut Ctx::new(), batch)
+    }
+
+    /// A forward pass in which `hook` sees (and may replace) every module's input and output.
+    pub fn forward_with_hook(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        self.model.run(&mut Ctx::with_hook(hook), batch)
+    }
+}
+
+/// BOS, EOS and padding ids from a `config.json` (an `eos_token_id` list gives its first id).
+fn special_from_config(json: &serde_json::Value) -> SpecialTokens {
+    let id = |key: &str| {
+        let v = json.get(key)?;
+        let v = v.as_array().and_then(|a| a.first()).unwrap_or(v);
+        v.as_u64().and_then(|i| u32::try_from(i).ok())
+    };
+    SpecialTokens { bos: id("bos_token_id"), eos: id("eos_token_id"), pad: id("pad_token_id"), add_bos: false }
+}

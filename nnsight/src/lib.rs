@@ -1,0 +1,36 @@
+//! # nnsight for Rust
+//!
+//! Read and change the internals of neural networks while they run. This crate is the runtime: models whose every
+//! submodule call goes through one hook point ([`nn::Ctx::call`]), loaders for Hugging Face folders and GGUF files,
+//! and [`LanguageModel`], a tokenizer and a model on a device.
+//!
+//! ```no_run
+//! use nnsight::prelude::*;
+//!
+//! # fn main() -> nnsight::Result<()> {
+//! let model = LanguageModel::<Llama>::load("models/SmolLM2-135M-Instruct.Q4_1.gguf")?;
+//! let logits = model.forward("The Eiffel Tower is in the city of")?; // [1, seq, vocab]
+//! println!("{:?}", logits.size());
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod load;
+pub mod models;
+pub mod nn;
+
+mod language_model;
+mod progress;
+
+pub use error::{Error, Result};
+pub use language_model::{Batch, Input, LanguageModel, LoadOptions};
+
+/// What a program using nnsight needs in scope.
+pub mod prelude {
+    pub use crate::models::{gpt2::Gpt2, llama::Llama, AutoModel};
+    pub use crate::{Input, LanguageModel, LoadOptions};
+    pub use tch::{Device, IndexOp, Kind, Tensor};
+}

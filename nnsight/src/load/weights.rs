@@ -1,0 +1,94 @@
+//! A checkpoint's tensors by Hugging Face state-dict name, taken one by one by a model's constructor with their
+//! expected shapes; what is missing or left over is reported by name when the model is complete.
+
+use crate::{Error, Result};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// Tensor names that checkpoints carry but no module owns (buffers Hugging Face recomputes).
+fn is_ignorable(name: &str) -> bool {
+    name.ends_with("rotary_emb.inv_freq")
+        || name.ends_with(".attn.bias") && !name.contains("c_attn")
+        || name.ends_with(".attn.masked_bias")
+}
+
+/// The tensors of a checkpoint, keyed by Hugging Face state-dict name.
+#[derive(Debug)]
+pub struct Weights {
+    source: PathBuf,
+    tensors: BTreeMap<String, Tensor>,
+    kind: Kind,
+    device: Device,
+    missing: BTreeSet<String>,
+}
+
+impl Weights {
+    /// Wraps loaded `tensors`; [`Weights::take`] converts each to `kind` on `device`.
+    pub fn new(source: impl Into<PathBuf>, tensors: BTreeMap<String, Tensor>, kind: Kind, device: Device) -> Self {
+        Weights { source: source.into(), tensors, kind, device, missing: BTreeSet::new() }
+    }
+
+    /// The file or folder the tensors came from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// The dtype parameters are converted to.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The device parameters are moved to.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Whether a tensor of that name is present (and not yet taken).
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Takes the tensor `name`, checks its shape and converts it to the model's dtype and device.
+    ///
+    /// A missing tensor is recorded (all of them are reported together by [`Weights::finish`]) and an empty
+    /// placeholder returned; a shape mismatch is an error at once.
+    pub fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let Some(t) = self.tensors.remove(name) else {
+            self.missing.insert(name.to_string());
+            return Ok(Tensor::new());
+        };
+        if t.size() != shape {
+            return Err(Error::ShapeMismatch { name: name.to_string(), expected: shape.to_vec(), found: t.size() });
+        }
+        let kind = if t.is_floating_point() { self.kind } else { t.kind() };
+        t.f_to_device(self.device).and_then(|t| t.f_to_kind(kind)).map_err(|e| Error::torch(name, e))
+    }
+
+    /// Takes `name` if present, without recording it as missing.
+    pub fn take_optional(&mut self, name: &str, shape: &[i64]) -> Result<Option<Tensor>> {
+        if self.tensors.contains_key(name) {
+            self.take(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Ends loading: an error listing every missing tensor, else one listing every tensor nothing took.
+    pub fn finish(self) -> Result<()> {
+        if !self.missing.is_empty() {
+            return Err(Error::MissingTensors { path: self.source, names: self.missing.into_iter().collect() });
+        }
+        let left: Vec<String> = self.tensors.into_keys().filter(|n| !is_ignorable(n)).collect();
+        if !left.is_empty() {
+            return Err(Error::UnexpectedTensors { path: self.source, names: left });
+        }
+        Ok(())
+    }
+
+    /// Renames every tensor with `f` (e.g. to add a missing `transformer.` prefix).
+    pub fn rename(&mut self, f: impl Fn(&str) -> String) {
+        let old = std::mem::take(&mut self.tensors);
+        self.tensors = old.into_iter().map(|(k, v)| (f(&k), v)).collect();
+    }
+}

@@ -1,0 +1,391 @@
+//! GPT-2: learned position embeddings, pre-norm blocks with LayerNorm, fused q/k/v projection stored as
+//! `Conv1D` (weight `[in, out]`), a GELU (tanh approximation, `gelu_new`) MLP, `lm_head` tied to `wte`.
+//!
+//! Paper: Radford et al., *Language Models are Unsupervised Multitask Learners* (2019). Reference
+//! implementation: Hugging Face transformers' `models/gpt2/modeling_gpt2.py`, whose module names this file
+//! mirrors (`transformer.h.0.attn.c_attn`).
+
+use super::{causal_padding_mask, CausalLm, RawConfig};
+use crate::error::TchResultExt;
+use crate::load::Weights;
+use crate::nn::{join_path, Conv1D, Ctx, Embedding, Forward, ForwardState, LayerNorm, Linear, Module, ModuleList};
+use crate::{Batch, Error, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+/// A GPT-2 `config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Gpt2Config {
+    /// Vocabulary size.
+    pub vocab_size: i64,
+    /// Longest context (rows of `wpe`).
+    pub n_positions: i64,
+    /// Width of the residual stream.
+    pub n_embd: i64,
+    /// Number of blocks.
+    pub n_layer: i64,
+    /// Number of attention heads.
+    pub n_head: i64,
+    /// Width of the MLP; defaults to `4 * n_embd`.
+    #[serde(default)]
+    pub n_inner: Option<i64>,
+    /// LayerNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    /// MLP activation (`gelu_new` and its aliases are supported).
+    #[serde(default = "default_act")]
+    pub activation_function: String,
+    /// Whether `lm_head` shares `wte` (GPT-2 always does).
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    /// Divide attention scores by `sqrt(head_dim)`.
+    #[serde(default = "default_true")]
+    pub scale_attn_weights: bool,
+    /// Also divide attention scores by the layer index + 1.
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    /// Beginning-of-sequence token id.
+    #[serde(default)]
+    pub bos_token_id: Option<serde_json::Value>,
+    /// End-of-sequence token id.
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_act() -> String {
+    "gelu_new".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// GPT-2's MLP: `c_proj(gelu_new(c_fc(x)))`.
+#[derive(Debug)]
+pub struct Gpt2Mlp {
+    path: String,
+    /// Expansion `[n_embd, n_inner]`.
+    pub c_fc: Conv1D,
+    /// Projection back `[n_inner, n_embd]`.
+    pub c_proj: Conv1D,
+}
+
+impl Module for Gpt2Mlp {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn kind(&self) -> &'static str {
+        "GPT2MLP"
+    }
+    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
+        f("c_fc", &self.c_fc);
+        f("c_proj", &self.c_proj);
+    }
+}
+
+/// `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`, written as transformers' `NewGELUActivation` writes it.
+fn new_gelu(x: &Tensor) -> std::result::Result<Tensor, tch::TchError> {
+    let inner = x.f_pow_tensor_scalar(3.0)?.f_mul_scalar(0.044715)?.f_add(x)?;
+    let t = inner.f_mul_scalar((2.0 / std::f64::consts::PI).sqrt())?.f_tanh()?;
+    x.f_mul_scalar(0.5)?.f_mul(&t.f_add_scalar(1.0)?)
+}
+
+impl Forward for Gpt2Mlp {
+    fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
+        let h = cx.call(&self.c_fc, x)?;
+        let h = new_gelu(&h).at(&self.path)?;
+        cx.call(&self.c_proj, &h)
+    }
+}
+
+/// Causal self-attention with a fused q/k/v projection.
+#[derive(Debug)]
+pub struct Gpt2Attention {
+    path: String,
+    /// Fused q/k/v projection `[n_embd, 3 n_embd]`.
+    pub c_attn: Conv1D,
+    /// Output projection `[n_embd, n_embd]`.
+    pub c_proj: Conv1D,
+    heads: i64,
+    scale: f64,
+}
+
+impl Module for Gpt2Attention {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn kind(&self) -> &'static str {
+        "GPT2Attention"
+    }
+    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
+        f("c_attn", &self.c_attn);
+        f("c_proj", &self.c_proj);
+    }
+}
+
+impl Forward for Gpt2Attention {
+    fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
+        let p = self.path.as_str();
+        let (b, s, e) = (x.size()[0], x.size()[1], x.size()[2]);
+        let hd = e / self.heads;
+        let qkv = cx.call(&self.c_attn, x)?;
+        let parts = qkv.f_split(e, 2).at(p)?;
+        let heads = |t: &Tensor| t.f_view([b, s, self.heads, hd]).and_then(|t| t.f_transpose(1, 2)).at(p);
+        let (q, k, v) = (heads(&parts[0])?, heads(&parts[1])?, heads(&parts[2])?);
+        let mask = cx.state.attention_mask.as_ref();
+        let out = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            mask,
+            0.0,
+            mask.is_none() && s > 1,
+            Some(self.scale),
+            false,
+        )
+        .at(p)?;
+        let out = out.f_transpose(1, 2).at(p)?.f_reshape([b, s, e]).at(p)?;
+        cx.call(&self.c_proj, &out)
+    }
+}
+
+/// One GPT-2 block.
+#[derive(Debug)]
+pub struct Gpt2Block {
+    path: String,
+    /// Norm before attention.
+    pub ln_1: LayerNorm,
+    /// Attention.
+    pub attn: Gpt2Attention,
+    /// Norm before the MLP.
+    pub ln_2: LayerNorm,
+    /// MLP.
+    pub mlp: Gpt2Mlp,
+}
+
+impl Module for Gpt2Block {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn kind(&self) -> &'static str {
+        "GPT2Block"
+    }
+    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
+        f("ln_1", &self.ln_1);
+        f("attn", &self.attn);
+        f("ln_2", &self.ln_2);
+        f("mlp", &self.mlp);
+    }
+}
+
+impl Forward for Gpt2Block {
+    fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
+        let p = self.path.as_str();
+        let h = cx.call(&self.ln_1, x)?;
+        let h = cx.call(&self.attn, &h)?;
+        let x = x.f_add(&h).at(p)?;
+        let h = cx.call(&self.ln_2, &x)?;
+        let h = cx.call(&self.mlp, &h)?;
+        x.f_add(&h).at(p)
+    }
+}
+
+/// The GPT-2 stack (`GPT2Model`): embeddings, blocks, final norm.
+#[derive(Debug)]
+pub struct Gpt2Model {
+    path: String,
+    /// Token embeddings `[vocab, n_embd]`.
+    pub wte: Embedding,
+    /// Position embeddings `[n_positions, n_embd]`.
+    pub wpe: Embedding,
+    /// Blocks.
+    pub h: ModuleList<Gpt2Block>,
+    /// Final norm.
+    pub ln_f: LayerNorm,
+}
+
+impl Module for Gpt2Model {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn kind(&self) -> &'static str {
+        "GPT2Model"
+    }
+    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
+        f("wte", &self.wte);
+        f("wpe", &self.wpe);
+        f("h", &self.h);
+        f("ln_f", &self.ln_f);
+    }
+}
+
+impl Forward for Gpt2Model {
+    fn forward(&self, cx: &mut Ctx<'_>, ids: &Tensor) -> Result<Tensor> {
+        let p = self.path.as_str();
+        let positions = match &cx.state.position_ids {
+            Some(pos) => pos.shallow_clone(),
+            None => {
+                let s = ids.size()[1];
+                Tensor::f_arange(s, (Kind::Int64, ids.device())).at(p)?.f_unsqueeze(0).at(p)?
+            }
+        };
+        let tok = cx.call(&self.wte, ids)?;
+        let pos = cx.call(&self.wpe, &positions)?;
+        let mut h = tok.f_add(&pos).at(p)?;
+        for block in &self.h {
+            h = cx.call(block, &h)?;
+        }
+        cx.call(&self.ln_f, &h)
+    }
+}
+
+/// `GPT2LMHeadModel`: the stack and the tied language-model head.
+#[derive(Debug)]
+pub struct Gpt2 {
+    /// The stack (`transformer.*` in the state dict).
+    pub transformer: Gpt2Model,
+    /// The head `[vocab, n_embd]` (the `wte` matrix when tied).
+    pub lm_head: Linear,
+    config: Gpt2Config,
+}
+
+impl Gpt2 {
+    /// The configuration.
+    pub fn config(&self) -> &Gpt2Config {
+        &self.config
+    }
+}
+
+impl Module for Gpt2 {
+    fn path(&self) -> &str {
+        ""
+    }
+    fn kind(&self) -> &'static str {
+        "GPT2LMHeadModel"
+    }
+    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
+        f("transformer", &self.transformer);
+        f("lm_head", &self.lm_head);
+    }
+}
+
+impl Forward for Gpt2 {
+    fn forward(&self, cx: &mut Ctx<'_>, ids: &Tensor) -> Result<Tensor> {
+        let h = cx.call(&self.transformer, ids)?;
+        cx.call(&self.lm_head, &h)
+    }
+}
+
+impl CausalLm for Gpt2 {
+    const ARCHITECTURE: &'static str = "gpt2";
+
+    fn from_config(raw: &RawConfig, w: &mut Weights) -> Result<Self> {
+        let c: Gpt2Config = raw.parse()?;
+        if !matches!(c.activation_function.as_str(), "gelu_new" | "gelu_pytorch_tanh") {
+            return Err(Error::config(
+                &raw.source,
+                format!("activation_function `{}` is not supported (gelu_new)", c.activation_function),
+            ));
+        }
+        if c.n_head <= 0 || c.n_embd % c.n_head != 0 {
+            return Err(Error::config(
+                &raw.source,
+                format!("n_embd {} is not a multiple of n_head {}", c.n_embd, c.n_head),
+            ));
+        }
+        // Original GPT-2 checkpoints name tensors without the `transformer.` prefix.
+        w.rename(|k| {
+            if k.starts_with("transformer.") || k.starts_with("lm_head.") {
+                k.to_string()
+            } else {
+                format!("transformer.{k}")
+            }
+        });
+        let (e, eps) = (c.n_embd, c.layer_norm_epsilon);
+        let inner = c.n_inner.unwrap_or(4 * e);
+        let hd = (e / c.n_head) as f64;
+        let blocks = (0..c.n_layer)
+            .map(|i| {
+                let p = format!("transformer.h.{i}");
+                let mut scale = if c.scale_attn_weights { 1.0 / hd.sqrt() } else { 1.0 };
+                if c.scale_attn_by_inverse_layer_idx {
+                    scale /= (i + 1) as f64;
+                }
+                Ok(Gpt2Block {
+                    ln_1: LayerNorm::load(w, &join_path(&p, "ln_1"), e, eps)?,
+                    attn: Gpt2Attention {
+                        c_attn: Conv1D::load(w, &join_path(&p, "attn.c_attn"), e, 3 * e)?,
+                        c_proj: Conv1D::load(w, &join_path(&p, "attn.c_proj"), e, e)?,
+                        path: join_path(&p, "attn"),
+                        heads: c.n_head,
+                        scale,
+                    },
+                    ln_2: LayerNorm::load(w, &join_path(&p, "ln_2"), e, eps)?,
+                    mlp: Gpt2Mlp {
+                        c_fc: Conv1D::load(w, &join_path(&p, "mlp.c_fc"), e, inner)?,
+                        c_proj: Conv1D::load(w, &join_path(&p, "mlp.c_proj"), inner, e)?,
+                        path: join_path(&p, "mlp"),
+                    },
+                    path: p,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let wte = Embedding::load(w, "transformer.wte", c.vocab_size, e)?;
+        let wpe = Embedding::load(w, "transformer.wpe", c.n_positions, e)?;
+        let ln_f = LayerNorm::load(w, "transformer.ln_f", e, eps)?;
+        let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
+            Linear::from_tensors("lm_head", wte.weight.shallow_clone(), None)
+        } else {
+            Linear::load(w, "lm_head", e, c.vocab_size, false)?
+        };
+        Ok(Gpt2 {
+            transformer: Gpt2Model {
+                path: "transformer".into(),
+                wte,
+                wpe,
+                h: ModuleList::new("transformer.h", blocks),
+                ln_f,
+            },
+            lm_head,
+            config: c,
+        })
+    }
+
+    fn prepare(&self, batch: &Batch) -> Result<ForwardState> {
+        let s = batch.input_ids.size()[1];
+        if s > self.config.n_positions {
+            return Err(Error::InvalidInput {
+                message: format!("{s} tokens exceed GPT-2's {} positions", self.config.n_positions),
+            });
+        }
+        Ok(ForwardState {
+            attention_mask: causal_padding_mask(batch, self.lm_head.weight.kind())?,
+            position_ids: Some(batch.position_ids.shallow_clone()),
+            rotary: None,
+        })
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+
+    fn dtype(&self) -> Kind {
+        self.lm_head.weight.kind()
+    }
+
+    fn to_device(&mut self, device: Device, kind: Kind) -> Result<()> {
+        super::llama::move_params(self, device, kind)
+    }
+}
+
+inventory::submit! {
+    super::Architecture {
+        name: "gpt2",
+        model_types: &["gpt2"],
+        hf_class: "GPT2LMHeadModel",
+        build: super::build_boxed::<Gpt2>,
+        gguf: None,
+    }
+}

