@@ -1,4 +1,4 @@
 //! Integration tests of the runtime, one crate with a module per area (linking libtorch once).
 
 mod common;
-mod gguf;
+mod parity_smollm2;

@@ -8,7 +8,7 @@
 use super::{causal_padding_mask, CausalLm, RawConfig};
 use crate::error::TchResultExt;
 use crate::load::Weights;
-use crate::nn::{join_path, Conv1D, Ctx, Embedding, Forward, ForwardState, LayerNorm, Linear, Module, ModuleList};
+use crate::nn::{join_path, Activation, ActivationFn, Conv1D, Ctx, Embedding, Forward, ForwardState, LayerNorm, Linear, Module, ModuleList};
 use crate::{Batch, Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -70,6 +70,8 @@ pub struct Gpt2Mlp {
     pub c_fc: Conv1D,
     /// Projection back `[n_inner, n_embd]`.
     pub c_proj: Conv1D,
+    /// The activation (`gelu_new`).
+    pub act: Activation,
 }
 
 impl Module for Gpt2Mlp {
@@ -82,20 +84,14 @@ impl Module for Gpt2Mlp {
     fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
         f("c_fc", &self.c_fc);
         f("c_proj", &self.c_proj);
+        f("act", &self.act);
     }
-}
-
-/// `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`, written as transformers' `NewGELUActivation` writes it.
-fn new_gelu(x: &Tensor) -> std::result::Result<Tensor, tch::TchError> {
-    let inner = x.f_pow_tensor_scalar(3.0)?.f_mul_scalar(0.044715)?.f_add(x)?;
-    let t = inner.f_mul_scalar((2.0 / std::f64::consts::PI).sqrt())?.f_tanh()?;
-    x.f_mul_scalar(0.5)?.f_mul(&t.f_add_scalar(1.0)?)
 }
 
 impl Forward for Gpt2Mlp {
     fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
         let h = cx.call(&self.c_fc, x)?;
-        let h = new_gelu(&h).at(&self.path)?;
+        let h = cx.call(&self.act, &h)?;
         cx.call(&self.c_proj, &h)
     }
 }
@@ -326,6 +322,7 @@ impl CausalLm for Gpt2 {
                     mlp: Gpt2Mlp {
                         c_fc: Conv1D::load(w, &join_path(&p, "mlp.c_fc"), e, inner)?,
                         c_proj: Conv1D::load(w, &join_path(&p, "mlp.c_proj"), inner, e)?,
+                        act: Activation::new(&join_path(&p, "mlp.act"), ActivationFn::GeluNew),
                         path: join_path(&p, "mlp"),
                     },
                     path: p,

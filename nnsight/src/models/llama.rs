@@ -10,7 +10,7 @@ use super::{causal_padding_mask, CausalLm, GgufSupport, RawConfig};
 use crate::error::TchResultExt;
 use crate::load::gguf::GgufFile;
 use crate::load::Weights;
-use crate::nn::{join_path, Ctx, Embedding, Forward, ForwardState, Linear, Module, ModuleList, RmsNorm};
+use crate::nn::{join_path, Activation, ActivationFn, Ctx, Embedding, Forward, ForwardState, Linear, Module, ModuleList, RmsNorm};
 use crate::{Batch, Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -220,6 +220,8 @@ pub struct LlamaMlp {
     pub up_proj: Linear,
     /// Down projection `[hidden, intermediate]`.
     pub down_proj: Linear,
+    /// The activation (SiLU) applied to the gate.
+    pub act_fn: Activation,
 }
 
 impl LlamaMlp {
@@ -230,6 +232,7 @@ impl LlamaMlp {
             gate_proj: Linear::load(w, &join_path(path, "gate_proj"), h, i, b)?,
             up_proj: Linear::load(w, &join_path(path, "up_proj"), h, i, b)?,
             down_proj: Linear::load(w, &join_path(path, "down_proj"), i, h, b)?,
+            act_fn: Activation::new(&join_path(path, "act_fn"), ActivationFn::Silu),
         })
     }
 }
@@ -245,12 +248,14 @@ impl Module for LlamaMlp {
         f("gate_proj", &self.gate_proj);
         f("up_proj", &self.up_proj);
         f("down_proj", &self.down_proj);
+        f("act_fn", &self.act_fn);
     }
 }
 
 impl Forward for LlamaMlp {
     fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
-        let gate = cx.call(&self.gate_proj, x)?.f_silu().at(&self.path)?;
+        let gate = cx.call(&self.gate_proj, x)?;
+        let gate = cx.call(&self.act_fn, &gate)?;
         let up = cx.call(&self.up_proj, x)?;
         cx.call(&self.down_proj, &gate.f_mul(&up).at(&self.path)?)
     }

@@ -227,7 +227,54 @@ impl Forward for RmsNorm {
     }
 }
 
-/// GPT-2's `gelu_new`: the tanh approximation of GELU.
+/// An activation function, as a module so that its input and output are hook points (`mlp.act_fn`).
+#[derive(Debug)]
+pub struct Activation {
+    path: String,
+    function: ActivationFn,
+}
+
+/// The activation functions models use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationFn {
+    /// `x * sigmoid(x)` (PyTorch's `SiLU`).
+    Silu,
+    /// GPT-2's `gelu_new`: `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`, as transformers'
+    /// `NewGELUActivation` writes it.
+    GeluNew,
+}
+
+impl Activation {
+    /// An activation module at `path`.
+    pub fn new(path: &str, function: ActivationFn) -> Self {
+        Activation { path: path.to_string(), function }
+    }
+}
+
+impl Module for Activation {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn kind(&self) -> &'static str {
+        match self.function {
+            ActivationFn::Silu => "SiLU",
+            ActivationFn::GeluNew => "NewGELUActivation",
+        }
+    }
+}
+
+impl Forward for Activation {
+    fn forward(&self, _cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
+        match self.function {
+            ActivationFn::Silu => x.f_silu().at(&self.path),
+            ActivationFn::GeluNew => gelu_new(x).at(&self.path),
+        }
+    }
+}
+
+/// GPT-2's `gelu_new`, with the operations of transformers' `NewGELUActivation` (so results match bit for bit).
 pub fn gelu_new(x: &Tensor) -> std::result::Result<Tensor, tch::TchError> {
-    x.f_gelu("tanh")
+    let inner = x.f_pow_tensor_scalar(3.0)?.f_mul_scalar(0.044715)?.f_add(x)?;
+    let t = inner.f_mul_scalar((2.0 / std::f64::consts::PI).sqrt())?.f_tanh()?;
+    x.f_mul_scalar(0.5)?.f_mul(&t.f_add_scalar(1.0)?)
 }

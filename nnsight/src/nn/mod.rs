@@ -8,7 +8,7 @@
 mod layers;
 mod tree;
 
-pub use layers::{gelu_new, Conv1D, Embedding, LayerNorm, Linear, RmsNorm};
+pub use layers::{gelu_new, Activation, ActivationFn, Conv1D, Embedding, LayerNorm, Linear, RmsNorm};
 pub use tree::{named_parameters, ModuleList, ModuleTree};
 
 use crate::Result;

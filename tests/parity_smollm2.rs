@@ -1,0 +1,134 @@
+//! SmolLM2-135M (the default GGUF) against Hugging Face transformers: token ids, every decoder layer's output,
+//! top-5 next tokens, greedy decoding, batched forward. Reference values in tests/data/smollm2 were measured with
+//! transformers 5.24.0 on torch 2.13.0 (float32, CPU).
+
+use crate::common::{self, excess, max_abs_diff, read_reference, Recorder};
+use nnsight::prelude::*;
+
+const EIFFEL: &str = "The Eiffel Tower is in the city of";
+
+fn reference_json() -> serde_json::Value {
+    let text = std::fs::read_to_string(common::data("smollm2/reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+}
+
+#[test]
+fn token_ids_equal_reference() {
+    let model = common::smollm2();
+    let reference = reference_json();
+    assert_eq!(model.encode(EIFFEL).unwrap(), ids_of(&reference["prompt"]["ids"]));
+    assert_eq!(
+        model.encode("The Colosseum is in the city of").unwrap(),
+        ids_of(&reference["second_prompt_same_length"]["ids"])
+    );
+}
+
+#[test]
+fn every_layer_output_matches_reference() {
+    let model = common::smollm2();
+    let reference = read_reference(&common::data("smollm2/eiffel_activations.safetensors"));
+    let batch = model.batch(EIFFEL).unwrap();
+    let mut rec = Recorder::default();
+    let _ = model.forward_with_hook(&batch, &mut rec).unwrap();
+
+    // Elementwise |ours - ref| <= 1e-3 + 1e-4 |ref| (hidden units reach 22 000, where float32 holds ~2e-3).
+    let (atol, rtol) = (1e-3, 1e-4);
+    let embed = rec.outputs["model.embed_tokens"].squeeze_dim(0);
+    let e = excess(&embed, &reference["embed_tokens_output"], atol, rtol);
+    assert!(e <= 0.0, "embed_tokens output off by {e} beyond tolerance");
+    let layers = &reference["layer_outputs"];
+    let mut worst = Vec::new();
+    for i in 0..30 {
+        let ours = rec.outputs[&format!("model.layers.{i}")].squeeze_dim(0);
+        let theirs = layers.get(i);
+        let diff = max_abs_diff(&ours, &theirs);
+        worst.push(diff);
+        eprintln!("layer {i:2}: worst |diff| {diff:.3e} (max |ref| {:.1})", theirs.abs().max().double_value(&[]));
+        let e = excess(&ours, &theirs, atol, rtol);
+        assert!(e <= 0.0, "layer {i} output exceeds tolerance by {e} (worst |diff| {diff:.3e})");
+    }
+    let norm = rec.outputs["model.norm"].squeeze_dim(0);
+    let e = excess(&norm, &reference["final_norm_output"], atol, rtol);
+    assert!(e <= 0.0, "final norm output exceeds tolerance by {e}");
+    let logits = rec.outputs["lm_head"].get(0).get(-1);
+    let d = max_abs_diff(&logits, &reference["logits_last_pos"]);
+    eprintln!("last-position logits: worst |diff| {d:.3e}");
+    assert!(d < 1e-3, "last-position logits differ by {d}");
+}
+
+#[test]
+fn top5_next_tokens_match_reference() {
+    let model = common::smollm2();
+    let reference = reference_json();
+    let logits = model.forward(EIFFEL).unwrap();
+    assert_eq!(logits.size(), vec![1, 9, 49152]);
+    let probs = logits.get(0).get(-1).softmax(-1, Kind::Double);
+    let (p, ids) = probs.topk(5, -1, true, true);
+    for (k, want) in reference["next_token_top5"].as_array().unwrap().iter().enumerate() {
+        let id = ids.int64_value(&[k as i64]);
+        assert_eq!(id, want["id"].as_i64().unwrap(), "top-{k} id");
+        let diff = (p.double_value(&[k as i64]) - want["prob"].as_f64().unwrap()).abs();
+        assert!(diff < 1e-4, "top-{k} probability differs by {diff}");
+    }
+    assert_eq!(model.decode(&[ids.int64_value(&[0])]).unwrap(), " Paris");
+}
+
+#[test]
+fn greedy_decoding_of_ten_tokens_matches_reference() {
+    let model = common::smollm2();
+    let reference = reference_json();
+    let mut ids = model.encode(EIFFEL).unwrap();
+    let prompt_len = ids.len();
+    for _ in 0..10 {
+        let logits = model.forward(ids.clone()).unwrap();
+        ids.push(logits.get(0).get(-1).argmax(-1, false).int64_value(&[]));
+    }
+    let new = &ids[prompt_len..];
+    assert_eq!(new, ids_of(&reference["greedy_generation_10"]["new_ids"]).as_slice());
+    assert_eq!(model.decode(new).unwrap(), reference["greedy_generation_10"]["new_text"].as_str().unwrap());
+}
+
+#[test]
+fn batched_prompts_of_unequal_length_equal_their_solo_runs() {
+    let model = common::smollm2();
+    let prompts = [EIFFEL, "Madrid is the capital of"];
+    let batch = model.batch(prompts).unwrap();
+    assert!(batch.padded, "the prompts should have different lengths");
+    let logits = model.forward_batch(&batch).unwrap();
+    for (row, prompt) in prompts.iter().enumerate() {
+        let solo = model.forward(*prompt).unwrap();
+        let d = max_abs_diff(&logits.get(row as i64).get(-1), &solo.get(0).get(-1));
+        eprintln!("row {row} ({prompt:?}): last-token logits max |batched - solo| = {d:.3e}");
+        assert!(d < 1e-3, "row {row} differs from its solo run by {d}");
+        // Every real position, not only the last.
+        let n = batch.lengths[row] as i64;
+        let seq = logits.size()[1];
+        let d_all = max_abs_diff(&logits.get(row as i64).narrow(0, seq - n, n), &solo.get(0));
+        assert!(d_all < 1e-3, "row {row}, all positions: {d_all}");
+    }
+}
+
+#[test]
+fn every_submodule_call_goes_through_the_hook() {
+    let model = common::smollm2();
+    let batch = model.batch(EIFFEL).unwrap();
+    let mut rec = Recorder::default();
+    let _ = model.forward_with_hook(&batch, &mut rec).unwrap();
+    // Per layer: layer, input_layernorm, self_attn, q/k/v/o, post_attention_layernorm, mlp, gate, act_fn, up,
+    // down = 13; plus embed_tokens, model, norm, lm_head and the root.
+    assert_eq!(rec.order.len(), 30 * 13 + 5);
+    // Forward order: a module's output is recorded after all its submodules'.
+    let pos = |p: &str| rec.order.iter().position(|x| x == p).unwrap();
+    assert!(pos("model.layers.3.self_attn.q_proj") < pos("model.layers.3.self_attn"));
+    assert!(pos("model.layers.3") < pos("model.layers.4.input_layernorm"));
+    assert_eq!(rec.order.last().unwrap(), "");
+    // Every module with parameters in the tree was called.
+    for (name, _) in nnsight::nn::named_parameters(model.model()) {
+        let module = name.rsplit_once('.').unwrap().0;
+        assert!(rec.outputs.contains_key(module), "{module} was not called through the hook");
+    }
+}
