@@ -2,3 +2,4 @@
 
 mod common;
 mod parity_smollm2;
+mod tiny_models;

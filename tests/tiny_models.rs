@@ -1,0 +1,107 @@
+//! Tiny random GPT-2 and Llama checkpoints made with Hugging Face transformers by `scripts/make_tiny_models.py`
+//! (fixed seeds; tests/data/tiny-*), against the logits and hidden states transformers computed for them.
+//! tiny-llama exercises the family's options: grouped-query attention, llama3 rope scaling, attention and MLP
+//! biases, an untied head and a sharded checkpoint.
+
+use crate::common::{self, excess, max_abs_diff, read_reference, Recorder};
+use nnsight::prelude::*;
+
+const P1: &str = "The quick brown fox jumps over the lazy dog";
+const P2: &str = "Hello world";
+
+fn check_against_reference<M: nnsight::models::CausalLm>(dir: &str, layer_prefix: &str, n_layers: usize) {
+    common::init();
+    let model = LanguageModel::<M>::load_with(common::data(dir), LoadOptions::default().progress(false)).unwrap();
+    let reference = read_reference(&common::data(&format!("{dir}/reference.safetensors")));
+    for (key, prompt) in [("p1", P1), ("p2", P2)] {
+        let ids: Vec<i64> = Vec::<i64>::try_from(&reference[&format!("{key}_input_ids")]).unwrap();
+        assert_eq!(model.encode(prompt).unwrap(), ids, "{dir}: token ids of {prompt:?}");
+        let batch = model.batch(prompt).unwrap();
+        let mut rec = Recorder::default();
+        let logits = model.forward_with_hook(&batch, &mut rec).unwrap().squeeze_dim(0);
+        let want = &reference[&format!("{key}_logits")];
+        let d = max_abs_diff(&logits, want);
+        eprintln!("{dir} {key}: max |logits - HF| = {d:.3e}");
+        assert!(d < 1e-4, "{dir} {key}: logits differ from transformers' by {d}");
+        let layers = &reference[&format!("{key}_layer_outputs")];
+        for i in 0..n_layers {
+            let ours = rec.outputs[&format!("{layer_prefix}.{i}")].squeeze_dim(0);
+            let e = excess(&ours, &layers.get(i as i64), 1e-4, 1e-5);
+            assert!(e <= 0.0, "{dir} {key}: layer {i} output beyond tolerance by {e}");
+        }
+    }
+}
+
+#[test]
+fn tiny_gpt2_logits_match_transformers() {
+    check_against_reference::<Gpt2>("tiny-gpt2", "transformer.h", 2);
+}
+
+#[test]
+fn tiny_llama_with_gqa_llama3_rope_biases_untied_sharded_matches_transformers() {
+    check_against_reference::<Llama>("tiny-llama", "model.layers", 2);
+}
+
+#[test]
+fn auto_model_picks_the_architecture_from_the_config() {
+    common::init();
+    let opts = LoadOptions::default().progress(false);
+    let gpt2 = LanguageModel::<AutoModel>::load_with(common::data("tiny-gpt2"), opts.clone()).unwrap();
+    assert_eq!(gpt2.model().architecture(), "gpt2");
+    let llama = LanguageModel::<AutoModel>::load_with(common::data("tiny-llama"), opts).unwrap();
+    assert_eq!(llama.model().architecture(), "llama");
+    let typed = LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), LoadOptions::default().progress(false))
+        .unwrap();
+    let a = gpt2.forward(P1).unwrap();
+    let b = typed.forward(P1).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
+#[test]
+fn tiny_models_batched_rows_equal_solo_runs() {
+    common::init();
+    let opts = LoadOptions::default().progress(false);
+    for dir in ["tiny-gpt2", "tiny-llama"] {
+        let model = LanguageModel::<AutoModel>::load_with(common::data(dir), opts.clone()).unwrap();
+        let batch = model.batch([P1, P2]).unwrap();
+        let logits = model.forward_batch(&batch).unwrap();
+        let seq = logits.size()[1];
+        for (row, prompt) in [P1, P2].iter().enumerate() {
+            let solo = model.forward(*prompt).unwrap().get(0);
+            let n = batch.lengths[row] as i64;
+            let d = max_abs_diff(&logits.get(row as i64).narrow(0, seq - n, n), &solo);
+            assert!(d < 1e-5, "{dir} row {row}: batched differs from solo by {d}");
+        }
+    }
+}
+
+#[test]
+fn module_tree_lists_paths_and_parameter_shapes() {
+    common::init();
+    let model =
+        LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), LoadOptions::default().progress(false)).unwrap();
+    let text = model.tree().to_string();
+    assert!(text.starts_with("GPT2LMHeadModel("), "{text}");
+    assert!(text.contains("(c_attn): Conv1D(nf=192, nx=64)  <transformer.h.0.attn.c_attn>  [weight [64, 192], bias [192]]"), "{text}");
+    assert!(text.contains("(0-1): 2 x"), "identical blocks are folded: {text}");
+    let params = nnsight::nn::named_parameters(model.model());
+    let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+    // 28 tensors in the checkpoint; the tied head is the embedding, listed once.
+    assert_eq!(names.len(), 28, "{names:?}");
+    assert!(names.contains(&"transformer.h.1.mlp.c_proj.bias"));
+    assert!(!names.contains(&"lm_head.weight"));
+}
+
+#[test]
+fn model_moves_between_dtypes_and_keeps_its_outputs() {
+    common::init();
+    let opts = LoadOptions::default().progress(false);
+    let f32_model = LanguageModel::<Llama>::load_with(common::data("tiny-llama"), opts.clone()).unwrap();
+    let f64_model = LanguageModel::<Llama>::load_with(common::data("tiny-llama"), opts.kind(Kind::Double)).unwrap();
+    let a = f32_model.forward(P1).unwrap();
+    let b = f64_model.forward(P1).unwrap();
+    assert_eq!(b.kind(), Kind::Double);
+    assert!(max_abs_diff(&a, &b) < 1e-4);
+    let moved = f32_model.to(Device::Cpu).unwrap();
+    assert_eq!(max_abs_diff(&moved.forward(P1).unwrap(), &a), 0.0);
+}
