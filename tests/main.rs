@@ -3,3 +3,4 @@
 mod common;
 mod parity_smollm2;
 mod tiny_models;
+mod loading_errors;

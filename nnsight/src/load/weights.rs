@@ -86,6 +86,11 @@ impl Weights {
         Ok(())
     }
 
+    /// Names of the tensors not yet taken.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
     /// Renames every tensor with `f` (e.g. to add a missing `transformer.` prefix).
     pub fn rename(&mut self, f: impl Fn(&str) -> String) {
         let old = std::mem::take(&mut self.tensors);

@@ -291,14 +291,10 @@ impl CausalLm for Gpt2 {
                 format!("n_embd {} is not a multiple of n_head {}", c.n_embd, c.n_head),
             ));
         }
-        // Original GPT-2 checkpoints name tensors without the `transformer.` prefix.
-        w.rename(|k| {
-            if k.starts_with("transformer.") || k.starts_with("lm_head.") {
-                k.to_string()
-            } else {
-                format!("transformer.{k}")
-            }
-        });
+        // Original GPT-2 checkpoints (saved from `GPT2Model`) name tensors without the `transformer.` prefix.
+        if !w.names().any(|k| k.starts_with("transformer.")) {
+            w.rename(|k| if k.starts_with("lm_head.") { k.to_string() } else { format!("transformer.{k}") });
+        }
         let (e, eps) = (c.n_embd, c.layer_norm_epsilon);
         let inner = c.n_inner.unwrap_or(4 * e);
         let hd = (e / c.n_head) as f64;
