@@ -1,2 +1,83 @@
-//! Placeholder replaced below.
-fn main() {}
+//! Forward-pass benchmark: our SmolLM2 forward against Hugging Face transformers' on the same weights, in the
+//! same run, rounds interleaved (a block of ours, a block of theirs, ...), both on CPU with 2 threads.
+//!
+//! `make bench` runs it (it sets up the Python peer first). Arguments: `[ROUNDS_PER_BLOCK] [BLOCKS]`.
+//! The peer is `scripts/peer/hf_forward.py --serve`, run with the venv's python (`NNSIGHT_PYTHON` overrides).
+
+use nnsight::prelude::*;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+const PROMPT: &str = "The Eiffel Tower is in the city of";
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let per_block: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(10);
+    let blocks: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(6);
+    let python = std::env::var("NNSIGHT_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    tch::set_num_threads(2);
+
+    let model = LanguageModel::<Llama>::load_with(MODEL, LoadOptions::default().progress(false))?;
+    let batch = model.batch(PROMPT)?;
+
+    eprintln!("starting the transformers peer ({python})...");
+    let mut peer = Command::new(&python)
+        .args(["scripts/peer/hf_forward.py", "--gguf", MODEL, "--prompt", PROMPT, "--threads", "2", "--warmup", "3"])
+        .arg("--serve")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {python}: {e} (run `scripts/setup.sh peer`)"))?;
+    let mut to_peer = peer.stdin.take().ok_or("no stdin")?;
+    let mut from_peer = BufReader::new(peer.stdout.take().ok_or("no stdout")?);
+    let mut line = String::new();
+    from_peer.read_line(&mut line)?;
+    let hello: serde_json::Value = serde_json::from_str(&line).map_err(|e| format!("peer said {line:?}: {e}"))?;
+
+    for _ in 0..3 {
+        let _ = model.forward_batch(&batch)?;
+    }
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..blocks {
+        for _ in 0..per_block {
+            let t = Instant::now();
+            let _ = model.forward_batch(&batch)?;
+            ours.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        writeln!(to_peer, "{per_block}")?;
+        line.clear();
+        from_peer.read_line(&mut line)?;
+        let block: serde_json::Value = serde_json::from_str(&line)?;
+        theirs.extend(block["times_ms"].as_array().ok_or("bad peer reply")?.iter().filter_map(|v| v.as_f64()));
+    }
+    writeln!(to_peer, "0")?;
+    peer.wait()?;
+
+    let (o, t) = (median(&mut ours), median(&mut theirs));
+    println!(
+        "SmolLM2-135M forward, {:?} ({} tokens), CPU, 2 threads, {} rounds each, interleaved:",
+        PROMPT,
+        batch.lengths[0],
+        ours.len()
+    );
+    println!("  nnsight-rs (tch 0.26):            median {o:7.2} ms");
+    println!(
+        "  transformers {} (torch {}): median {t:7.2} ms",
+        hello["transformers"].as_str().unwrap_or("?"),
+        hello["torch"].as_str().unwrap_or("?")
+    );
+    println!("  ratio ours / transformers: {:.3}", o / t);
+    Ok(())
+}

@@ -46,7 +46,9 @@ import transformers  # noqa: E402
 import tokenizers  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -328,6 +330,39 @@ def make_llama(tok: Tokenizer) -> None:
     report(out)
 
 
+def make_mistral(tok: Tokenizer) -> None:
+    """A tiny Mistral: Llama's layout plus a sliding attention window (4 keys) shorter than prompt P1."""
+    out = fresh_dir(DATA / "tiny-mistral")
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        hidden_act="silu",
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        sliding_window=4,
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+        pad_token_id=None,
+    )
+    model = MistralForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    big_init(model, seed=9012)
+    model.eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    (out / "generation_config.json").unlink(missing_ok=True)
+    shutil.copyfile(DATA / "tiny-gpt2" / "tokenizer.json", out / "tokenizer.json")
+    keys = state_dict_keys(out)
+    reference(model, tok, out, {"state_dict_keys": keys, "sliding_window": 4})
+    print(f"tiny-mistral: {len(keys)} state-dict keys, sliding_window 4")
+    report(out)
+
+
 def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -339,6 +374,7 @@ def main() -> None:
           f"P2 -> {tok.encode(PROMPTS['p2']).ids}")
     make_gpt2(tok)
     make_llama(tok)
+    make_mistral(tok)
 
 
 if __name__ == "__main__":

@@ -50,14 +50,20 @@ fn gguf_header_metadata_and_tensor_table() {
 #[test]
 fn gguf_special_tokens() {
     let f = open();
-    assert_eq!(special_tokens_from_gguf(&f), SpecialTokens { bos: Some(1), eos: Some(2), pad: Some(2), add_bos: false });
+    assert_eq!(
+        special_tokens_from_gguf(&f),
+        SpecialTokens { bos: Some(1), eos: Some(2), pad: Some(2), add_bos: false }
+    );
 }
+
+/// Tensor name, shape, `(index, value)` pairs and the sum of all values.
+type Case = (&'static str, &'static [i64], &'static [(&'static [i64], f64)], f64);
 
 /// Values computed with the Python `gguf` package (`gguf.quants.dequantize`) on the same file.
 #[test]
 fn gguf_dequantized_values_match_python_gguf() {
     let f = open();
-    let cases: [(&str, &[i64], &[(&[i64], f64)], f64); 4] = [
+    let cases: [Case; 4] = [
         (
             "blk.0.ffn_down.weight", // Q4_1
             &[576, 1536],

@@ -43,6 +43,23 @@ fn tiny_llama_with_gqa_llama3_rope_biases_untied_sharded_matches_transformers() 
 }
 
 #[test]
+fn tiny_mistral_with_sliding_window_matches_transformers() {
+    check_against_reference::<Llama>("tiny-mistral", "model.layers", 2);
+    // The window matters at P1's 20 tokens: without it the logits are far from transformers'.
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(common::data("tiny-mistral").join(f), tmp.path().join(f)).unwrap();
+    }
+    let config = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
+    std::fs::write(tmp.path().join("config.json"), config.replace("\"sliding_window\": 4", "\"sliding_window\": null"))
+        .unwrap();
+    let model = LanguageModel::<Llama>::load_with(tmp.path(), LoadOptions::default().progress(false)).unwrap();
+    let reference = read_reference(&common::data("tiny-mistral/reference.safetensors"));
+    let d = max_abs_diff(&model.forward(P1).unwrap().squeeze_dim(0), &reference["p1_logits"]);
+    assert!(d > 1e-2, "without the window the logits should differ, but differ by only {d}");
+}
+
+#[test]
 fn auto_model_picks_the_architecture_from_the_config() {
     common::init();
     let opts = LoadOptions::default().progress(false);
@@ -50,8 +67,8 @@ fn auto_model_picks_the_architecture_from_the_config() {
     assert_eq!(gpt2.model().architecture(), "gpt2");
     let llama = LanguageModel::<AutoModel>::load_with(common::data("tiny-llama"), opts).unwrap();
     assert_eq!(llama.model().architecture(), "llama");
-    let typed = LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), LoadOptions::default().progress(false))
-        .unwrap();
+    let typed =
+        LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), LoadOptions::default().progress(false)).unwrap();
     let a = gpt2.forward(P1).unwrap();
     let b = typed.forward(P1).unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
@@ -82,7 +99,10 @@ fn module_tree_lists_paths_and_parameter_shapes() {
         LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), LoadOptions::default().progress(false)).unwrap();
     let text = model.tree().to_string();
     assert!(text.starts_with("GPT2LMHeadModel("), "{text}");
-    assert!(text.contains("(c_attn): Conv1D(nf=192, nx=64)  <transformer.h.0.attn.c_attn>  [weight [64, 192], bias [192]]"), "{text}");
+    assert!(
+        text.contains("(c_attn): Conv1D(nf=192, nx=64)  <transformer.h.0.attn.c_attn>  [weight [64, 192], bias [192]]"),
+        "{text}"
+    );
     assert!(text.contains("(0-1): 2 x"), "identical blocks are folded: {text}");
     let params = nnsight::nn::named_parameters(model.model());
     let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();

@@ -37,6 +37,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=20, help="timed forwards")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     ap.add_argument("--top5", action="store_true", help="also report the top-5 next tokens")
+    ap.add_argument("--serve", action="store_true",
+                    help="after warm-up, read a number N per stdin line, time N forwards, print one JSON line "
+                         "{\"times_ms\": [...]} per request (lets a caller interleave its own rounds)")
     args = ap.parse_args()
 
     import torch
@@ -69,6 +72,20 @@ def main() -> int:
 
         for _ in range(args.warmup):
             forward()
+        if args.serve:
+            print(json.dumps({"ready": True, "torch": torch.__version__,
+                              "transformers": transformers.__version__}), flush=True)
+            for line in sys.stdin:
+                n = int(line.strip() or 0)
+                if n <= 0:
+                    break
+                block = []
+                for _ in range(n):
+                    t = time.perf_counter()
+                    forward()
+                    block.append((time.perf_counter() - t) * 1000.0)
+                print(json.dumps({"times_ms": block}), flush=True)
+            return 0
         times_ms = []
         logits = None
         for _ in range(args.rounds):

@@ -934,8 +934,11 @@ mod tests {
         assert_eq!(MetaValue::Array(vec![MetaValue::U8(1)]).as_array().map(|a| a.len()), Some(1));
     }
 
+    /// Name, PyTorch shape and values of a tensor written by [`sample`].
+    type Expected = (&'static str, Vec<i64>, Vec<f32>);
+
     /// A file with metadata of several types and one tensor of each supported type.
-    fn sample() -> (Builder, Vec<(&'static str, Vec<i64>, Vec<f32>)>) {
+    fn sample() -> (Builder, Vec<Expected>) {
         let mut b = Builder::new();
         b.kv_str("general.architecture", "llama");
         b.kv("llama.block_count", 4, &2u32.to_le_bytes());

@@ -8,7 +8,10 @@
 use super::{causal_padding_mask, CausalLm, RawConfig};
 use crate::error::TchResultExt;
 use crate::load::Weights;
-use crate::nn::{join_path, Activation, ActivationFn, Conv1D, Ctx, Embedding, Forward, ForwardState, LayerNorm, Linear, Module, ModuleList};
+use crate::nn::{
+    join_path, Activation, ActivationFn, Conv1D, Ctx, Embedding, Forward, ForwardState, LayerNorm, Linear, Module,
+    ModuleList,
+};
 use crate::{Batch, Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -354,7 +357,7 @@ impl CausalLm for Gpt2 {
             });
         }
         Ok(ForwardState {
-            attention_mask: causal_padding_mask(batch, self.lm_head.weight.kind())?,
+            attention_mask: causal_padding_mask(batch, self.lm_head.weight.kind(), None)?,
             position_ids: Some(batch.position_ids.shallow_clone()),
             rotary: None,
         })

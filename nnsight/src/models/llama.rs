@@ -10,7 +10,9 @@ use super::{causal_padding_mask, CausalLm, GgufSupport, RawConfig};
 use crate::error::TchResultExt;
 use crate::load::gguf::GgufFile;
 use crate::load::Weights;
-use crate::nn::{join_path, Activation, ActivationFn, Ctx, Embedding, Forward, ForwardState, Linear, Module, ModuleList, RmsNorm};
+use crate::nn::{
+    join_path, Activation, ActivationFn, Ctx, Embedding, Forward, ForwardState, Linear, Module, ModuleList, RmsNorm,
+};
 use crate::{Batch, Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -93,6 +95,9 @@ pub struct LlamaConfig {
     /// Padding token id.
     #[serde(default)]
     pub pad_token_id: Option<serde_json::Value>,
+    /// Mistral: each query attends to at most this many keys (itself included).
+    #[serde(default)]
+    pub sliding_window: Option<i64>,
 }
 
 fn default_eps() -> f64 {
@@ -519,7 +524,7 @@ impl CausalLm for Llama {
         let cos = emb.f_cos().at(p)?.f_to_kind(kind).at(p)?;
         let sin = emb.f_sin().at(p)?.f_to_kind(kind).at(p)?;
         Ok(ForwardState {
-            attention_mask: causal_padding_mask(batch, kind)?,
+            attention_mask: causal_padding_mask(batch, kind, self.config.sliding_window)?,
             position_ids: Some(batch.position_ids.shallow_clone()),
             rotary: Some((cos, sin)),
         })

@@ -238,22 +238,30 @@ pub fn build_boxed<M: CausalLm>(config: &RawConfig, weights: &mut Weights) -> Re
     Ok(Box::new(M::from_config(config, weights)?))
 }
 
-/// The additive attention mask `[batch, 1, seq, seq]` for a left-padded batch (0 where a query may attend, the
-/// dtype's lowest value where not), or `None` when no row is padded (a plain causal pass).
-pub fn causal_padding_mask(batch: &Batch, kind: Kind) -> Result<Option<Tensor>> {
-    if !batch.padded {
+/// The additive attention mask `[batch, 1, seq, seq]` (0 where a query may attend, the dtype's lowest value where
+/// not) for a left-padded batch, or for a sliding window of `window` keys (Mistral); `None` when neither applies and
+/// a plain causal pass is exact.
+pub fn causal_padding_mask(batch: &Batch, kind: Kind, window: Option<i64>) -> Result<Option<Tensor>> {
+    let mask = &batch.attention_mask;
+    let (b, s) = (mask.size()[0], mask.size()[1]);
+    let window = window.filter(|&w| w > 0 && w < s);
+    if !batch.padded && window.is_none() {
         return Ok(None);
     }
     let f = |e| Error::torch("attention_mask", e);
-    let mask = &batch.attention_mask;
-    let (b, s) = (mask.size()[0], mask.size()[1]);
     let device = mask.device();
-    let causal = Tensor::f_ones([s, s], (Kind::Bool, device)).map_err(f)?.f_tril(0).map_err(f)?;
+    let ones = Tensor::f_ones([s, s], (Kind::Bool, device)).map_err(f)?;
+    let mut allowed_2d = ones.f_tril(0).map_err(f)?;
+    if let Some(w) = window {
+        // A query at q sees keys k with q - k < w.
+        allowed_2d = allowed_2d.f_logical_and(&ones.f_triu(-(w - 1)).map_err(f)?).map_err(f)?;
+    }
     let keys = mask.f_ne(0).map_err(f)?.f_view([b, 1, 1, s]).map_err(f)?;
-    let allowed = keys.f_logical_and(&causal.f_view([1, 1, s, s]).map_err(f)?).map_err(f)?;
+    let allowed = keys.f_logical_and(&allowed_2d.f_view([1, 1, s, s]).map_err(f)?).map_err(f)?;
     let lowest = match kind {
         Kind::Half => -65504.0,
         Kind::BFloat16 => -3.3895313892515355e38,
+        Kind::Double => f64::MIN,
         _ => f32::MIN as f64,
     };
     let zeros = Tensor::f_zeros([1], (kind, device)).map_err(f)?;

@@ -1,0 +1,44 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Each sets up what it needs first
+# (libtorch from the torch wheel in a cached venv, the default model), idempotently: see scripts/setup.sh.
+
+SHELL := /bin/bash
+CACHE ?= $(or $(NNSIGHT_CACHE),$(HOME)/.cache/nnsight-rs)
+VENV_PYTHON := $(CACHE)/venv-torch-2.13.0/bin/python
+# Tests share two cores: two test threads, one libtorch thread each (set in tests/common.rs).
+TEST_THREADS ?= 2
+
+.PHONY: demo test setup setup-peer bench fmt lint unit gpu-check tiny-models clean-cache
+
+## make demo: load the default model, print its module tree and the top-5 next tokens of the Eiffel prompt.
+demo: setup
+	cargo run --release --example quickstart
+
+## make test: formatting, lints, then every test of the workspace (unit, integration, ui, doc).
+test: setup fmt lint unit
+
+setup:
+	@scripts/setup.sh
+
+setup-peer:
+	@scripts/setup.sh peer
+
+fmt:
+	cargo fmt --all -- --check
+
+lint:
+	cargo clippy --workspace --all-targets -- -D warnings
+
+unit:
+	cargo test --workspace -- --test-threads=$(TEST_THREADS)
+
+## make bench: our forward against Hugging Face transformers' on the same weights, in one run.
+bench: setup setup-peer
+	NNSIGHT_PYTHON=$(VENV_PYTHON) cargo run --release --example bench_forward
+
+## make gpu-check: on a machine with a GPU, prove libtorch_cuda is linked and run the parity tests on CUDA.
+gpu-check: setup
+	scripts/gpu-check.sh
+
+## make tiny-models: regenerate the tiny GPT-2 / Llama test checkpoints with transformers (committed test data).
+tiny-models: setup-peer
+	$(VENV_PYTHON) scripts/make_tiny_models.py
