@@ -1,9 +1,11 @@
 //! Forward-pass benchmark: our SmolLM2 forward against Hugging Face transformers' on the same weights, in the
-//! same run, rounds interleaved (a block of ours, a block of theirs, ...), both on CPU with 2 threads.
+//! same run, rounds interleaved (a block of ours, a block of ours with every linear layer through `at::linear` as
+//! PyTorch eager runs it, a block of theirs, ...), all on CPU with 2 threads.
 //!
 //! `make bench` runs it (it sets up the Python peer first). Arguments: `[ROUNDS_PER_BLOCK] [BLOCKS]`.
 //! The peer is `scripts/peer/hf_forward.py --serve`, run with the venv's python (`NNSIGHT_PYTHON` overrides).
 
+use nnsight::nn::fast_linear;
 use nnsight::prelude::*;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -49,13 +51,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..3 {
         let _ = model.forward_batch(&batch)?;
     }
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let (mut ours, mut ours_mkl, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+    // A pause before each block lets the other side's OpenMP threads stop spinning, so neither side pays for the
+    // other's idle workers.
+    let settle = std::time::Duration::from_millis(300);
     for _ in 0..blocks {
+        std::thread::sleep(settle);
         for _ in 0..per_block {
             let t = Instant::now();
             let _ = model.forward_batch(&batch)?;
             ours.push(t.elapsed().as_secs_f64() * 1e3);
         }
+        // The same forward with every linear layer through at::linear (MKL sgemm), as PyTorch eager runs it.
+        fast_linear::set_onednn_linear(false);
+        std::thread::sleep(settle);
+        for _ in 0..per_block {
+            let t = Instant::now();
+            let _ = model.forward_batch(&batch)?;
+            ours_mkl.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        fast_linear::set_onednn_linear(true);
         writeln!(to_peer, "{per_block}")?;
         line.clear();
         from_peer.read_line(&mut line)?;
@@ -65,19 +80,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     writeln!(to_peer, "0")?;
     peer.wait()?;
 
-    let (o, t) = (median(&mut ours), median(&mut theirs));
+    let (o, m, t) = (median(&mut ours), median(&mut ours_mkl), median(&mut theirs));
     println!(
         "SmolLM2-135M forward, {:?} ({} tokens), CPU, 2 threads, {} rounds each, interleaved:",
         PROMPT,
         batch.lengths[0],
         ours.len()
     );
-    println!("  nnsight-rs (tch 0.26):            median {o:7.2} ms");
+    println!("  nnsight-rs (tch 0.26):                    median {o:7.2} ms");
+    println!("  nnsight-rs, linear layers via at::linear: median {m:7.2} ms");
     println!(
-        "  transformers {} (torch {}): median {t:7.2} ms",
+        "  transformers {} (torch {}):   median {t:7.2} ms",
         hello["transformers"].as_str().unwrap_or("?"),
         hello["torch"].as_str().unwrap_or("?")
     );
-    println!("  ratio ours / transformers: {:.3}", o / t);
+    println!("  ratio ours / transformers: {:.3}   (with at::linear: {:.3})", o / t, m / t);
     Ok(())
 }

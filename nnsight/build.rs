@@ -15,10 +15,30 @@ fn main() {
     let lib = PathBuf::from(lib);
     let lib = lib.canonicalize().unwrap_or(lib);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    build_shim(&lib);
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-L{}", lib.display());
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+}
+
+/// Compiles `csrc/shim.cpp` (what tch does not expose: inference mode, later meta tensors and tensor hooks)
+/// against the headers next to libtorch's `lib/`.
+fn build_shim(lib: &std::path::Path) {
+    println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    let root = lib.parent().expect("libtorch lib/ has a parent");
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .file("csrc/shim.cpp")
+        .compile("nnsight_shim");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=c10");
 }

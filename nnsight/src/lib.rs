@@ -22,6 +22,7 @@ pub mod load;
 pub mod models;
 pub mod nn;
 
+mod ffi;
 mod language_model;
 mod progress;
 
@@ -34,3 +35,8 @@ pub mod prelude {
     pub use crate::{Input, LanguageModel, LoadOptions};
     pub use tch::{Device, IndexOp, Kind, Tensor};
 }
+
+/// The README's examples, compiled (and run where they can) as doctests.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

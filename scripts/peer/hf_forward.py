@@ -80,6 +80,7 @@ def main() -> int:
                 if n <= 0:
                     break
                 block = []
+                time.sleep(0.3)  # let the caller's OpenMP threads stop spinning (the caller does the same)
                 for _ in range(n):
                     t = time.perf_counter()
                     forward()

@@ -52,6 +52,9 @@ impl Module for Linear {
 
 impl Forward for Linear {
     fn forward(&self, _cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::ffi::onednn_linear(x, &self.weight, self.bias.as_ref()) {
+            return Ok(y);
+        }
         x.f_linear(&self.weight, self.bias.as_ref()).at(&self.path)
     }
 }

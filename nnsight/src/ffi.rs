@@ -1,0 +1,73 @@
+//! Bindings to `csrc/shim.cpp`: the few libtorch facilities that tch does not expose.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Once;
+use tch::Tensor;
+
+unsafe extern "C" {
+    fn nnsight_onednn_linear(
+        x: *const torch_sys::C_tensor,
+        w: *const torch_sys::C_tensor,
+        b: *const torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+    ) -> std::ffi::c_int;
+}
+
+const UNKNOWN: u8 = 0;
+const AVAILABLE: u8 = 1;
+const UNAVAILABLE: u8 = 2;
+/// Whether this libtorch has the oneDNN operator (learned at the first call).
+static ONEDNN: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+/// Switched off by [`set_onednn_linear`] or the environment variable `NNSIGHT_NO_ONEDNN`.
+static DISABLED: AtomicBool = AtomicBool::new(false);
+static READ_ENV: Once = Once::new();
+
+/// Whether the oneDNN linear has run successfully in this process.
+pub fn onednn_linear_in_use() -> bool {
+    ONEDNN.load(Ordering::Relaxed) == AVAILABLE && !disabled()
+}
+
+/// Turns the oneDNN linear on (the default) or off, for the whole process: off, every linear layer runs
+/// `at::linear` (MKL), as PyTorch eager does. The environment variable `NNSIGHT_NO_ONEDNN` turns it off at start.
+pub fn set_onednn_linear(enabled: bool) {
+    READ_ENV.call_once(|| {});
+    DISABLED.store(!enabled, Ordering::Relaxed);
+}
+
+fn disabled() -> bool {
+    READ_ENV.call_once(|| DISABLED.store(std::env::var_os("NNSIGHT_NO_ONEDNN").is_some(), Ordering::Relaxed));
+    DISABLED.load(Ordering::Relaxed)
+}
+
+/// `x Wᵀ + b` through oneDNN when that is exact enough and faster (float32 on the CPU, no gradient wanted);
+/// `None` when the caller should use `at::linear` (other devices or dtypes, autograd, operator unavailable).
+pub(crate) fn onednn_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Option<Tensor> {
+    if ONEDNN.load(Ordering::Relaxed) == UNAVAILABLE
+        || disabled()
+        || x.device() != tch::Device::Cpu
+        || x.kind() != tch::Kind::Float
+        || w.kind() != tch::Kind::Float
+        || x.requires_grad()
+        || w.requires_grad()
+        || b.is_some_and(|b| b.requires_grad() || b.kind() != tch::Kind::Float)
+    {
+        return None;
+    }
+    let b_ptr = b.map_or(std::ptr::null(), |b| b.as_ptr());
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    // SAFETY: the pointers are live tensors borrowed for the call; on success `out` is a fresh heap tensor whose
+    // ownership passes to the returned `Tensor`.
+    match unsafe { nnsight_onednn_linear(x.as_ptr(), w.as_ptr(), b_ptr, &mut out) } {
+        0 if !out.is_null() => {
+            ONEDNN.store(AVAILABLE, Ordering::Relaxed);
+            // SAFETY: see above.
+            Some(unsafe { Tensor::from_ptr(out) })
+        }
+        1 => {
+            ONEDNN.store(UNAVAILABLE, Ordering::Relaxed);
+            None
+        }
+        _ => None,
+    }
+}
