@@ -39,6 +39,12 @@ pub fn device() -> Device {
     }
 }
 
+/// Load options for tests: quiet, on the test device.
+pub fn opts() -> LoadOptions {
+    init();
+    LoadOptions::default().progress(false).device(device())
+}
+
 /// SmolLM2, loaded once per test process, in float32. Tests that use it take turns (tch tensors are `Send` but
 /// not `Sync`).
 pub fn smollm2() -> MutexGuard<'static, LanguageModel<Llama>> {

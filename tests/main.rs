@@ -2,6 +2,7 @@
 
 mod common;
 mod gguf;
+mod linking;
 mod loading_errors;
 mod parity_smollm2;
 mod tiny_models;

@@ -11,7 +11,7 @@ const P2: &str = "Hello world";
 
 fn check_against_reference<M: nnsight::models::CausalLm>(dir: &str, layer_prefix: &str, n_layers: usize) {
     common::init();
-    let model = LanguageModel::<M>::load_with(common::data(dir), LoadOptions::default().progress(false)).unwrap();
+    let model = LanguageModel::<M>::load_with(common::data(dir), common::opts()).unwrap();
     let reference = read_reference(&common::data(&format!("{dir}/reference.safetensors")));
     for (key, prompt) in [("p1", P1), ("p2", P2)] {
         let ids: Vec<i64> = Vec::<i64>::try_from(&reference[&format!("{key}_input_ids")]).unwrap();
@@ -53,7 +53,7 @@ fn tiny_mistral_with_sliding_window_matches_transformers() {
     let config = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
     std::fs::write(tmp.path().join("config.json"), config.replace("\"sliding_window\": 4", "\"sliding_window\": null"))
         .unwrap();
-    let model = LanguageModel::<Llama>::load_with(tmp.path(), LoadOptions::default().progress(false)).unwrap();
+    let model = LanguageModel::<Llama>::load_with(tmp.path(), common::opts()).unwrap();
     let reference = read_reference(&common::data("tiny-mistral/reference.safetensors"));
     let d = max_abs_diff(&model.forward(P1).unwrap().squeeze_dim(0), &reference["p1_logits"]);
     assert!(d > 1e-2, "without the window the logits should differ, but differ by only {d}");
@@ -62,13 +62,12 @@ fn tiny_mistral_with_sliding_window_matches_transformers() {
 #[test]
 fn auto_model_picks_the_architecture_from_the_config() {
     common::init();
-    let opts = LoadOptions::default().progress(false);
+    let opts = common::opts();
     let gpt2 = LanguageModel::<AutoModel>::load_with(common::data("tiny-gpt2"), opts.clone()).unwrap();
     assert_eq!(gpt2.model().architecture(), "gpt2");
     let llama = LanguageModel::<AutoModel>::load_with(common::data("tiny-llama"), opts).unwrap();
     assert_eq!(llama.model().architecture(), "llama");
-    let typed =
-        LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), LoadOptions::default().progress(false)).unwrap();
+    let typed = LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), common::opts()).unwrap();
     let a = gpt2.forward(P1).unwrap();
     let b = typed.forward(P1).unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
@@ -77,7 +76,7 @@ fn auto_model_picks_the_architecture_from_the_config() {
 #[test]
 fn tiny_models_batched_rows_equal_solo_runs() {
     common::init();
-    let opts = LoadOptions::default().progress(false);
+    let opts = common::opts();
     for dir in ["tiny-gpt2", "tiny-llama"] {
         let model = LanguageModel::<AutoModel>::load_with(common::data(dir), opts.clone()).unwrap();
         let batch = model.batch([P1, P2]).unwrap();
@@ -95,8 +94,7 @@ fn tiny_models_batched_rows_equal_solo_runs() {
 #[test]
 fn module_tree_lists_paths_and_parameter_shapes() {
     common::init();
-    let model =
-        LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), LoadOptions::default().progress(false)).unwrap();
+    let model = LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), common::opts()).unwrap();
     let text = model.tree().to_string();
     assert!(text.starts_with("GPT2LMHeadModel("), "{text}");
     assert!(
@@ -115,7 +113,7 @@ fn module_tree_lists_paths_and_parameter_shapes() {
 #[test]
 fn model_moves_between_dtypes_and_keeps_its_outputs() {
     common::init();
-    let opts = LoadOptions::default().progress(false);
+    let opts = common::opts();
     let f32_model = LanguageModel::<Llama>::load_with(common::data("tiny-llama"), opts.clone()).unwrap();
     let f64_model = LanguageModel::<Llama>::load_with(common::data("tiny-llama"), opts.kind(Kind::Double)).unwrap();
     let a = f32_model.forward(P1).unwrap();
@@ -123,5 +121,5 @@ fn model_moves_between_dtypes_and_keeps_its_outputs() {
     assert_eq!(b.kind(), Kind::Double);
     assert!(max_abs_diff(&a, &b) < 1e-4);
     let moved = f32_model.to(Device::Cpu).unwrap();
-    assert_eq!(max_abs_diff(&moved.forward(P1).unwrap(), &a), 0.0);
+    assert!(max_abs_diff(&moved.forward(P1).unwrap(), &a) < 1e-4);
 }
