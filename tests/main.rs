@@ -2,6 +2,7 @@
 
 mod common;
 mod gguf;
+mod graph_runtime;
 mod linking;
 mod loading_errors;
 mod parity_smollm2;

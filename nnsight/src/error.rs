@@ -125,6 +125,61 @@ pub enum Error {
         message: String,
     },
 
+    /// A module list was indexed outside its length (found while the graph is built).
+    #[error("index {index} is out of range for `{module}`, which has {len} modules")]
+    IndexOutOfRange {
+        /// The list's path (`model.model.layers`).
+        module: String,
+        /// The index given.
+        index: i64,
+        /// The list's length.
+        len: usize,
+    },
+
+    /// Within one invoke, a module was read or written after a module that runs later (found while the graph is
+    /// built): the earlier module has already run when the later one is reached.
+    #[error("out of order: {later} comes after {earlier} in the forward pass, so {earlier} cannot be used after it in the same invoke")]
+    OutOfOrder {
+        /// The access that came first in the code but runs later (`model.model.layers.5 output`).
+        later: String,
+        /// The access that came second in the code but runs earlier.
+        earlier: String,
+    },
+
+    /// A value written to a module has the wrong shape; nothing was written.
+    #[error("cannot write to {target}: expected shape {expected:?}, given {given:?}; nothing was written")]
+    WriteShape {
+        /// What was written (`model.model.layers.3 output[(.., -1)]`).
+        target: String,
+        /// The shape there.
+        expected: Vec<i64>,
+        /// The value's shape.
+        given: Vec<i64>,
+    },
+
+    /// The forward pass ended before a node could run (its module never ran, or ran fewer times).
+    #[error("{node} was never reached: the forward pass ended before it ({reason})")]
+    NeverReached {
+        /// The node (`read of model.model.layers.5 output (call 0)`).
+        node: String,
+        /// Why, as far as known.
+        reason: String,
+    },
+
+    /// An operation of an intervention failed while the graph ran.
+    #[error("intervention failed: {message}")]
+    Intervention {
+        /// What failed, and at which node.
+        message: String,
+    },
+
+    /// A graph (e.g. read from JSON) is malformed.
+    #[error("invalid graph: {message}")]
+    InvalidGraph {
+        /// What is wrong.
+        message: String,
+    },
+
     /// A libtorch operation failed inside a module.
     #[error("in module `{module}`: {source}")]
     Torch {

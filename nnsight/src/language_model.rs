@@ -1,5 +1,7 @@
 //! `LanguageModel<M>`: a tokenizer and a model on a device, loaded from a Hugging Face folder or a GGUF file.
 
+use crate::envoy::trace::OrderRecorder;
+use crate::envoy::{CallOrder, TraceTarget};
 use crate::load::gguf::GgufFile;
 use crate::load::tokenizer::{self, SpecialTokens};
 use crate::load::{safetensors, Weights};
@@ -9,6 +11,7 @@ use crate::progress::Progress;
 use crate::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use tch::{Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 
@@ -163,6 +166,8 @@ impl Batch {
 /// whichever the checkpoint holds.
 pub struct LanguageModel<M: CausalLm = AutoModel> {
     model: M,
+    envoy: OnceLock<M::Envoy>,
+    order: OnceLock<Arc<CallOrder>>,
     tokenizer: Tokenizer,
     special: SpecialTokens,
     device: Device,
@@ -216,7 +221,7 @@ impl<M: CausalLm> LanguageModel<M> {
         let model = M::from_config(&config, &mut weights)?;
         weights.finish()?;
         let special = special_from_config(&config.json);
-        Ok(LanguageModel { model, tokenizer, special, device: options.device, source: dir.to_path_buf() })
+        Ok(Self::assemble(model, tokenizer, special, options.device, dir))
     }
 
     fn load_gguf(path: &Path, options: &LoadOptions) -> Result<Self> {
@@ -254,7 +259,20 @@ impl<M: CausalLm> LanguageModel<M> {
         let mut weights = Weights::new(path, tensors, options.kind, options.device);
         let model = M::from_config(&config, &mut weights)?;
         weights.finish()?;
-        Ok(LanguageModel { model, tokenizer, special, device: options.device, source: path.to_path_buf() })
+        Ok(Self::assemble(model, tokenizer, special, options.device, path))
+    }
+
+    fn assemble(mut model: M, tokenizer: Tokenizer, special: SpecialTokens, device: Device, source: &Path) -> Self {
+        model.set_path("");
+        LanguageModel {
+            model,
+            envoy: OnceLock::new(),
+            order: OnceLock::new(),
+            tokenizer,
+            special,
+            device,
+            source: source.to_path_buf(),
+        }
     }
 
     /// Moves the model to `device` (parameters keep their dtype).
@@ -312,9 +330,9 @@ impl<M: CausalLm> LanguageModel<M> {
         self.tokenizer.decode(&ids, false).map_err(|e| Error::Tokenizer { message: e.to_string() })
     }
 
-    /// Tokenizes and left-pads `input` into a batch on the model's device.
-    pub fn batch(&self, input: impl Into<Input>) -> Result<Batch> {
-        let rows = match input.into() {
+    /// Token rows of an input, each checked against the vocabulary.
+    fn rows_of(&self, input: Input) -> Result<Vec<Vec<i64>>> {
+        let rows = match input {
             Input::Text(t) => vec![self.encode(&t)?],
             Input::Texts(ts) => ts.iter().map(|t| self.encode(t)).collect::<Result<_>>()?,
             Input::Ids(rows) => rows,
@@ -327,6 +345,12 @@ impl<M: CausalLm> LanguageModel<M> {
                 });
             }
         }
+        Ok(rows)
+    }
+
+    /// Tokenizes and left-pads `input` into a batch on the model's device.
+    pub fn batch(&self, input: impl Into<Input>) -> Result<Batch> {
+        let rows = self.rows_of(input.into())?;
         let pad = self.special.pad.or(self.special.eos).unwrap_or(0) as i64;
         Batch::from_rows(&rows, pad, self.device)
     }
@@ -348,6 +372,58 @@ impl<M: CausalLm> LanguageModel<M> {
     pub fn forward_with_hook(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         self.model.run(&mut Ctx::with_hook(hook), batch)
+    }
+}
+
+impl<M: CausalLm> TraceTarget for LanguageModel<M> {
+    type Root = M;
+    type Input = Input;
+    type Prepared = Batch;
+
+    fn root(&self) -> &M {
+        &self.model
+    }
+
+    fn envoy(&self) -> &M::Envoy {
+        self.envoy.get_or_init(|| self.model.envoy())
+    }
+
+    fn call_order(&self, _sample: Option<&Input>) -> Result<Option<Arc<CallOrder>>> {
+        if let Some(o) = self.order.get() {
+            return Ok(Some(o.clone()));
+        }
+        // The order of module calls does not depend on the tokens: record it once on a one-token pass.
+        let batch = Batch::from_rows(&[vec![0]], 0, self.device)?;
+        let mut rec = OrderRecorder::default();
+        {
+            let _g = tch::no_grad_guard();
+            let _ = self.model.run(&mut Ctx::with_hook(&mut rec), &batch)?;
+        }
+        Ok(Some(self.order.get_or_init(|| Arc::new(CallOrder::from_events(&rec.events))).clone()))
+    }
+
+    fn prepare(&self, inputs: &[Option<Input>]) -> Result<crate::envoy::trace::Prepared<Batch>> {
+        let mut all: Vec<Vec<i64>> = Vec::new();
+        let mut spans = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            match input {
+                Some(i) => {
+                    let rows = self.rows_of(i.clone())?;
+                    spans.push(Some((all.len() as i64, rows.len() as i64)));
+                    all.extend(rows);
+                }
+                None => spans.push(None),
+            }
+        }
+        let total = all.len() as i64;
+        let pad = self.special.pad.or(self.special.eos).unwrap_or(0) as i64;
+        let batch = Batch::from_rows(&all, pad, self.device)?;
+        Ok((batch, spans.into_iter().map(|s| s.unwrap_or((0, total))).collect(), total))
+    }
+
+    fn forward_hooked(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<()> {
+        let _ = self.model.run(&mut Ctx::with_hook(hook), batch)?;
+        Ok(())
     }
 }
 

@@ -17,7 +17,13 @@
 
 #![warn(missing_docs)]
 
+// Generated code names this crate `::nnsight`, also inside it.
+extern crate self as nnsight;
+
+pub mod envoy;
 pub mod error;
+pub mod graph;
+pub mod interleave;
 pub mod load;
 pub mod models;
 pub mod nn;
@@ -26,13 +32,21 @@ mod ffi;
 mod language_model;
 mod progress;
 
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
+
+pub use envoy::{NNsight, Proxy, Saved, Traceable};
 pub use error::{Error, Result};
+pub use nnsight_macros::Traceable;
+// TODO(intervene): re-export once the macro lands: pub use nnsight_macros::intervene;
 pub use language_model::{Batch, Input, LanguageModel, LoadOptions};
 
 /// What a program using nnsight needs in scope.
 pub mod prelude {
+    pub use crate::envoy::{cat, stack, NewAxis, Proxy, Saved};
     pub use crate::models::{gpt2::Gpt2, llama::Llama, AutoModel};
-    pub use crate::{Input, LanguageModel, LoadOptions};
+    pub use crate::{Input, LanguageModel, LoadOptions, NNsight, Traceable};
     pub use tch::{Device, IndexOp, Kind, Tensor};
 }
 

@@ -9,10 +9,9 @@ use super::{causal_padding_mask, CausalLm, RawConfig};
 use crate::error::TchResultExt;
 use crate::load::Weights;
 use crate::nn::{
-    join_path, Activation, ActivationFn, Conv1D, Ctx, Embedding, Forward, ForwardState, LayerNorm, Linear, Module,
-    ModuleList,
+    join_path, Activation, ActivationFn, Conv1D, Ctx, Embedding, Forward, ForwardState, LayerNorm, Linear, ModuleList,
 };
-use crate::{Batch, Error, Result};
+use crate::{Batch, Error, Result, Traceable};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -66,8 +65,10 @@ fn default_true() -> bool {
 }
 
 /// GPT-2's MLP: `c_proj(gelu_new(c_fc(x)))`.
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind = "GPT2MLP")]
 pub struct Gpt2Mlp {
+    #[traceable(path)]
     path: String,
     /// Expansion `[n_embd, n_inner]`.
     pub c_fc: Conv1D,
@@ -75,20 +76,6 @@ pub struct Gpt2Mlp {
     pub c_proj: Conv1D,
     /// The activation (`gelu_new`).
     pub act: Activation,
-}
-
-impl Module for Gpt2Mlp {
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn kind(&self) -> &'static str {
-        "GPT2MLP"
-    }
-    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
-        f("c_fc", &self.c_fc);
-        f("c_proj", &self.c_proj);
-        f("act", &self.act);
-    }
 }
 
 impl Forward for Gpt2Mlp {
@@ -100,28 +87,19 @@ impl Forward for Gpt2Mlp {
 }
 
 /// Causal self-attention with a fused q/k/v projection.
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind = "GPT2Attention")]
 pub struct Gpt2Attention {
+    #[traceable(path)]
     path: String,
     /// Fused q/k/v projection `[n_embd, 3 n_embd]`.
     pub c_attn: Conv1D,
     /// Output projection `[n_embd, n_embd]`.
     pub c_proj: Conv1D,
+    #[traceable(skip)]
     heads: i64,
+    #[traceable(skip)]
     scale: f64,
-}
-
-impl Module for Gpt2Attention {
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn kind(&self) -> &'static str {
-        "GPT2Attention"
-    }
-    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
-        f("c_attn", &self.c_attn);
-        f("c_proj", &self.c_proj);
-    }
 }
 
 impl Forward for Gpt2Attention {
@@ -151,8 +129,10 @@ impl Forward for Gpt2Attention {
 }
 
 /// One GPT-2 block.
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind = "GPT2Block")]
 pub struct Gpt2Block {
+    #[traceable(path)]
     path: String,
     /// Norm before attention.
     pub ln_1: LayerNorm,
@@ -162,21 +142,6 @@ pub struct Gpt2Block {
     pub ln_2: LayerNorm,
     /// MLP.
     pub mlp: Gpt2Mlp,
-}
-
-impl Module for Gpt2Block {
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn kind(&self) -> &'static str {
-        "GPT2Block"
-    }
-    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
-        f("ln_1", &self.ln_1);
-        f("attn", &self.attn);
-        f("ln_2", &self.ln_2);
-        f("mlp", &self.mlp);
-    }
 }
 
 impl Forward for Gpt2Block {
@@ -192,8 +157,10 @@ impl Forward for Gpt2Block {
 }
 
 /// The GPT-2 stack (`GPT2Model`): embeddings, blocks, final norm.
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind = "GPT2Model")]
 pub struct Gpt2Model {
+    #[traceable(path)]
     path: String,
     /// Token embeddings `[vocab, n_embd]`.
     pub wte: Embedding,
@@ -203,21 +170,6 @@ pub struct Gpt2Model {
     pub h: ModuleList<Gpt2Block>,
     /// Final norm.
     pub ln_f: LayerNorm,
-}
-
-impl Module for Gpt2Model {
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn kind(&self) -> &'static str {
-        "GPT2Model"
-    }
-    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
-        f("wte", &self.wte);
-        f("wpe", &self.wpe);
-        f("h", &self.h);
-        f("ln_f", &self.ln_f);
-    }
 }
 
 impl Forward for Gpt2Model {
@@ -241,12 +193,16 @@ impl Forward for Gpt2Model {
 }
 
 /// `GPT2LMHeadModel`: the stack and the tied language-model head.
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind = "GPT2LMHeadModel")]
 pub struct Gpt2 {
+    #[traceable(path)]
+    path: String,
     /// The stack (`transformer.*` in the state dict).
     pub transformer: Gpt2Model,
     /// The head `[vocab, n_embd]` (the `wte` matrix when tied).
     pub lm_head: Linear,
+    #[traceable(skip)]
     config: Gpt2Config,
 }
 
@@ -254,19 +210,6 @@ impl Gpt2 {
     /// The configuration.
     pub fn config(&self) -> &Gpt2Config {
         &self.config
-    }
-}
-
-impl Module for Gpt2 {
-    fn path(&self) -> &str {
-        ""
-    }
-    fn kind(&self) -> &'static str {
-        "GPT2LMHeadModel"
-    }
-    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
-        f("transformer", &self.transformer);
-        f("lm_head", &self.lm_head);
     }
 }
 
@@ -337,6 +280,7 @@ impl CausalLm for Gpt2 {
             Linear::load(w, "lm_head", e, c.vocab_size, false)?
         };
         Ok(Gpt2 {
+            path: String::new(),
             transformer: Gpt2Model {
                 path: "transformer".into(),
                 wte,

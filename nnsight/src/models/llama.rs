@@ -13,7 +13,7 @@ use crate::load::Weights;
 use crate::nn::{
     join_path, Activation, ActivationFn, Ctx, Embedding, Forward, ForwardState, Linear, Module, ModuleList, RmsNorm,
 };
-use crate::{Batch, Error, Result};
+use crate::{Batch, Error, Result, Traceable};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -216,8 +216,10 @@ fn inv_freq(c: &LlamaConfig) -> Result<Tensor> {
 }
 
 /// The SwiGLU MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind = "LlamaMLP")]
 pub struct LlamaMlp {
+    #[traceable(path)]
     path: String,
     /// Gate projection `[intermediate, hidden]`.
     pub gate_proj: Linear,
@@ -242,21 +244,6 @@ impl LlamaMlp {
     }
 }
 
-impl Module for LlamaMlp {
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn kind(&self) -> &'static str {
-        "LlamaMLP"
-    }
-    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
-        f("gate_proj", &self.gate_proj);
-        f("up_proj", &self.up_proj);
-        f("down_proj", &self.down_proj);
-        f("act_fn", &self.act_fn);
-    }
-}
-
 impl Forward for LlamaMlp {
     fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
         let gate = cx.call(&self.gate_proj, x)?;
@@ -267,8 +254,10 @@ impl Forward for LlamaMlp {
 }
 
 /// Multi-head attention with grouped key/value heads and rotary position embeddings.
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind = "LlamaAttention")]
 pub struct LlamaAttention {
+    #[traceable(path)]
     path: String,
     /// Query projection `[heads * head_dim, hidden]`.
     pub q_proj: Linear,
@@ -278,8 +267,11 @@ pub struct LlamaAttention {
     pub v_proj: Linear,
     /// Output projection `[hidden, heads * head_dim]`.
     pub o_proj: Linear,
+    #[traceable(skip)]
     heads: i64,
+    #[traceable(skip)]
     kv_heads: i64,
+    #[traceable(skip)]
     head_dim: i64,
 }
 
@@ -309,21 +301,6 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> std::result::Result<T
     x.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)
 }
 
-impl Module for LlamaAttention {
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn kind(&self) -> &'static str {
-        "LlamaAttention"
-    }
-    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
-        f("q_proj", &self.q_proj);
-        f("k_proj", &self.k_proj);
-        f("v_proj", &self.v_proj);
-        f("o_proj", &self.o_proj);
-    }
-}
-
 impl Forward for LlamaAttention {
     fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
         let p = self.path.as_str();
@@ -351,8 +328,10 @@ impl Forward for LlamaAttention {
 }
 
 /// One decoder layer: pre-norm attention and pre-norm MLP, each added to the residual stream.
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind = "LlamaDecoderLayer")]
 pub struct LlamaDecoderLayer {
+    #[traceable(path)]
     path: String,
     /// Attention.
     pub self_attn: LlamaAttention,
@@ -381,21 +360,6 @@ impl LlamaDecoderLayer {
     }
 }
 
-impl Module for LlamaDecoderLayer {
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn kind(&self) -> &'static str {
-        "LlamaDecoderLayer"
-    }
-    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
-        f("self_attn", &self.self_attn);
-        f("mlp", &self.mlp);
-        f("input_layernorm", &self.input_layernorm);
-        f("post_attention_layernorm", &self.post_attention_layernorm);
-    }
-}
-
 impl Forward for LlamaDecoderLayer {
     fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
         let p = self.path.as_str();
@@ -409,8 +373,10 @@ impl Forward for LlamaDecoderLayer {
 }
 
 /// The decoder stack (`LlamaModel`): token ids in, final-norm hidden states out.
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind = "LlamaModel")]
 pub struct LlamaModel {
+    #[traceable(path)]
     path: String,
     /// Token embeddings `[vocab, hidden]`.
     pub embed_tokens: Embedding,
@@ -418,20 +384,6 @@ pub struct LlamaModel {
     pub layers: ModuleList<LlamaDecoderLayer>,
     /// Final norm.
     pub norm: RmsNorm,
-}
-
-impl Module for LlamaModel {
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn kind(&self) -> &'static str {
-        "LlamaModel"
-    }
-    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
-        f("embed_tokens", &self.embed_tokens);
-        f("layers", &self.layers);
-        f("norm", &self.norm);
-    }
 }
 
 impl Forward for LlamaModel {
@@ -445,13 +397,18 @@ impl Forward for LlamaModel {
 }
 
 /// `LlamaForCausalLM`: the decoder stack and the language-model head.
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind = "LlamaForCausalLM")]
 pub struct Llama {
+    #[traceable(path)]
+    path: String,
     /// The decoder stack (`model.*` in the state dict).
     pub model: LlamaModel,
     /// The head `[vocab, hidden]` (the embedding matrix when tied).
     pub lm_head: Linear,
+    #[traceable(skip)]
     config: LlamaConfig,
+    #[traceable(skip)]
     inv_freq: Tensor,
 }
 
@@ -459,19 +416,6 @@ impl Llama {
     /// The configuration.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
-    }
-}
-
-impl Module for Llama {
-    fn path(&self) -> &str {
-        ""
-    }
-    fn kind(&self) -> &'static str {
-        "LlamaForCausalLM"
-    }
-    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
-        f("model", &self.model);
-        f("lm_head", &self.lm_head);
     }
 }
 
@@ -502,6 +446,7 @@ impl CausalLm for Llama {
         };
         let inv_freq = inv_freq(&c)?.f_to_device(w.device()).at("model.rotary_emb")?;
         Ok(Llama {
+            path: String::new(),
             model: LlamaModel {
                 path: "model".into(),
                 embed_tokens,

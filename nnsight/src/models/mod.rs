@@ -42,7 +42,7 @@ impl RawConfig {
 ///
 /// The root module's input is the `input_ids` tensor and its output the logits, so a hook sees them as
 /// `model.input` and `model.output`.
-pub trait CausalLm: Forward + Send + 'static {
+pub trait CausalLm: Forward + crate::Traceable + Send + 'static {
     /// The registry name of the architecture (`"llama"`, `"gpt2"`).
     const ARCHITECTURE: &'static str;
 
@@ -201,6 +201,39 @@ impl Module for AutoModel {
     }
     fn describe(&self) -> String {
         self.0.describe()
+    }
+    fn as_forward(&self) -> Option<&dyn Forward> {
+        Some(self)
+    }
+}
+
+/// The envoy of an [`AutoModel`]: only the root's hook points (the tree is not known at compile time; load a
+/// typed model, e.g. `LanguageModel::<Llama>`, to reach submodules in `intervene!`).
+#[derive(Debug)]
+pub struct AutoEnvoy {
+    /// The logits.
+    pub output: crate::envoy::HookPoint<Tensor>,
+    /// The input ids.
+    pub input: crate::envoy::HookPoint<Tensor>,
+    /// All inputs.
+    pub inputs: crate::envoy::InputsPoint,
+}
+
+impl crate::envoy::Envoy for AutoEnvoy {
+    fn module_path(&self) -> &str {
+        ""
+    }
+}
+
+impl crate::Traceable for AutoModel {
+    type Envoy = AutoEnvoy;
+    fn envoy(&self) -> AutoEnvoy {
+        let p = crate::envoy::Points::new("");
+        AutoEnvoy { output: p.output(), input: p.input(), inputs: p.inputs() }
+    }
+    fn set_path(&mut self, _: &str) {}
+    fn visit_child<'a>(&'a self, name: &str, f: &mut dyn FnMut(&str, &'a dyn Module)) {
+        f(name, self)
     }
 }
 

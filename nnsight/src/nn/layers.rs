@@ -1,23 +1,32 @@
 //! Leaf layers: `Linear`, `Conv1D` (GPT-2's transposed linear), `Embedding`, `LayerNorm`, `RmsNorm`.
 //! Parameter names and shapes are PyTorch's, so state-dict keys load one to one.
 
-use super::{join_path, Ctx, Forward, Module};
+use super::{join_path, Ctx, Forward};
 use crate::error::TchResultExt;
 use crate::load::Weights;
 use crate::Result;
+use crate::Traceable;
 use tch::Tensor;
 
 /// `y = x Wᵀ + b`, weight `[out, in]` as in `torch.nn.Linear`.
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind = "Linear", describe = "describe_text")]
 pub struct Linear {
+    #[traceable(path)]
     path: String,
     /// Weight `[out_features, in_features]`.
+    #[traceable(param)]
     pub weight: Tensor,
     /// Optional bias `[out_features]`.
+    #[traceable(param)]
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
+    fn describe_text(&self) -> String {
+        let s = self.weight.size();
+        format!("in_features={}, out_features={}, bias={}", s[1], s[0], self.bias.is_some())
+    }
     /// Loads `{path}.weight` (and `{path}.bias` when `bias`) from `w`.
     pub fn load(w: &mut Weights, path: &str, in_features: i64, out_features: i64, bias: bool) -> Result<Self> {
         let weight = w.take(&join_path(path, "weight"), &[out_features, in_features])?;
@@ -31,25 +40,6 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn kind(&self) -> &'static str {
-        "Linear"
-    }
-    fn parameters(&self, f: &mut dyn FnMut(&str, &Tensor)) {
-        f("weight", &self.weight);
-        if let Some(b) = &self.bias {
-            f("bias", b);
-        }
-    }
-    fn describe(&self) -> String {
-        let s = self.weight.size();
-        format!("in_features={}, out_features={}, bias={}", s[1], s[0], self.bias.is_some())
-    }
-}
-
 impl Forward for Linear {
     fn forward(&self, _cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
         if let Some(y) = crate::ffi::onednn_linear(x, &self.weight, self.bias.as_ref()) {
@@ -60,38 +50,29 @@ impl Forward for Linear {
 }
 
 /// GPT-2's `Conv1D`: `y = x W + b` with weight `[in, out]`, as Hugging Face stores it.
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind = "Conv1D", describe = "describe_text")]
 pub struct Conv1D {
+    #[traceable(path)]
     path: String,
     /// Weight `[in_features, out_features]`.
+    #[traceable(param)]
     pub weight: Tensor,
     /// Bias `[out_features]`.
+    #[traceable(param)]
     pub bias: Tensor,
 }
 
 impl Conv1D {
+    fn describe_text(&self) -> String {
+        let s = self.weight.size();
+        format!("nf={}, nx={}", s[1], s[0])
+    }
     /// Loads `{path}.weight` `[in, out]` and `{path}.bias` `[out]`.
     pub fn load(w: &mut Weights, path: &str, in_features: i64, out_features: i64) -> Result<Self> {
         let weight = w.take(&join_path(path, "weight"), &[in_features, out_features])?;
         let bias = w.take(&join_path(path, "bias"), &[out_features])?;
         Ok(Conv1D { path: path.to_string(), weight, bias })
-    }
-}
-
-impl Module for Conv1D {
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn kind(&self) -> &'static str {
-        "Conv1D"
-    }
-    fn parameters(&self, f: &mut dyn FnMut(&str, &Tensor)) {
-        f("weight", &self.weight);
-        f("bias", &self.bias);
-    }
-    fn describe(&self) -> String {
-        let s = self.weight.size();
-        format!("nf={}, nx={}", s[1], s[0])
     }
 }
 
@@ -109,33 +90,24 @@ impl Forward for Conv1D {
 }
 
 /// Token (or position) embedding: a lookup in a `[num, dim]` table.
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind = "Embedding", describe = "describe_text")]
 pub struct Embedding {
+    #[traceable(path)]
     path: String,
     /// Table `[num_embeddings, embedding_dim]`.
+    #[traceable(param)]
     pub weight: Tensor,
 }
 
 impl Embedding {
+    fn describe_text(&self) -> String {
+        let s = self.weight.size();
+        format!("{}, {}", s[0], s[1])
+    }
     /// Loads `{path}.weight` `[num, dim]`.
     pub fn load(w: &mut Weights, path: &str, num: i64, dim: i64) -> Result<Self> {
         Ok(Embedding { path: path.to_string(), weight: w.take(&join_path(path, "weight"), &[num, dim])? })
-    }
-}
-
-impl Module for Embedding {
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn kind(&self) -> &'static str {
-        "Embedding"
-    }
-    fn parameters(&self, f: &mut dyn FnMut(&str, &Tensor)) {
-        f("weight", &self.weight);
-    }
-    fn describe(&self) -> String {
-        let s = self.weight.size();
-        format!("{}, {}", s[0], s[1])
     }
 }
 
@@ -146,38 +118,30 @@ impl Forward for Embedding {
 }
 
 /// `torch.nn.LayerNorm` over the last dimension.
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind = "LayerNorm", describe = "describe_text")]
 pub struct LayerNorm {
+    #[traceable(path)]
     path: String,
     /// Scale `[dim]`.
+    #[traceable(param)]
     pub weight: Tensor,
     /// Shift `[dim]`.
+    #[traceable(param)]
     pub bias: Tensor,
+    #[traceable(skip)]
     eps: f64,
 }
 
 impl LayerNorm {
+    fn describe_text(&self) -> String {
+        format!("({},), eps={}", self.weight.size()[0], self.eps)
+    }
     /// Loads `{path}.weight` and `{path}.bias`, both `[dim]`.
     pub fn load(w: &mut Weights, path: &str, dim: i64, eps: f64) -> Result<Self> {
         let weight = w.take(&join_path(path, "weight"), &[dim])?;
         let bias = w.take(&join_path(path, "bias"), &[dim])?;
         Ok(LayerNorm { path: path.to_string(), weight, bias, eps })
-    }
-}
-
-impl Module for LayerNorm {
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn kind(&self) -> &'static str {
-        "LayerNorm"
-    }
-    fn parameters(&self, f: &mut dyn FnMut(&str, &Tensor)) {
-        f("weight", &self.weight);
-        f("bias", &self.bias);
-    }
-    fn describe(&self) -> String {
-        format!("({},), eps={}", self.weight.size()[0], self.eps)
     }
 }
 
@@ -189,33 +153,25 @@ impl Forward for LayerNorm {
 }
 
 /// Root-mean-square norm as Llama uses it: computed in float32, scaled by `weight` in the input's dtype.
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind = "RMSNorm", describe = "describe_text")]
 pub struct RmsNorm {
+    #[traceable(path)]
     path: String,
     /// Scale `[dim]`.
+    #[traceable(param)]
     pub weight: Tensor,
+    #[traceable(skip)]
     eps: f64,
 }
 
 impl RmsNorm {
+    fn describe_text(&self) -> String {
+        format!("({},), eps={}", self.weight.size()[0], self.eps)
+    }
     /// Loads `{path}.weight` `[dim]`.
     pub fn load(w: &mut Weights, path: &str, dim: i64, eps: f64) -> Result<Self> {
         Ok(RmsNorm { path: path.to_string(), weight: w.take(&join_path(path, "weight"), &[dim])?, eps })
-    }
-}
-
-impl Module for RmsNorm {
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn kind(&self) -> &'static str {
-        "RMSNorm"
-    }
-    fn parameters(&self, f: &mut dyn FnMut(&str, &Tensor)) {
-        f("weight", &self.weight);
-    }
-    fn describe(&self) -> String {
-        format!("({},), eps={}", self.weight.size()[0], self.eps)
     }
 }
 
@@ -231,9 +187,12 @@ impl Forward for RmsNorm {
 }
 
 /// An activation function, as a module so that its input and output are hook points (`mlp.act_fn`).
-#[derive(Debug)]
+#[derive(Debug, Traceable)]
+#[traceable(kind_fn = "kind_name")]
 pub struct Activation {
+    #[traceable(path)]
     path: String,
+    #[traceable(skip)]
     function: ActivationFn,
 }
 
@@ -248,21 +207,16 @@ pub enum ActivationFn {
 }
 
 impl Activation {
-    /// An activation module at `path`.
-    pub fn new(path: &str, function: ActivationFn) -> Self {
-        Activation { path: path.to_string(), function }
-    }
-}
-
-impl Module for Activation {
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn kind(&self) -> &'static str {
+    fn kind_name(&self) -> &'static str {
         match self.function {
             ActivationFn::Silu => "SiLU",
             ActivationFn::GeluNew => "NewGELUActivation",
         }
+    }
+
+    /// An activation module at `path`.
+    pub fn new(path: &str, function: ActivationFn) -> Self {
+        Activation { path: path.to_string(), function }
     }
 }
 

@@ -45,6 +45,11 @@ pub trait Module {
     fn describe(&self) -> String {
         String::new()
     }
+
+    /// This module as something that computes, if it does (module lists do not).
+    fn as_forward(&self) -> Option<&dyn Forward> {
+        None
+    }
 }
 
 /// A module that computes: a forward from one tensor (the hidden state) to one tensor.

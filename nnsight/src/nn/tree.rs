@@ -33,6 +33,27 @@ impl<T> ModuleList<T> {
     pub fn get(&self, i: usize) -> Option<&T> {
         self.items.get(i)
     }
+    /// The modules in order, mutably.
+    pub fn iter_mut(&mut self) -> std::slice::IterMut<'_, T> {
+        self.items.iter_mut()
+    }
+    pub(crate) fn set_list_path(&mut self, path: &str) {
+        self.path = path.to_string();
+    }
+}
+
+impl<T: Module> Module for Vec<T> {
+    fn path(&self) -> &str {
+        ""
+    }
+    fn kind(&self) -> &'static str {
+        "ModuleList"
+    }
+    fn children<'a>(&'a self, f: &mut dyn FnMut(&str, &'a dyn Module)) {
+        for (i, m) in self.iter().enumerate() {
+            f(&i.to_string(), m);
+        }
+    }
 }
 
 impl<T> std::ops::Index<usize> for ModuleList<T> {
@@ -104,16 +125,16 @@ fn params_text(m: &dyn Module) -> String {
     }
 }
 
-fn write_node<'a>(f: &mut fmt::Formatter<'_>, name: &str, m: &'a dyn Module, depth: usize) -> fmt::Result {
+fn write_node<'a>(f: &mut fmt::Formatter<'_>, name: &str, path: &str, m: &'a dyn Module, depth: usize) -> fmt::Result {
     let indent = "  ".repeat(depth);
     let label = if name.is_empty() { String::new() } else { format!("({name}): ") };
     let mut kids: Vec<(String, &'a dyn Module)> = Vec::new();
     m.children(&mut |n, c| kids.push((n.to_string(), c)));
-    let path = if m.path().is_empty() { String::new() } else { format!("  <{}>", m.path()) };
+    let shown = if path.is_empty() { String::new() } else { format!("  <{path}>") };
     if kids.is_empty() {
-        return writeln!(f, "{indent}{label}{}({}){path}{}", m.kind(), m.describe(), params_text(m));
+        return writeln!(f, "{indent}{label}{}({}){shown}{}", m.kind(), m.describe(), params_text(m));
     }
-    writeln!(f, "{indent}{label}{}({}{path}{}", m.kind(), m.describe(), params_text(m))?;
+    writeln!(f, "{indent}{label}{}({}{shown}{}", m.kind(), m.describe(), params_text(m))?;
     let mut i = 0;
     while i < kids.len() {
         let sig = signature(kids[i].1);
@@ -126,9 +147,9 @@ fn write_node<'a>(f: &mut fmt::Formatter<'_>, name: &str, m: &'a dyn Module, dep
             let first = kids[i].1;
             let folded = format!("{}-{}", kids[i].0, kids[j - 1].0);
             writeln!(f, "{}  ({folded}): {} x", indent, j - i)?;
-            write_node(f, "", first, depth + 2)?;
+            write_node(f, "", &super::join_path(path, &kids[i].0), first, depth + 2)?;
         } else {
-            write_node(f, &kids[i].0, kids[i].1, depth + 1)?;
+            write_node(f, &kids[i].0, &super::join_path(path, &kids[i].0), kids[i].1, depth + 1)?;
         }
         i = j;
     }
@@ -137,6 +158,6 @@ fn write_node<'a>(f: &mut fmt::Formatter<'_>, name: &str, m: &'a dyn Module, dep
 
 impl fmt::Display for ModuleTree<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_node(f, "", self.0, 0)
+        write_node(f, "", self.0.path(), self.0, 0)
     }
 }

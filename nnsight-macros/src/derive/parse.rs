@@ -1,0 +1,210 @@
+//! Reads a `#[derive(Traceable)]` struct into a `Model`, collecting every error.
+
+use syn::spanned::Spanned;
+use syn::{Data, DeriveInput, Fields, Ident, LitStr, Type};
+
+/// What a field of a traceable struct is.
+pub enum FieldKind {
+    /// The module's dotted path (`#[traceable(path)]`, a `String`).
+    Path,
+    /// A parameter tensor (`#[traceable(param)]`, `Tensor` or `Option<Tensor>`).
+    Param { optional: bool },
+    /// Not part of the module tree (`#[traceable(skip)]`).
+    Skip,
+    /// A submodule (the default): a `Traceable` type, a `ModuleList<T>`, `Vec<T>` or `Option<T>` of one.
+    Submodule,
+}
+
+pub struct Field {
+    pub ident: Ident,
+    pub ty: Type,
+    pub kind: FieldKind,
+}
+
+pub struct Model {
+    pub ident: Ident,
+    pub vis: syn::Visibility,
+    pub kind_name: String,
+    pub kind_fn: Option<syn::Path>,
+    pub describe: Option<syn::Path>,
+    pub fields: Vec<Field>,
+    pub path_field: Ident,
+}
+
+const HOOK_POINTS: [&str; 3] = ["output", "input", "inputs"];
+
+fn push(errors: &mut Option<syn::Error>, e: syn::Error) {
+    match errors {
+        Some(all) => all.combine(e),
+        None => *errors = Some(e),
+    }
+}
+
+fn is_option_of_tensor(ty: &Type) -> Option<bool> {
+    let Type::Path(p) = ty else { return None };
+    let last = p.path.segments.last()?;
+    if last.ident == "Tensor" {
+        return Some(false);
+    }
+    if last.ident == "Option" {
+        if let syn::PathArguments::AngleBracketed(args) = &last.arguments {
+            if let Some(syn::GenericArgument::Type(Type::Path(inner))) = args.args.first() {
+                if inner.path.segments.last().is_some_and(|s| s.ident == "Tensor") {
+                    return Some(true);
+                }
+            }
+        }
+    }
+    None
+}
+
+impl Model {
+    pub fn from_input(input: &DeriveInput) -> syn::Result<Model> {
+        let mut errors: Option<syn::Error> = None;
+        let mut kind_name = input.ident.to_string();
+        let mut describe = None;
+        let mut kind_fn = None;
+        for attr in input.attrs.iter().filter(|a| a.path().is_ident("traceable")) {
+            let r = attr.parse_nested_meta(|meta| {
+                if meta.path.is_ident("kind") {
+                    kind_name = meta.value()?.parse::<LitStr>()?.value();
+                    Ok(())
+                } else if meta.path.is_ident("kind_fn") {
+                    kind_fn = Some(meta.value()?.parse::<LitStr>()?.parse::<syn::Path>()?);
+                    Ok(())
+                } else if meta.path.is_ident("describe") {
+                    describe = Some(meta.value()?.parse::<LitStr>()?.parse::<syn::Path>()?);
+                    Ok(())
+                } else {
+                    Err(meta.error("unknown `traceable` option on a struct; expected `kind = \"...\"`, `kind_fn = \"method\"` or `describe = \"method\"`"))
+                }
+            });
+            if let Err(e) = r {
+                push(&mut errors, e);
+            }
+        }
+        if !input.generics.params.is_empty() {
+            push(
+                &mut errors,
+                syn::Error::new(input.generics.span(), "`Traceable` cannot be derived for a generic struct yet"),
+            );
+        }
+        let data = match &input.data {
+            Data::Struct(s) => s,
+            Data::Enum(e) => {
+                push(
+                    &mut errors,
+                    syn::Error::new(
+                        e.enum_token.span,
+                        "`Traceable` can only be derived for a struct of submodules, not an enum",
+                    ),
+                );
+                return Err(errors.expect("just pushed"));
+            }
+            Data::Union(u) => {
+                push(
+                    &mut errors,
+                    syn::Error::new(
+                        u.union_token.span,
+                        "`Traceable` can only be derived for a struct of submodules, not a union",
+                    ),
+                );
+                return Err(errors.expect("just pushed"));
+            }
+        };
+        let named = match &data.fields {
+            Fields::Named(n) => n,
+            Fields::Unnamed(u) => {
+                push(
+                    &mut errors,
+                    syn::Error::new(
+                        u.span(),
+                        "`Traceable` needs named fields (submodule names become paths); this is a tuple struct",
+                    ),
+                );
+                return Err(errors.expect("just pushed"));
+            }
+            Fields::Unit => {
+                push(
+                    &mut errors,
+                    syn::Error::new(
+                        input.ident.span(),
+                        "`Traceable` needs named fields, including a `#[traceable(path)] path: String`",
+                    ),
+                );
+                return Err(errors.expect("just pushed"));
+            }
+        };
+        let mut fields = Vec::new();
+        let mut path_field = None;
+        for f in &named.named {
+            let ident = f.ident.clone().expect("named field");
+            let mut kind = FieldKind::Submodule;
+            for attr in f.attrs.iter().filter(|a| a.path().is_ident("traceable")) {
+                let r = attr.parse_nested_meta(|meta| {
+                    if meta.path.is_ident("path") {
+                        kind = FieldKind::Path;
+                    } else if meta.path.is_ident("param") {
+                        match is_option_of_tensor(&f.ty) {
+                            Some(optional) => kind = FieldKind::Param { optional },
+                            None => {
+                                return Err(syn::Error::new(
+                                    f.ty.span(),
+                                    "a `#[traceable(param)]` field must be a `Tensor` or an `Option<Tensor>`",
+                                ))
+                            }
+                        }
+                    } else if meta.path.is_ident("skip") {
+                        kind = FieldKind::Skip;
+                    } else {
+                        return Err(
+                            meta.error("unknown `traceable` option on a field; expected `path`, `param` or `skip`")
+                        );
+                    }
+                    Ok(())
+                });
+                if let Err(e) = r {
+                    push(&mut errors, e);
+                }
+            }
+            if matches!(kind, FieldKind::Path) {
+                if path_field.is_some() {
+                    push(&mut errors, syn::Error::new(ident.span(), "only one field can be `#[traceable(path)]`"));
+                }
+                path_field = Some(ident.clone());
+            }
+            if matches!(kind, FieldKind::Submodule) && HOOK_POINTS.contains(&ident.to_string().as_str()) {
+                push(
+                    &mut errors,
+                    syn::Error::new(
+                        ident.span(),
+                        format!("a submodule cannot be named `{ident}`: that name is a hook point of every module"),
+                    ),
+                );
+            }
+            fields.push(Field { ident, ty: f.ty.clone(), kind });
+        }
+        let Some(path_field) = path_field else {
+            push(
+                &mut errors,
+                syn::Error::new(
+                    input.ident.span(),
+                    "a traceable module needs a `#[traceable(path)] path: String` field holding its dotted path",
+                ),
+            );
+            return Err(errors.expect("just pushed"));
+        };
+        if let Some(e) = errors {
+            return Err(e);
+        }
+        Ok(Model {
+            ident: input.ident.clone(),
+            vis: input.vis.clone(),
+            kind_name,
+            kind_fn,
+            describe,
+            fields,
+            path_field,
+        })
+    }
+}

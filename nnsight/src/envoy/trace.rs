@@ -1,0 +1,316 @@
+//! A trace: one `intervene!` block's graph, its invokes, and the model it runs on.
+
+use super::builder::{CallOrder, GraphCell};
+use super::proxy::{Proxy, Saved};
+use super::Traceable;
+use crate::graph::{NodeId, Point, Value};
+use crate::interleave::Interleaver;
+use crate::nn::{Ctx, Forward, Hook};
+use crate::{Error, Result};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use tch::Tensor;
+
+/// What can be traced: a model with a typed module tree and a way to run a batch of invokes' inputs.
+pub trait TraceTarget {
+    /// The root module.
+    type Root: Traceable + Forward;
+    /// What one invoke takes (a text, texts or ids for a language model; a tensor for a plain module).
+    type Input;
+    /// A batch ready to run.
+    type Prepared;
+
+    /// The root module.
+    fn root(&self) -> &Self::Root;
+    /// The root's envoy (built once).
+    fn envoy(&self) -> &<Self::Root as Traceable>::Envoy;
+    /// The order of hook events in one forward pass (recorded once; `sample` is an input it may use).
+    fn call_order(&self, sample: Option<&Self::Input>) -> Result<Option<Arc<CallOrder>>>;
+    /// Batches the invokes' inputs; returns the batch, each invoke's rows `(start, len)` and the batch size.
+    /// An invoke without input sees every row.
+    fn prepare(&self, inputs: &[Option<Self::Input>]) -> Result<Prepared<Self::Prepared>>;
+    /// Runs the forward pass with `hook` seeing every module call.
+    fn forward_hooked(&self, batch: &Self::Prepared, hook: &mut dyn Hook) -> Result<()>;
+}
+
+/// A batch ready to run, each invoke's rows `(start, len)`, and the batch size.
+pub type Prepared<B> = (B, Vec<(i64, i64)>, i64);
+
+/// Records the order of hook events of a forward pass.
+#[derive(Default)]
+pub(crate) struct OrderRecorder {
+    pub(crate) events: Vec<(String, Point)>,
+}
+
+impl Hook for OrderRecorder {
+    fn input(&mut self, module: &str, x: Tensor) -> Result<Tensor> {
+        self.events.push((module.to_string(), Point::Input));
+        Ok(x)
+    }
+    fn output(&mut self, module: &str, y: Tensor) -> Result<Tensor> {
+        self.events.push((module.to_string(), Point::Output));
+        Ok(y)
+    }
+}
+
+/// One traced block: the graph its code builds, its invokes, and the target it runs on.
+pub struct Trace<'m, T: TraceTarget> {
+    target: &'m T,
+    graph: GraphCell,
+    inputs: RefCell<Vec<Option<T::Input>>>,
+}
+
+impl<'m, T: TraceTarget> Trace<'m, T> {
+    /// A trace of `target`; with an `input`, its first invoke takes it.
+    pub fn new(target: &'m T, input: Option<T::Input>) -> Result<Self> {
+        let order = target.call_order(input.as_ref())?;
+        let tr = Trace { target, graph: GraphCell::new(order), inputs: RefCell::new(Vec::new()) };
+        if let Some(i) = input {
+            tr.invoke(Some(i))?;
+        }
+        Ok(tr)
+    }
+
+    /// Starts an invoke on `input` (none: the whole batch).
+    pub fn invoke(&self, input: Option<T::Input>) -> Result<()> {
+        if self.graph.inner.borrow().order.is_none() {
+            if let Some(order) = self.target.call_order(input.as_ref())? {
+                self.graph.inner.borrow_mut().order = Some(order);
+            }
+        }
+        self.inputs.borrow_mut().push(input);
+        self.graph.begin_invoke();
+        Ok(())
+    }
+
+    /// The root envoy: `model` inside the block.
+    pub fn root(&self) -> &'m <T::Root as Traceable>::Envoy {
+        self.target.envoy()
+    }
+
+    /// The graph under construction.
+    pub fn graph(&self) -> &GraphCell {
+        &self.graph
+    }
+
+    /// Runs the model with the graph interleaved; returns the saved values.
+    pub fn run(&self) -> Result<TraceResults> {
+        if let Some(e) = self.graph.inner.borrow_mut().error.take() {
+            return Err(e);
+        }
+        let inputs = std::mem::take(&mut *self.inputs.borrow_mut());
+        if inputs.is_empty() {
+            return Err(Error::InvalidInput {
+                message: "a trace needs an input: `model.trace(input)` or an `invoke(input)`".into(),
+            });
+        }
+        let (batch, rows, size) = self.target.prepare(&inputs)?;
+        let builder = self.graph.inner.borrow();
+        let mut inter = Interleaver::new(&builder.graph, rows, size, self.target.root())?;
+        inter.start()?;
+        let _no_grad = tch::no_grad_guard();
+        self.target.forward_hooked(&batch, &mut inter)?;
+        Ok(TraceResults { values: inter.finish()? })
+    }
+}
+
+/// The saved values of a run, taken one by one by the bindings after the block.
+#[derive(Debug)]
+pub struct TraceResults {
+    values: HashMap<NodeId, Value>,
+}
+
+impl TraceResults {
+    /// The saved value of `node`, as a `T`.
+    pub fn take<T: FromValue>(&mut self, node: NodeId) -> Result<T> {
+        let v = self.values.remove(&node).ok_or_else(|| Error::NeverReached {
+            node: format!("saved node {node}"),
+            reason: "its value was not computed".into(),
+        })?;
+        T::from_value(v)
+    }
+}
+
+/// Plain values that a saved proxy becomes after the block.
+pub trait FromValue: Sized {
+    /// Converts, or says what was found instead.
+    fn from_value(v: Value) -> Result<Self>;
+}
+
+impl FromValue for Tensor {
+    fn from_value(v: Value) -> Result<Self> {
+        match v {
+            Value::Tensor(t) => Ok(t),
+            Value::Scalar(s) => Ok(Tensor::from(s)),
+            other => Err(Error::Intervention { message: format!("expected a tensor, found a {}", other.kind_name()) }),
+        }
+    }
+}
+
+impl FromValue for Vec<Tensor> {
+    fn from_value(v: Value) -> Result<Self> {
+        match v {
+            Value::Tuple(items) => items.into_iter().map(Tensor::from_value).collect(),
+            other => Ok(vec![Tensor::from_value(other)?]),
+        }
+    }
+}
+
+impl FromValue for () {
+    fn from_value(_: Value) -> Result<Self> {
+        Ok(())
+    }
+}
+
+// ---- after the block: saved proxies become values, plain values stay ---------------------------------------------
+
+/// Wraps a binding of the block for [`FinishSaved`] / [`FinishUnsaved`] / [`FinishPlain`], which `intervene!`
+/// calls by autoref-based dispatch: the most specific applies.
+pub struct Finish<T>(Cell<Option<T>>);
+
+impl<T> Finish<T> {
+    /// Wraps a value.
+    pub fn new(v: T) -> Self {
+        Finish(Cell::new(Some(v)))
+    }
+    fn take(&self) -> T {
+        self.0.take().expect("finished once")
+    }
+}
+
+/// A saved proxy becomes its value.
+pub trait FinishSaved {
+    /// The value type.
+    type Out;
+    /// Takes the value from the results.
+    fn __nn_finish(self, r: &mut TraceResults) -> Result<Self::Out>;
+}
+
+impl<'g, T: FromValue> FinishSaved for &&&Finish<Saved<'g, T>> {
+    type Out = T;
+    fn __nn_finish(self, r: &mut TraceResults) -> Result<T> {
+        r.take(self.take().0.id)
+    }
+}
+
+/// A proxy that was not saved has no value after the block.
+pub trait FinishUnsaved {
+    /// [`NotSaved`].
+    type Out;
+    /// Marks it unusable.
+    fn __nn_finish(self, r: &mut TraceResults) -> Result<Self::Out>;
+}
+
+impl<'g, T> FinishUnsaved for &&Finish<Proxy<'g, T>> {
+    type Out = NotSaved<T>;
+    fn __nn_finish(self, _: &mut TraceResults) -> Result<NotSaved<T>> {
+        let _ = self.take();
+        Ok(NotSaved(std::marker::PhantomData))
+    }
+}
+
+/// Any other binding is unchanged.
+pub trait FinishPlain {
+    /// The same type.
+    type Out;
+    /// Returns it.
+    fn __nn_finish(self, r: &mut TraceResults) -> Result<Self::Out>;
+}
+
+impl<T> FinishPlain for &Finish<T> {
+    type Out = T;
+    fn __nn_finish(self, _: &mut TraceResults) -> Result<T> {
+        Ok(self.take())
+    }
+}
+
+/// What a proxy that was not `.save()`d becomes after the block: nothing can be done with it. To use the value
+/// after the block, call `.save()` on it inside the block.
+pub struct NotSaved<T>(std::marker::PhantomData<T>);
+
+// ---- a plain module as a trace target ---------------------------------------------------------------------------
+
+/// Any `Traceable` module (a model of your own, built from `nnsight::nn` layers), traced on tensor inputs whose
+/// first dimension is the batch.
+pub struct NNsight<M: Traceable + Forward> {
+    module: M,
+    envoy: OnceLock<M::Envoy>,
+    order: OnceLock<Arc<CallOrder>>,
+}
+
+impl<M: Traceable + Forward> NNsight<M> {
+    /// Wraps `module` as the root (path `""`): every submodule gets its dotted path.
+    pub fn new(mut module: M) -> Self {
+        module.set_path("");
+        NNsight { module, envoy: OnceLock::new(), order: OnceLock::new() }
+    }
+
+    /// The module.
+    pub fn module(&self) -> &M {
+        &self.module
+    }
+
+    /// A plain forward pass.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _g = tch::no_grad_guard();
+        Ctx::new().call(&self.module, x)
+    }
+
+    /// The module tree, printable like `print(model)` in PyTorch.
+    pub fn tree(&self) -> crate::nn::ModuleTree<'_> {
+        crate::nn::ModuleTree(&self.module)
+    }
+}
+
+impl<M: Traceable + Forward> TraceTarget for NNsight<M> {
+    type Root = M;
+    type Input = Tensor;
+    type Prepared = Tensor;
+
+    fn root(&self) -> &M {
+        &self.module
+    }
+    fn envoy(&self) -> &M::Envoy {
+        self.envoy.get_or_init(|| self.module.envoy())
+    }
+    fn call_order(&self, sample: Option<&Tensor>) -> Result<Option<Arc<CallOrder>>> {
+        if let Some(o) = self.order.get() {
+            return Ok(Some(o.clone()));
+        }
+        let Some(x) = sample else { return Ok(None) };
+        let mut rec = OrderRecorder::default();
+        {
+            let _g = tch::no_grad_guard();
+            let _ = Ctx::with_hook(&mut rec).call(&self.module, x)?;
+        }
+        Ok(Some(self.order.get_or_init(|| Arc::new(CallOrder::from_events(&rec.events))).clone()))
+    }
+    fn prepare(&self, inputs: &[Option<Tensor>]) -> Result<Prepared<Tensor>> {
+        let given: Vec<&Tensor> = inputs.iter().flatten().collect();
+        if given.is_empty() {
+            return Err(Error::InvalidInput { message: "no invoke has an input".into() });
+        }
+        let batch = Tensor::f_cat(&given, 0).map_err(|e| Error::InvalidInput {
+            message: format!("the invokes' inputs cannot be batched along the first dimension: {e}"),
+        })?;
+        let total = batch.size()[0];
+        let mut start = 0;
+        let rows = inputs
+            .iter()
+            .map(|i| match i {
+                Some(t) => {
+                    let n = t.size()[0];
+                    start += n;
+                    (start - n, n)
+                }
+                None => (0, total),
+            })
+            .collect();
+        Ok((batch, rows, total))
+    }
+    fn forward_hooked(&self, batch: &Tensor, hook: &mut dyn Hook) -> Result<()> {
+        let _ = Ctx::with_hook(hook).call(&self.module, batch)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,298 @@
+//! The intervention graph: what an `intervene!` block builds and the interleaver runs alongside a forward pass.
+//!
+//! A graph is a list of [`Node`]s in the order the block created them. Each node belongs to an invoke (a group of
+//! batch rows) and holds one [`Op`]: a read or write of a module's input or output, a constant, a tensor operation,
+//! a save. Nodes refer to earlier nodes by [`NodeId`]. The whole graph is plain data (serde), so it can be written
+//! out as JSON and sent to a server that runs only the ops it knows: no closures, no user code.
+//!
+//! Adding a node kind is one [`Op`] variant here and one arm in [`crate::interleave::eval`].
+
+pub(crate) mod value;
+
+pub use value::{Constant, IndexItem, TensorData, Value};
+
+use serde::{Deserialize, Serialize};
+
+/// Index of a node in its graph.
+pub type NodeId = u32;
+
+/// Which hook point of a module a node reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Point {
+    /// The module's (first) input, before it runs.
+    Input,
+    /// The module's output, after it ran.
+    Output,
+}
+
+/// Binary tensor operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BinaryOp {
+    /// `a + b`
+    Add,
+    /// `a - b`
+    Sub,
+    /// `a * b`
+    Mul,
+    /// `a / b`
+    Div,
+    /// `a.pow(b)`
+    Pow,
+    /// Matrix product.
+    Matmul,
+    /// Elementwise maximum.
+    Maximum,
+    /// Elementwise minimum.
+    Minimum,
+    /// `a == b` (bool tensor).
+    Eq,
+    /// `a > b`
+    Gt,
+    /// `a < b`
+    Lt,
+}
+
+/// Unary tensor operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnaryOp {
+    /// `-a`
+    Neg,
+    /// `exp(a)`
+    Exp,
+    /// `ln(a)`
+    Log,
+    /// `|a|`
+    Abs,
+    /// `sqrt(a)`
+    Sqrt,
+    /// A copy.
+    Clone,
+    /// Cut from autograd.
+    Detach,
+    /// Zeros of the same shape and dtype.
+    ZerosLike,
+    /// Ones of the same shape and dtype.
+    OnesLike,
+    /// Standard normal noise of the same shape and dtype.
+    RandnLike,
+    /// Contiguous layout.
+    Contiguous,
+}
+
+/// Reductions over dimensions (all dimensions when `dims` is empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReduceOp {
+    /// Sum.
+    Sum,
+    /// Mean.
+    Mean,
+    /// Maximum values (one dimension: values only; see `MaxDim` for indices).
+    Max,
+    /// Minimum values.
+    Min,
+}
+
+/// One operation of the graph. Operands are earlier nodes (`a`, `b`, `xs`, ...); each variant's doc says what
+/// it computes, and its field names follow PyTorch's arguments.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Read a module's input or output (this invoke's rows) at its `call`-th call.
+    Read { module: String, point: Point, call: u32 },
+    /// Read all inputs of a module (a tuple).
+    ReadInputs { module: String, call: u32 },
+    /// Replace a module's input or output (this invoke's rows) by `value`; with `index`, only that slice.
+    Write { module: String, point: Point, call: u32, value: NodeId, index: Option<Vec<IndexItem>> },
+    /// Run a module on `input` outside the forward pass (an ad-hoc call, no hooks).
+    Apply { module: String, input: NodeId },
+    /// A constant.
+    Const { value: Constant },
+    /// Keep the value of `value` for after the run.
+    Save { value: NodeId },
+    /// `a op b`, both nodes.
+    Binary { kind: BinaryOp, a: NodeId, b: NodeId },
+    /// `a op s` (or `s op a` when `scalar_first`).
+    BinaryScalar { kind: BinaryOp, a: NodeId, scalar: f64, scalar_first: bool },
+    /// `op(a)`.
+    Unary { kind: UnaryOp, a: NodeId },
+    /// A reduction over `dims` (all when empty).
+    Reduce { kind: ReduceOp, a: NodeId, dims: Vec<i64>, keepdim: bool },
+    /// Maximum or minimum along `dim` with indices: a (values, indices) tuple.
+    MaxMinDim { a: NodeId, dim: i64, keepdim: bool, max: bool },
+    /// `p`-norm over `dims` (all when empty).
+    Norm { a: NodeId, p: f64, dims: Vec<i64>, keepdim: bool },
+    /// Softmax (or log-softmax) along `dim`.
+    Softmax { a: NodeId, dim: i64, log: bool },
+    /// Index of the maximum along `dim` (over all elements when `None`).
+    Argmax { a: NodeId, dim: Option<i64>, keepdim: bool },
+    /// The `k` largest (or smallest) values along `dim`: a (values, indices) tuple.
+    Topk { a: NodeId, k: i64, dim: i64, largest: bool },
+    /// New shape (one `-1` allowed).
+    Reshape { a: NodeId, shape: Vec<i64> },
+    /// Swap two dimensions.
+    Transpose { a: NodeId, dim0: i64, dim1: i64 },
+    /// Reorder dimensions.
+    Permute { a: NodeId, dims: Vec<i64> },
+    /// `len` entries from `start` along `dim`.
+    Narrow { a: NodeId, dim: i64, start: i64, len: i64 },
+    /// Entry `index` along `dim` (that dimension removed).
+    Select { a: NodeId, dim: i64, index: i64 },
+    /// tch-style indexing (`t.i((.., -1, ..))`).
+    Index { a: NodeId, index: Vec<IndexItem> },
+    /// Concatenate along `dim`.
+    Cat { xs: Vec<NodeId>, dim: i64 },
+    /// Stack along a new `dim`.
+    Stack { xs: Vec<NodeId>, dim: i64 },
+    /// Convert the dtype (a tch `Kind` name, e.g. `"Float"`).
+    ToKind { a: NodeId, kind: String },
+    /// Move to a device (`"cpu"`, `"cuda:0"`).
+    ToDevice { a: NodeId, device: String },
+    /// `cond ? a : b` elementwise.
+    Where { cond: NodeId, a: NodeId, b: NodeId },
+    /// Gather along `dim` at `index`.
+    Gather { a: NodeId, dim: i64, index: NodeId },
+    /// Element `index` of a tuple value.
+    TupleGet { a: NodeId, index: u32 },
+    /// Unsqueeze at `dim`.
+    Unsqueeze { a: NodeId, dim: i64 },
+    /// Squeeze `dim` (all size-1 dimensions when `None`).
+    Squeeze { a: NodeId, dim: Option<i64> },
+}
+
+impl Op {
+    /// The nodes this op reads.
+    pub fn inputs(&self) -> Vec<NodeId> {
+        use Op::*;
+        match self {
+            Read { .. } | ReadInputs { .. } | Const { .. } => vec![],
+            Write { value, .. } => vec![*value],
+            Apply { input, .. } => vec![*input],
+            Save { value } => vec![*value],
+            Binary { a, b, .. } => vec![*a, *b],
+            Where { cond, a, b } => vec![*cond, *a, *b],
+            Gather { a, index, .. } => vec![*a, *index],
+            Cat { xs, .. } | Stack { xs, .. } => xs.clone(),
+            BinaryScalar { a, .. }
+            | Unary { a, .. }
+            | Reduce { a, .. }
+            | MaxMinDim { a, .. }
+            | Norm { a, .. }
+            | Softmax { a, .. }
+            | Argmax { a, .. }
+            | Topk { a, .. }
+            | Reshape { a, .. }
+            | Transpose { a, .. }
+            | Permute { a, .. }
+            | Narrow { a, .. }
+            | Select { a, .. }
+            | Index { a, .. }
+            | ToKind { a, .. }
+            | ToDevice { a, .. }
+            | TupleGet { a, .. }
+            | Unsqueeze { a, .. }
+            | Squeeze { a, .. } => vec![*a],
+        }
+    }
+
+    /// The module hook point this op waits for, if any: (module, point, call).
+    pub fn hook_point(&self) -> Option<(&str, Point, u32)> {
+        match self {
+            Op::Read { module, point, call } | Op::Write { module, point, call, .. } => Some((module, *point, *call)),
+            Op::ReadInputs { module, call } => Some((module, Point::Input, *call)),
+            _ => None,
+        }
+    }
+
+    /// A short description for error messages (`read model.layers.5 output`).
+    pub fn describe(&self) -> String {
+        match self {
+            Op::Read { module, point, call } => {
+                format!("read of `{}` {} (call {call})", display(module), point_name(*point))
+            }
+            Op::ReadInputs { module, call } => format!("read of `{}` inputs (call {call})", display(module)),
+            Op::Write { module, point, call, .. } => {
+                format!("write of `{}` {} (call {call})", display(module), point_name(*point))
+            }
+            Op::Apply { module, .. } => format!("call of `{}`", display(module)),
+            other => {
+                let json = serde_json::to_value(other).ok();
+                let name = json.as_ref().and_then(|j| j.get("op")).and_then(|o| o.as_str()).unwrap_or("op");
+                name.to_string()
+            }
+        }
+    }
+}
+
+/// A module path as users write it (`model.layers.5`; the root is `model`).
+pub fn display(module: &str) -> String {
+    if module.is_empty() {
+        "model".to_string()
+    } else {
+        format!("model.{module}")
+    }
+}
+
+fn point_name(p: Point) -> &'static str {
+    match p {
+        Point::Input => "input",
+        Point::Output => "output",
+    }
+}
+
+/// One node: an op and the invoke it belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// The operation.
+    #[serde(flatten)]
+    pub op: Op,
+    /// The invoke (group of batch rows) whose code created it.
+    pub invoke: u32,
+}
+
+/// An intervention graph: nodes in creation order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Graph {
+    /// The nodes; a node refers only to earlier ones.
+    pub nodes: Vec<Node>,
+}
+
+impl Graph {
+    /// Appends a node and returns its id.
+    pub fn push(&mut self, op: Op, invoke: u32) -> NodeId {
+        self.nodes.push(Node { op, invoke });
+        (self.nodes.len() - 1) as NodeId
+    }
+
+    /// Checks that every node refers only to earlier nodes (a graph read from JSON may not).
+    pub fn validate(&self) -> crate::Result<()> {
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Some(bad) = n.op.inputs().into_iter().find(|&j| j as usize >= i) {
+                return Err(crate::Error::InvalidGraph {
+                    message: format!(
+                        "node {i} ({}) refers to node {bad}, which does not come before it",
+                        n.op.describe()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The graph as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("graphs serialize")
+    }
+
+    /// A graph from JSON, validated.
+    pub fn from_json(text: &str) -> crate::Result<Self> {
+        let g: Graph = serde_json::from_str(text)
+            .map_err(|e| crate::Error::InvalidGraph { message: format!("not a graph: {e}") })?;
+        g.validate()?;
+        Ok(g)
+    }
+}

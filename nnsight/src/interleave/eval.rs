@@ -1,0 +1,195 @@
+//! One arm per graph op: what each node computes from its inputs' values.
+
+use crate::graph::value::{device_from_name, kind_from_name};
+use crate::graph::{BinaryOp, Constant, IndexItem, Op, ReduceOp, UnaryOp, Value};
+use crate::{Error, Result};
+use tch::{Kind, TchError, Tensor};
+
+fn t(e: TchError) -> Error {
+    Error::torch("intervention", e)
+}
+
+/// Computes an op that needs no hook event from its input values (in the order of [`Op::inputs`]).
+pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
+    let a = || inputs[0].tensor();
+    let tensor = |r: std::result::Result<Tensor, TchError>| r.map(Value::Tensor).map_err(t);
+    match op {
+        Op::Const { value } => match value {
+            Constant::Tensor(d) => Ok(Value::Tensor(d.to_tensor(tch::Device::Cpu)?)),
+            Constant::Scalar(s) => Ok(Value::Scalar(*s)),
+        },
+        Op::Save { .. } => Ok(inputs[0].shallow_clone()),
+        Op::Binary { kind, .. } => {
+            let (x, y) = (a()?, inputs[1].tensor()?);
+            let y = if y.device() != x.device() { y.f_to_device(x.device()).map_err(t)? } else { y.shallow_clone() };
+            tensor(match kind {
+                BinaryOp::Add => x.f_add(&y),
+                BinaryOp::Sub => x.f_sub(&y),
+                BinaryOp::Mul => x.f_mul(&y),
+                BinaryOp::Div => x.f_div(&y),
+                BinaryOp::Pow => x.f_pow(&y),
+                BinaryOp::Matmul => x.f_matmul(&y),
+                BinaryOp::Maximum => x.f_maximum(&y),
+                BinaryOp::Minimum => x.f_minimum(&y),
+                BinaryOp::Eq => x.f_eq_tensor(&y),
+                BinaryOp::Gt => x.f_gt_tensor(&y),
+                BinaryOp::Lt => x.f_lt_tensor(&y),
+            })
+        }
+        Op::BinaryScalar { kind, scalar, scalar_first, .. } => {
+            let x = a()?;
+            let s = *scalar;
+            tensor(match (kind, scalar_first) {
+                (BinaryOp::Add, _) => x.f_add_scalar(s),
+                (BinaryOp::Mul, _) => x.f_mul_scalar(s),
+                (BinaryOp::Sub, false) => x.f_sub_scalar(s),
+                (BinaryOp::Sub, true) => x.f_neg().and_then(|n| n.f_add_scalar(s)),
+                (BinaryOp::Div, false) => x.f_div_scalar(s),
+                (BinaryOp::Div, true) => x.f_reciprocal().and_then(|r| r.f_mul_scalar(s)),
+                (BinaryOp::Pow, false) => x.f_pow_tensor_scalar(s),
+                (BinaryOp::Pow, true) => Tensor::f_pow_scalar(s, x),
+                (BinaryOp::Maximum, _) => x.f_clamp_min(s),
+                (BinaryOp::Minimum, _) => x.f_clamp_max(s),
+                (BinaryOp::Eq, _) => x.f_eq(s),
+                (BinaryOp::Gt, false) | (BinaryOp::Lt, true) => x.f_gt(s),
+                (BinaryOp::Lt, false) | (BinaryOp::Gt, true) => x.f_lt(s),
+                (BinaryOp::Matmul, _) => {
+                    return Err(Error::Intervention { message: "matmul with a scalar".into() });
+                }
+            })
+        }
+        Op::Unary { kind, .. } => {
+            let x = a()?;
+            tensor(match kind {
+                UnaryOp::Neg => x.f_neg(),
+                UnaryOp::Exp => x.f_exp(),
+                UnaryOp::Log => x.f_log(),
+                UnaryOp::Abs => x.f_abs(),
+                UnaryOp::Sqrt => x.f_sqrt(),
+                UnaryOp::Clone => copy(x),
+                UnaryOp::Detach => x.f_detach(),
+                UnaryOp::ZerosLike => x.f_zeros_like(),
+                UnaryOp::OnesLike => x.f_ones_like(),
+                UnaryOp::RandnLike => x.f_randn_like(),
+                UnaryOp::Contiguous => Ok(x.contiguous()),
+            })
+        }
+        Op::Reduce { kind, dims, keepdim, .. } => {
+            let x = a()?;
+            let all = dims.is_empty();
+            tensor(match kind {
+                ReduceOp::Sum if all => x.f_sum(x.kind()),
+                ReduceOp::Sum => x.f_sum_dim_intlist(dims.as_slice(), *keepdim, x.kind()),
+                ReduceOp::Mean if all => x.f_mean(x.kind()),
+                ReduceOp::Mean => x.f_mean_dim(dims.as_slice(), *keepdim, x.kind()),
+                ReduceOp::Max if all => x.f_max(),
+                ReduceOp::Max => x.f_amax(dims.as_slice(), *keepdim),
+                ReduceOp::Min if all => x.f_min(),
+                ReduceOp::Min => x.f_amin(dims.as_slice(), *keepdim),
+            })
+        }
+        Op::MaxMinDim { dim, keepdim, max, .. } => {
+            let x = a()?;
+            let (v, i) = if *max { x.f_max_dim(*dim, *keepdim) } else { x.f_min_dim(*dim, *keepdim) }.map_err(t)?;
+            Ok(Value::Tuple(vec![Value::Tensor(v), Value::Tensor(i)]))
+        }
+        Op::Norm { p, dims, keepdim, .. } => {
+            let x = a()?;
+            if dims.is_empty() {
+                tensor(x.f_norm_scalaropt_dim(*p, Vec::<i64>::new().as_slice(), false))
+            } else {
+                tensor(x.f_norm_scalaropt_dim(*p, dims.as_slice(), *keepdim))
+            }
+        }
+        Op::Softmax { dim, log, .. } => {
+            let x = a()?;
+            let kind = if x.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+            tensor(if *log { x.f_log_softmax(*dim, kind) } else { x.f_softmax(*dim, kind) })
+        }
+        Op::Argmax { dim, keepdim, .. } => tensor(a()?.f_argmax(*dim, *keepdim)),
+        Op::Topk { k, dim, largest, .. } => {
+            let (v, i) = a()?.f_topk(*k, *dim, *largest, true).map_err(t)?;
+            Ok(Value::Tuple(vec![Value::Tensor(v), Value::Tensor(i)]))
+        }
+        Op::Reshape { shape, .. } => tensor(a()?.f_reshape(shape.as_slice())),
+        Op::Transpose { dim0, dim1, .. } => tensor(a()?.f_transpose(*dim0, *dim1)),
+        Op::Permute { dims, .. } => tensor(a()?.f_permute(dims.as_slice())),
+        Op::Narrow { dim, start, len, .. } => tensor(a()?.f_narrow(*dim, *start, *len)),
+        Op::Select { dim, index, .. } => tensor(a()?.f_select(*dim, *index)),
+        Op::Index { index, .. } => tensor(self::index(a()?, index)),
+        Op::Cat { dim, .. } | Op::Stack { dim, .. } => {
+            let xs: Vec<&Tensor> = inputs.iter().map(|v| v.tensor()).collect::<Result<_>>()?;
+            tensor(if matches!(op, Op::Cat { .. }) { Tensor::f_cat(&xs, *dim) } else { Tensor::f_stack(&xs, *dim) })
+        }
+        Op::ToKind { kind, .. } => tensor(a()?.f_to_kind(kind_from_name(kind)?)),
+        Op::ToDevice { device, .. } => tensor(a()?.f_to_device(device_from_name(device)?)),
+        Op::Where { .. } => {
+            let (c, x, y) = (a()?, inputs[1].tensor()?, inputs[2].tensor()?);
+            tensor(x.f_where_self(&c.f_to_kind(Kind::Bool).map_err(t)?, y))
+        }
+        Op::Gather { dim, .. } => tensor(a()?.f_gather(*dim, inputs[1].tensor()?, false)),
+        Op::TupleGet { index, .. } => match inputs[0] {
+            Value::Tuple(items) => items.get(*index as usize).map(Value::shallow_clone).ok_or_else(|| {
+                Error::Intervention { message: format!("tuple has {} items, no item {index}", items.len()) }
+            }),
+            other => Err(Error::Intervention { message: format!("expected a tuple, found a {}", other.kind_name()) }),
+        },
+        Op::Unsqueeze { dim, .. } => tensor(a()?.f_unsqueeze(*dim)),
+        Op::Squeeze { dim: Some(d), .. } => tensor(a()?.f_squeeze_dim(*d)),
+        Op::Squeeze { dim: None, .. } => tensor(a()?.f_squeeze()),
+        Op::Read { .. } | Op::ReadInputs { .. } | Op::Write { .. } | Op::Apply { .. } => {
+            Err(Error::Intervention { message: format!("{} needs the forward pass", op.describe()) })
+        }
+    }
+}
+
+/// tch-style indexing from serializable items: `Select` removes a dimension, `Slice` keeps it, `NewAxis` adds one.
+/// The result is a view where tch makes one (so it can be written through).
+pub fn index(x: &Tensor, items: &[IndexItem]) -> std::result::Result<Tensor, TchError> {
+    let mut out = x.shallow_clone();
+    let mut dim = 0i64;
+    for item in items {
+        match *item {
+            IndexItem::Select(i) => {
+                out = out.f_select(dim, i)?;
+            }
+            IndexItem::Slice { start, end } => {
+                let size = out.size().get(dim as usize).copied().unwrap_or(0);
+                let norm = |v: i64| if v < 0 { (v + size).max(0) } else { v.min(size) };
+                let s = start.map(norm).unwrap_or(0);
+                let e = end.map(norm).unwrap_or(size);
+                out = out.f_slice(dim, s, e.max(s), 1)?;
+                dim += 1;
+            }
+            IndexItem::NewAxis => {
+                out = out.f_unsqueeze(dim)?;
+                dim += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// An index as users write it: `(.., -1, 2..5)`.
+pub fn index_text(items: &[IndexItem]) -> String {
+    let parts: Vec<String> = items
+        .iter()
+        .map(|i| match i {
+            IndexItem::Select(i) => i.to_string(),
+            IndexItem::Slice { start, end } => format!(
+                "{}..{}",
+                start.map(|v| v.to_string()).unwrap_or_default(),
+                end.map(|v| v.to_string()).unwrap_or_default()
+            ),
+            IndexItem::NewAxis => "NewAxis".into(),
+        })
+        .collect();
+    format!("({})", parts.join(", "))
+}
+
+/// A copy of `x` with its own storage.
+pub fn copy(x: &Tensor) -> std::result::Result<Tensor, TchError> {
+    let mut out = x.f_empty_like()?;
+    out.f_copy_(x)?;
+    Ok(out)
+}

@@ -1,0 +1,280 @@
+//! The interleaver: runs a graph alongside a forward pass. It is the [`Hook`] the model's module calls go
+//! through; when a module's input or output arrives, each invoke's code runs up to the next value it waits for.
+//! Reads see and writes change only the invoke's own batch rows. Values nothing needs any more are dropped at
+//! once; saved values are kept for after the run.
+
+mod eval;
+
+pub use eval::eval;
+
+use crate::graph::{display, Graph, IndexItem, NodeId, Op, Point, Value};
+use crate::nn::{Hook, Module};
+use crate::{Error, Result};
+use std::collections::{HashMap, HashSet};
+use tch::Tensor;
+
+/// Runs one graph during one forward pass.
+pub struct Interleaver<'a> {
+    graph: &'a Graph,
+    root: &'a dyn Module,
+    /// Node ids of each invoke, in order.
+    per_invoke: Vec<Vec<NodeId>>,
+    /// Next position in `per_invoke[i]`.
+    cursor: Vec<usize>,
+    /// Batch rows `(start, len)` of each invoke.
+    rows: Vec<(i64, i64)>,
+    batch: i64,
+    values: Vec<Option<Value>>,
+    last_use: Vec<NodeId>,
+    saved: HashSet<NodeId>,
+    /// Modules some node waits on (a module not in here costs one lookup).
+    watched: HashSet<String>,
+    /// Hook events seen so far (for error messages).
+    fired: HashSet<(String, Point)>,
+}
+
+impl<'a> Interleaver<'a> {
+    /// Prepares `graph` for a pass over a batch of `batch` rows, invoke `i` owning `rows[i]`; ad-hoc module calls
+    /// look modules up under `root`.
+    pub fn new(graph: &'a Graph, rows: Vec<(i64, i64)>, batch: i64, root: &'a dyn Module) -> Result<Self> {
+        graph.validate()?;
+        let n = graph.nodes.len();
+        let n_invokes = rows.len();
+        let mut per_invoke = vec![Vec::new(); n_invokes];
+        let mut last_use: Vec<NodeId> = (0..n as NodeId).collect();
+        let mut saved = HashSet::new();
+        let mut watched = HashSet::new();
+        for (i, node) in graph.nodes.iter().enumerate() {
+            let inv = node.invoke as usize;
+            if inv >= n_invokes {
+                return Err(Error::InvalidGraph {
+                    message: format!("node {i} belongs to invoke {inv}, but there are {n_invokes}"),
+                });
+            }
+            per_invoke[inv].push(i as NodeId);
+            for j in node.op.inputs() {
+                last_use[j as usize] = i as NodeId;
+            }
+            if let Op::Save { value } = node.op {
+                saved.insert(value);
+            }
+            if let Some((m, _, _)) = node.op.hook_point() {
+                watched.insert(m.to_string());
+            }
+        }
+        Ok(Interleaver {
+            graph,
+            root,
+            cursor: vec![0; n_invokes],
+            per_invoke,
+            rows,
+            batch,
+            values: (0..n).map(|_| None).collect(),
+            last_use,
+            saved,
+            watched,
+            fired: HashSet::new(),
+        })
+    }
+
+    /// Runs what can run before the forward pass (constants, code before the first read).
+    pub fn start(&mut self) -> Result<()> {
+        for inv in 0..self.per_invoke.len() {
+            self.advance(inv, None)?;
+        }
+        Ok(())
+    }
+
+    /// Runs what is left after the forward pass, then checks that every node ran; returns the saved values.
+    pub fn finish(mut self) -> Result<HashMap<NodeId, Value>> {
+        for inv in 0..self.per_invoke.len() {
+            self.advance(inv, None)?;
+        }
+        for inv in 0..self.per_invoke.len() {
+            if let Some(&id) = self.per_invoke[inv].get(self.cursor[inv]) {
+                let op = &self.graph.nodes[id as usize].op;
+                let reason = match op.hook_point() {
+                    Some((m, p, _)) if self.fired.contains(&(m.to_string(), p)) => format!(
+                        "`{}` had already run when invoke {inv} reached it: it comes earlier in the forward pass than what the invoke used before",
+                        display(m)
+                    ),
+                    Some((m, _, _)) => format!("`{}` did not run", display(m)),
+                    None => "a value it needs was never computed".into(),
+                };
+                return Err(Error::NeverReached {
+                    node: format!("node {id}, {} (invoke {inv})", op.describe()),
+                    reason,
+                });
+            }
+        }
+        let mut out = HashMap::new();
+        for id in self.saved.iter().copied() {
+            if let Some(v) = self.values[id as usize].take() {
+                out.insert(id, v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs invoke `inv`'s nodes until one waits for a hook event other than `event` (whose value is `y`).
+    fn advance(&mut self, inv: usize, mut event: Option<(&str, Point, &mut Tensor)>) -> Result<()> {
+        loop {
+            let Some(&id) = self.per_invoke[inv].get(self.cursor[inv]) else { return Ok(()) };
+            let op = &self.graph.nodes[id as usize].op;
+            if op.inputs().iter().any(|&j| self.values[j as usize].is_none()) {
+                return Ok(()); // waits for a value of another invoke
+            }
+            let value = match op.hook_point() {
+                Some((m, p, _)) => {
+                    let Some((em, ep, y)) = event.as_mut() else { return Ok(()) };
+                    if m != *em || p != *ep {
+                        return Ok(());
+                    }
+                    self.hook_node(id, inv, y)?
+                }
+                None => {
+                    let inputs: Vec<&Value> =
+                        op.inputs().iter().map(|&j| self.values[j as usize].as_ref().expect("checked")).collect();
+                    match op {
+                        Op::Apply { module, .. } => Some(self.apply(module, inputs[0])?),
+                        _ => Some(eval(op, &inputs).map_err(|e| at_node(e, id, op))?),
+                    }
+                }
+            };
+            self.values[id as usize] = value;
+            self.release(id);
+            self.cursor[inv] += 1;
+        }
+    }
+
+    /// Drops inputs of `id` that nothing later needs.
+    fn release(&mut self, id: NodeId) {
+        for j in self.graph.nodes[id as usize].op.inputs() {
+            if self.last_use[j as usize] == id && !self.saved.contains(&j) {
+                self.values[j as usize] = None;
+            }
+        }
+        if self.last_use[id as usize] == id && !self.saved.contains(&id) {
+            self.values[id as usize] = None;
+        }
+    }
+
+    fn my_rows(&self, inv: usize, y: &Tensor) -> Result<Tensor> {
+        let (start, len) = self.rows[inv];
+        if start == 0 && len == self.batch {
+            return Ok(y.shallow_clone());
+        }
+        y.f_narrow(0, start, len).map_err(|e| Error::torch("interleaver", e))
+    }
+
+    fn hook_node(&mut self, id: NodeId, inv: usize, y: &mut Tensor) -> Result<Option<Value>> {
+        let op = &self.graph.nodes[id as usize].op;
+        match op {
+            Op::Read { .. } => Ok(Some(Value::Tensor(self.my_rows(inv, y)?))),
+            Op::ReadInputs { .. } => Ok(Some(Value::Tuple(vec![Value::Tensor(self.my_rows(inv, y)?)]))),
+            Op::Write { module, point, value, index, .. } => {
+                let v = self.values[*value as usize].as_ref().expect("checked").tensor()?.shallow_clone();
+                let target =
+                    format!("`{}` {}", display(module), if *point == Point::Input { "input" } else { "output" });
+                *y = self.write(inv, y, &v, index.as_deref(), &target)?;
+                Ok(None)
+            }
+            _ => unreachable!("hook_node on a node without hook point"),
+        }
+    }
+
+    fn write(&self, inv: usize, y: &Tensor, v: &Tensor, index: Option<&[IndexItem]>, target: &str) -> Result<Tensor> {
+        let f = |e| Error::torch(target.to_string(), e);
+        let mine = self.my_rows(inv, y)?;
+        let v = v.f_to_device(y.device()).map_err(f)?.f_to_kind(y.kind()).map_err(f)?;
+        let new_rows = match index {
+            None => {
+                if v.size() != mine.size() {
+                    return Err(Error::WriteShape { target: target.into(), expected: mine.size(), given: v.size() });
+                }
+                v
+            }
+            Some(items) => {
+                let copy = eval::copy(&mine).map_err(f)?;
+                let mut slot = eval::index(&copy, items).map_err(f)?;
+                let (want, given) = (slot.size(), v.size());
+                if v.f_broadcast_to(want.as_slice()).is_err() {
+                    return Err(Error::WriteShape {
+                        target: format!("{target}[{}]", eval::index_text(items)),
+                        expected: want,
+                        given,
+                    });
+                }
+                slot.f_copy_(&v).map_err(f)?;
+                copy
+            }
+        };
+        let (start, len) = self.rows[inv];
+        if start == 0 && len == self.batch {
+            Ok(new_rows)
+        } else {
+            y.f_slice_scatter(&new_rows, 0, start, start + len, 1).map_err(f)
+        }
+    }
+
+    fn apply(&self, module: &str, x: &Value) -> Result<Value> {
+        let m = find(self.root, module)
+            .ok_or_else(|| Error::Intervention { message: format!("no module `{}` to call", display(module)) })?;
+        let fwd = m.as_forward().ok_or_else(|| Error::Intervention {
+            message: format!("`{}` ({}) cannot be called", display(module), m.kind()),
+        })?;
+        let mut cx = crate::nn::Ctx::new();
+        Ok(Value::Tensor(fwd.forward(&mut cx, x.tensor()?)?))
+    }
+}
+
+fn at_node(e: Error, id: NodeId, op: &Op) -> Error {
+    match e {
+        Error::Torch { source, .. } => {
+            Error::Intervention { message: format!("node {id} ({}): {source}", op.describe()) }
+        }
+        other => other,
+    }
+}
+
+/// The module at a dotted `path` under `root`.
+pub fn find<'m>(root: &'m dyn Module, path: &str) -> Option<&'m dyn Module> {
+    if path.is_empty() {
+        return Some(root);
+    }
+    let mut here = root;
+    for seg in path.split('.') {
+        let mut next = None;
+        here.children(&mut |name, child| {
+            if name == seg && next.is_none() {
+                next = Some(child);
+            }
+        });
+        here = next?;
+    }
+    Some(here)
+}
+
+impl Hook for Interleaver<'_> {
+    fn input(&mut self, module: &str, mut x: Tensor) -> Result<Tensor> {
+        if !self.watched.contains(module) {
+            return Ok(x);
+        }
+        self.fired.insert((module.to_string(), Point::Input));
+        for inv in 0..self.per_invoke.len() {
+            self.advance(inv, Some((module, Point::Input, &mut x)))?;
+        }
+        Ok(x)
+    }
+
+    fn output(&mut self, module: &str, mut y: Tensor) -> Result<Tensor> {
+        if !self.watched.contains(module) {
+            return Ok(y);
+        }
+        self.fired.insert((module.to_string(), Point::Output));
+        for inv in 0..self.per_invoke.len() {
+            self.advance(inv, Some((module, Point::Output, &mut y)))?;
+        }
+        Ok(y)
+    }
+}
