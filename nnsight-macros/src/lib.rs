@@ -4,6 +4,7 @@
 //! Use them through the `nnsight` crate (`nnsight::prelude::*`), which re-exports them.
 
 mod derive;
+mod intervene;
 
 /// Derives `nnsight::nn::Module` and `nnsight::Traceable` for a struct of submodules, and writes its envoy type
 /// (`{Struct}Envoy`): a field per submodule plus the hook points `output`, `input` and `inputs`.
@@ -18,4 +19,19 @@ mod derive;
 pub fn derive_traceable(input: proc_macro::TokenStream) -> proc_macro::TokenStream {
     let input = syn::parse_macro_input!(input as syn::DeriveInput);
     derive::derive(input).into()
+}
+
+/// A trace block: `intervene!(model.trace(input) { ... })`, or `intervene!(model.trace() { invoke(a) { ... }
+/// invoke(b) { ... } })` for several batch entries (`invoke()` sees the whole batch).
+///
+/// Inside the block, paths rooted at the model are envoys (`model.model.layers[5].mlp`); their `.output`,
+/// `.input` and `.inputs` are proxies when read and graph writes when assigned (`=`, `+=`, `-=`, `*=`, `/=`, also
+/// indexed: `model.lm_head.output[(.., -1)] = v`), and `model.lm_head(x)` applies a module to a value. Everything
+/// else is ordinary Rust, run while the graph is built (a loop over layers unrolls). After the block, each
+/// top-level `let` of the body is in scope: a `.save()`d proxy as its plain value, anything else unchanged.
+///
+/// Used in statement position in a function returning a `Result` whose error converts from `nnsight::Error`.
+#[proc_macro]
+pub fn intervene(input: proc_macro::TokenStream) -> proc_macro::TokenStream {
+    intervene::intervene(input.into()).into()
 }

@@ -38,15 +38,14 @@ pub mod __private;
 
 pub use envoy::{NNsight, Proxy, Saved, Traceable};
 pub use error::{Error, Result};
-pub use nnsight_macros::Traceable;
-// TODO(intervene): re-export once the macro lands: pub use nnsight_macros::intervene;
 pub use language_model::{Batch, Input, LanguageModel, LoadOptions};
+pub use nnsight_macros::{intervene, Traceable};
 
 /// What a program using nnsight needs in scope.
 pub mod prelude {
     pub use crate::envoy::{cat, stack, NewAxis, Proxy, Saved};
     pub use crate::models::{gpt2::Gpt2, llama::Llama, AutoModel};
-    pub use crate::{Input, LanguageModel, LoadOptions, NNsight, Traceable};
+    pub use crate::{intervene, Input, LanguageModel, LoadOptions, NNsight, Traceable};
     pub use tch::{Device, IndexOp, Kind, Tensor};
 }
 

@@ -37,6 +37,27 @@ pub trait TraceTarget {
 /// A batch ready to run, each invoke's rows `(start, len)`, and the batch size.
 pub type Prepared<B> = (B, Vec<(i64, i64)>, i64);
 
+impl<T: TraceTarget> TraceTarget for &T {
+    type Root = T::Root;
+    type Input = T::Input;
+    type Prepared = T::Prepared;
+    fn root(&self) -> &Self::Root {
+        (**self).root()
+    }
+    fn envoy(&self) -> &<Self::Root as Traceable>::Envoy {
+        (**self).envoy()
+    }
+    fn call_order(&self, sample: Option<&Self::Input>) -> Result<Option<Arc<CallOrder>>> {
+        (**self).call_order(sample)
+    }
+    fn prepare(&self, inputs: &[Option<Self::Input>]) -> Result<Prepared<Self::Prepared>> {
+        (**self).prepare(inputs)
+    }
+    fn forward_hooked(&self, batch: &Self::Prepared, hook: &mut dyn Hook) -> Result<()> {
+        (**self).forward_hooked(batch, hook)
+    }
+}
+
 /// Records the order of hook events of a forward pass.
 #[derive(Default)]
 pub(crate) struct OrderRecorder {
@@ -191,6 +212,13 @@ impl<'g, T: FromValue> FinishSaved for &&&Finish<Saved<'g, T>> {
     type Out = T;
     fn __nn_finish(self, r: &mut TraceResults) -> Result<T> {
         r.take(self.take().0.id)
+    }
+}
+
+impl<'g, T: FromValue> FinishSaved for &&&Finish<Vec<Saved<'g, T>>> {
+    type Out = Vec<T>;
+    fn __nn_finish(self, r: &mut TraceResults) -> Result<Vec<T>> {
+        self.take().into_iter().map(|s| r.take(s.0.id)).collect()
     }
 }
 

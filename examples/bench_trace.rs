@@ -1,0 +1,132 @@
+//! Tracing overhead on SmolLM2 (CPU, 2 threads): the time each kind of trace adds to a plain forward, as the
+//! median over rounds of (case − plain) measured in the same round, the way the Python nnsight reference numbers
+//! were measured. Also the time to build the graph of 30 saves alone.
+//!
+//! `make bench-trace` runs it (with the Python nnsight peer when `--peer` is given: `scripts/peer/nnsight_bench.py`).
+//! Arguments: `[ROUNDS]`.
+
+use nnsight::__private as nn;
+use nnsight::prelude::*;
+use std::time::Instant;
+
+const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+const EIFFEL: &str = "The Eiffel Tower is in the city of";
+const COLOSSEUM: &str = "The Colosseum is in the city of";
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+type Case = (&'static str, Box<dyn Fn(&LanguageModel<Llama>) -> nnsight::Result<()>>);
+
+fn cases() -> Vec<Case> {
+    vec![
+        ("plain", Box::new(|m| m.forward(EIFFEL).map(|_| ()))),
+        (
+            "empty trace",
+            Box::new(|m| {
+                let tr = nn::Trace::new(m, Some(EIFFEL.into()))?;
+                tr.run().map(|_| ())
+            }),
+        ),
+        (
+            "1 save",
+            Box::new(|m| {
+                let tr = nn::Trace::new(m, Some(EIFFEL.into()))?;
+                let h = nn::read(tr.graph(), &nn::at(&tr.root().model.layers, 5)?.output)?.save();
+                let mut r = tr.run()?;
+                let _: Tensor = r.take(h.node())?;
+                Ok(())
+            }),
+        ),
+        (
+            "30 saves",
+            Box::new(|m| {
+                let tr = nn::Trace::new(m, Some(EIFFEL.into()))?;
+                let ids: Vec<_> = (0..30)
+                    .map(|i| Ok(nn::read(tr.graph(), &nn::at(&tr.root().model.layers, i)?.output)?.save().node()))
+                    .collect::<nnsight::Result<_>>()?;
+                let mut r = tr.run()?;
+                for id in ids {
+                    let _: Tensor = r.take(id)?;
+                }
+                Ok(())
+            }),
+        ),
+        (
+            "1 set",
+            Box::new(|m| {
+                let tr = nn::Trace::new(m, Some(EIFFEL.into()))?;
+                let g = tr.graph();
+                let mlp = &nn::at(&tr.root().model.layers, 10)?.mlp;
+                nn::write(g, &mlp.output, nn::read(g, &mlp.output)? * 0.0)?;
+                let l = nn::read(g, &tr.root().output)?.save();
+                let mut r = tr.run()?;
+                let _: Tensor = r.take(l.node())?;
+                Ok(())
+            }),
+        ),
+        (
+            "2 invokes",
+            Box::new(|m| {
+                let tr = nn::Trace::new(m, None)?;
+                let g = tr.graph();
+                tr.invoke(Some(EIFFEL.into()))?;
+                let a = nn::read(g, &nn::at(&tr.root().model.layers, 5)?.output)?.save();
+                tr.invoke(Some(COLOSSEUM.into()))?;
+                let b = nn::read(g, &nn::at(&tr.root().model.layers, 5)?.output)?.save();
+                let mut r = tr.run()?;
+                let _: Tensor = r.take(a.node())?;
+                let _: Tensor = r.take(b.node())?;
+                Ok(())
+            }),
+        ),
+    ]
+}
+
+fn main() -> nnsight::Result<()> {
+    let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(40);
+    tch::set_num_threads(2);
+    let model = LanguageModel::<Llama>::load_with(MODEL, LoadOptions::default().progress(false))?;
+    let cases = cases();
+    for _ in 0..3 {
+        for (_, f) in &cases {
+            f(&model)?;
+        }
+    }
+    let mut times = vec![Vec::new(); cases.len()];
+    for _ in 0..rounds {
+        for (k, (_, f)) in cases.iter().enumerate() {
+            let t = Instant::now();
+            f(&model)?;
+            times[k].push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    // Graph build alone: 30 saves.
+    let mut build = Vec::new();
+    for _ in 0..2000 {
+        let t = Instant::now();
+        let tr = nn::Trace::new(&model, Some(EIFFEL.into()))?;
+        for i in 0..30 {
+            let _ = nn::read(tr.graph(), &nn::at(&tr.root().model.layers, i)?.output)?.save();
+        }
+        build.push(t.elapsed().as_secs_f64() * 1e6);
+        drop(tr);
+    }
+    let plain = times[0].clone();
+    println!("SmolLM2-135M, {EIFFEL:?}, CPU, 2 threads, {rounds} rounds (round-robin):");
+    println!("{:<14} {:>10} {:>14} {:>8}", "case", "median ms", "over plain ms", "ratio");
+    for (k, (name, _)) in cases.iter().enumerate() {
+        let over: Vec<f64> = times[k].iter().zip(&plain).map(|(a, b)| a - b).collect();
+        let (m, p) = (median(times[k].clone()), median(plain.clone()));
+        println!("{:<14} {:>10.2} {:>14.3} {:>8.3}", name, m, median(over), m / p);
+    }
+    println!("graph build of 30 saves: median {:.1} µs", median(build));
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! Phase 3, expansion: the trace, the body as flat statements (so its `let`s stay in scope), the run, and the
+//! re-binding of every exported binding (a saved proxy becomes its value).
+//!
+//! ```text
+//! let __nn_tr = ::nnsight::__private::Trace::new(&model, Some(::core::convert::Into::into(INPUT)))?;
+//! let __nn_root = __nn_tr.root();
+//! let __nn_g = __nn_tr.graph();
+//! __nn_tr.invoke(Some(::core::convert::Into::into(A)))?;     // per invoke block, then its statements
+//! BODY
+//! let mut __nn_results = __nn_tr.run()?;
+//! let h5 = { use ...; (&&&::nnsight::__private::finish(h5)).__nn_finish(&mut __nn_results)? };
+//! ```
+
+use super::parse::Item;
+use super::rewrite::{gen, Export, Rewritten};
+use proc_macro2::{Span, TokenStream};
+use quote::{quote, quote_spanned, ToTokens};
+use syn::spanned::Spanned;
+use syn::{Expr, Stmt};
+
+/// The statements that replace the `intervene!` call.
+pub fn expand(r: Rewritten) -> TokenStream {
+    let p = quote!(::nnsight::__private);
+    let s = gen(r.trace.span());
+    let root = &r.root;
+    let input = option_input(r.input.as_ref(), s);
+    let mut out = quote_spanned! {s=>
+        #[allow(unused_variables)]
+        let __nn_tr = #p::Trace::new(&#root, #input)?;
+        #[allow(unused_variables)]
+        let __nn_root = __nn_tr.root();
+        #[allow(unused_variables)]
+        let __nn_g = __nn_tr.graph();
+    };
+    for item in r.items {
+        match item {
+            Item::Stmt(stmt) => out.extend(statement(stmt)),
+            Item::Invoke(inv) => {
+                let s = gen(inv.keyword.span());
+                let input = option_input(inv.input.as_ref(), s);
+                out.extend(quote_spanned!(s=> __nn_tr.invoke(#input)?;));
+                out.extend(inv.stmts.into_iter().map(statement));
+            }
+        }
+    }
+    out.extend(quote_spanned! {s=>
+        #[allow(unused_mut, unused_variables)]
+        let mut __nn_results = __nn_tr.run()?;
+    });
+    out.extend(r.exports.iter().map(finish));
+    out
+}
+
+/// `Some(Into::into(INPUT))` or `None`.
+fn option_input(input: Option<&Expr>, s: Span) -> TokenStream {
+    match input {
+        Some(e) => {
+            let s = gen(e.span());
+            quote_spanned!(s=> ::core::option::Option::Some(::core::convert::Into::into(#e)))
+        }
+        None => quote_spanned!(s=> ::core::option::Option::None),
+    }
+}
+
+/// A statement of the body; an expression without `;` (last in a block) gets one, as it is no longer last.
+fn statement(stmt: Stmt) -> TokenStream {
+    match stmt {
+        Stmt::Expr(e, None) if !is_block_like(&e) => {
+            let semi = quote_spanned!(gen(Span::call_site())=> ;);
+            quote!(#e #semi)
+        }
+        other => other.into_token_stream(),
+    }
+}
+
+/// Expressions that end a statement without `;`.
+fn is_block_like(e: &Expr) -> bool {
+    matches!(
+        e,
+        Expr::If(_)
+            | Expr::Match(_)
+            | Expr::ForLoop(_)
+            | Expr::While(_)
+            | Expr::Loop(_)
+            | Expr::Block(_)
+            | Expr::Unsafe(_)
+            | Expr::TryBlock(_)
+            | Expr::Const(_)
+    )
+}
+
+/// `let NAME = finish(NAME)`: a saved proxy becomes its value, an unsaved one `NotSaved`, anything else itself.
+fn finish(e: &Export) -> TokenStream {
+    let name = &e.name;
+    let s = gen(name.span());
+    let mutability = e.mutable.then(|| quote_spanned!(s=> mut));
+    quote_spanned! {s=>
+        #[allow(unused_variables, unused_mut)]
+        let #mutability #name = {
+            use ::nnsight::__private::{FinishPlain as _, FinishSaved as _, FinishUnsaved as _};
+            (&&&::nnsight::__private::finish(#name)).__nn_finish(&mut __nn_results)?
+        };
+    }
+}

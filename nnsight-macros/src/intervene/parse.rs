@@ -1,0 +1,330 @@
+//! Phase 1, parsing: the shape of an `intervene!` call.
+//!
+//! ```text
+//! intervene!(ROOT.trace(INPUT?) { ITEM* })
+//! ITEM := a Rust statement | invoke(INPUT?) { STATEMENT* }
+//! ```
+//!
+//! Statements are parsed by syn and left as they are; only the frame (`ROOT.trace(..)`, `invoke(..)`) is ours.
+//! Mistakes in the frame that still leave a usable shape (`tracee`, two inputs) are collected and parsing goes on,
+//! so every one of them is reported in one build.
+
+use super::Errors;
+use proc_macro2::{Delimiter, Group, TokenStream, TokenTree};
+use syn::buffer::Cursor;
+use syn::parse::{ParseStream, Parser};
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{braced, parenthesized, Expr, Ident, Stmt, Token};
+
+/// Hook points of a module: `.output`, `.input`, `.inputs`.
+pub const HOOK_POINTS: [&str; 3] = ["output", "input", "inputs"];
+
+/// `ROOT.trace(INPUT?) { ITEMS }`.
+pub struct Intervene {
+    /// The model's identifier: the root of every module path in the body.
+    pub root: Ident,
+    /// The `trace` token (errors about the trace target point at it).
+    pub trace: Ident,
+    /// The input of `ROOT.trace(INPUT)`, or none for `ROOT.trace()`.
+    pub input: Option<Expr>,
+    /// The statements and invoke blocks of the body, in order.
+    pub items: Vec<Item<Stmt>>,
+}
+
+/// One item of a trace body.
+pub enum Item<S> {
+    /// A statement outside any invoke block.
+    Stmt(S),
+    /// `invoke(INPUT?) { STATEMENTS }`.
+    Invoke(Invoke<S>),
+}
+
+/// `invoke(INPUT?) { STATEMENTS }`: one more batch entry (none: the whole batch) and what to do with it.
+pub struct Invoke<S> {
+    /// The `invoke` token.
+    pub keyword: Ident,
+    /// The input, or none for the whole batch.
+    pub input: Option<Expr>,
+    /// The statements of the block.
+    pub stmts: Vec<S>,
+}
+
+/// Parses an `intervene!` call; frame errors that leave a usable shape go to `errors`, others are returned.
+pub fn parse(tokens: TokenStream, errors: &mut Errors) -> syn::Result<Intervene> {
+    let tokens = tuple_indices(tokens);
+    let parser = |input: ParseStream| parse_intervene(input, errors);
+    parser.parse2(tokens)
+}
+
+fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Intervene> {
+    const SHAPE: &str = "expected `intervene!(model.trace(input) { ... })`";
+    if input.is_empty() {
+        return Err(syn::Error::new(proc_macro2::Span::call_site(), SHAPE));
+    }
+    let root: Ident = input.parse().map_err(|e| syn::Error::new(e.span(), SHAPE))?;
+    if !input.peek(Token![.]) {
+        return Err(
+            input.error(format!("expected `.trace(...)` after `{root}`: `intervene!({root}.trace(input) {{ ... }})`"))
+        );
+    }
+    input.parse::<Token![.]>()?;
+    let trace: Ident =
+        input.parse().map_err(|e| syn::Error::new(e.span(), format!("expected `trace` after `{root}.`")))?;
+    if trace != "trace" {
+        errors.push(syn::Error::new(
+            trace.span(),
+            format!("unknown form `{root}.{trace}(...)`: expected `{root}.trace(input) {{ ... }}`"),
+        ));
+    }
+    if !input.peek(syn::token::Paren) {
+        return Err(
+            input.error(format!("expected `(...)` after `{root}.{trace}`: `{root}.trace(input)` or `{root}.trace()`"))
+        );
+    }
+    let args;
+    parenthesized!(args in input);
+    let input_expr = single_input(&args, "`trace` takes one input, or none with `invoke` blocks", errors)?;
+    if !input.peek(syn::token::Brace) {
+        return Err(input.error(format!("expected a block `{{ ... }}` after `{root}.trace(...)`")));
+    }
+    let body;
+    braced!(body in input);
+    let items = parse_items(&body, true, errors)?;
+    if input.peek(Token![;]) {
+        input.parse::<Token![;]>()?;
+    }
+    if !input.is_empty() {
+        return Err(input.error("unexpected tokens after the trace block"));
+    }
+
+    let invokes: Vec<&Invoke<Stmt>> = items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Invoke(inv) => Some(inv),
+            Item::Stmt(_) => None,
+        })
+        .collect();
+    match (&input_expr, invokes.first()) {
+        (Some(_), Some(first)) => errors.push(syn::Error::new(
+            first.keyword.span(),
+            format!("`invoke` blocks need a trace without input: `{root}.trace() {{ invoke(input) {{ ... }} }}`"),
+        )),
+        (None, None) => errors.push(syn::Error::new(
+            trace.span(),
+            format!(
+                "`{root}.trace()` without input needs `invoke(input) {{ ... }}` blocks, or write `{root}.trace(input)`"
+            ),
+        )),
+        _ => {}
+    }
+    Ok(Intervene { root, trace, input: input_expr, items })
+}
+
+/// The one optional input of `trace(..)` / `invoke(..)`; a second one is reported and dropped.
+fn single_input(args: ParseStream, message: &str, errors: &mut Errors) -> syn::Result<Option<Expr>> {
+    let args = Punctuated::<Expr, Token![,]>::parse_terminated(args)?;
+    let mut args = args.into_iter();
+    let first = args.next();
+    if let Some(extra) = args.next() {
+        errors.push(syn::Error::new(extra.span(), message));
+    }
+    Ok(first)
+}
+
+/// Statements and (when `allow_invoke`) invoke blocks up to the end of `input`.
+fn parse_items(input: ParseStream, allow_invoke: bool, errors: &mut Errors) -> syn::Result<Vec<Item<Stmt>>> {
+    let mut items = Vec::new();
+    while !input.is_empty() {
+        if is_invoke(input.cursor()) {
+            let keyword: Ident = input.parse()?;
+            let args;
+            parenthesized!(args in input);
+            let input_expr = single_input(&args, "`invoke` takes one input, or none for the whole batch", errors)?;
+            let body;
+            braced!(body in input);
+            let inner = parse_items(&body, false, errors)?;
+            if input.peek(Token![;]) {
+                input.parse::<Token![;]>()?;
+            }
+            if !allow_invoke {
+                errors.push(syn::Error::new(keyword.span(), "`invoke` blocks cannot be nested"));
+                items.extend(inner);
+                continue;
+            }
+            let stmts = inner
+                .into_iter()
+                .filter_map(|i| match i {
+                    Item::Stmt(s) => Some(s),
+                    Item::Invoke(_) => None,
+                })
+                .collect();
+            items.push(Item::Invoke(Invoke { keyword, input: input_expr, stmts }));
+        } else if input.peek(Token![;]) {
+            input.parse::<Token![;]>()?;
+        } else {
+            items.push(Item::Stmt(parse_stmt(input)?));
+        }
+    }
+    Ok(items)
+}
+
+/// `invoke ( .. ) { .. }` at the cursor.
+fn is_invoke(cursor: Cursor) -> bool {
+    let Some((ident, rest)) = cursor.ident() else { return false };
+    if ident != "invoke" {
+        return false;
+    }
+    let Some((_, _, rest)) = rest.group(Delimiter::Parenthesis) else { return false };
+    rest.group(Delimiter::Brace).is_some()
+}
+
+/// One statement; the last one of a block (or the one before an invoke block) may lack its `;`.
+fn parse_stmt(input: ParseStream) -> syn::Result<Stmt> {
+    use syn::parse::discouraged::Speculative;
+    let fork = input.fork();
+    match fork.parse::<Stmt>() {
+        Ok(stmt) => {
+            input.advance_to(&fork);
+            Ok(stmt)
+        }
+        Err(err) => {
+            let tokens = input.step(|cursor| {
+                let mut rest = *cursor;
+                let mut tokens = TokenStream::new();
+                while !rest.eof() && !is_invoke(rest) {
+                    let (tt, next) = rest.token_tree().expect("not at the end");
+                    tokens.extend([tt]);
+                    rest = next;
+                }
+                Ok((tokens, rest))
+            })?;
+            syn::parse2::<Stmt>(quote::quote!(#tokens ;)).map_err(|_| err)
+        }
+    }
+}
+
+/// `x.output[a, b]` is not Rust syntax; it becomes `x.output[(a, b)]`, a tuple index as tch's `.i((a, b))` takes.
+/// Only brackets right after a hook point name are touched.
+pub fn tuple_indices(tokens: TokenStream) -> TokenStream {
+    let mut out = Vec::new();
+    let mut after_hook = false;
+    for tt in tokens {
+        let next_after_hook = matches!(&tt, TokenTree::Ident(i) if HOOK_POINTS.iter().any(|h| i == h));
+        let tt = match tt {
+            TokenTree::Group(g) => {
+                let inner = tuple_indices(g.stream());
+                let inner = if after_hook && g.delimiter() == Delimiter::Bracket && has_top_level_comma(&inner) {
+                    let mut paren = Group::new(Delimiter::Parenthesis, inner);
+                    paren.set_span(g.span());
+                    TokenStream::from(TokenTree::Group(paren))
+                } else {
+                    inner
+                };
+                let mut group = Group::new(g.delimiter(), inner);
+                group.set_span(g.span());
+                TokenTree::Group(group)
+            }
+            other => other,
+        };
+        after_hook = next_after_hook;
+        out.push(tt);
+    }
+    out.into_iter().collect()
+}
+
+fn has_top_level_comma(tokens: &TokenStream) -> bool {
+    tokens.clone().into_iter().any(|tt| matches!(tt, TokenTree::Punct(p) if p.as_char() == ','))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quote::quote;
+
+    fn parse_ok(tokens: TokenStream) -> Intervene {
+        let mut errors = Errors::default();
+        let ast = parse(tokens, &mut errors).unwrap_or_else(|e| panic!("parse error: {e}"));
+        assert!(errors.is_empty(), "unexpected errors: {:?}", errors.messages());
+        ast
+    }
+
+    fn parse_messages(tokens: TokenStream) -> Vec<String> {
+        let mut errors = Errors::default();
+        if let Err(e) = parse(tokens, &mut errors) {
+            errors.push(e);
+        }
+        errors.messages()
+    }
+
+    #[test]
+    fn single_input_trace() {
+        let ast = parse_ok(quote!(model.trace("hello") { let h = model.lm_head.output.save(); model.x.output = h }));
+        assert_eq!(ast.root, "model");
+        assert!(ast.input.is_some());
+        assert_eq!(ast.items.len(), 2);
+        assert!(matches!(&ast.items[1], Item::Stmt(Stmt::Expr(Expr::Assign(_), _))));
+    }
+
+    #[test]
+    fn invoke_blocks_with_statements_around() {
+        let ast = parse_ok(quote!(model.trace() {
+            let a = 1;
+            invoke("a") { let x = model.output.save(); }
+            invoke(["b", "c"]) { let y = model.output.save() }
+            invoke() { let z = model.output.save(); };
+            let b = 2;
+        }));
+        assert!(ast.input.is_none());
+        let shape: Vec<&str> = ast
+            .items
+            .iter()
+            .map(|i| match i {
+                Item::Stmt(_) => "stmt",
+                Item::Invoke(inv) if inv.input.is_some() => "invoke(x)",
+                Item::Invoke(_) => "invoke()",
+            })
+            .collect();
+        assert_eq!(shape, ["stmt", "invoke(x)", "invoke(x)", "invoke()", "stmt"]);
+    }
+
+    #[test]
+    fn frame_errors_are_all_reported() {
+        let msgs = parse_messages(quote!(model.tracee() { invoke(a, b) { } invoke(c) { invoke(d) { } } }));
+        assert_eq!(
+            msgs,
+            [
+                "unknown form `model.tracee(...)`: expected `model.trace(input) { ... }`",
+                "`invoke` takes one input, or none for the whole batch",
+                "`invoke` blocks cannot be nested",
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_trace() {
+        assert_eq!(
+            parse_messages(quote!(model { let x = 1; })),
+            ["expected `.trace(...)` after `model`: `intervene!(model.trace(input) { ... })`"]
+        );
+        assert_eq!(parse_messages(quote!()), ["expected `intervene!(model.trace(input) { ... })`"]);
+        assert_eq!(
+            parse_messages(quote!(model.trace(x, y) { })),
+            ["`trace` takes one input, or none with `invoke` blocks"]
+        );
+        assert_eq!(
+            parse_messages(quote!(model.trace() { let x = 1; })),
+            ["`model.trace()` without input needs `invoke(input) { ... }` blocks, or write `model.trace(input)`"]
+        );
+        assert_eq!(
+            parse_messages(quote!(model.trace(p) { invoke(q) { } })),
+            ["`invoke` blocks need a trace without input: `model.trace() { invoke(input) { ... } }`"]
+        );
+    }
+
+    #[test]
+    fn tuple_index_after_hook_points_only() {
+        let out = tuple_indices(quote!(m.x.output[.., -1] = v[1, 2]; let a = [1, 2];));
+        assert_eq!(out.to_string(), quote!(m.x.output[(.., -1)] = v[1, 2]; let a = [1, 2];).to_string());
+    }
+}
