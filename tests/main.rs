@@ -8,3 +8,4 @@ mod linking;
 mod loading_errors;
 mod parity_smollm2;
 mod tiny_models;
+mod ui;

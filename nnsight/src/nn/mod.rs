@@ -55,6 +55,10 @@ pub trait Module {
 /// A module that computes: a forward from one tensor (the hidden state) to one tensor.
 ///
 /// Side inputs that are not hook points (attention masks, rotary tables) travel in [`Ctx::state`].
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` has no forward pass",
+    label = "a traceable module must implement `nnsight::nn::Forward`"
+)]
 pub trait Forward: Module {
     /// The module's own computation. Callers use [`Ctx::call`], which runs the hooks around it.
     fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor>;

@@ -1,0 +1,9 @@
+use nnsight::prelude::*;
+
+#[derive(Traceable)]
+enum Model {
+    A,
+    B,
+}
+
+fn main() {}

@@ -1,0 +1,7 @@
+use nnsight::nn::Linear;
+use nnsight::prelude::*;
+
+#[derive(Traceable)]
+struct Model(Linear, Linear);
+
+fn main() {}
