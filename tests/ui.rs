@@ -8,7 +8,9 @@ fn ui() {
     // process loaded.
     let _ = tch::Tensor::from_slice(&[0.0f32]);
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    if let Some(lib) = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| p.ends_with("/libtorch_cpu.so")) {
+    if let Some(lib) =
+        maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| p.ends_with("/libtorch_cpu.so"))
+    {
         let dir = std::path::Path::new(lib).parent().unwrap().display().to_string();
         let old = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
         // SAFETY: set before trybuild starts its child processes; no other thread reads the variable here.

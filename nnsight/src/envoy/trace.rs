@@ -257,6 +257,58 @@ impl<T> FinishPlain for &Finish<T> {
 /// after the block, call `.save()` on it inside the block.
 pub struct NotSaved<T>(std::marker::PhantomData<T>);
 
+/// Never implemented: the bound that makes every use of a [`NotSaved`] value a compile error saying what to do.
+#[diagnostic::on_unimplemented(
+    message = "this value was not saved: call `.save()` on it inside the `intervene!` block to use it after the block",
+    label = "not saved inside the block"
+)]
+pub trait SavedInsideTheBlock {}
+
+impl<T> std::fmt::Debug for NotSaved<T>
+where
+    NotSaved<T>: SavedInsideTheBlock,
+{
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        Ok(())
+    }
+}
+
+impl<T> std::fmt::Display for NotSaved<T>
+where
+    NotSaved<T>: SavedInsideTheBlock,
+{
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        Ok(())
+    }
+}
+
+macro_rules! unsaved_methods {
+    ($($name:ident ($($arg:ident),*))*) => {
+        /// The methods of a tensor, on a [`NotSaved`] value, each a compile error that says to call `.save()`.
+        /// In scope through the prelude.
+        pub trait UnsavedUse {
+            $(
+                /// Not available: the value was not saved.
+                #[allow(non_camel_case_types)]
+                fn $name<$($arg),*>(&self, $(_: $arg),*)
+                where
+                    Self: SavedInsideTheBlock,
+                {
+                }
+            )*
+        }
+    };
+}
+unsaved_methods!(
+    size() kind() device() dim() numel() print() shallow_clone() copy() detach() abs() contiguous() exp() log()
+    sqrt() squeeze() norm() max() min() iter() to_string() get(a) i(a) double_value(a) int64_value(a) sum(a)
+    mean(a) to_device(a) to_kind(a) view(a) reshape(a) equal(a) squeeze_dim(a) unsqueeze(a) matmul(a) permute(a)
+    softmax(a, b) log_softmax(a, b) argmax(a, b) select(a, b) transpose(a, b) narrow(a, b, c) topk(a, b, c, d)
+    allclose(a, b, c, d)
+);
+
+impl<T> UnsavedUse for NotSaved<T> {}
+
 // ---- a plain module as a trace target ---------------------------------------------------------------------------
 
 /// Any `Traceable` module (a model of your own, built from `nnsight::nn` layers), traced on tensor inputs whose

@@ -1,0 +1,11 @@
+use nnsight::prelude::*;
+
+fn run(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
+    intervene!(model.trace("Hello") {
+        let h = model.model.norm[0].output.save();
+    });
+    println!("{h:?}");
+    Ok(())
+}
+
+fn main() {}

@@ -1,0 +1,12 @@
+use nnsight::prelude::*;
+
+fn run(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
+    intervene!(model.trace() {
+        invoke("Hello", "World") {
+            let h = model.output.save();
+        }
+    });
+    Ok(())
+}
+
+fn main() {}
