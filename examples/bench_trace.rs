@@ -25,68 +25,64 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 type Case = (&'static str, Box<dyn Fn(&LanguageModel<Llama>) -> nnsight::Result<()>>);
 
+fn plain(m: &LanguageModel<Llama>) -> nnsight::Result<()> {
+    m.forward(EIFFEL).map(|_| ())
+}
+
+fn empty(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
+    intervene!(model.trace(EIFFEL) {});
+    Ok(())
+}
+
+fn save1(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
+    intervene!(model.trace(EIFFEL) {
+        let h = model.model.layers[5].output.save();
+    });
+    drop(h);
+    Ok(())
+}
+
+fn save30(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
+    intervene!(model.trace(EIFFEL) {
+        let mut hs = Vec::with_capacity(30);
+        for i in 0..30 {
+            hs.push(model.model.layers[i].output.save());
+        }
+    });
+    drop(hs);
+    Ok(())
+}
+
+fn set1(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
+    intervene!(model.trace(EIFFEL) {
+        model.model.layers[10].mlp.output = model.model.layers[10].mlp.output * 0.0;
+        let logits = model.output.save();
+    });
+    drop(logits);
+    Ok(())
+}
+
+fn invoke2(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
+    intervene!(model.trace() {
+        invoke(EIFFEL) {
+            let a = model.model.layers[5].output.save();
+        }
+        invoke(COLOSSEUM) {
+            let b = model.model.layers[5].output.save();
+        }
+    });
+    drop((a, b));
+    Ok(())
+}
+
 fn cases() -> Vec<Case> {
     vec![
-        ("plain", Box::new(|m| m.forward(EIFFEL).map(|_| ()))),
-        (
-            "empty trace",
-            Box::new(|m| {
-                let tr = nn::Trace::new(m, Some(EIFFEL.into()))?;
-                tr.run().map(|_| ())
-            }),
-        ),
-        (
-            "1 save",
-            Box::new(|m| {
-                let tr = nn::Trace::new(m, Some(EIFFEL.into()))?;
-                let h = nn::read(tr.graph(), &nn::at(&tr.root().model.layers, 5)?.output)?.save();
-                let mut r = tr.run()?;
-                let _: Tensor = r.take(h.node())?;
-                Ok(())
-            }),
-        ),
-        (
-            "30 saves",
-            Box::new(|m| {
-                let tr = nn::Trace::new(m, Some(EIFFEL.into()))?;
-                let ids: Vec<_> = (0..30)
-                    .map(|i| Ok(nn::read(tr.graph(), &nn::at(&tr.root().model.layers, i)?.output)?.save().node()))
-                    .collect::<nnsight::Result<_>>()?;
-                let mut r = tr.run()?;
-                for id in ids {
-                    let _: Tensor = r.take(id)?;
-                }
-                Ok(())
-            }),
-        ),
-        (
-            "1 set",
-            Box::new(|m| {
-                let tr = nn::Trace::new(m, Some(EIFFEL.into()))?;
-                let g = tr.graph();
-                let mlp = &nn::at(&tr.root().model.layers, 10)?.mlp;
-                nn::write(g, &mlp.output, nn::read(g, &mlp.output)? * 0.0)?;
-                let l = nn::read(g, &tr.root().output)?.save();
-                let mut r = tr.run()?;
-                let _: Tensor = r.take(l.node())?;
-                Ok(())
-            }),
-        ),
-        (
-            "2 invokes",
-            Box::new(|m| {
-                let tr = nn::Trace::new(m, None)?;
-                let g = tr.graph();
-                tr.invoke(Some(EIFFEL.into()))?;
-                let a = nn::read(g, &nn::at(&tr.root().model.layers, 5)?.output)?.save();
-                tr.invoke(Some(COLOSSEUM.into()))?;
-                let b = nn::read(g, &nn::at(&tr.root().model.layers, 5)?.output)?.save();
-                let mut r = tr.run()?;
-                let _: Tensor = r.take(a.node())?;
-                let _: Tensor = r.take(b.node())?;
-                Ok(())
-            }),
-        ),
+        ("plain", Box::new(plain)),
+        ("empty trace", Box::new(empty)),
+        ("1 save", Box::new(save1)),
+        ("30 saves", Box::new(save30)),
+        ("1 set", Box::new(set1)),
+        ("2 invokes", Box::new(invoke2)),
     ]
 }
 

@@ -20,13 +20,12 @@ use syn::{Expr, Stmt};
 
 /// The statements that replace the `intervene!` call.
 pub fn expand(r: Rewritten) -> TokenStream {
-    let p = quote!(::nnsight::__private);
     let s = gen(r.trace.span());
     let root = &r.root;
     let input = option_input(r.input.as_ref(), s);
     let mut out = quote_spanned! {s=>
         #[allow(unused_variables)]
-        let __nn_tr = #p::Trace::new(&#root, #input)?;
+        let __nn_tr = ::nnsight::__private::Trace::new(&#root, #input)?;
         #[allow(unused_variables)]
         let __nn_root = __nn_tr.root();
         #[allow(unused_variables)]

@@ -73,7 +73,8 @@ mod tests {
     fn assert_contains_in_order(haystack: &str, needles: &[TokenStream]) {
         let mut rest = haystack;
         for needle in needles {
-            let needle = needle.to_string();
+            // rustfmt adds trailing commas to long `quote!` arguments.
+            let needle = needle.to_string().replace(" ,)", ")");
             match rest.find(&needle) {
                 Some(at) => rest = &rest[at + needle.len()..],
                 None => panic!("expected `{needle}` in (the rest of)\n{haystack}"),
@@ -114,7 +115,7 @@ mod tests {
                 quote!(let __nn_tr = ::nnsight::__private::Trace::new(&model, ::core::option::Option::Some(::core::convert::Into::into("The Eiffel Tower")))?;),
                 quote!(let __nn_root = __nn_tr.root();),
                 quote!(let __nn_g = __nn_tr.graph();),
-                quote!(let h5 = ::nnsight::__private::read(__nn_g, &(*::nnsight::__private::at(&(*__nn_root).model.layers, 5)?).output)?.save();),
+                quote!(let h5 = ::nnsight::__private::read::<::nnsight::__private::Tensor>(__nn_g, &(*::nnsight::__private::at(&(*__nn_root).model.layers, 5)?).output)?.save();),
                 quote!(let mut __nn_results = __nn_tr.run()?;),
                 quote!(let h5 = {
                     use ::nnsight::__private::{FinishPlain as _, FinishSaved as _, FinishUnsaved as _};
@@ -135,11 +136,11 @@ mod tests {
             &out,
             &[
                 quote!(::nnsight::__private::write(__nn_g, &(*::nnsight::__private::at(&(*__nn_root).model.layers, 10)?).mlp.output,
-                    ::nnsight::__private::read(__nn_g, &(*::nnsight::__private::at(&(*__nn_root).model.layers, 10)?).mlp.output)? * 0.0)?;),
+                    ::nnsight::__private::read::<::nnsight::__private::Tensor>(__nn_g, &(*::nnsight::__private::at(&(*__nn_root).model.layers, 10)?).mlp.output)? * 0.0)?;),
                 quote!(::nnsight::__private::write(__nn_g, &(*__nn_root).lm_head.input,
-                    ::nnsight::__private::read(__nn_g, &(*__nn_root).lm_head.input)? + (a + b))?;),
+                    ::nnsight::__private::read::<::nnsight::__private::Tensor>(__nn_g, &(*__nn_root).lm_head.input)? + (a + b))?;),
                 quote!(::nnsight::__private::write(__nn_g, &(*::nnsight::__private::at(&(*__nn_root).transformer.h, -1)?).output,
-                    ::nnsight::__private::read(__nn_g, &(*::nnsight::__private::at(&(*__nn_root).transformer.h, -1)?).output)? / 2.0)?;),
+                    ::nnsight::__private::read::<::nnsight::__private::Tensor>(__nn_g, &(*::nnsight::__private::at(&(*__nn_root).transformer.h, -1)?).output)? / 2.0)?;),
                 quote!(let mut __nn_results),
             ],
         );
@@ -178,14 +179,14 @@ mod tests {
             &[
                 quote!(for i in 0..(*__nn_root).transformer.h.len() {
                     hs.push(
-                        ::nnsight::__private::read(
+                        ::nnsight::__private::read::<::nnsight::__private::Tensor>(
                             __nn_g,
                             &(*::nnsight::__private::at(&(*__nn_root).transformer.h, i)?).output,
                         )?
                         .save(),
                     );
                 }),
-                quote!(let n = ::nnsight::__private::read(__nn_g, &(*::nnsight::__private::at(&(*__nn_root).model.layers, n_layers - 1)?).mlp.down_proj.output)?;),
+                quote!(let n = ::nnsight::__private::read::<::nnsight::__private::Tensor>(__nn_g, &(*::nnsight::__private::at(&(*__nn_root).model.layers, n_layers - 1)?).mlp.down_proj.output)?;),
             ],
         );
     }
@@ -203,10 +204,10 @@ mod tests {
             &[
                 quote!(let logits = ::nnsight::__private::apply(__nn_g, &(*__nn_root).lm_head,
                     ::nnsight::__private::apply(__nn_g, &(*__nn_root).model.norm,
-                        ::nnsight::__private::read(__nn_g, &(*::nnsight::__private::at(&(*__nn_root).model.layers, -1)?).output)?)).save();),
-                quote!(let probs = ::nnsight::__private::read(__nn_g, &(*__nn_root).lm_head.output)?.softmax(-1).save();),
+                        ::nnsight::__private::read::<::nnsight::__private::Tensor>(__nn_g, &(*::nnsight::__private::at(&(*__nn_root).model.layers, -1)?).output)?)).save();),
+                quote!(let probs = ::nnsight::__private::read::<::nnsight::__private::Tensor>(__nn_g, &(*__nn_root).lm_head.output)?.softmax(-1).save();),
                 quote!(let tok = model.tokenizer();),
-                quote!(let y = (::nnsight::__private::read(__nn_g, &(*__nn_root).x.output)? * 2.0).save();),
+                quote!(let y = (::nnsight::__private::read::<::nnsight::__private::Tensor>(__nn_g, &(*__nn_root).x.output)? * 2.0).save();),
             ],
         );
     }
@@ -225,11 +226,11 @@ mod tests {
                 quote!(let __nn_tr = ::nnsight::__private::Trace::new(&model, ::core::option::Option::None)?;),
                 quote!(let k = 3;),
                 quote!(__nn_tr.invoke(::core::option::Option::Some(::core::convert::Into::into("Paris")))?;),
-                quote!(let a = ::nnsight::__private::read(__nn_g, &(*__nn_root).output)?.save();),
+                quote!(let a = ::nnsight::__private::read::<::nnsight::__private::Tensor>(__nn_g, &(*__nn_root).output)?.save();),
                 quote!(__nn_tr.invoke(::core::option::Option::Some(::core::convert::Into::into(["Rome", "Oslo"])))?;),
                 quote!(::nnsight::__private::write(__nn_g, &(*__nn_root).lm_head.output, a)?;),
                 quote!(__nn_tr.invoke(::core::option::Option::None)?;),
-                quote!(let all = ::nnsight::__private::read(__nn_g, &(*__nn_root).output)?.save();),
+                quote!(let all = ::nnsight::__private::read::<::nnsight::__private::Tensor>(__nn_g, &(*__nn_root).output)?.save();),
                 quote!(let mut __nn_results = __nn_tr.run()?;),
             ],
         );
@@ -273,16 +274,19 @@ mod tests {
             &out,
             &[
                 quote!(let layer = &(*::nnsight::__private::at(&(*__nn_root).transformer.h, 3)?);),
-                quote!(::nnsight::__private::write(__nn_g, &(*layer).mlp.output, ::nnsight::__private::read(__nn_g, &(*layer).mlp.output)? * 2.0)?;),
+                quote!(::nnsight::__private::write(__nn_g, &(*layer).mlp.output, ::nnsight::__private::read::<::nnsight::__private::Tensor>(__nn_g, &(*layer).mlp.output)? * 2.0)?;),
                 quote!(for (i, block) in (*__nn_root).transformer.h.iter().enumerate() {
                     let y = ::nnsight::__private::apply(
                         __nn_g,
                         &(*block).attn,
-                        ::nnsight::__private::read(__nn_g, &(*block).ln_1.output)?,
+                        ::nnsight::__private::read::<::nnsight::__private::Tensor>(__nn_g, &(*block).ln_1.output)?,
                     );
                 }),
                 quote!(for block in &(*__nn_root).transformer.h {
-                    println!("{:?}", ::nnsight::__private::read(__nn_g, &(*block).output)?);
+                    println!(
+                        "{:?}",
+                        ::nnsight::__private::read::<::nnsight::__private::Tensor>(__nn_g, &(*block).output)?
+                    );
                 }),
             ],
         );

@@ -29,25 +29,25 @@ pub struct Intervene {
     /// The input of `ROOT.trace(INPUT)`, or none for `ROOT.trace()`.
     pub input: Option<Expr>,
     /// The statements and invoke blocks of the body, in order.
-    pub items: Vec<Item<Stmt>>,
+    pub items: Vec<Item>,
 }
 
 /// One item of a trace body.
-pub enum Item<S> {
+pub enum Item {
     /// A statement outside any invoke block.
-    Stmt(S),
+    Stmt(Stmt),
     /// `invoke(INPUT?) { STATEMENTS }`.
-    Invoke(Invoke<S>),
+    Invoke(Invoke),
 }
 
 /// `invoke(INPUT?) { STATEMENTS }`: one more batch entry (none: the whole batch) and what to do with it.
-pub struct Invoke<S> {
+pub struct Invoke {
     /// The `invoke` token.
     pub keyword: Ident,
     /// The input, or none for the whole batch.
     pub input: Option<Expr>,
     /// The statements of the block.
-    pub stmts: Vec<S>,
+    pub stmts: Vec<Stmt>,
 }
 
 /// Parses an `intervene!` call; frame errors that leave a usable shape go to `errors`, others are returned.
@@ -98,7 +98,7 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
         return Err(input.error("unexpected tokens after the trace block"));
     }
 
-    let invokes: Vec<&Invoke<Stmt>> = items
+    let invokes: Vec<&Invoke> = items
         .iter()
         .filter_map(|i| match i {
             Item::Invoke(inv) => Some(inv),
@@ -133,7 +133,7 @@ fn single_input(args: ParseStream, message: &str, errors: &mut Errors) -> syn::R
 }
 
 /// Statements and (when `allow_invoke`) invoke blocks up to the end of `input`.
-fn parse_items(input: ParseStream, allow_invoke: bool, errors: &mut Errors) -> syn::Result<Vec<Item<Stmt>>> {
+fn parse_items(input: ParseStream, allow_invoke: bool, errors: &mut Errors) -> syn::Result<Vec<Item>> {
     let mut items = Vec::new();
     while !input.is_empty() {
         if is_invoke(input.cursor()) {

@@ -29,7 +29,7 @@ pub struct Rewritten {
     /// The input of `ROOT.trace(INPUT)`.
     pub input: Option<Expr>,
     /// Rewritten statements and invoke blocks, in order.
-    pub items: Vec<Item<Stmt>>,
+    pub items: Vec<Item>,
     /// Top-level bindings to finish after the run, in order.
     pub exports: Vec<Export>,
 }
@@ -200,27 +200,26 @@ impl<'a> Rewriter<'a> {
     /// `PATH.output` (`[INDEX]`) as a value: a read node.
     fn read(&mut self, e: Expr) -> Expr {
         let (module, dot, point, index) = self.hook_parts(e);
-        let p = quote!(::nnsight::__private);
         let tokens = match (point == "inputs", index) {
             (false, None) => {
                 let s = gen(point.span());
                 let g = Ident::new("__nn_g", s);
-                quote_spanned!(s=> #p::read(#g, &#module #dot #point)?)
+                quote_spanned!(s=> ::nnsight::__private::read::<::nnsight::__private::Tensor>(#g, &#module #dot #point)?)
             }
             (false, Some((index, span))) => {
                 let s = gen(span);
                 let g = Ident::new("__nn_g", s);
-                quote_spanned!(s=> #p::read_index(#g, &#module #dot #point, #index)?)
+                quote_spanned!(s=> ::nnsight::__private::read_index(#g, &#module #dot #point, #index)?)
             }
             (true, None) => {
                 let s = gen(point.span());
                 let g = Ident::new("__nn_g", s);
-                quote_spanned!(s=> #p::read_inputs(#g, &#module #dot #point)?)
+                quote_spanned!(s=> ::nnsight::__private::read_inputs(#g, &#module #dot #point)?)
             }
             (true, Some((index, span))) => {
                 let s = gen(span);
                 let g = Ident::new("__nn_g", s);
-                quote_spanned!(s=> #p::read_inputs(#g, &#module #dot #point)?.get(#index))
+                quote_spanned!(s=> ::nnsight::__private::read_inputs(#g, &#module #dot #point)?.get(#index))
             }
         };
         Expr::Verbatim(tokens)
@@ -236,12 +235,13 @@ impl<'a> Rewriter<'a> {
             ));
             return unit();
         }
-        let p = quote!(::nnsight::__private);
         let s = gen(eq_span);
         let g = Ident::new("__nn_g", s);
         Expr::Verbatim(match index {
-            None => quote_spanned!(s=> #p::write(#g, &#module #dot #point, #value)?),
-            Some((index, _)) => quote_spanned!(s=> #p::write_index(#g, &#module #dot #point, #index, #value)?),
+            None => quote_spanned!(s=> ::nnsight::__private::write(#g, &#module #dot #point, #value)?),
+            Some((index, _)) => {
+                quote_spanned!(s=> ::nnsight::__private::write_index(#g, &#module #dot #point, #index, #value)?)
+            }
         })
     }
 
