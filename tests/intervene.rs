@@ -203,3 +203,102 @@ fn errors_before_the_run_name_the_module() {
     // The model is still usable.
     assert!(model.forward("Hello").is_ok());
 }
+
+#[test]
+fn an_error_inside_an_intervention_comes_back_and_the_model_stays_usable() -> nnsight::Result<()> {
+    let model = gpt2();
+    let err = (|| -> nnsight::Result<()> {
+        intervene!(model.trace("Hello world") {
+            let h = model.transformer.h[0].output;
+            let bad = h.matmul(h).save(); // [1, 3, 64] x [1, 3, 64]: shapes do not fit
+        });
+        let _ = bad;
+        Ok(())
+    })()
+    .err()
+    .unwrap();
+    assert!(matches!(err, Error::Intervention { .. }), "{err}");
+    assert!(err.to_string().contains("matmul"), "{err}");
+    intervene!(model.trace("Hello world") {
+        let ok = model.output.save();
+    });
+    assert_eq!(ok.size(), vec![1, 3, 512]);
+    Ok(())
+}
+
+#[test]
+fn a_node_never_reached_is_named() {
+    // No input before the first invoke's code, so the forward order is not known while it is built: the
+    // out-of-order read is found when the forward pass ends without reaching it.
+    let net = two_layer();
+    let x = Tensor::randn([2, 5], (Kind::Float, Device::Cpu));
+    let err = (|| -> nnsight::Result<()> {
+        intervene!(net.trace() {
+            invoke() {
+                let late = net.layer2.output.save();
+                let early = net.layer1.output.save();
+            }
+            invoke(x) {}
+        });
+        let _ = (late, early);
+        Ok(())
+    })()
+    .err()
+    .unwrap();
+    let Error::NeverReached { node, reason } = &err else { panic!("{err}") };
+    assert!(node.contains("model.layer1"), "{err}");
+    assert!(reason.contains("already run"), "{err}");
+    assert!(net.forward(&Tensor::randn([1, 5], (Kind::Float, Device::Cpu))).is_ok());
+}
+
+#[test]
+fn graphs_round_trip_through_json() -> nnsight::Result<()> {
+    let model = gpt2();
+    let tr = nnsight::__private::Trace::new(&model, Some("Hello world".into()))?;
+    let (root, g) = (tr.root(), tr.graph());
+    let h = nnsight::__private::read::<Tensor>(g, &nnsight::__private::at(&root.transformer.h, 0)?.output)?;
+    let steer = Tensor::ones([64], (Kind::Float, Device::Cpu));
+    let x = (h + &steer) * 2.0 - 1.0;
+    let (v, i) = x.softmax(-1).topk(3, -1);
+    let _ = (v.save(), i.save(), x.i((.., -1, ..)).norm().save());
+    nnsight::__private::write(g, &nnsight::__private::at(&root.transformer.h, 0)?.output, x)?;
+    let graph = g.graph();
+    let json = graph.to_json();
+    let back = nnsight::graph::Graph::from_json(&json)?;
+    assert_eq!(back, graph);
+    assert!(json.contains("\"op\": \"topk\""), "{json}");
+    // A graph whose node refers forward is rejected.
+    let bad = json.replacen("\"a\": 0", "\"a\": 99", 1);
+    assert!(matches!(nnsight::graph::Graph::from_json(&bad), Err(Error::InvalidGraph { .. })));
+    Ok(())
+}
+
+fn resident_kb() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    statm.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4
+}
+
+#[test]
+fn ten_thousand_traces_keep_resident_memory_flat() -> nnsight::Result<()> {
+    let model = gpt2();
+    let run = || -> nnsight::Result<()> {
+        intervene!(model.trace("Hello world") {
+            let h = model.transformer.h[0].output.save();
+            model.transformer.h[1].mlp.output = model.transformer.h[1].mlp.output * 0.5;
+            let logits = model.output.save();
+        });
+        drop((h, logits));
+        Ok(())
+    };
+    for _ in 0..1000 {
+        run()?;
+    }
+    let warm = resident_kb();
+    for _ in 0..10_000 {
+        run()?;
+    }
+    let after = resident_kb();
+    eprintln!("resident memory after warm-up {warm} kB, after 10 000 more traces {after} kB");
+    assert!((after as f64) <= warm as f64 * 1.05, "resident memory grew from {warm} kB to {after} kB");
+    Ok(())
+}

@@ -472,24 +472,45 @@ pub fn stack<'g>(xs: &[Proxy<'g, Tensor>], dim: i64) -> Proxy<'g, Tensor> {
     Proxy::new(g.push(Op::Stack { xs: xs.iter().map(|p| p.id).collect(), dim }), g)
 }
 
+/// Proxies and saved proxies as plain proxies (left operands of operators).
+trait AsProxy<'g> {
+    fn as_proxy(self) -> Proxy<'g, Tensor>;
+}
+impl<'g> AsProxy<'g> for Proxy<'g, Tensor> {
+    fn as_proxy(self) -> Proxy<'g, Tensor> {
+        self
+    }
+}
+impl<'g> AsProxy<'g> for Saved<'g, Tensor> {
+    fn as_proxy(self) -> Proxy<'g, Tensor> {
+        self.0
+    }
+}
+
 // ---- operators ---------------------------------------------------------------------------------------------------
 
+// Operators take concrete right-hand sides (no blanket impl), and numbers only as `f64` and `i64`, so that a
+// literal (`h * 2.0`, `h + 1`) has exactly one candidate and `let y = h * 2.0; y.sum()` type-checks.
 macro_rules! binary_ops {
     ($($trait:ident $method:ident $kind:ident),*) => {$(
-        impl<'g, R: IntoTensorProxy<'g>> std::ops::$trait<R> for Proxy<'g, Tensor> {
-            type Output = Proxy<'g, Tensor>;
-            fn $method(self, rhs: R) -> Proxy<'g, Tensor> {
-                self.binary(BinaryOp::$kind, rhs)
-            }
-        }
-        impl<'g, R: IntoTensorProxy<'g>> std::ops::$trait<R> for Saved<'g, Tensor> {
-            type Output = Proxy<'g, Tensor>;
-            fn $method(self, rhs: R) -> Proxy<'g, Tensor> {
-                self.0.binary(BinaryOp::$kind, rhs)
-            }
-        }
-        binary_ops!(@scalars $trait $method $kind f64 f32 i64 i32);
+        binary_ops!(@lhs $trait $method $kind Proxy<'g, Tensor>);
+        binary_ops!(@lhs $trait $method $kind Saved<'g, Tensor>);
+        binary_ops!(@scalars $trait $method $kind f64 i64);
     )*};
+    (@lhs $trait:ident $method:ident $kind:ident $lhs:ty) => {
+        binary_ops!(@rhs $trait $method $kind $lhs, Proxy<'g, Tensor>);
+        binary_ops!(@rhs $trait $method $kind $lhs, Saved<'g, Tensor>);
+        binary_ops!(@rhs $trait $method $kind $lhs, &Tensor);
+        binary_ops!(@rhs $trait $method $kind $lhs, Tensor);
+    };
+    (@rhs $trait:ident $method:ident $kind:ident $lhs:ty, $rhs:ty) => {
+        impl<'g> std::ops::$trait<$rhs> for $lhs {
+            type Output = Proxy<'g, Tensor>;
+            fn $method(self, rhs: $rhs) -> Proxy<'g, Tensor> {
+                AsProxy::as_proxy(self).binary(BinaryOp::$kind, rhs)
+            }
+        }
+    };
     (@scalars $trait:ident $method:ident $kind:ident $($s:ty)*) => {$(
         impl<'g> std::ops::$trait<$s> for Proxy<'g, Tensor> {
             type Output = Proxy<'g, Tensor>;
