@@ -473,16 +473,16 @@ pub fn stack<'g>(xs: &[Proxy<'g, Tensor>], dim: i64) -> Proxy<'g, Tensor> {
 }
 
 /// Proxies and saved proxies as plain proxies (left operands of operators).
-trait AsProxy<'g> {
-    fn as_proxy(self) -> Proxy<'g, Tensor>;
+trait IntoLeft<'g> {
+    fn into_left(self) -> Proxy<'g, Tensor>;
 }
-impl<'g> AsProxy<'g> for Proxy<'g, Tensor> {
-    fn as_proxy(self) -> Proxy<'g, Tensor> {
+impl<'g> IntoLeft<'g> for Proxy<'g, Tensor> {
+    fn into_left(self) -> Proxy<'g, Tensor> {
         self
     }
 }
-impl<'g> AsProxy<'g> for Saved<'g, Tensor> {
-    fn as_proxy(self) -> Proxy<'g, Tensor> {
+impl<'g> IntoLeft<'g> for Saved<'g, Tensor> {
+    fn into_left(self) -> Proxy<'g, Tensor> {
         self.0
     }
 }
@@ -507,7 +507,7 @@ macro_rules! binary_ops {
         impl<'g> std::ops::$trait<$rhs> for $lhs {
             type Output = Proxy<'g, Tensor>;
             fn $method(self, rhs: $rhs) -> Proxy<'g, Tensor> {
-                AsProxy::as_proxy(self).binary(BinaryOp::$kind, rhs)
+                IntoLeft::into_left(self).binary(BinaryOp::$kind, rhs)
             }
         }
     };
