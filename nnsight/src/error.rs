@@ -7,7 +7,10 @@ use std::path::PathBuf;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong while loading, building or running a model.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Debug` prints the same message as `Display`, so that `fn main() -> nnsight::Result<()>` reports errors
+/// readably.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A file or folder the loader needs does not exist.
@@ -223,5 +226,11 @@ pub trait TchResultExt<T> {
 impl<T> TchResultExt<T> for std::result::Result<T, tch::TchError> {
     fn at(self, module: &str) -> Result<T> {
         self.map_err(|e| Error::torch(module, e))
+    }
+}
+
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
     }
 }
