@@ -86,6 +86,60 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// Records the hook events of a forward pass.
+#[derive(Default)]
+struct Events(Vec<(String, bool)>);
+
+impl nnsight::nn::Hook for Events {
+    fn input(&mut self, m: &str, x: Tensor) -> nnsight::Result<Tensor> {
+        self.0.push((m.to_string(), true));
+        Ok(x)
+    }
+    fn output(&mut self, m: &str, y: Tensor) -> nnsight::Result<Tensor> {
+        self.0.push((m.to_string(), false));
+        Ok(y)
+    }
+}
+
+/// The interleaver's own cost per forward: the hook events of one SmolLM2 pass replayed against an interleaver,
+/// without the model's arithmetic. Returns (number of events, µs with an empty graph, µs with 30 saves).
+fn interleaver_cost(model: &LanguageModel<Llama>) -> nnsight::Result<(usize, f64, f64)> {
+    use nnsight::interleave::Interleaver;
+    use nnsight::nn::Hook;
+    let mut events = Events::default();
+    let _ = model.forward_with_hook(&model.batch(EIFFEL)?, &mut events)?;
+    let stand_in = Tensor::zeros([1, 9, 576], (Kind::Float, Device::Cpu));
+    let graphs = {
+        let empty = nn::Trace::new(model, Some(EIFFEL.into()))?.graph().graph();
+        let tr = nn::Trace::new(model, Some(EIFFEL.into()))?;
+        for i in 0..30 {
+            let _ = nn::read(tr.graph(), &nn::at(&tr.root().model.layers, i)?.output)?.save();
+        }
+        [empty, tr.graph().graph()]
+    };
+    let mut out = [0.0; 2];
+    for (k, graph) in graphs.iter().enumerate() {
+        let mut samples = Vec::new();
+        for _ in 0..300 {
+            let t = Instant::now();
+            let mut inter = Interleaver::new(graph, vec![(0, 1)], 1, model.model())?;
+            inter.start()?;
+            for (m, is_input) in &events.0 {
+                let _ = if *is_input {
+                    inter.input(m, stand_in.shallow_clone())?
+                } else {
+                    inter.output(m, stand_in.shallow_clone())?
+                };
+            }
+            let saved = inter.finish()?;
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+            drop(saved);
+        }
+        out[k] = median(samples);
+    }
+    Ok((events.0.len(), out[0], out[1]))
+}
+
 /// Runs the Python nnsight side (`scripts/peer/nnsight_bench.py`) when `NNSIGHT_PYTHON` names a python with
 /// nnsight installed (`make bench-trace` sets it up); `None` otherwise.
 fn run_peer(rounds: usize) -> Option<serde_json::Value> {
@@ -133,6 +187,7 @@ fn main() -> nnsight::Result<()> {
         build.push(t.elapsed().as_secs_f64() * 1e6);
         drop(tr);
     }
+    let interleaver_us = interleaver_cost(&model)?;
     let peer = run_peer(rounds);
     let plain = times[0].clone();
     println!("SmolLM2-135M, {EIFFEL:?}, CPU, 2 threads, {rounds} rounds (round-robin):");
@@ -147,13 +202,21 @@ fn main() -> nnsight::Result<()> {
         let (pm, po) = match &peer {
             Some(j) => {
                 let c = &j["cases"][keys[k]];
-                (format!("{:.2}", c["median_ms"].as_f64().unwrap_or(f64::NAN)), format!("{:.3}", c["overhead_ms"].as_f64().unwrap_or(f64::NAN)))
+                (
+                    format!("{:.2}", c["median_ms"].as_f64().unwrap_or(f64::NAN)),
+                    format!("{:.3}", c["overhead_ms"].as_f64().unwrap_or(f64::NAN)),
+                )
             }
             None => ("-".into(), "-".into()),
         };
         println!("{:<12} {:>10.2} {:>14.3} {:>7.3}   {:>16} {:>16}", name, m, median(over), m / p, pm, po);
     }
     println!("graph build of 30 saves: median {:.1} µs", median(build));
+    println!(
+        "interleaver alone, per forward (the {} hook events of a SmolLM2 pass replayed on a stand-in tensor): \
+         empty graph {:.1} µs, 30 saves {:.1} µs",
+        interleaver_us.0, interleaver_us.1, interleaver_us.2
+    );
     if let Some(j) = &peer {
         println!(
             "Python: nnsight {}, transformers {}, torch {}",
