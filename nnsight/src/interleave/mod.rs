@@ -10,7 +10,7 @@ pub use eval::eval;
 use crate::graph::{display, Graph, IndexItem, NodeId, Op, Point, Value};
 use crate::nn::{Hook, Module};
 use crate::{Error, Result};
-use std::collections::{HashMap, HashSet};
+use ahash::AHashSet as HashSet;
 use tch::Tensor;
 
 /// Runs one graph during one forward pass.
@@ -42,8 +42,8 @@ impl<'a> Interleaver<'a> {
         let n_invokes = rows.len();
         let mut per_invoke = vec![Vec::new(); n_invokes];
         let mut last_use: Vec<NodeId> = (0..n as NodeId).collect();
-        let mut saved = HashSet::new();
-        let mut watched = HashSet::new();
+        let mut saved = HashSet::default();
+        let mut watched = HashSet::default();
         for (i, node) in graph.nodes.iter().enumerate() {
             let inv = node.invoke as usize;
             if inv >= n_invokes {
@@ -73,7 +73,7 @@ impl<'a> Interleaver<'a> {
             last_use,
             saved,
             watched,
-            fired: HashSet::new(),
+            fired: HashSet::default(),
         })
     }
 
@@ -86,7 +86,7 @@ impl<'a> Interleaver<'a> {
     }
 
     /// Runs what is left after the forward pass, then checks that every node ran; returns the saved values.
-    pub fn finish(mut self) -> Result<HashMap<NodeId, Value>> {
+    pub fn finish(mut self) -> Result<std::collections::HashMap<NodeId, Value>> {
         for inv in 0..self.per_invoke.len() {
             self.advance(inv, None)?;
         }
@@ -107,7 +107,7 @@ impl<'a> Interleaver<'a> {
                 });
             }
         }
-        let mut out = HashMap::new();
+        let mut out = std::collections::HashMap::new();
         for id in self.saved.iter().copied() {
             if let Some(v) = self.values[id as usize].take() {
                 out.insert(id, v);
@@ -257,7 +257,7 @@ pub fn find<'m>(root: &'m dyn Module, path: &str) -> Option<&'m dyn Module> {
 
 impl Hook for Interleaver<'_> {
     fn input(&mut self, module: &str, mut x: Tensor) -> Result<Tensor> {
-        if !self.watched.contains(module) {
+        if self.watched.is_empty() || !self.watched.contains(module) {
             return Ok(x);
         }
         self.fired.insert((module.to_string(), Point::Input));
@@ -268,7 +268,7 @@ impl Hook for Interleaver<'_> {
     }
 
     fn output(&mut self, module: &str, mut y: Tensor) -> Result<Tensor> {
-        if !self.watched.contains(module) {
+        if self.watched.is_empty() || !self.watched.contains(module) {
             return Ok(y);
         }
         self.fired.insert((module.to_string(), Point::Output));
