@@ -11,18 +11,12 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+#[path = "support/stats.rs"]
+mod stats;
+use stats::median;
+
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 const PROMPT: &str = "The Eiffel Tower is in the city of";
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -80,12 +74,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     writeln!(to_peer, "0")?;
     peer.wait()?;
 
-    let (o, m, t) = (median(&mut ours), median(&mut ours_mkl), median(&mut theirs));
+    let rounds = ours.len();
+    let (o, m, t) = (median(ours), median(ours_mkl), median(theirs));
     println!(
         "SmolLM2-135M forward, {:?} ({} tokens), CPU, 2 threads, {} rounds each, interleaved:",
-        PROMPT,
-        batch.lengths[0],
-        ours.len()
+        PROMPT, batch.lengths[0], rounds
     );
     println!("  nnsight-rs (tch 0.26):                    median {o:7.2} ms");
     println!("  nnsight-rs, linear layers via at::linear: median {m:7.2} ms");

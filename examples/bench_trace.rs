@@ -9,19 +9,13 @@ use nnsight::__private as nn;
 use nnsight::prelude::*;
 use std::time::Instant;
 
+#[path = "support/stats.rs"]
+mod stats;
+use stats::median;
+
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 const EIFFEL: &str = "The Eiffel Tower is in the city of";
 const COLOSSEUM: &str = "The Colosseum is in the city of";
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 type Case = (&'static str, Box<dyn Fn(&LanguageModel<Llama>) -> nnsight::Result<()>>);
 

@@ -389,17 +389,12 @@ impl<M: CausalLm> TraceTarget for LanguageModel<M> {
     }
 
     fn call_order(&self, _sample: Option<&Input>) -> Result<Option<Arc<CallOrder>>> {
-        if let Some(o) = self.order.get() {
-            return Ok(Some(o.clone()));
-        }
         // The order of module calls does not depend on the tokens: record it once on a one-token pass.
-        let batch = Batch::from_rows(&[vec![0]], 0, self.device)?;
-        let mut rec = OrderRecorder::default();
-        {
-            let _g = tch::no_grad_guard();
-            let _ = self.model.run(&mut Ctx::with_hook(&mut rec), &batch)?;
-        }
-        Ok(Some(self.order.get_or_init(|| Arc::new(CallOrder::from_events(&rec.events))).clone()))
+        OrderRecorder::record_once(&self.order, |hook| {
+            let batch = Batch::from_rows(&[vec![0]], 0, self.device)?;
+            self.model.run(&mut Ctx::with_hook(hook), &batch).map(|_| ())
+        })
+        .map(Some)
     }
 
     fn prepare(&self, inputs: &[Option<Input>]) -> Result<crate::envoy::trace::Prepared<Batch>> {

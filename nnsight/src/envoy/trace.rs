@@ -64,6 +64,25 @@ pub(crate) struct OrderRecorder {
     pub(crate) events: Vec<(String, Point)>,
 }
 
+impl OrderRecorder {
+    /// The call order of the forward pass `run` makes with the given hook (without gradients), stored once in
+    /// `cell`.
+    pub(crate) fn record_once(
+        cell: &OnceLock<Arc<CallOrder>>,
+        run: impl FnOnce(&mut dyn Hook) -> Result<()>,
+    ) -> Result<Arc<CallOrder>> {
+        if let Some(o) = cell.get() {
+            return Ok(o.clone());
+        }
+        let mut rec = OrderRecorder::default();
+        {
+            let _g = tch::no_grad_guard();
+            run(&mut rec)?;
+        }
+        Ok(cell.get_or_init(|| Arc::new(CallOrder::from_events(&rec.events))).clone())
+    }
+}
+
 impl Hook for OrderRecorder {
     fn input(&mut self, module: &str, x: Tensor) -> Result<Tensor> {
         self.events.push((module.to_string(), Point::Input));
@@ -355,16 +374,14 @@ impl<M: Traceable + Forward> TraceTarget for NNsight<M> {
         self.envoy.get_or_init(|| self.module.envoy())
     }
     fn call_order(&self, sample: Option<&Tensor>) -> Result<Option<Arc<CallOrder>>> {
-        if let Some(o) = self.order.get() {
-            return Ok(Some(o.clone()));
+        match (self.order.get(), sample) {
+            (Some(o), _) => Ok(Some(o.clone())),
+            (None, None) => Ok(None),
+            (None, Some(x)) => {
+                OrderRecorder::record_once(&self.order, |hook| Ctx::with_hook(hook).call(&self.module, x).map(|_| ()))
+                    .map(Some)
+            }
         }
-        let Some(x) = sample else { return Ok(None) };
-        let mut rec = OrderRecorder::default();
-        {
-            let _g = tch::no_grad_guard();
-            let _ = Ctx::with_hook(&mut rec).call(&self.module, x)?;
-        }
-        Ok(Some(self.order.get_or_init(|| Arc::new(CallOrder::from_events(&rec.events))).clone()))
     }
     fn prepare(&self, inputs: &[Option<Tensor>]) -> Result<Prepared<Tensor>> {
         let given: Vec<&Tensor> = inputs.iter().flatten().collect();

@@ -255,26 +255,26 @@ pub fn find<'m>(root: &'m dyn Module, path: &str) -> Option<&'m dyn Module> {
     Some(here)
 }
 
-impl Hook for Interleaver<'_> {
-    fn input(&mut self, module: &str, mut x: Tensor) -> Result<Tensor> {
+impl Interleaver<'_> {
+    /// A hook event: every invoke runs up to its next wait, seeing (and maybe replacing) `t`.
+    fn event(&mut self, module: &str, point: Point, mut t: Tensor) -> Result<Tensor> {
         if self.watched.is_empty() || !self.watched.contains(module) {
-            return Ok(x);
+            return Ok(t);
         }
-        self.fired.insert((module.to_string(), Point::Input));
+        self.fired.insert((module.to_string(), point));
         for inv in 0..self.per_invoke.len() {
-            self.advance(inv, Some((module, Point::Input, &mut x)))?;
+            self.advance(inv, Some((module, point, &mut t)))?;
         }
-        Ok(x)
+        Ok(t)
+    }
+}
+
+impl Hook for Interleaver<'_> {
+    fn input(&mut self, module: &str, x: Tensor) -> Result<Tensor> {
+        self.event(module, Point::Input, x)
     }
 
-    fn output(&mut self, module: &str, mut y: Tensor) -> Result<Tensor> {
-        if self.watched.is_empty() || !self.watched.contains(module) {
-            return Ok(y);
-        }
-        self.fired.insert((module.to_string(), Point::Output));
-        for inv in 0..self.per_invoke.len() {
-            self.advance(inv, Some((module, Point::Output, &mut y)))?;
-        }
-        Ok(y)
+    fn output(&mut self, module: &str, y: Tensor) -> Result<Tensor> {
+        self.event(module, Point::Output, y)
     }
 }
