@@ -280,6 +280,9 @@ fn resident_kb() -> u64 {
 
 #[test]
 fn ten_thousand_traces_keep_resident_memory_flat() -> nnsight::Result<()> {
+    // Other tests share this process: load the big model first and hold it, so that no SmolLM2 load or forward
+    // lands between the two measurements.
+    let _big = common::smollm2();
     let model = gpt2();
     let run = || -> nnsight::Result<()> {
         intervene!(model.trace("Hello world") {

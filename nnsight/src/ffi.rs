@@ -1,7 +1,8 @@
 //! Bindings to `csrc/shim.cpp`: the few libtorch facilities that tch does not expose.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Once;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 use tch::Tensor;
 
 unsafe extern "C" {
@@ -19,25 +20,31 @@ const UNAVAILABLE: u8 = 2;
 /// Whether this libtorch has the oneDNN operator (learned at the first call).
 static ONEDNN: AtomicU8 = AtomicU8::new(UNKNOWN);
 
-/// Switched off by [`set_onednn_linear`] or the environment variable `NNSIGHT_NO_ONEDNN`.
-static DISABLED: AtomicBool = AtomicBool::new(false);
-static READ_ENV: Once = Once::new();
+/// Off in every thread when the environment variable `NNSIGHT_NO_ONEDNN` is set.
+static ENV_OFF: OnceLock<bool> = OnceLock::new();
 
-/// Whether the oneDNN linear has run successfully in this process.
+thread_local! {
+    /// This thread's switch (`None`: follow the environment).
+    static THREAD_SWITCH: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// Whether the oneDNN linear is on for this thread and has run successfully in this process.
 pub fn onednn_linear_in_use() -> bool {
     ONEDNN.load(Ordering::Relaxed) == AVAILABLE && !disabled()
 }
 
-/// Turns the oneDNN linear on (the default) or off, for the whole process: off, every linear layer runs
-/// `at::linear` (MKL), as PyTorch eager does. The environment variable `NNSIGHT_NO_ONEDNN` turns it off at start.
+/// Turns the oneDNN linear on (the default) or off for the calling thread: off, every linear layer it runs uses
+/// `at::linear` (MKL), as PyTorch eager does. The environment variable `NNSIGHT_NO_ONEDNN` turns it off in every
+/// thread that does not say otherwise.
 pub fn set_onednn_linear(enabled: bool) {
-    READ_ENV.call_once(|| {});
-    DISABLED.store(!enabled, Ordering::Relaxed);
+    THREAD_SWITCH.with(|s| s.set(Some(enabled)));
 }
 
 fn disabled() -> bool {
-    READ_ENV.call_once(|| DISABLED.store(std::env::var_os("NNSIGHT_NO_ONEDNN").is_some(), Ordering::Relaxed));
-    DISABLED.load(Ordering::Relaxed)
+    THREAD_SWITCH.with(|s| match s.get() {
+        Some(on) => !on,
+        None => *ENV_OFF.get_or_init(|| std::env::var_os("NNSIGHT_NO_ONEDNN").is_some()),
+    })
 }
 
 /// `x Wᵀ + b` through oneDNN when that is exact enough and faster (float32 on the CPU, no gradient wanted);

@@ -15,7 +15,7 @@ pub use tree::{named_parameters, ModuleList, ModuleTree};
 /// (`mkldnn::_linear_pointwise`, what PyTorch's compiler uses), 1.5–3× faster than eager PyTorch's MKL `sgemm`
 /// at the batch sizes of interpretability work, whenever no gradient is wanted. Results differ from `at::linear`
 /// by float32 rounding only (a few ulps). Forwards that need gradients, other devices and other dtypes use
-/// `at::linear`.
+/// `at::linear`. The switch is per thread.
 pub mod fast_linear {
     pub use crate::ffi::{onednn_linear_in_use, set_onednn_linear};
 }
