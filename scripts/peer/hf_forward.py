@@ -44,25 +44,12 @@ def main() -> int:
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hf_load import load_gguf
 
+    tokenizer, model, load_s = load_gguf(args.gguf, args.threads)
     gguf = Path(args.gguf).resolve()
-    if not gguf.is_file():
-        print(f"error: no such GGUF file: {gguf}", file=sys.stderr)
-        return 2
-    folder, name = str(gguf.parent), gguf.name
-
-    t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, local_files_only=True
-    )
-    model.eval()
-    load_s = time.perf_counter() - t0
 
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
 

@@ -192,26 +192,14 @@ def main() -> int:
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
 
     import nnsight
 
-    gguf = Path(args.gguf).resolve()
-    if not gguf.is_file():
-        print(f"error: no such GGUF file: {gguf}", file=sys.stderr)
-        return 2
-    folder, name = str(gguf.parent), gguf.name
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hf_load import load_gguf
 
     t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, local_files_only=True
-    )
-    hf_model.eval()
+    tokenizer, hf_model, _ = load_gguf(args.gguf, args.threads)
     # A ready module is wrapped as-is (no meta build, nothing to dispatch). LanguageModel is
     # deprecated in 0.8.1 in favour of TransformersModel(..., task="text-generation"); it is the
     # same class underneath, so silence just that warning.
