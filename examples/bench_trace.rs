@@ -56,6 +56,15 @@ fn set1(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
     Ok(())
 }
 
+fn stop3(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
+    intervene!(model.trace(EIFFEL) {
+        let h = model.model.layers[3].output.save();
+        model.stop();
+    });
+    drop(h);
+    Ok(())
+}
+
 fn invoke2(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
     intervene!(model.trace() {
         invoke(EIFFEL) {
@@ -194,6 +203,17 @@ fn main() -> nnsight::Result<()> {
         build.push(t.elapsed().as_secs_f64() * 1e6);
         drop(tr);
     }
+    // Early stop, measured apart (a much shorter case would change the others' round-robin neighbours).
+    let (mut p_times, mut s_times) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(20) {
+        let t = Instant::now();
+        plain(&model)?;
+        p_times.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        stop3(&model)?;
+        s_times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (stop_plain, stop_ms) = (median(p_times), median(s_times));
     let interleaver_us = interleaver_cost(&model)?;
     let peer = run_peer(rounds);
     let plain = times[0].clone();
@@ -218,6 +238,10 @@ fn main() -> nnsight::Result<()> {
         };
         println!("{:<12} {:>10.2} {:>14.3} {:>7.3}   {:>16} {:>16}", name, m, median(over), m / p, pm, po);
     }
+    println!(
+        "stop() after layer 3 of 30 (save layer 3, then stop): {stop_ms:.2} ms vs {stop_plain:.2} ms plain = {:.3}",
+        stop_ms / stop_plain
+    );
     println!("graph build of 30 saves: median {:.1} µs", median(build));
     println!(
         "interleaver alone, per forward (the {} hook events of a SmolLM2 pass replayed on a stand-in tensor): \

@@ -305,3 +305,72 @@ fn ten_thousand_traces_keep_resident_memory_flat() -> nnsight::Result<()> {
     assert!((after as f64) <= warm as f64 * 1.05, "resident memory grew from {warm} kB to {after} kB");
     Ok(())
 }
+
+/// A module that refuses to run: proves that the part of a model after `stop()` does not run.
+#[derive(Traceable)]
+pub struct Refuses {
+    #[traceable(path)]
+    path: String,
+}
+
+impl Forward for Refuses {
+    fn forward(&self, _: &mut Ctx<'_>, _: &Tensor) -> nnsight::Result<Tensor> {
+        Err(Error::InvalidInput { message: "this module must not run".into() })
+    }
+}
+
+#[derive(Traceable)]
+pub struct StopsEarly {
+    #[traceable(path)]
+    path: String,
+    first: Linear,
+    second: Refuses,
+}
+
+impl Forward for StopsEarly {
+    fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> nnsight::Result<Tensor> {
+        let h = cx.call(&self.first, x)?;
+        cx.call(&self.second, &h)
+    }
+}
+
+#[test]
+fn stop_ends_the_forward_pass_and_keeps_what_was_saved() -> nnsight::Result<()> {
+    common::init();
+    let w = Tensor::randn([4, 3], (Kind::Float, Device::Cpu));
+    let net = NNsight::new(StopsEarly {
+        path: String::new(),
+        first: Linear::from_tensors("", w.shallow_clone(), None),
+        second: Refuses { path: String::new() },
+    });
+    let x = Tensor::randn([2, 3], (Kind::Float, Device::Cpu));
+    assert!(net.forward(&x).is_err(), "without stop the second module runs and fails");
+    intervene!(net.trace(x.shallow_clone()) {
+        let first = net.first.output.save();
+        net.stop();
+    });
+    assert!(max_abs_diff(&first, &x.matmul(&w.tr())) < 1e-5);
+
+    // On a real model: what was saved before the stop is intact; a save after it is reported, by name.
+    let model = gpt2();
+    intervene!(model.trace("Hello world") {
+        let h0 = model.transformer.h[0].output.save();
+        model.stop();
+    });
+    let mut rec = Recorder::default();
+    let _ = model.forward_with_hook(&model.batch("Hello world")?, &mut rec)?;
+    assert_eq!(max_abs_diff(&h0, &rec.outputs["transformer.h.0"]), 0.0);
+    let err = (|| -> nnsight::Result<()> {
+        intervene!(model.trace("Hello world") {
+            let h0 = model.transformer.h[0].output.save();
+            model.stop();
+            let logits = model.output.save();
+        });
+        let _ = (h0, logits);
+        Ok(())
+    })()
+    .err()
+    .unwrap();
+    assert!(matches!(err, Error::NeverReached { .. }), "{err}");
+    Ok(())
+}

@@ -183,6 +183,11 @@ pub enum Error {
         message: String,
     },
 
+    /// Every invoke reached `stop()`: the forward pass was cut short on purpose. Traces catch it; it reaches
+    /// code only from a hook used outside a trace.
+    #[error("the forward pass was stopped by `stop()`")]
+    Stopped,
+
     /// A libtorch operation failed inside a module.
     #[error("in module `{module}`: {source}")]
     Torch {

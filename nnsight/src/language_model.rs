@@ -390,11 +390,10 @@ impl<M: CausalLm> TraceTarget for LanguageModel<M> {
 
     fn call_order(&self, _sample: Option<&Input>) -> Result<Option<Arc<CallOrder>>> {
         // The order of module calls does not depend on the tokens: record it once on a one-token pass.
-        OrderRecorder::record_once(&self.order, |hook| {
+        Ok(OrderRecorder::record_once(&self.order, |hook| {
             let batch = Batch::from_rows(&[vec![0]], 0, self.device)?;
             self.model.run(&mut Ctx::with_hook(hook), &batch).map(|_| ())
-        })
-        .map(Some)
+        }))
     }
 
     fn prepare(&self, inputs: &[Option<Input>]) -> Result<crate::envoy::trace::Prepared<Batch>> {

@@ -55,6 +55,11 @@ pub fn apply<'g, E: Envoy + ?Sized>(g: &'g GraphCell, module: &E, x: impl IntoTe
     g.apply(module.module_path(), x.node())
 }
 
+/// `model.stop()`: the forward pass ends once every invoke has reached its stop (or its end).
+pub fn stop(g: &GraphCell) {
+    g.push(crate::graph::Op::Stop);
+}
+
 /// Wraps a binding of the block for the after-block conversion (saved proxy -> value).
 pub fn finish<T>(v: T) -> Finish<T> {
     Finish::new(v)

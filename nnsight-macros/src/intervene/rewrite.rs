@@ -300,6 +300,12 @@ impl<'a> Rewriter<'a> {
     fn method_call(&mut self, m: syn::ExprMethodCall) -> Expr {
         let kind = self.path_kind(&m.receiver);
         match kind {
+            // `model.stop()`: end the forward pass once everything before this point has run.
+            Some(PathKind::Root) if m.method == "stop" && m.args.is_empty() => {
+                let s = gen(m.method.span());
+                let g = Ident::new("__nn_g", s);
+                Expr::Verbatim(quote_spanned!(s=> ::nnsight::__private::stop(#g)))
+            }
             Some(_) if m.args.len() == 1 && m.turbofish.is_none() => self.apply(m),
             Some(PathKind::Path) => {
                 let syn::ExprMethodCall { attrs, receiver, dot_token, method, turbofish, paren_token, args } = m;

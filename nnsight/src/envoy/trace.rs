@@ -66,20 +66,21 @@ pub(crate) struct OrderRecorder {
 
 impl OrderRecorder {
     /// The call order of the forward pass `run` makes with the given hook (without gradients), stored once in
-    /// `cell`.
+    /// `cell`. A pass that fails gives no order (the trace then checks the order while it runs, and reports the
+    /// failure itself if it recurs).
     pub(crate) fn record_once(
         cell: &OnceLock<Arc<CallOrder>>,
         run: impl FnOnce(&mut dyn Hook) -> Result<()>,
-    ) -> Result<Arc<CallOrder>> {
+    ) -> Option<Arc<CallOrder>> {
         if let Some(o) = cell.get() {
-            return Ok(o.clone());
+            return Some(o.clone());
         }
         let mut rec = OrderRecorder::default();
-        {
+        let ok = {
             let _g = tch::no_grad_guard();
-            run(&mut rec)?;
-        }
-        Ok(cell.get_or_init(|| Arc::new(CallOrder::from_events(&rec.events))).clone())
+            run(&mut rec).is_ok()
+        };
+        ok.then(|| cell.get_or_init(|| Arc::new(CallOrder::from_events(&rec.events))).clone())
     }
 }
 
@@ -149,8 +150,13 @@ impl<'m, T: TraceTarget> Trace<'m, T> {
         let builder = self.graph.inner.borrow();
         let mut inter = Interleaver::new(&builder.graph, rows, size, self.target.root())?;
         inter.start()?;
-        let _no_grad = tch::no_grad_guard();
-        self.target.forward_hooked(&batch, &mut inter)?;
+        if !inter.all_stopped() {
+            let _no_grad = tch::no_grad_guard();
+            match self.target.forward_hooked(&batch, &mut inter) {
+                Ok(()) | Err(Error::Stopped) => {}
+                Err(e) => return Err(e),
+            }
+        }
         Ok(TraceResults { values: inter.finish()? })
     }
 }
@@ -377,10 +383,9 @@ impl<M: Traceable + Forward> TraceTarget for NNsight<M> {
         match (self.order.get(), sample) {
             (Some(o), _) => Ok(Some(o.clone())),
             (None, None) => Ok(None),
-            (None, Some(x)) => {
-                OrderRecorder::record_once(&self.order, |hook| Ctx::with_hook(hook).call(&self.module, x).map(|_| ()))
-                    .map(Some)
-            }
+            (None, Some(x)) => Ok(OrderRecorder::record_once(&self.order, |hook| {
+                Ctx::with_hook(hook).call(&self.module, x).map(|_| ())
+            })),
         }
     }
     fn prepare(&self, inputs: &[Option<Tensor>]) -> Result<Prepared<Tensor>> {

@@ -162,6 +162,9 @@ pub enum Op {
     Unsqueeze { a: NodeId, dim: i64 },
     /// Squeeze `dim` (all size-1 dimensions when `None`).
     Squeeze { a: NodeId, dim: Option<i64> },
+    /// End this invoke's part of the forward pass here; once every invoke has stopped or finished, the rest of
+    /// the model does not run.
+    Stop,
 }
 
 impl Op {
@@ -169,7 +172,7 @@ impl Op {
     pub fn inputs(&self) -> Vec<NodeId> {
         use Op::*;
         match self {
-            Read { .. } | ReadInputs { .. } | Const { .. } => vec![],
+            Read { .. } | ReadInputs { .. } | Const { .. } | Stop => vec![],
             Write { value, .. } => vec![*value],
             Apply { input, .. } => vec![*input],
             Save { value } => vec![*value],

@@ -137,6 +137,7 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
         Op::Unsqueeze { dim, .. } => tensor(a()?.f_unsqueeze(*dim)),
         Op::Squeeze { dim: Some(d), .. } => tensor(a()?.f_squeeze_dim(*d)),
         Op::Squeeze { dim: None, .. } => tensor(a()?.f_squeeze()),
+        Op::Stop => Ok(Value::Tuple(vec![])),
         Op::Read { .. } | Op::ReadInputs { .. } | Op::Write { .. } | Op::Apply { .. } => {
             Err(Error::Intervention { message: format!("{} needs the forward pass", op.describe()) })
         }

@@ -31,6 +31,8 @@ pub struct Interleaver<'a> {
     watched: HashSet<String>,
     /// Hook events seen so far (for error messages).
     fired: HashSet<(String, Point)>,
+    /// Invokes that reached a `stop()`.
+    stopped: Vec<bool>,
 }
 
 impl<'a> Interleaver<'a> {
@@ -74,6 +76,7 @@ impl<'a> Interleaver<'a> {
             saved,
             watched,
             fired: HashSet::default(),
+            stopped: vec![false; n_invokes],
         })
     }
 
@@ -93,6 +96,14 @@ impl<'a> Interleaver<'a> {
         for inv in 0..self.per_invoke.len() {
             if let Some(&id) = self.per_invoke[inv].get(self.cursor[inv]) {
                 let op = &self.graph.nodes[id as usize].op;
+                if self.stopped[inv] {
+                    // Code after `stop()` never runs, as in Python nnsight: say so, keep what was saved.
+                    eprintln!(
+                        "nnsight: warning: node {id}, {} (invoke {inv}), comes after `stop()` and was never reached",
+                        op.describe()
+                    );
+                    continue;
+                }
                 let reason = match op.hook_point() {
                     Some((m, p, _)) if self.fired.contains(&(m.to_string(), p)) => format!(
                         "`{}` had already run when invoke {inv} reached it: it comes earlier in the forward pass than what the invoke used before",
@@ -116,11 +127,26 @@ impl<'a> Interleaver<'a> {
         Ok(out)
     }
 
+    /// Whether every invoke has stopped (at least one by `stop()`, the others by `stop()` or by running out of
+    /// nodes): nothing more is needed from the forward pass.
+    pub fn all_stopped(&self) -> bool {
+        self.stopped.iter().any(|&s| s)
+            && (0..self.per_invoke.len()).all(|i| self.stopped[i] || self.cursor[i] >= self.per_invoke[i].len())
+    }
+
     /// Runs invoke `inv`'s nodes until one waits for a hook event other than `event` (whose value is `y`).
     fn advance(&mut self, inv: usize, mut event: Option<(&str, Point, &mut Tensor)>) -> Result<()> {
         loop {
+            if self.stopped[inv] {
+                return Ok(());
+            }
             let Some(&id) = self.per_invoke[inv].get(self.cursor[inv]) else { return Ok(()) };
             let op = &self.graph.nodes[id as usize].op;
+            if matches!(op, Op::Stop) {
+                self.stopped[inv] = true;
+                self.cursor[inv] += 1;
+                return Ok(());
+            }
             if op.inputs().iter().any(|&j| self.values[j as usize].is_none()) {
                 return Ok(()); // waits for a value of another invoke
             }
@@ -264,6 +290,9 @@ impl Interleaver<'_> {
         self.fired.insert((module.to_string(), point));
         for inv in 0..self.per_invoke.len() {
             self.advance(inv, Some((module, point, &mut t)))?;
+        }
+        if self.all_stopped() {
+            return Err(Error::Stopped);
         }
         Ok(t)
     }
