@@ -374,3 +374,22 @@ fn stop_ends_the_forward_pass_and_keeps_what_was_saved() -> nnsight::Result<()> 
     assert!(matches!(err, Error::NeverReached { .. }), "{err}");
     Ok(())
 }
+
+#[test]
+fn log_prints_a_value_when_it_is_computed() -> nnsight::Result<()> {
+    let model = gpt2();
+    let (result, lines) = nnsight::interleave::capture_logs(|| -> nnsight::Result<Tensor> {
+        intervene!(model.trace("Hello world") {
+            let h = model.transformer.h[0].output;
+            log!(h.norm());
+            let n = h.norm().save();
+        });
+        Ok(n)
+    });
+    let n = result?;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].starts_with("h.norm(): "), "{lines:?}");
+    let printed: f64 = lines[0].rsplit(':').next().unwrap().trim().parse().unwrap_or(f64::NAN);
+    assert!((printed - n.double_value(&[])).abs() < 1e-2 * n.double_value(&[]).abs().max(1.0), "{lines:?} vs {n}");
+    Ok(())
+}

@@ -60,6 +60,12 @@ pub fn stop(g: &GraphCell) {
     g.push(crate::graph::Op::Stop);
 }
 
+/// `log!(value)`: print `label: value` to standard error when the graph computes it.
+pub fn log<'g>(g: &'g GraphCell, label: &str, value: impl IntoTensorProxy<'g>) {
+    let v = value.into_proxy(g);
+    g.push(crate::graph::Op::Log { a: v.node(), label: label.to_string() });
+}
+
 /// Wraps a binding of the block for the after-block conversion (saved proxy -> value).
 pub fn finish<T>(v: T) -> Finish<T> {
     Finish::new(v)

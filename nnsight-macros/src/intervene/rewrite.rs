@@ -255,6 +255,23 @@ impl<'a> Rewriter<'a> {
         Expr::Verbatim(quote_spanned!(s=> ::nnsight::__private::apply(#g, &#module #dot #method, #arg)))
     }
 
+    /// `log!(value)`: print the value when the graph computes it, labelled with its source text.
+    fn log(&mut self, mac: Macro) -> Expr {
+        let span = first_span(&mac.path);
+        let value = match syn::parse2::<Expr>(mac.tokens.clone()) {
+            Ok(v) => v,
+            Err(e) => {
+                self.errors.push(syn::Error::new(e.span(), "`log!` takes one value, e.g. `log!(h.norm())`"));
+                return unit();
+            }
+        };
+        let label = compact(&mac.tokens.to_string());
+        let value = self.fold_expr(value);
+        let s = gen(span);
+        let g = Ident::new("__nn_g", s);
+        Expr::Verbatim(quote_spanned!(s=> ::nnsight::__private::log(#g, #label, #value)))
+    }
+
     fn assign(&mut self, a: syn::ExprAssign) -> Expr {
         if self.is_hook_point(&a.left) {
             let value = self.fold_expr(*a.right).into_token_stream();
@@ -401,6 +418,7 @@ impl Fold for Rewriter<'_> {
                 Expr::Verbatim(self.place(e))
             }
             Expr::ForLoop(f) => self.for_loop(f),
+            Expr::Macro(m) if m.mac.path.is_ident("log") => self.log(m.mac),
             Expr::Closure(c) => self.in_scope(|rw| {
                 for input in &c.inputs {
                     rw.bind_pat(input, false);
@@ -413,6 +431,17 @@ impl Fold for Rewriter<'_> {
 
     fn fold_block(&mut self, b: Block) -> Block {
         self.in_scope(|rw| fold::fold_block(rw, b))
+    }
+
+    /// `log!(value);` as a statement: a print node.
+    fn fold_stmt(&mut self, s: Stmt) -> Stmt {
+        match s {
+            Stmt::Macro(m) if m.mac.path.is_ident("log") => {
+                let semi = m.semi_token.unwrap_or_default();
+                Stmt::Expr(self.log(m.mac), Some(semi))
+            }
+            other => fold::fold_stmt(self, other),
+        }
     }
 
     /// `let layer = model.transformer.h[3];` (or `&..`) binds an envoy variable `layer` (an `&Envoy`).
@@ -469,6 +498,23 @@ impl Fold for Rewriter<'_> {
     fn fold_item(&mut self, i: syn::Item) -> syn::Item {
         i
     }
+}
+
+/// Source text as people write it: `model.h[0].output.norm()`, not `model . h [0] . output . norm ()`.
+fn compact(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    for (i, &c) in chars.iter().enumerate() {
+        if c == ' ' {
+            let prev = out.chars().last();
+            let next = chars.get(i + 1).copied();
+            if prev.is_some_and(|p| ".([".contains(p)) || next.is_some_and(|n| ".([)],".contains(n)) {
+                continue;
+            }
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn single_ident(p: &syn::ExprPath) -> Option<&Ident> {

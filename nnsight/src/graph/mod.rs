@@ -162,6 +162,8 @@ pub enum Op {
     Unsqueeze { a: NodeId, dim: i64 },
     /// Squeeze `dim` (all size-1 dimensions when `None`).
     Squeeze { a: NodeId, dim: Option<i64> },
+    /// Print `label: value` when the value is computed (to standard error locally).
+    Log { a: NodeId, label: String },
     /// End this invoke's part of the forward pass here; once every invoke has stopped or finished, the rest of
     /// the model does not run.
     Stop,
@@ -198,7 +200,8 @@ impl Op {
             | ToDevice { a, .. }
             | TupleGet { a, .. }
             | Unsqueeze { a, .. }
-            | Squeeze { a, .. } => vec![*a],
+            | Squeeze { a, .. }
+            | Log { a, .. } => vec![*a],
         }
     }
 

@@ -138,6 +138,15 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
         Op::Squeeze { dim: Some(d), .. } => tensor(a()?.f_squeeze_dim(*d)),
         Op::Squeeze { dim: None, .. } => tensor(a()?.f_squeeze()),
         Op::Stop => Ok(Value::Tuple(vec![])),
+        Op::Log { label, .. } => {
+            let line = match inputs[0] {
+                Value::Tensor(x) if x.numel() == 1 => format!("{label}: {}", x.f_double_value(&[]).map_err(t)?),
+                Value::Tensor(x) => format!("{label}: {x}"),
+                other => format!("{label}: {other:?}"),
+            };
+            super::emit_log(line);
+            Ok(Value::Tuple(vec![]))
+        }
         Op::Read { .. } | Op::ReadInputs { .. } | Op::Write { .. } | Op::Apply { .. } => {
             Err(Error::Intervention { message: format!("{} needs the forward pass", op.describe()) })
         }

@@ -13,6 +13,35 @@ use crate::{Error, Result};
 use ahash::AHashSet as HashSet;
 use tch::Tensor;
 
+thread_local! {
+    /// Lines of `log!` being captured on this thread (`None`: print to standard error).
+    static CAPTURED_LOGS: std::cell::RefCell<Option<Vec<String>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Where a `log!` line goes: the capture of [`capture_logs`] if one is active on this thread, else standard
+/// error.
+pub(crate) fn emit_log(line: String) {
+    let line = CAPTURED_LOGS.with(|c| match c.borrow_mut().as_mut() {
+        Some(lines) => {
+            lines.push(line);
+            None
+        }
+        None => Some(line),
+    });
+    if let Some(line) = line {
+        eprintln!("{line}");
+    }
+}
+
+/// Runs `f`, collecting the lines that `log!` nodes print meanwhile on this thread instead of writing them to
+/// standard error (a server sends them to its client this way).
+pub fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    let outer = CAPTURED_LOGS.with(|c| c.borrow_mut().replace(Vec::new()));
+    let out = f();
+    let lines = CAPTURED_LOGS.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer)).unwrap_or_default();
+    (out, lines)
+}
+
 /// Runs one graph during one forward pass.
 pub struct Interleaver<'a> {
     graph: &'a Graph,
