@@ -65,6 +65,13 @@ fn stop3(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
     Ok(())
 }
 
+fn cache_all(model: &LanguageModel<Llama>) -> nnsight::Result<usize> {
+    intervene!(model.trace(EIFFEL) {
+        let cache = model.cache();
+    });
+    Ok(cache.len())
+}
+
 fn invoke2(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
     intervene!(model.trace() {
         invoke(EIFFEL) {
@@ -214,6 +221,18 @@ fn main() -> nnsight::Result<()> {
         s_times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let (stop_plain, stop_ms) = (median(p_times), median(s_times));
+    // Caching every module's output, measured apart too.
+    let (mut p_times, mut c_times) = (Vec::new(), Vec::new());
+    let entries = cache_all(&model)?;
+    for _ in 0..rounds.max(20) {
+        let t = Instant::now();
+        plain(&model)?;
+        p_times.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        cache_all(&model)?;
+        c_times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (cache_plain, cache_ms) = (median(p_times), median(c_times));
     let interleaver_us = interleaver_cost(&model)?;
     let peer = run_peer(rounds);
     let plain = times[0].clone();
@@ -241,6 +260,10 @@ fn main() -> nnsight::Result<()> {
     println!(
         "stop() after layer 3 of 30 (save layer 3, then stop): {stop_ms:.2} ms vs {stop_plain:.2} ms plain = {:.3}",
         stop_ms / stop_plain
+    );
+    println!(
+        "cache() of every module's output ({entries} entries): {cache_ms:.2} ms vs {cache_plain:.2} ms plain = {:.3}",
+        cache_ms / cache_plain
     );
     println!("graph build of 30 saves: median {:.1} µs", median(build));
     println!(

@@ -393,3 +393,37 @@ fn log_prints_a_value_when_it_is_computed() -> nnsight::Result<()> {
     assert!((printed - n.double_value(&[])).abs() < 1e-2 * n.double_value(&[]).abs().max(1.0), "{lines:?} vs {n}");
     Ok(())
 }
+
+#[test]
+fn cache_records_every_module_after_interventions() -> nnsight::Result<()> {
+    let model = gpt2();
+    intervene!(model.trace("Hello world") {
+        let cache = model.cache();
+        model.transformer.h[0].mlp.output = model.transformer.h[0].mlp.output * 0.0;
+        let h1 = model.transformer.h[1].output.save();
+    });
+    // Every module that ran is there, in forward order, and equals what a save gives.
+    let mut rec = Recorder::default();
+    let _ = model.forward_with_hook(&model.batch("Hello world")?, &mut rec)?;
+    assert_eq!(cache.len(), rec.order.len(), "{:?}", cache.keys().collect::<Vec<_>>());
+    assert_eq!(cache.keys().next(), Some("model.transformer.wte.output"));
+    assert_eq!(cache.keys().last(), Some("model.output"));
+    assert_eq!(max_abs_diff(&cache["model.transformer.h.1.output"], &h1), 0.0);
+    // After the intervention: the zeroed MLP reads back zeros.
+    assert_eq!(cache["model.transformer.h.0.mlp.output"].abs().max().double_value(&[]), 0.0);
+    assert!(rec.outputs["transformer.h.0.mlp"].abs().max().double_value(&[]) > 0.0);
+
+    // Listed modules, with inputs, on a chosen device, per invoke.
+    intervene!(model.trace() {
+        invoke("Hello world") {
+            let some = model.cache_with(CacheOptions::default().modules(["model.transformer.h.1"]).inputs(true).device(Device::Cpu));
+        }
+        invoke("The quick brown fox") {
+            let other = model.cache_with(CacheOptions::default().modules(["transformer.ln_f"]));
+        }
+    });
+    assert_eq!(some.keys().collect::<Vec<_>>(), ["model.transformer.h.1.input", "model.transformer.h.1.output"]);
+    assert_eq!(some["model.transformer.h.1.output"].size()[0], 1, "each invoke records its own rows");
+    assert_eq!(other.keys().collect::<Vec<_>>(), ["model.transformer.ln_f.output"]);
+    Ok(())
+}

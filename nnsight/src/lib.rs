@@ -44,7 +44,7 @@ pub use nnsight_macros::{intervene, Traceable};
 /// What a program using nnsight needs in scope.
 pub mod prelude {
     pub use crate::envoy::UnsavedUse as _;
-    pub use crate::envoy::{cat, stack, NewAxis, Proxy, Saved};
+    pub use crate::envoy::{cat, stack, Cache, CacheOptions, NewAxis, Proxy, Saved};
     pub use crate::models::{gpt2::Gpt2, llama::Llama, AutoModel};
     pub use crate::{intervene, Input, LanguageModel, LoadOptions, NNsight, Traceable};
     pub use tch::{Device, IndexOp, Kind, Tensor};

@@ -60,6 +60,16 @@ pub fn stop(g: &GraphCell) {
     g.push(crate::graph::Op::Stop);
 }
 
+/// `model.cache()` / `model.cache_with(options)`: record module values from here on; saved.
+pub fn cache(g: &GraphCell, options: crate::envoy::CacheOptions) -> crate::envoy::Saved<'_, crate::envoy::Cache> {
+    let op = crate::graph::Op::Cache {
+        modules: options.modules,
+        inputs: options.inputs,
+        device: options.device.map(crate::graph::value::device_name),
+    };
+    Proxy::<crate::envoy::Cache>::new(g.push(op), g).save()
+}
+
 /// `log!(value)`: print `label: value` to standard error when the graph computes it.
 pub fn log<'g>(g: &'g GraphCell, label: &str, value: impl IntoTensorProxy<'g>) {
     let v = value.into_proxy(g);

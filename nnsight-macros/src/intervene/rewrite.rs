@@ -317,6 +317,18 @@ impl<'a> Rewriter<'a> {
     fn method_call(&mut self, m: syn::ExprMethodCall) -> Expr {
         let kind = self.path_kind(&m.receiver);
         match kind {
+            // `model.cache()` / `model.cache_with(options)`: record module values from here on.
+            Some(PathKind::Root) if m.method == "cache" && m.args.is_empty() => {
+                let s = gen(m.method.span());
+                let g = Ident::new("__nn_g", s);
+                Expr::Verbatim(quote_spanned!(s=> ::nnsight::__private::cache(#g, ::core::default::Default::default())))
+            }
+            Some(PathKind::Root) if m.method == "cache_with" && m.args.len() == 1 => {
+                let s = gen(m.method.span());
+                let g = Ident::new("__nn_g", s);
+                let opts = self.fold_expr(m.args.into_iter().next().expect("one argument"));
+                Expr::Verbatim(quote_spanned!(s=> ::nnsight::__private::cache(#g, #opts)))
+            }
             // `model.stop()`: end the forward pass once everything before this point has run.
             Some(PathKind::Root) if m.method == "stop" && m.args.is_empty() => {
                 let s = gen(m.method.span());
@@ -718,7 +730,7 @@ impl<'ast> Visit<'ast> for Mentions<'_> {
             Expr::Field(f) if matches!(&f.member, Member::Named(n) if is_hook(n)) => self.found = true,
             Expr::MethodCall(m)
                 if m.method == "save"
-                    || (m.args.len() == 1
+                    || ((m.args.len() == 1 || m.method == "cache")
                         && matches!(&*m.receiver, Expr::Path(p) if single_ident(p).is_some_and(|i| *i == self.exports.root))) =>
             {
                 self.found = true

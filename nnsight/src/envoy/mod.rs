@@ -12,8 +12,8 @@ pub(crate) mod trace;
 pub use builder::{CallOrder, GraphCell};
 pub use proxy::{cat, stack, IntoDims, IntoIndex, IntoIndexItem, IntoTensorProxy, NewAxis, Proxy, Saved};
 pub use trace::{
-    FinishPlain, FinishSaved, FinishUnsaved, FromValue, NNsight, NotSaved, SavedInsideTheBlock, Trace, TraceResults,
-    TraceTarget, UnsavedUse,
+    Cache, CacheOptions, FinishPlain, FinishSaved, FinishUnsaved, FromValue, NNsight, NotSaved, SavedInsideTheBlock,
+    Trace, TraceResults, TraceTarget, UnsavedUse,
 };
 
 use crate::graph::Point;

@@ -203,6 +203,92 @@ impl FromValue for Vec<Tensor> {
     }
 }
 
+/// Module values recorded by `model.cache()`: `"model.model.layers.5.output"` (a later call of the same module adds
+/// `#1`, `#2`, ...) to tensor, in the order they were computed.
+#[derive(Debug, Default)]
+pub struct Cache {
+    entries: Vec<(String, Tensor)>,
+}
+
+impl Cache {
+    /// The recorded value under `key` (e.g. `"model.transformer.h.0.output"`).
+    pub fn get(&self, key: &str) -> Option<&Tensor> {
+        self.entries.iter().find(|(k, _)| k == key).map(|(_, t)| t)
+    }
+    /// Every key, in forward order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|(k, _)| k.as_str())
+    }
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    /// Entries in forward order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.entries.iter().map(|(k, t)| (k.as_str(), t))
+    }
+}
+
+impl std::ops::Index<&str> for Cache {
+    type Output = Tensor;
+    fn index(&self, key: &str) -> &Tensor {
+        self.get(key).unwrap_or_else(|| panic!("no cache entry `{key}`"))
+    }
+}
+
+impl FromValue for Cache {
+    fn from_value(v: Value) -> Result<Self> {
+        match v {
+            Value::Map(items) => Ok(Cache {
+                entries: items.into_iter().map(|(k, v)| Ok((k, Tensor::from_value(v)?))).collect::<Result<_>>()?,
+            }),
+            other => Err(Error::Intervention { message: format!("expected a cache, found a {}", other.kind_name()) }),
+        }
+    }
+}
+
+/// What `model.cache_with(options)` records.
+#[derive(Debug, Clone, Default)]
+pub struct CacheOptions {
+    /// Only these modules (dotted paths, with or without the leading `model.`); all when `None`.
+    pub modules: Option<Vec<String>>,
+    /// Also record module inputs.
+    pub inputs: bool,
+    /// Move every entry to this device.
+    pub device: Option<tch::Device>,
+}
+
+impl CacheOptions {
+    /// Only the listed modules.
+    pub fn modules<S: AsRef<str>>(mut self, modules: impl IntoIterator<Item = S>) -> Self {
+        let strip = |s: &str| {
+            s.strip_prefix("model.").map(String::from).unwrap_or_else(|| {
+                if s == "model" {
+                    String::new()
+                } else {
+                    s.to_string()
+                }
+            })
+        };
+        self.modules = Some(modules.into_iter().map(|m| strip(m.as_ref())).collect());
+        self
+    }
+    /// Inputs too.
+    pub fn inputs(mut self, yes: bool) -> Self {
+        self.inputs = yes;
+        self
+    }
+    /// Entries moved to `device`.
+    pub fn device(mut self, device: tch::Device) -> Self {
+        self.device = Some(device);
+        self
+    }
+}
+
 impl FromValue for () {
     fn from_value(_: Value) -> Result<Self> {
         Ok(())

@@ -162,6 +162,9 @@ pub enum Op {
     Unsqueeze { a: NodeId, dim: i64 },
     /// Squeeze `dim` (all size-1 dimensions when `None`).
     Squeeze { a: NodeId, dim: Option<i64> },
+    /// Record, from here on, the outputs (and with `inputs`, the inputs) of every module (or of `modules`), after
+    /// interventions, this invoke's rows, moved to `device` if given; the value is the whole record at the end.
+    Cache { modules: Option<Vec<String>>, inputs: bool, device: Option<String> },
     /// Print `label: value` when the value is computed (to standard error locally).
     Log { a: NodeId, label: String },
     /// End this invoke's part of the forward pass here; once every invoke has stopped or finished, the rest of
@@ -174,7 +177,7 @@ impl Op {
     pub fn inputs(&self) -> Vec<NodeId> {
         use Op::*;
         match self {
-            Read { .. } | ReadInputs { .. } | Const { .. } | Stop => vec![],
+            Read { .. } | ReadInputs { .. } | Const { .. } | Stop | Cache { .. } => vec![],
             Write { value, .. } => vec![*value],
             Apply { input, .. } => vec![*input],
             Save { value } => vec![*value],

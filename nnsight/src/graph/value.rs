@@ -13,6 +13,8 @@ pub enum Value {
     Tuple(Vec<Value>),
     /// A number.
     Scalar(f64),
+    /// Named values (a cache: dotted module path and point to tensor).
+    Map(Vec<(String, Value)>),
 }
 
 impl Value {
@@ -30,6 +32,7 @@ impl Value {
             Value::Tensor(t) => Value::Tensor(t.shallow_clone()),
             Value::Tuple(v) => Value::Tuple(v.iter().map(Value::shallow_clone).collect()),
             Value::Scalar(s) => Value::Scalar(*s),
+            Value::Map(m) => Value::Map(m.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect()),
         }
     }
 
@@ -39,6 +42,7 @@ impl Value {
             Value::Tensor(_) => "tensor",
             Value::Tuple(_) => "tuple",
             Value::Scalar(_) => "scalar",
+            Value::Map(_) => "map",
         }
     }
 }

@@ -62,6 +62,19 @@ pub struct Interleaver<'a> {
     fired: HashSet<(String, Point)>,
     /// Invokes that reached a `stop()`.
     stopped: Vec<bool>,
+    /// Active caches: (cache node, invoke, options, records so far).
+    caches: Vec<ActiveCache>,
+}
+
+/// A `cache()` that is recording.
+struct ActiveCache {
+    node: NodeId,
+    invoke: usize,
+    modules: Option<HashSet<String>>,
+    inputs: bool,
+    device: Option<tch::Device>,
+    records: Vec<(String, Value)>,
+    calls: ahash::AHashMap<(String, Point), u32>,
 }
 
 impl<'a> Interleaver<'a> {
@@ -106,6 +119,7 @@ impl<'a> Interleaver<'a> {
             watched,
             fired: HashSet::default(),
             stopped: vec![false; n_invokes],
+            caches: Vec::new(),
         })
     }
 
@@ -147,6 +161,9 @@ impl<'a> Interleaver<'a> {
                 });
             }
         }
+        for c in std::mem::take(&mut self.caches) {
+            self.values[c.node as usize] = Some(Value::Map(c.records));
+        }
         let mut out = std::collections::HashMap::new();
         for id in self.saved.iter().copied() {
             if let Some(v) = self.values[id as usize].take() {
@@ -175,6 +192,21 @@ impl<'a> Interleaver<'a> {
                 self.stopped[inv] = true;
                 self.cursor[inv] += 1;
                 return Ok(());
+            }
+            if let Op::Cache { modules, inputs, device } = op {
+                let device = match device {
+                    Some(d) => Some(crate::graph::value::device_from_name(d)?),
+                    None => None,
+                };
+                self.caches.push(ActiveCache {
+                    node: id,
+                    invoke: inv,
+                    modules: modules.as_ref().map(|m| m.iter().cloned().collect()),
+                    inputs: *inputs,
+                    device,
+                    records: Vec::new(),
+                    calls: Default::default(),
+                });
             }
             if op.inputs().iter().any(|&j| self.values[j as usize].is_none()) {
                 return Ok(()); // waits for a value of another invoke
@@ -311,14 +343,44 @@ pub fn find<'m>(root: &'m dyn Module, path: &str) -> Option<&'m dyn Module> {
 }
 
 impl Interleaver<'_> {
+    /// Adds this event's value (after interventions) to every active cache that wants it.
+    fn record_caches(&mut self, module: &str, point: Point, t: &Tensor) -> Result<()> {
+        for k in 0..self.caches.len() {
+            let c = &self.caches[k];
+            if (point == Point::Input && !c.inputs) || c.modules.as_ref().is_some_and(|m| !m.contains(module)) {
+                continue;
+            }
+            let mut v = self.my_rows(c.invoke, t)?;
+            if let Some(d) = c.device {
+                v = v.f_to_device(d).map_err(|e| Error::torch(module.to_string(), e))?;
+            }
+            let c = &mut self.caches[k];
+            let n = c.calls.entry((module.to_string(), point)).or_insert(0);
+            let name = format!(
+                "{}{}{}",
+                display(module),
+                if point == Point::Input { ".input" } else { ".output" },
+                if *n > 0 { format!("#{n}") } else { String::new() }
+            );
+            *n += 1;
+            c.records.push((name, Value::Tensor(v)));
+        }
+        Ok(())
+    }
+
     /// A hook event: every invoke runs up to its next wait, seeing (and maybe replacing) `t`.
     fn event(&mut self, module: &str, point: Point, mut t: Tensor) -> Result<Tensor> {
-        if self.watched.is_empty() || !self.watched.contains(module) {
+        if self.caches.is_empty() && (self.watched.is_empty() || !self.watched.contains(module)) {
             return Ok(t);
         }
-        self.fired.insert((module.to_string(), point));
-        for inv in 0..self.per_invoke.len() {
-            self.advance(inv, Some((module, point, &mut t)))?;
+        if self.watched.contains(module) {
+            self.fired.insert((module.to_string(), point));
+            for inv in 0..self.per_invoke.len() {
+                self.advance(inv, Some((module, point, &mut t)))?;
+            }
+        }
+        if !self.caches.is_empty() {
+            self.record_caches(module, point, &t)?;
         }
         if self.all_stopped() {
             return Err(Error::Stopped);
