@@ -427,3 +427,69 @@ fn cache_records_every_module_after_interventions() -> nnsight::Result<()> {
     assert_eq!(other.keys().collect::<Vec<_>>(), ["model.transformer.ln_f.output"]);
     Ok(())
 }
+
+#[test]
+fn skip_replaces_a_module_without_running_it() -> nnsight::Result<()> {
+    let model = gpt2();
+    // Skipping block 1 with its own input makes it the identity: the final norm sees block 0's output.
+    intervene!(model.trace("Hello world") {
+        let h0 = model.transformer.h[0].output.save();
+        model.transformer.h[1].skip(model.transformer.h[1].input);
+        let ln_f_in = model.transformer.ln_f.input.save();
+    });
+    assert_eq!(max_abs_diff(&h0, &ln_f_in), 0.0);
+
+    // The skipped module's submodules do not run: reading one is never reached.
+    let err = (|| -> nnsight::Result<()> {
+        intervene!(model.trace("Hello world") {
+            model.transformer.h[1].skip(model.transformer.h[1].input);
+            let attn = model.transformer.h[1].attn.output.save();
+        });
+        let _ = attn;
+        Ok(())
+    })()
+    .err()
+    .unwrap();
+    assert!(matches!(err, Error::NeverReached { .. }), "{err}");
+
+    // With several invokes, each gives its own rows, or it is an error that says so.
+    intervene!(model.trace() {
+        invoke("Hello world") {
+            let a0 = model.transformer.h[0].output.save();
+            model.transformer.h[1].skip(model.transformer.h[1].input);
+            let a = model.transformer.ln_f.input.save();
+        }
+        invoke("Hello world") {
+            model.transformer.h[1].skip(model.transformer.h[1].input * 0.0);
+            let b = model.transformer.ln_f.input.save();
+        }
+    });
+    assert_eq!(max_abs_diff(&a, &a0), 0.0);
+    assert_eq!(b.abs().max().double_value(&[]), 0.0);
+    let partial = (|| -> nnsight::Result<()> {
+        intervene!(model.trace() {
+            invoke("Hello world") {
+                model.transformer.h[1].skip(model.transformer.h[1].input);
+            }
+            invoke("Hello world") {
+                let b = model.output.save();
+            }
+        });
+        let _ = b;
+        Ok(())
+    })()
+    .err()
+    .unwrap();
+    assert!(partial.to_string().contains("partial skip of `model.transformer.h.1`"), "{partial}");
+    // A value without the invoke's rows is refused, naming the module.
+    let bad = (|| -> nnsight::Result<()> {
+        intervene!(model.trace("Hello world") {
+            model.transformer.h[1].skip(Tensor::zeros([2, 3, 64], (Kind::Float, Device::Cpu)));
+        });
+        Ok(())
+    })()
+    .err()
+    .unwrap();
+    assert!(matches!(bad, Error::WriteShape { .. }) && bad.to_string().contains("model.transformer.h.1"), "{bad}");
+    Ok(())
+}

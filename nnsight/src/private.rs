@@ -55,6 +55,12 @@ pub fn apply<'g, E: Envoy + ?Sized>(g: &'g GraphCell, module: &E, x: impl IntoTe
     g.apply(module.module_path(), x.node())
 }
 
+/// `E.skip(value)`: do not run the module; `value` is this invoke's rows of its output.
+pub fn skip<'g, E: Envoy + ?Sized>(g: &'g GraphCell, module: &E, value: impl IntoTensorProxy<'g>) -> Result<()> {
+    let v = value.into_proxy(g);
+    g.skip(module.module_path(), v.node())
+}
+
 /// `model.stop()`: the forward pass ends once every invoke has reached its stop (or its end).
 pub fn stop(g: &GraphCell) {
     g.push(crate::graph::Op::Stop);

@@ -317,6 +317,14 @@ impl<'a> Rewriter<'a> {
     fn method_call(&mut self, m: syn::ExprMethodCall) -> Expr {
         let kind = self.path_kind(&m.receiver);
         match kind {
+            // `model.transformer.h[1].skip(value)`: do not run the module, use the value as its output.
+            Some(PathKind::Path) | Some(PathKind::Alias) if m.method == "skip" && m.args.len() == 1 => {
+                let s = gen(m.method.span());
+                let g = Ident::new("__nn_g", s);
+                let module = self.place(*m.receiver);
+                let value = self.fold_expr(m.args.into_iter().next().expect("one argument"));
+                Expr::Verbatim(quote_spanned!(s=> ::nnsight::__private::skip(#g, &#module, #value)?))
+            }
             // `model.cache()` / `model.cache_with(options)`: record module values from here on.
             Some(PathKind::Root) if m.method == "cache" && m.args.is_empty() => {
                 let s = gen(m.method.span());

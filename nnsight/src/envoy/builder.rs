@@ -150,6 +150,13 @@ impl GraphCell {
         Ok(())
     }
 
+    /// A skip of `module` with `value` as this invoke's rows of its output.
+    pub fn skip(&self, module: &str, value: NodeId) -> Result<()> {
+        self.check_order(module, Point::Input, "skip")?;
+        self.push(Op::Skip { module: module.into(), call: 0, value });
+        Ok(())
+    }
+
     /// An ad-hoc call of `module` on `input`, outside the forward pass.
     pub fn apply(&self, module: &str, input: NodeId) -> Proxy<'_, tch::Tensor> {
         Proxy::new(self.push(Op::Apply { module: module.into(), input }), self)

@@ -108,6 +108,9 @@ pub enum Op {
     ReadInputs { module: String, call: u32 },
     /// Replace a module's input or output (this invoke's rows) by `value`; with `index`, only that slice.
     Write { module: String, point: Point, call: u32, value: NodeId, index: Option<Vec<IndexItem>> },
+    /// Do not run `module` at its `call`-th call: this invoke's rows of its output are `value` (every invoke must
+    /// skip it, or none).
+    Skip { module: String, call: u32, value: NodeId },
     /// Run a module on `input` outside the forward pass (an ad-hoc call, no hooks).
     Apply { module: String, input: NodeId },
     /// A constant.
@@ -178,7 +181,7 @@ impl Op {
         use Op::*;
         match self {
             Read { .. } | ReadInputs { .. } | Const { .. } | Stop | Cache { .. } => vec![],
-            Write { value, .. } => vec![*value],
+            Write { value, .. } | Skip { value, .. } => vec![*value],
             Apply { input, .. } => vec![*input],
             Save { value } => vec![*value],
             Binary { a, b, .. } => vec![*a, *b],
@@ -212,7 +215,7 @@ impl Op {
     pub fn hook_point(&self) -> Option<(&str, Point, u32)> {
         match self {
             Op::Read { module, point, call } | Op::Write { module, point, call, .. } => Some((module, *point, *call)),
-            Op::ReadInputs { module, call } => Some((module, Point::Input, *call)),
+            Op::ReadInputs { module, call } | Op::Skip { module, call, .. } => Some((module, Point::Input, *call)),
             _ => None,
         }
     }
@@ -228,6 +231,7 @@ impl Op {
                 format!("write of `{}` {} (call {call})", display(module), point_name(*point))
             }
             Op::Apply { module, .. } => format!("call of `{}`", display(module)),
+            Op::Skip { module, call, .. } => format!("skip of `{}` (call {call})", display(module)),
             other => {
                 let json = serde_json::to_value(other).ok();
                 let name = json.as_ref().and_then(|j| j.get("op")).and_then(|o| o.as_str()).unwrap_or("op");

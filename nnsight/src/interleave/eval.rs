@@ -148,7 +148,7 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
             super::emit_log(line);
             Ok(Value::Tuple(vec![]))
         }
-        Op::Read { .. } | Op::ReadInputs { .. } | Op::Write { .. } | Op::Apply { .. } => {
+        Op::Read { .. } | Op::ReadInputs { .. } | Op::Write { .. } | Op::Apply { .. } | Op::Skip { .. } => {
             Err(Error::Intervention { message: format!("{} needs the forward pass", op.describe()) })
         }
     }

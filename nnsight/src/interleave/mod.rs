@@ -64,6 +64,8 @@ pub struct Interleaver<'a> {
     stopped: Vec<bool>,
     /// Active caches: (cache node, invoke, options, records so far).
     caches: Vec<ActiveCache>,
+    /// Skip values given for the module about to run, by invoke.
+    skips: Vec<(usize, Tensor, NodeId)>,
 }
 
 /// A `cache()` that is recording.
@@ -120,6 +122,7 @@ impl<'a> Interleaver<'a> {
             fired: HashSet::default(),
             stopped: vec![false; n_invokes],
             caches: Vec::new(),
+            skips: Vec::new(),
         })
     }
 
@@ -259,6 +262,11 @@ impl<'a> Interleaver<'a> {
         match op {
             Op::Read { .. } => Ok(Some(Value::Tensor(self.my_rows(inv, y)?))),
             Op::ReadInputs { .. } => Ok(Some(Value::Tuple(vec![Value::Tensor(self.my_rows(inv, y)?)]))),
+            Op::Skip { value, .. } => {
+                let v = self.values[*value as usize].as_ref().expect("checked").tensor()?.shallow_clone();
+                self.skips.push((inv, v, id));
+                Ok(None)
+            }
             Op::Write { module, point, value, index, .. } => {
                 let v = self.values[*value as usize].as_ref().expect("checked").tensor()?.shallow_clone();
                 let target =
@@ -389,9 +397,82 @@ impl Interleaver<'_> {
     }
 }
 
+impl Interleaver<'_> {
+    /// The output replacing `module`'s forward when every invoke skips it: each invoke's value in its rows.
+    fn take_skip(&mut self, module: &str, x: &Tensor) -> Result<Option<Tensor>> {
+        if self.skips.is_empty() {
+            return Ok(None);
+        }
+        let skips = std::mem::take(&mut self.skips);
+        let n = self.per_invoke.len();
+        let missing: Vec<usize> = (0..n).filter(|i| !skips.iter().any(|s| s.0 == *i)).collect();
+        if !missing.is_empty() {
+            return Err(Error::Intervention {
+                message: format!(
+                    "partial skip of `{}`: invoke(s) {:?} skip it but invoke(s) {:?} do not; every invoke must give a value, or none",
+                    display(module),
+                    skips.iter().map(|s| s.0).collect::<Vec<_>>(),
+                    missing
+                ),
+            });
+        }
+        let f = |e| Error::torch(module.to_string(), e);
+        if let [(inv, v, _)] = skips.as_slice() {
+            let (start, len) = self.rows[*inv];
+            if start == 0 && len == self.batch {
+                self.check_skip(module, v, x)?;
+                return Ok(Some(v.f_to_device(x.device()).map_err(f)?));
+            }
+        }
+        // Several invokes: each value fills its rows, in row order (rows do not overlap).
+        let mut parts: Vec<(i64, Tensor)> = Vec::new();
+        for (inv, v, _) in &skips {
+            let (start, len) = self.rows[*inv];
+            if len == self.batch && n > 1 {
+                return Err(Error::Intervention {
+                    message: format!(
+                        "skip of `{}`: invoke {inv} sees the whole batch, so its value cannot be combined with the other invokes' values",
+                        display(module)
+                    ),
+                });
+            }
+            let mine = self.my_rows(*inv, x)?;
+            if v.size().first() != Some(&len) {
+                return Err(Error::WriteShape {
+                    target: format!("skip of `{}` (invoke {inv})", display(module)),
+                    expected: std::iter::once(len).chain(mine.size().into_iter().skip(1)).collect(),
+                    given: v.size(),
+                });
+            }
+            parts.push((start, v.f_to_device(x.device()).map_err(f)?));
+        }
+        parts.sort_by_key(|p| p.0);
+        let tensors: Vec<Tensor> = parts.into_iter().map(|p| p.1).collect();
+        Tensor::f_cat(&tensors, 0).map(Some).map_err(|e| Error::Intervention {
+            message: format!("skip of `{}`: the invokes' values do not fit together: {e}", display(module)),
+        })
+    }
+
+    /// A single skip value must have the batch's rows.
+    fn check_skip(&self, module: &str, v: &Tensor, x: &Tensor) -> Result<()> {
+        if v.size().first() != x.size().first() {
+            return Err(Error::WriteShape {
+                target: format!("skip of `{}`", display(module)),
+                expected: x.size().into_iter().take(1).collect(),
+                given: v.size(),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Hook for Interleaver<'_> {
     fn input(&mut self, module: &str, x: Tensor) -> Result<Tensor> {
         self.event(module, Point::Input, x)
+    }
+
+    fn skip(&mut self, module: &str, x: &Tensor) -> Result<Option<Tensor>> {
+        self.take_skip(module, x)
     }
 
     fn output(&mut self, module: &str, y: Tensor) -> Result<Tensor> {

@@ -72,6 +72,13 @@ pub trait Hook {
     fn input(&mut self, module: &str, x: Tensor) -> Result<Tensor>;
     /// Called after `module` ran, with its output; returns the output the caller receives.
     fn output(&mut self, module: &str, y: Tensor) -> Result<Tensor>;
+
+    /// Called between [`Hook::input`] and the module's forward: a value to use as the module's output instead of
+    /// running it (a skip), or `None` to run it.
+    fn skip(&mut self, module: &str, x: &Tensor) -> Result<Option<Tensor>> {
+        let _ = (module, x);
+        Ok(None)
+    }
 }
 
 /// Per-forward side inputs shared by the modules of one pass (not hook points).
@@ -108,11 +115,18 @@ impl<'h> Ctx<'h> {
     /// Runs `module` on `x` with the hooks around it. Every submodule call of every model goes through here.
     #[inline]
     pub fn call<M: Forward + ?Sized>(&mut self, module: &M, x: &Tensor) -> Result<Tensor> {
-        let x = match self.hook.as_deref_mut() {
+        let (x, skipped) = match self.hook.as_deref_mut() {
             None => return module.forward(self, x),
-            Some(hook) => hook.input(module.path(), x.shallow_clone())?,
+            Some(hook) => {
+                let x = hook.input(module.path(), x.shallow_clone())?;
+                let skipped = hook.skip(module.path(), &x)?;
+                (x, skipped)
+            }
         };
-        let y = module.forward(self, &x)?;
+        let y = match skipped {
+            Some(y) => y,
+            None => module.forward(self, &x)?,
+        };
         match self.hook.as_deref_mut() {
             Some(hook) => hook.output(module.path(), y),
             None => Ok(y),
