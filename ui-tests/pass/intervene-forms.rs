@@ -36,6 +36,18 @@ fn invokes(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
     Ok(())
 }
 
+fn issue4(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
+    intervene!(model.trace("The Eiffel Tower is in the city of") {
+        let cache = model.cache_with(CacheOptions::default().modules(["model.model.layers.0"]).inputs(true));
+        model.model.layers[1].skip(model.model.layers[1].input);
+        log!(model.model.layers[2].output.norm());
+        let h = model.model.layers[3].output.save();
+        model.stop();
+    });
+    let _: (Cache, Tensor) = (cache, h);
+    Ok(())
+}
+
 fn main() {
-    let _ = (single, invokes);
+    let _ = (single, invokes, issue4);
 }

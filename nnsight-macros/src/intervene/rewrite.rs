@@ -337,6 +337,13 @@ impl<'a> Rewriter<'a> {
                 let opts = self.fold_expr(m.args.into_iter().next().expect("one argument"));
                 Expr::Verbatim(quote_spanned!(s=> ::nnsight::__private::cache(#g, #opts)))
             }
+            Some(PathKind::Root) if m.method == "stop" && !m.args.is_empty() => {
+                self.errors.push(syn::Error::new(
+                    first_span(&m.args),
+                    "`stop()` takes no arguments: it ends the forward pass where it stands in the block",
+                ));
+                unit()
+            }
             // `model.stop()`: end the forward pass once everything before this point has run.
             Some(PathKind::Root) if m.method == "stop" && m.args.is_empty() => {
                 let s = gen(m.method.span());
