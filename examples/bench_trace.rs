@@ -96,6 +96,24 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// Median milliseconds of a plain forward and of `case`, alternating, over `rounds` (at least 20) rounds.
+fn paired(
+    model: &LanguageModel<Llama>,
+    rounds: usize,
+    case: impl Fn(&LanguageModel<Llama>) -> nnsight::Result<()>,
+) -> nnsight::Result<(f64, f64)> {
+    let (mut p_times, mut c_times) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(20) {
+        let t = Instant::now();
+        plain(model)?;
+        p_times.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        case(model)?;
+        c_times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok((median(p_times), median(c_times)))
+}
+
 /// Records the hook events of a forward pass.
 #[derive(Default)]
 struct Events(Vec<(String, bool)>);
@@ -210,29 +228,11 @@ fn main() -> nnsight::Result<()> {
         build.push(t.elapsed().as_secs_f64() * 1e6);
         drop(tr);
     }
-    // Early stop, measured apart (a much shorter case would change the others' round-robin neighbours).
-    let (mut p_times, mut s_times) = (Vec::new(), Vec::new());
-    for _ in 0..rounds.max(20) {
-        let t = Instant::now();
-        plain(&model)?;
-        p_times.push(t.elapsed().as_secs_f64() * 1e3);
-        let t = Instant::now();
-        stop3(&model)?;
-        s_times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let (stop_plain, stop_ms) = (median(p_times), median(s_times));
-    // Caching every module's output, measured apart too.
-    let (mut p_times, mut c_times) = (Vec::new(), Vec::new());
+    // Early stop and caching are measured apart, each alternating with a plain forward (a much shorter or longer
+    // case would change the others' round-robin neighbours).
+    let (stop_plain, stop_ms) = paired(&model, rounds, stop3)?;
     let entries = cache_all(&model)?;
-    for _ in 0..rounds.max(20) {
-        let t = Instant::now();
-        plain(&model)?;
-        p_times.push(t.elapsed().as_secs_f64() * 1e3);
-        let t = Instant::now();
-        cache_all(&model)?;
-        c_times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let (cache_plain, cache_ms) = (median(p_times), median(c_times));
+    let (cache_plain, cache_ms) = paired(&model, rounds, |m| cache_all(m).map(|_| ()))?;
     let interleaver_us = interleaver_cost(&model)?;
     let peer = run_peer(rounds);
     let plain = times[0].clone();
