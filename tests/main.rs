@@ -3,6 +3,7 @@
 mod common;
 mod gguf;
 mod graph_runtime;
+mod inner_points;
 mod intervene;
 mod linking;
 mod loading_errors;

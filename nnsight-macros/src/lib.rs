@@ -13,8 +13,10 @@ mod intervene;
 /// `#[traceable(param)]` on parameter tensors (`Tensor` or `Option<Tensor>`), `#[traceable(skip)]` on anything
 /// else that is not a submodule. Every other field is a submodule: a traceable module, or a `ModuleList<T>`,
 /// `Vec<T>` or `Option<T>` of them. Struct attributes: `#[traceable(kind = "Name")]` (the type name printed in
-/// the module tree), `#[traceable(describe = "method")]` (a `fn(&self) -> String` printed after it).
-/// The struct must also implement `nnsight::nn::Forward`.
+/// the module tree), `#[traceable(describe = "method")]` (a `fn(&self) -> String` printed after it),
+/// `#[traceable(points(query, probs))]` (inner hook points: named values inside the forward, each an envoy field
+/// whose `.output` reads and writes like a module's; the forward passes them through `Ctx::point` when
+/// `Ctx::wants_points` says so). The struct must also implement `nnsight::nn::Forward`.
 #[proc_macro_derive(Traceable, attributes(traceable))]
 pub fn derive_traceable(input: proc_macro::TokenStream) -> proc_macro::TokenStream {
     let input = syn::parse_macro_input!(input as syn::DeriveInput);

@@ -3,8 +3,8 @@
 
 pub use crate::envoy::trace::Finish;
 pub use crate::envoy::{
-    Envoy, FinishPlain, FinishSaved, FinishUnsaved, GraphCell, HookPoint, IndexableEnvoy, InputsPoint, IntoIndex,
-    IntoTensorProxy, ModuleListEnvoy, Points, Proxy, Trace, TraceResults, TraceTarget, Traceable,
+    Envoy, FinishPlain, FinishSaved, FinishUnsaved, GraphCell, HookPoint, IndexableEnvoy, InnerPoint, InputsPoint,
+    IntoIndex, IntoTensorProxy, ModuleListEnvoy, Points, Proxy, Trace, TraceResults, TraceTarget, Traceable,
 };
 pub use crate::graph::Point;
 pub use crate::nn::{join_path, Forward, Module};

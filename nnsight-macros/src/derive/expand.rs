@@ -1,6 +1,6 @@
 //! Generates, for a traceable struct `S`: `impl Module for S` (path, type name, children, parameters, forward),
-//! the envoy struct `SEnvoy` (a field per submodule plus the hook points), and `impl Traceable for S` (envoy
-//! construction, path assignment, visiting as a child).
+//! the envoy struct `SEnvoy` (a field per submodule and per inner point, plus the hook points), and
+//! `impl Traceable for S` (envoy construction, path assignment, visiting as a child).
 
 use super::parse::{FieldKind, Model};
 use proc_macro2::TokenStream;
@@ -49,6 +49,14 @@ pub fn expand(m: &Model) -> TokenStream {
         let ty = &f.ty;
         quote_spanned!(ty.span()=> #name: <#ty as #p::Traceable>::envoy(&self.#name),)
     });
+    let point_fields = m.points.iter().map(|name| {
+        let doc = format!("The inner point `{name}` (see the module's documentation for its shape).");
+        quote_spanned!(name.span()=> #[doc = #doc] pub #name: #p::InnerPoint,)
+    });
+    let point_inits = m.points.iter().map(|name| {
+        let key = name.to_string();
+        quote_spanned!(name.span()=> #name: #p::InnerPoint::new(&self.#path_field, #key),)
+    });
     let describe = match &m.describe {
         Some(method) => quote!(fn describe(&self) -> ::std::string::String { self.#method() }),
         None => quote!(),
@@ -64,6 +72,7 @@ pub fn expand(m: &Model) -> TokenStream {
         #[allow(missing_docs)]
         #vis struct #envoy {
             #(#envoy_fields)*
+            #(#point_fields)*
             /// The module's output (after it runs).
             pub output: #p::HookPoint<#p::Tensor>,
             /// The module's first input (before it runs).
@@ -110,6 +119,7 @@ pub fn expand(m: &Model) -> TokenStream {
                     let points = #p::Points::new(&self.#path_field);
                     #envoy {
                         #(#envoy_inits)*
+                        #(#point_inits)*
                         output: points.output(),
                         input: points.input(),
                         inputs: points.inputs(),

@@ -29,6 +29,8 @@ pub struct Model {
     pub describe: Option<syn::Path>,
     pub fields: Vec<Field>,
     pub path_field: Ident,
+    /// Inner hook points (`#[traceable(points(query, probs))]`): named values inside the forward.
+    pub points: Vec<Ident>,
 }
 
 const HOOK_POINTS: [&str; 3] = ["output", "input", "inputs"];
@@ -64,6 +66,7 @@ impl Model {
         let mut kind_name = input.ident.to_string();
         let mut describe = None;
         let mut kind_fn = None;
+        let mut points: Vec<Ident> = Vec::new();
         for attr in input.attrs.iter().filter(|a| a.path().is_ident("traceable")) {
             let r = attr.parse_nested_meta(|meta| {
                 if meta.path.is_ident("kind") {
@@ -75,8 +78,16 @@ impl Model {
                 } else if meta.path.is_ident("describe") {
                     describe = Some(meta.value()?.parse::<LitStr>()?.parse::<syn::Path>()?);
                     Ok(())
+                } else if meta.path.is_ident("points") {
+                    meta.parse_nested_meta(|point| match point.path.get_ident() {
+                        Some(name) if point.input.is_empty() || point.input.peek(syn::Token![,]) => {
+                            points.push(name.clone());
+                            Ok(())
+                        }
+                        _ => Err(point.error("a point is a plain name, as in `points(query, probs)`")),
+                    })
                 } else {
-                    Err(meta.error("unknown `traceable` option on a struct; expected `kind = \"...\"`, `kind_fn = \"method\"` or `describe = \"method\"`"))
+                    Err(meta.error("unknown `traceable` option on a struct; expected `kind = \"...\"`, `kind_fn = \"method\"`, `describe = \"method\"` or `points(name, ...)`"))
                 }
             });
             if let Err(e) = r {
@@ -184,6 +195,23 @@ impl Model {
             }
             fields.push(Field { ident, ty: f.ty.clone(), kind });
         }
+        for (i, point) in points.iter().enumerate() {
+            let name = point.to_string();
+            let clash = if HOOK_POINTS.contains(&name.as_str()) {
+                Some(format!("an inner point cannot be named `{name}`: that name is a hook point of every module"))
+            } else if fields.iter().any(|f| f.ident == name) {
+                Some(format!("an inner point cannot be named `{name}`: the struct has a field of that name"))
+            } else if points[..i].iter().any(|p| *p == name) {
+                Some(format!("inner point `{name}` is declared twice"))
+            } else if name.starts_with("__nn") {
+                Some(format!("an inner point cannot be named `{name}`: names starting with `__nn` are reserved"))
+            } else {
+                None
+            };
+            if let Some(message) = clash {
+                push(&mut errors, syn::Error::new(point.span(), message));
+            }
+        }
         let Some(path_field) = path_field else {
             push(
                 &mut errors,
@@ -205,6 +233,7 @@ impl Model {
             describe,
             fields,
             path_field,
+            points,
         })
     }
 }

@@ -141,6 +141,26 @@ impl InputsPoint {
     }
 }
 
+/// A named point inside a module's forward (an attention's `probs`, say), declared by the module's author with
+/// `#[traceable(points(...))]`: its `.output` reads, saves and assigns like a module's output, under the path
+/// `<module path>.<name>`. It is not a module: it cannot be called or skipped.
+#[derive(Debug)]
+pub struct InnerPoint {
+    /// The value at this point, as the forward computes it (a write changes what the forward goes on with).
+    pub output: HookPoint<Tensor>,
+}
+
+impl InnerPoint {
+    /// The point `name` of the module at `module`.
+    pub fn new(module: &str, name: &str) -> Self {
+        InnerPoint { output: HookPoint::new(Arc::from(crate::nn::join_path(module, name)), Point::Output) }
+    }
+    /// Its dotted path (`model.layers.0.self_attn.probs`, without the leading `model.`).
+    pub fn path(&self) -> &str {
+        self.output.module()
+    }
+}
+
 /// The hook points every envoy of a computing module has; generated envoys embed one as their `output`,
 /// `input` and `inputs` fields.
 #[derive(Debug)]

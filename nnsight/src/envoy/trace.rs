@@ -125,6 +125,10 @@ impl<'m, T: TraceTarget> Trace<'m, T> {
         Ok(())
     }
 
+    /// Inner points are part of the order (an output event each, where the forward reaches them).
+    fn wants_points(&mut self, _module: &str, _names: &[&str]) -> bool {
+        true
+    }
     /// The root envoy: `model` inside the block.
     pub fn root(&self) -> &'m <T::Root as Traceable>::Envoy {
         self.target.envoy()

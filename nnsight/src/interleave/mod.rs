@@ -58,6 +58,9 @@ pub struct Interleaver<'a> {
     saved: HashSet<NodeId>,
     /// Modules some node waits on (a module not in here costs one lookup).
     watched: HashSet<String>,
+    /// The parents of watched paths: the modules whose inner points may be watched (`wants_points` asks further
+    /// only for these).
+    point_parents: HashSet<String>,
     /// Hook events seen so far (for error messages).
     fired: HashSet<(String, Point)>,
     /// Invokes that reached a `stop()`.
@@ -112,6 +115,7 @@ impl<'a> Interleaver<'a> {
             graph,
             root,
             cursor: vec![0; n_invokes],
+        let point_parents = watched.iter().map(|m| split_point(m).0.to_string()).collect();
             per_invoke,
             rows,
             batch,
@@ -123,6 +127,7 @@ impl<'a> Interleaver<'a> {
             stopped: vec![false; n_invokes],
             caches: Vec::new(),
             skips: Vec::new(),
+            point_parents,
         })
     }
 
@@ -351,11 +356,12 @@ pub fn find<'m>(root: &'m dyn Module, path: &str) -> Option<&'m dyn Module> {
 }
 
 impl Interleaver<'_> {
-    /// Adds this event's value (after interventions) to every active cache that wants it.
-    fn record_caches(&mut self, module: &str, point: Point, t: &Tensor) -> Result<()> {
+    /// Adds this event's value (after interventions) to every active cache that wants it (an inner point only to
+    /// caches that list it).
+    fn record_caches(&mut self, module: &str, point: Point, t: &Tensor, inner: bool) -> Result<()> {
         for k in 0..self.caches.len() {
             let c = &self.caches[k];
-            if (point == Point::Input && !c.inputs) || c.modules.as_ref().is_some_and(|m| !m.contains(module)) {
+            if (point == Point::Input && !c.inputs) || c.modules.as_ref().map_or(inner, |m| !m.contains(module)) {
                 continue;
             }
             let mut v = self.my_rows(c.invoke, t)?;
@@ -376,8 +382,9 @@ impl Interleaver<'_> {
         Ok(())
     }
 
-    /// A hook event: every invoke runs up to its next wait, seeing (and maybe replacing) `t`.
-    fn event(&mut self, module: &str, point: Point, mut t: Tensor) -> Result<Tensor> {
+    /// A hook event: every invoke runs up to its next wait, seeing (and maybe replacing) `t`. `inner`: the event
+    /// of an inner point (`module` is its path).
+    fn event(&mut self, module: &str, point: Point, mut t: Tensor, inner: bool) -> Result<Tensor> {
         if self.caches.is_empty() && (self.watched.is_empty() || !self.watched.contains(module)) {
             return Ok(t);
         }
@@ -388,7 +395,7 @@ impl Interleaver<'_> {
             }
         }
         if !self.caches.is_empty() {
-            self.record_caches(module, point, &t)?;
+            self.record_caches(module, point, &t, inner)?;
         }
         if self.all_stopped() {
             return Err(Error::Stopped);
@@ -428,6 +435,11 @@ impl Interleaver<'_> {
         let mut parts: Vec<(i64, Tensor)> = Vec::new();
         for (inv, v, _) in &skips {
             let (start, len) = self.rows[*inv];
+/// A watched path as (parent module, last name): `layers.0.self_attn.probs` -> (`layers.0.self_attn`, `probs`).
+fn split_point(path: &str) -> (&str, &str) {
+    path.rsplit_once('.').unwrap_or(("", path))
+}
+
             if len == self.batch && n > 1 {
                 return Err(Error::Intervention {
                     message: format!(
@@ -468,7 +480,7 @@ impl Interleaver<'_> {
 
 impl Hook for Interleaver<'_> {
     fn input(&mut self, module: &str, x: Tensor) -> Result<Tensor> {
-        self.event(module, Point::Input, x)
+        self.event(module, Point::Input, x, false)
     }
 
     fn skip(&mut self, module: &str, x: &Tensor) -> Result<Option<Tensor>> {
@@ -476,6 +488,22 @@ impl Hook for Interleaver<'_> {
     }
 
     fn output(&mut self, module: &str, y: Tensor) -> Result<Tensor> {
-        self.event(module, Point::Output, y)
+        self.event(module, Point::Output, y, false)
+    }
+
+    fn wants_points(&mut self, module: &str, names: &[&str]) -> bool {
+        if self.point_parents.is_empty() && self.caches.is_empty() {
+            return false;
+        }
+        let listed = |path: &str| {
+            self.watched.contains(path)
+                || self.caches.iter().any(|c| c.modules.as_ref().is_some_and(|m| m.contains(path)))
+        };
+        (self.point_parents.contains(module) || self.caches.iter().any(|c| c.modules.is_some()))
+            && names.iter().any(|n| listed(&crate::nn::join_path(module, n)))
+    }
+
+    fn point(&mut self, path: &str, t: Tensor) -> Result<Tensor> {
+        self.event(path, Point::Output, t, true)
     }
 }

@@ -5,7 +5,7 @@
 //! implementation: Hugging Face transformers' `models/gpt2/modeling_gpt2.py`, whose module names this file
 //! mirrors (`transformer.h.0.attn.c_attn`).
 
-use super::{causal_padding_mask, CausalLm, RawConfig};
+use super::{causal_padding_mask, explicit_attention, CausalLm, RawConfig, ATTENTION_POINTS};
 use crate::error::TchResultExt;
 use crate::load::Weights;
 use crate::nn::{
@@ -87,8 +87,17 @@ impl Forward for Gpt2Mlp {
 }
 
 /// Causal self-attention with a fused q/k/v projection.
+///
+/// Inner points, read and written like module outputs (`model.transformer.h[0].attn.probs.output`):
+/// - `query`, `key`: the queries and keys split into heads, `[batch, heads, seq, head_dim]`;
+/// - `probs`: the attention probabilities `[batch, heads, q, k]` (softmax in float32, then the model's dtype;
+///   each row sums to 1, zero above the diagonal and on padding);
+/// - `head_output`: each head's output before `c_proj`, `[batch, seq, heads, head_dim]`.
+///
+/// When nothing reads or writes them, the fused `scaled_dot_product_attention` runs; when something does, the
+/// attention is computed step by step and uses the values the points hold (a write changes the output).
 #[derive(Debug, Traceable)]
-#[traceable(kind = "GPT2Attention")]
+#[traceable(kind = "GPT2Attention", points(query, key, probs, head_output))]
 pub struct Gpt2Attention {
     #[traceable(path)]
     path: String,
@@ -111,6 +120,10 @@ impl Forward for Gpt2Attention {
         let parts = qkv.f_split(e, 2).at(p)?;
         let heads = |t: &Tensor| t.f_view([b, s, self.heads, hd]).and_then(|t| t.f_transpose(1, 2)).at(p);
         let (q, k, v) = (heads(&parts[0])?, heads(&parts[1])?, heads(&parts[2])?);
+        if cx.wants_points(p, &ATTENTION_POINTS) {
+            let out = explicit_attention(cx, p, q, k, &v, self.scale)?;
+            return cx.call(&self.c_proj, &out);
+        }
         let mask = cx.state.attention_mask.as_ref();
         let out = Tensor::f_scaled_dot_product_attention(
             &q,

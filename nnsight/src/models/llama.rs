@@ -6,7 +6,7 @@
 //! `models/llama/modeling_llama.py`, whose module names and nesting this file mirrors, so that
 //! `model.layers.5.mlp.down_proj` here is the same module as there.
 
-use super::{causal_padding_mask, CausalLm, GgufSupport, RawConfig};
+use super::{causal_padding_mask, explicit_attention, CausalLm, GgufSupport, RawConfig, ATTENTION_POINTS};
 use crate::error::TchResultExt;
 use crate::load::gguf::GgufFile;
 use crate::load::Weights;
@@ -254,8 +254,19 @@ impl Forward for LlamaMlp {
 }
 
 /// Multi-head attention with grouped key/value heads and rotary position embeddings.
+///
+/// Inner points, read and written like module outputs (`model.model.layers[0].self_attn.probs.output`):
+/// - `query`: the queries after rotary embedding, `[batch, heads, seq, head_dim]`;
+/// - `key`: the keys after rotary embedding, `[batch, kv_heads, seq, head_dim]` (before groups of query heads
+///   share them);
+/// - `probs`: the attention probabilities `[batch, heads, q, k]` (softmax in float32, then the model's dtype;
+///   each row sums to 1, zero above the diagonal and on padding);
+/// - `head_output`: each head's output before `o_proj`, `[batch, seq, heads, head_dim]`.
+///
+/// When nothing reads or writes them, the fused `scaled_dot_product_attention` runs; when something does, the
+/// attention is computed step by step and uses the values the points hold (a write changes the output).
 #[derive(Debug, Traceable)]
-#[traceable(kind = "LlamaAttention")]
+#[traceable(kind = "LlamaAttention", points(query, key, probs, head_output))]
 pub struct LlamaAttention {
     #[traceable(path)]
     path: String,
@@ -318,6 +329,10 @@ impl Forward for LlamaAttention {
         let sin = sin.f_unsqueeze(1).at(p)?;
         let q = apply_rotary(&q, &cos, &sin).at(p)?;
         let k = apply_rotary(&k, &cos, &sin).at(p)?;
+        if cx.wants_points(p, &ATTENTION_POINTS) {
+            let out = explicit_attention(cx, p, q, k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
+            return cx.call(&self.o_proj, &out);
+        }
         let mask = cx.state.attention_mask.as_ref();
         let gqa = self.heads != self.kv_heads;
         let out =

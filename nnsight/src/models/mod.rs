@@ -304,6 +304,54 @@ pub fn causal_padding_mask(batch: &Batch, kind: Kind, window: Option<i64>) -> Re
 
 /// Reads `config.json` in `dir`.
 pub fn read_config(dir: &Path) -> Result<RawConfig> {
+/// The inner points of the attention modules (Llama's `self_attn`, GPT-2's `attn`), in forward order.
+pub(crate) const ATTENTION_POINTS: [&str; 4] = ["query", "key", "probs", "head_output"];
+
+/// Attention computed step by step, for when something reads or writes the inner points of the attention module
+/// at `path`: `query` `[batch, heads, q, head_dim]` and `key` `[batch, kv_heads, k, head_dim]` go through
+/// [`Ctx::point`] first; the scores q·kᵀ·`scale` plus the mask (the forward state's, else the causal mask when
+/// q > 1) are softmaxed in float32 and brought back to the dtype, giving `probs` `[batch, heads, q, k]`; key and
+/// value heads are repeated for grouped-query attention; `probs`·v transposed gives `head_output`
+/// `[batch, q, heads, head_dim]`. Each value goes on as the hook returns it. Returns `[batch, q, heads * head_dim]`,
+/// what `scaled_dot_product_attention` gives up to float rounding.
+pub(crate) fn explicit_attention(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    q: Tensor,
+    k: Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    use crate::error::TchResultExt;
+    let p = path;
+    let mask = cx.state.attention_mask.as_ref().map(Tensor::shallow_clone);
+    let q = cx.point(p, "query", q)?;
+    let k = cx.point(p, "key", k)?;
+    let (b, heads, s, hd) = q.size4().at(p)?;
+    let kv_heads = k.size()[1];
+    let repeat = |t: Tensor| match heads / kv_heads.max(1) {
+        n if n > 1 => t.f_repeat_interleave_self_int(n, 1, None::<i64>).at(p),
+        _ => Ok(t),
+    };
+    let (k, v) = (repeat(k)?, repeat(v.shallow_clone())?);
+    let scores = q.f_matmul(&k.f_transpose(-2, -1).at(p)?).at(p)?.f_mul_scalar(scale).at(p)?;
+    let scores = match mask {
+        Some(m) => scores.f_add(&m).at(p)?,
+        None if s > 1 => {
+            let keys = k.size()[2];
+            let above = Tensor::f_ones([s, keys], (Kind::Bool, crate::meta::creation_device(&q))).at(p)?;
+            let above = crate::meta::to_device_like(&above.f_triu(1).at(p)?, &q).at(p)?;
+            scores.f_masked_fill(&above, f64::NEG_INFINITY).at(p)?
+        }
+        None => scores,
+    };
+    let probs = scores.f_softmax(-1, Kind::Float).at(p)?.f_to_kind(q.kind()).at(p)?;
+    let probs = cx.point(p, "probs", probs)?;
+    let out = probs.f_matmul(&v).at(p)?.f_transpose(1, 2).at(p)?;
+    let out = cx.point(p, "head_output", out)?;
+    out.f_reshape([b, s, heads * hd]).at(p)
+}
+
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let json = serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?;

@@ -79,6 +79,20 @@ pub trait Hook {
         let _ = (module, x);
         Ok(None)
     }
+
+    /// Whether the hook wants any of `module`'s inner points `names` (named values inside its forward, such as an
+    /// attention's `probs`). A module computes them, on a slower explicit path, only when this says yes; the
+    /// answer must be cheap when nothing is wanted (it is asked on every call of such a module).
+    fn wants_points(&mut self, module: &str, names: &[&str]) -> bool {
+        let _ = (module, names);
+        false
+    }
+
+    /// Called at the inner point `path` (`module.name`) with its value; returns the value the forward goes on
+    /// with. By default an output event of `path`.
+    fn point(&mut self, path: &str, t: Tensor) -> Result<Tensor> {
+        self.output(path, t)
+    }
 }
 
 /// Per-forward side inputs shared by the modules of one pass (not hook points).
@@ -130,6 +144,25 @@ impl<'h> Ctx<'h> {
         match self.hook.as_deref_mut() {
             Some(hook) => hook.output(module.path(), y),
             None => Ok(y),
+        }
+    }
+
+    /// Whether anything wants one of the inner points `names` of the module at `module` (false at once without a
+    /// hook). A module with inner points checks this first and runs its fast path when nothing does.
+    #[inline]
+    pub fn wants_points(&mut self, module: &str, names: &[&str]) -> bool {
+        match self.hook.as_deref_mut() {
+            None => false,
+            Some(hook) => hook.wants_points(module, names),
+        }
+    }
+
+    /// The inner point `name` of the module at `module`, with value `t`: the hook sees it under the path
+    /// `module.name` and may replace it; the forward goes on with what this returns.
+    pub fn point(&mut self, module: &str, name: &str, t: Tensor) -> Result<Tensor> {
+        match self.hook.as_deref_mut() {
+            None => Ok(t),
+            Some(hook) => hook.point(&join_path(module, name), t),
         }
     }
 }
