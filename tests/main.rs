@@ -2,6 +2,7 @@
 
 mod common;
 mod gguf;
+mod graph_control;
 mod graph_runtime;
 mod inner_points;
 mod intervene;

@@ -4,6 +4,7 @@
 //! Use them through the `nnsight` crate (`nnsight::prelude::*`), which re-exports them.
 
 mod derive;
+mod function;
 mod intervene;
 
 /// Derives `nnsight::nn::Module` and `nnsight::Traceable` for a struct of submodules, and writes its envoy type
@@ -36,4 +37,16 @@ pub fn derive_traceable(input: proc_macro::TokenStream) -> proc_macro::TokenStre
 #[proc_macro]
 pub fn intervene(input: proc_macro::TokenStream) -> proc_macro::TokenStream {
     intervene::intervene(input.into()).into()
+}
+
+/// Makes an ordinary Rust function over tensors and numbers callable inside `intervene!` as a graph node, and
+/// registers it by its full path so that a graph read from JSON (or run by a server compiled with it) can call it.
+///
+/// Parameters: `Tensor`, `&Tensor`, `f64`, `f32`, `i64`, `bool`; result: `Tensor` or `Result<Tensor, E>` with
+/// `E: Display`. The function stays as written; next to it a type of the same name holds `NAME` (the registered
+/// name) and `call`, which `call!(name(args))` inside `intervene!` uses.
+#[proc_macro_attribute]
+pub fn function(attr: proc_macro::TokenStream, item: proc_macro::TokenStream) -> proc_macro::TokenStream {
+    let item = syn::parse_macro_input!(item as syn::ItemFn);
+    function::function(attr.into(), item).into()
 }

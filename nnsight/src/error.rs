@@ -169,6 +169,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// A graph calls a function that this program has not registered with `#[nnsight::function]` (a graph read
+    /// from JSON, or sent by a client compiled with other functions).
+    #[error("unknown function `{name}`: not registered with #[nnsight::function] in this program (registered: {})", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    UnknownFunction {
+        /// The name the graph uses.
+        name: String,
+        /// The names this program registered.
+        known: Vec<String>,
+    },
+
     /// An operation of an intervention failed while the graph ran.
     #[error("intervention failed: {message}")]
     Intervention {

@@ -22,6 +22,7 @@ extern crate self as nnsight;
 
 pub mod envoy;
 pub mod error;
+pub mod function;
 pub mod graph;
 pub mod interleave;
 pub mod load;
@@ -39,7 +40,7 @@ pub mod __private;
 pub use envoy::{NNsight, Proxy, Saved, Traceable};
 pub use error::{Error, Result};
 pub use language_model::{Batch, Input, LanguageModel, LoadOptions};
-pub use nnsight_macros::{intervene, Traceable};
+pub use nnsight_macros::{function, intervene, Traceable};
 
 /// What a program using nnsight needs in scope.
 pub mod prelude {

@@ -4,7 +4,7 @@
 pub use crate::envoy::trace::Finish;
 pub use crate::envoy::{
     Envoy, FinishPlain, FinishSaved, FinishUnsaved, GraphCell, HookPoint, IndexableEnvoy, InnerPoint, InputsPoint,
-    IntoIndex, IntoTensorProxy, ModuleListEnvoy, Points, Proxy, Trace, TraceResults, TraceTarget, Traceable,
+    IntoIndex, IntoTensorProxy, ModuleListEnvoy, Points, Proxy, Scan, Trace, TraceResults, TraceTarget, Traceable,
 };
 pub use crate::graph::Point;
 pub use crate::nn::{join_path, Forward, Module};
@@ -85,4 +85,223 @@ pub fn log<'g>(g: &'g GraphCell, label: &str, value: impl IntoTensorProxy<'g>) {
 /// Wraps a binding of the block for the after-block conversion (saved proxy -> value).
 pub fn finish<T>(v: T) -> Finish<T> {
     Finish::new(v)
+}
+
+pub use crate::function::{Arg, Function};
+pub use crate::graph::{BinaryOp, CallArg};
+pub use inventory;
+
+/// Adds a call of the registered function `name` (an `#[nnsight::function]`).
+pub fn call_function<'g>(g: &'g GraphCell, name: &str, args: Vec<CallArg>) -> Proxy<'g, Tensor> {
+    Proxy::new(g.push(crate::graph::Op::Call { function: name.to_string(), args }), g)
+}
+
+/// One side of a comparison or condition inside `cond!(..)`: a node or a number.
+pub enum Operand<'g> {
+    /// A graph value.
+    Node(Proxy<'g, Tensor>),
+    /// A number (booleans are 0 or 1).
+    Num(f64),
+}
+
+/// What can stand in a `cond!(..)`: proxies, saved proxies, tensors, numbers, booleans.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be used in a `cond!` condition",
+    label = "expected a proxy (e.g. `h.norm()`), a tensor, a number or a bool"
+)]
+pub trait CondOperand<'g> {
+    /// This side as a node or a number.
+    fn operand(self, g: &'g GraphCell) -> Operand<'g>;
+}
+
+impl<'g> CondOperand<'g> for Proxy<'g, Tensor> {
+    fn operand(self, _: &'g GraphCell) -> Operand<'g> {
+        Operand::Node(self)
+    }
+}
+impl<'g> CondOperand<'g> for crate::envoy::Saved<'g, Tensor> {
+    fn operand(self, _: &'g GraphCell) -> Operand<'g> {
+        Operand::Node(self.proxy())
+    }
+}
+impl<'g> CondOperand<'g> for &Tensor {
+    fn operand(self, g: &'g GraphCell) -> Operand<'g> {
+        Operand::Node(self.into_proxy(g))
+    }
+}
+impl<'g> CondOperand<'g> for Tensor {
+    fn operand(self, g: &'g GraphCell) -> Operand<'g> {
+        Operand::Node(self.into_proxy(g))
+    }
+}
+impl<'g> CondOperand<'g> for Operand<'g> {
+    fn operand(self, _: &'g GraphCell) -> Operand<'g> {
+        self
+    }
+}
+impl<'g> CondOperand<'g> for bool {
+    fn operand(self, _: &'g GraphCell) -> Operand<'g> {
+        Operand::Num(if self { 1.0 } else { 0.0 })
+    }
+}
+macro_rules! num_operand {
+    ($($t:ty),*) => {$(
+        impl<'g> CondOperand<'g> for $t {
+            fn operand(self, _: &'g GraphCell) -> Operand<'g> {
+                Operand::Num(self as f64)
+            }
+        }
+    )*};
+}
+num_operand!(f64, f32, i64, i32, u32, usize);
+
+/// `a OP b` inside `cond!(..)` (`>`, `<`, `>=`, `<=`, `==`, `!=`, `&&`, `||`): a bool node.
+pub fn compare<'g>(g: &'g GraphCell, kind: BinaryOp, a: impl CondOperand<'g>, b: impl CondOperand<'g>) -> Operand<'g> {
+    use crate::graph::Op;
+    match (a.operand(g), b.operand(g)) {
+        (Operand::Node(x), Operand::Node(y)) => {
+            Operand::Node(Proxy::new(g.push(Op::Binary { kind, a: x.node(), b: y.node() }), g))
+        }
+        (Operand::Node(x), Operand::Num(s)) => {
+            Operand::Node(Proxy::new(g.push(Op::BinaryScalar { kind, a: x.node(), scalar: s, scalar_first: false }), g))
+        }
+        (Operand::Num(s), Operand::Node(y)) => {
+            Operand::Node(Proxy::new(g.push(Op::BinaryScalar { kind, a: y.node(), scalar: s, scalar_first: true }), g))
+        }
+        (Operand::Num(x), Operand::Num(y)) => Operand::Num(f64::from(u8::from(match kind {
+            BinaryOp::Gt => x > y,
+            BinaryOp::Lt => x < y,
+            BinaryOp::Ge => x >= y,
+            BinaryOp::Le => x <= y,
+            BinaryOp::Eq => x == y,
+            BinaryOp::Ne => x != y,
+            BinaryOp::And => x != 0.0 && y != 0.0,
+            BinaryOp::Or => x != 0.0 || y != 0.0,
+            _ => false,
+        }))),
+    }
+}
+
+/// `!a` inside `cond!(..)`.
+pub fn not<'g>(g: &'g GraphCell, a: impl CondOperand<'g>) -> Operand<'g> {
+    match a.operand(g) {
+        Operand::Node(x) => Operand::Node(Proxy::new(
+            g.push(crate::graph::Op::Unary { kind: crate::graph::UnaryOp::Not, a: x.node() }),
+            g,
+        )),
+        Operand::Num(x) => Operand::Num(if x == 0.0 { 1.0 } else { 0.0 }),
+    }
+}
+
+/// The condition of an `if cond!(..)`: guards its branches in the graph.
+pub struct Branch<'g> {
+    g: &'g GraphCell,
+    cond: NodeId,
+    /// The forward-order mark before the `if` (each branch starts from it) and after the `then` branch.
+    before: std::cell::RefCell<Option<(u32, String)>>,
+    after_then: std::cell::RefCell<Option<(u32, String)>>,
+}
+
+use crate::graph::NodeId;
+
+/// `if cond!(c)`: the condition as a node (a number becomes a constant).
+pub fn cond<'g>(g: &'g GraphCell, c: impl CondOperand<'g>) -> Branch<'g> {
+    let cond = match c.operand(g) {
+        Operand::Node(p) => p.node(),
+        Operand::Num(x) => g.constant_tensor(&Tensor::from(x != 0.0)).node(),
+    };
+    Branch { g, cond, before: std::cell::RefCell::new(g.order_mark()), after_then: Default::default() }
+}
+
+impl<'g> Branch<'g> {
+    /// Opens the `then` branch: a guard on the condition. Returns the guard's node.
+    pub fn then(&self) -> NodeId {
+        self.g.push(crate::graph::Op::Guard { cond: self.cond, end: NodeId::MAX })
+    }
+
+    /// Opens the `else` branch: a guard on the negated condition.
+    pub fn otherwise(&self) -> NodeId {
+        // Only one branch runs: the `else` branch may use modules that come before those the `then` branch used.
+        *self.after_then.borrow_mut() = self.g.order_mark();
+        self.g.set_order_mark(self.before.borrow().clone());
+        let not = self.g.push(crate::graph::Op::Unary { kind: crate::graph::UnaryOp::Not, a: self.cond });
+        self.g.push(crate::graph::Op::Guard { cond: not, end: NodeId::MAX })
+    }
+
+    /// Closes the branch opened by `guard`: it covers every node added since.
+    pub fn end(&self, guard: NodeId) {
+        self.g.end_guard(guard);
+    }
+
+    /// The value of the whole `if`: the `then` value when the condition holds, else the `else` value.
+    pub fn choose<T: Choose<'g>>(&self, a: T, b: T) -> T::Out {
+        // After the `if`, code must come after whatever either branch used.
+        if let Some(then_mark) = self.after_then.borrow_mut().take() {
+            let later = match self.g.order_mark() {
+                Some(m) if m.0 >= then_mark.0 => Some(m),
+                _ => Some(then_mark),
+            };
+            self.g.set_order_mark(later);
+        }
+        a.choose(self.g, self.cond, b)
+    }
+}
+
+/// Values an `if cond!(..) { a } else { b }` can have: both branches must give the same type.
+#[diagnostic::on_unimplemented(
+    message = "an `if cond!(..)` cannot have a value of type `{Self}`",
+    label = "the branches of a graph condition give proxies, tensors, numbers, `()`, or tuples of them"
+)]
+pub trait Choose<'g> {
+    /// The value after the `if`.
+    type Out;
+    /// `self` when `cond` holds, else `other`.
+    fn choose(self, g: &'g GraphCell, cond: NodeId, other: Self) -> Self::Out;
+}
+
+impl<'g> Choose<'g> for () {
+    type Out = ();
+    fn choose(self, _: &'g GraphCell, _: NodeId, _: ()) {}
+}
+
+fn choose_nodes<'g, T>(g: &'g GraphCell, cond: NodeId, a: NodeId, b: NodeId) -> Proxy<'g, T> {
+    Proxy::new(g.push(crate::graph::Op::Choose { cond, a, b }), g)
+}
+
+impl<'g, T> Choose<'g> for Proxy<'g, T> {
+    type Out = Proxy<'g, T>;
+    fn choose(self, g: &'g GraphCell, cond: NodeId, other: Self) -> Proxy<'g, T> {
+        choose_nodes(g, cond, self.node(), other.node())
+    }
+}
+impl<'g, T> Choose<'g> for crate::envoy::Saved<'g, T> {
+    type Out = Proxy<'g, T>;
+    fn choose(self, g: &'g GraphCell, cond: NodeId, other: Self) -> Proxy<'g, T> {
+        choose_nodes(g, cond, self.node(), other.node())
+    }
+}
+impl<'g> Choose<'g> for Tensor {
+    type Out = Proxy<'g, Tensor>;
+    fn choose(self, g: &'g GraphCell, cond: NodeId, other: Self) -> Proxy<'g, Tensor> {
+        let (a, b) = (g.constant_tensor(&self).node(), g.constant_tensor(&other).node());
+        choose_nodes(g, cond, a, b)
+    }
+}
+impl<'g> Choose<'g> for f64 {
+    type Out = Proxy<'g, Tensor>;
+    fn choose(self, g: &'g GraphCell, cond: NodeId, other: Self) -> Proxy<'g, Tensor> {
+        Tensor::from(self).choose(g, cond, Tensor::from(other))
+    }
+}
+impl<'g> Choose<'g> for i64 {
+    type Out = Proxy<'g, Tensor>;
+    fn choose(self, g: &'g GraphCell, cond: NodeId, other: Self) -> Proxy<'g, Tensor> {
+        Tensor::from(self).choose(g, cond, Tensor::from(other))
+    }
+}
+impl<'g, A: Choose<'g>, B: Choose<'g>> Choose<'g> for (A, B) {
+    type Out = (A::Out, B::Out);
+    fn choose(self, g: &'g GraphCell, cond: NodeId, other: Self) -> Self::Out {
+        (self.0.choose(g, cond, other.0), self.1.choose(g, cond, other.1))
+    }
 }

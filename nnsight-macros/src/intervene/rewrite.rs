@@ -9,6 +9,8 @@
 //!
 //! Which top-level bindings are handed on after the block is decided here too (see [`Exports`]).
 
+mod graph_forms;
+
 use super::parse::{Intervene, Item, HOOK_POINTS};
 use super::Errors;
 use proc_macro2::{Span, TokenStream, TokenTree};
@@ -446,6 +448,16 @@ impl Fold for Rewriter<'_> {
             }
             Expr::ForLoop(f) => self.for_loop(f),
             Expr::Macro(m) if m.mac.path.is_ident("log") => self.log(m.mac),
+            Expr::Macro(m) if m.mac.path.is_ident("call") => self.call_macro(m.mac),
+            Expr::Macro(m) if m.mac.path.is_ident("cond") => self.misplaced_cond(&m.mac),
+            Expr::If(i) if graph_forms::is_cond(&i.cond) => self.graph_if(i),
+            Expr::While(w) if graph_forms::is_cond(&w.cond) => {
+                self.errors.push(syn::Error::new(
+                    w.while_token.span,
+                    "a loop cannot depend on graph values: `while cond!(..)` is not supported; loop in Rust over a fixed range and use `if cond!(..)` inside",
+                ));
+                unit()
+            }
             Expr::Closure(c) => self.in_scope(|rw| {
                 for input in &c.inputs {
                     rw.bind_pat(input, false);
@@ -466,6 +478,14 @@ impl Fold for Rewriter<'_> {
             Stmt::Macro(m) if m.mac.path.is_ident("log") => {
                 let semi = m.semi_token.unwrap_or_default();
                 Stmt::Expr(self.log(m.mac), Some(semi))
+            }
+            Stmt::Macro(m) if m.mac.path.is_ident("call") => {
+                let semi = m.semi_token.unwrap_or_default();
+                Stmt::Expr(self.call_macro(m.mac), Some(semi))
+            }
+            Stmt::Macro(m) if m.mac.path.is_ident("cond") => {
+                let semi = m.semi_token.unwrap_or_default();
+                Stmt::Expr(self.misplaced_cond(&m.mac), Some(semi))
             }
             other => fold::fold_stmt(self, other),
         }

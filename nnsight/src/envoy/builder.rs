@@ -162,6 +162,31 @@ impl GraphCell {
         Proxy::new(self.push(Op::Apply { module: module.into(), input }), self)
     }
 
+    /// The current invoke's latest hook event so far (for branches, which each start from the same point).
+    pub(crate) fn order_mark(&self) -> Option<(u32, String)> {
+        let b = self.inner.borrow();
+        b.last_event.get(b.invoke as usize).cloned().flatten()
+    }
+
+    /// Sets the current invoke's latest hook event (`None`: nothing yet).
+    pub(crate) fn set_order_mark(&self, mark: Option<(u32, String)>) {
+        let mut b = self.inner.borrow_mut();
+        let inv = b.invoke as usize;
+        if b.last_event.len() <= inv {
+            b.last_event.resize(inv + 1, None);
+        }
+        b.last_event[inv] = mark;
+    }
+
+    /// Closes the branch of the guard node `guard`: it covers every node added since the guard.
+    pub(crate) fn end_guard(&self, guard: NodeId) {
+        let mut b = self.inner.borrow_mut();
+        let end = b.graph.nodes.len() as NodeId;
+        if let Some(Op::Guard { end: e, .. }) = b.graph.nodes.get_mut(guard as usize).map(|n| &mut n.op) {
+            *e = end;
+        }
+    }
+
     /// The graph built so far.
     pub fn graph(&self) -> Graph {
         self.inner.borrow().graph.clone()

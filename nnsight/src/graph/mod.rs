@@ -13,6 +13,29 @@ pub use value::{Constant, IndexItem, TensorData, Value};
 
 use serde::{Deserialize, Serialize};
 
+thread_local! {
+    /// Graphs run on this thread while a [`capture_graphs`] is active.
+    static CAPTURED: std::cell::RefCell<Option<Vec<Graph>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f`, collecting a copy of every graph that traces run meanwhile on this thread (to look at what an
+/// `intervene!` block built, write it out as JSON, or send it elsewhere).
+pub fn capture_graphs<T>(f: impl FnOnce() -> T) -> (T, Vec<Graph>) {
+    let outer = CAPTURED.with(|c| c.borrow_mut().replace(Vec::new()));
+    let out = f();
+    let graphs = CAPTURED.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer)).unwrap_or_default();
+    (out, graphs)
+}
+
+/// Hands `graph` to an active [`capture_graphs`] (nothing otherwise).
+pub(crate) fn note_run(graph: &Graph) {
+    CAPTURED.with(|c| {
+        if let Some(list) = c.borrow_mut().as_mut() {
+            list.push(graph.clone());
+        }
+    });
+}
+
 /// Index of a node in its graph.
 pub type NodeId = u32;
 
@@ -52,6 +75,16 @@ pub enum BinaryOp {
     Gt,
     /// `a < b`
     Lt,
+    /// `a >= b`
+    Ge,
+    /// `a <= b`
+    Le,
+    /// `a != b`
+    Ne,
+    /// Logical and (nonzero is true).
+    And,
+    /// Logical or (nonzero is true).
+    Or,
 }
 
 /// Unary tensor operators.
@@ -80,6 +113,8 @@ pub enum UnaryOp {
     RandnLike,
     /// Contiguous layout.
     Contiguous,
+    /// Logical not (nonzero is true): a bool tensor.
+    Not,
 }
 
 /// Reductions over dimensions (all dimensions when `dims` is empty).
@@ -173,6 +208,28 @@ pub enum Op {
     /// End this invoke's part of the forward pass here; once every invoke has stopped or finished, the rest of
     /// the model does not run.
     Stop,
+    /// A condition: when `cond` (one value; nonzero is true) is false, this invoke skips the nodes after this one
+    /// up to (not including) node `end`: the branch of an `if cond!(..)` in the block. Nested branches lie inside.
+    Guard { cond: NodeId, end: NodeId },
+    /// `a` when `cond` holds, else `b` (only the chosen one need have been computed): the value of an
+    /// `if cond!(c) { a } else { b }`.
+    Choose { cond: NodeId, a: NodeId, b: NodeId },
+    /// A function registered with `#[nnsight::function]`, by its full name (`my_crate::clamp_norm`).
+    Call { function: String, args: Vec<CallArg> },
+}
+
+/// One argument of a [`Op::Call`]: a node's value or a number written into the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallArg {
+    /// The value of a node (a tensor).
+    Node(NodeId),
+    /// A floating-point number.
+    Float(f64),
+    /// An integer.
+    Int(i64),
+    /// A boolean.
+    Bool(bool),
 }
 
 impl Op {
@@ -183,6 +240,15 @@ impl Op {
             Read { .. } | ReadInputs { .. } | Const { .. } | Stop | Cache { .. } => vec![],
             Write { value, .. } | Skip { value, .. } => vec![*value],
             Apply { input, .. } => vec![*input],
+            Guard { cond, .. } => vec![*cond],
+            Choose { cond, a, b } => vec![*cond, *a, *b],
+            Call { args, .. } => args
+                .iter()
+                .filter_map(|a| match a {
+                    CallArg::Node(n) => Some(*n),
+                    _ => None,
+                })
+                .collect(),
             Save { value } => vec![*value],
             Binary { a, b, .. } => vec![*a, *b],
             Where { cond, a, b } => vec![*cond, *a, *b],
@@ -232,6 +298,7 @@ impl Op {
             }
             Op::Apply { module, .. } => format!("call of `{}`", display(module)),
             Op::Skip { module, call, .. } => format!("skip of `{}` (call {call})", display(module)),
+            Op::Call { function, .. } => format!("call of function `{function}`"),
             other => {
                 let json = serde_json::to_value(other).ok();
                 let name = json.as_ref().and_then(|j| j.get("op")).and_then(|o| o.as_str()).unwrap_or("op");
@@ -281,9 +348,29 @@ impl Graph {
         (self.nodes.len() - 1) as NodeId
     }
 
-    /// Checks that every node refers only to earlier nodes (a graph read from JSON may not).
+    /// Checks that every node refers only to earlier nodes (a graph read from JSON may not), that every branch
+    /// ends after its condition and inside the graph, and that every function it calls is registered in this
+    /// program.
     pub fn validate(&self) -> crate::Result<()> {
         for (i, n) in self.nodes.iter().enumerate() {
+            match &n.op {
+                Op::Guard { end, .. } if (*end as usize) <= i || (*end as usize) > self.nodes.len() => {
+                    return Err(crate::Error::InvalidGraph {
+                        message: format!(
+                            "node {i} (guard) ends its branch at node {end}, outside nodes {}..={}",
+                            i + 1,
+                            self.nodes.len()
+                        ),
+                    });
+                }
+                Op::Call { function, .. } if crate::function::lookup(function).is_none() => {
+                    return Err(crate::Error::UnknownFunction {
+                        name: function.clone(),
+                        known: crate::function::names(),
+                    });
+                }
+                _ => {}
+            }
             if let Some(bad) = n.op.inputs().into_iter().find(|&j| j as usize >= i) {
                 return Err(crate::Error::InvalidGraph {
                     message: format!(

@@ -1,7 +1,7 @@
 //! One arm per graph op: what each node computes from its inputs' values.
 
 use crate::graph::value::{device_from_name, kind_from_name};
-use crate::graph::{BinaryOp, Constant, IndexItem, Op, ReduceOp, UnaryOp, Value};
+use crate::graph::{BinaryOp, CallArg, Constant, IndexItem, Op, ReduceOp, UnaryOp, Value};
 use crate::{Error, Result};
 use tch::{Kind, TchError, Tensor};
 
@@ -34,6 +34,11 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
                 BinaryOp::Eq => x.f_eq_tensor(&y),
                 BinaryOp::Gt => x.f_gt_tensor(&y),
                 BinaryOp::Lt => x.f_lt_tensor(&y),
+                BinaryOp::Ge => x.f_ge_tensor(&y),
+                BinaryOp::Le => x.f_le_tensor(&y),
+                BinaryOp::Ne => x.f_ne_tensor(&y),
+                BinaryOp::And => x.f_logical_and(&y),
+                BinaryOp::Or => x.f_logical_or(&y),
             })
         }
         Op::BinaryScalar { kind, scalar, scalar_first, .. } => {
@@ -53,6 +58,11 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
                 (BinaryOp::Eq, _) => x.f_eq(s),
                 (BinaryOp::Gt, false) | (BinaryOp::Lt, true) => x.f_gt(s),
                 (BinaryOp::Lt, false) | (BinaryOp::Gt, true) => x.f_lt(s),
+                (BinaryOp::Ge, false) | (BinaryOp::Le, true) => x.f_ge(s),
+                (BinaryOp::Le, false) | (BinaryOp::Ge, true) => x.f_le(s),
+                (BinaryOp::Ne, _) => x.f_ne(s),
+                (BinaryOp::And, _) => x.f_logical_and(&Tensor::from(s != 0.0).f_to_device(x.device()).map_err(t)?),
+                (BinaryOp::Or, _) => x.f_logical_or(&Tensor::from(s != 0.0).f_to_device(x.device()).map_err(t)?),
                 (BinaryOp::Matmul, _) => {
                     return Err(Error::Intervention { message: "matmul with a scalar".into() });
                 }
@@ -72,6 +82,7 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
                 UnaryOp::OnesLike => x.f_ones_like(),
                 UnaryOp::RandnLike => x.f_randn_like(),
                 UnaryOp::Contiguous => Ok(x.contiguous()),
+                UnaryOp::Not => x.f_logical_not(),
             })
         }
         Op::Reduce { kind, dims, keepdim, .. } => {
@@ -138,6 +149,26 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
         Op::Squeeze { dim: Some(d), .. } => tensor(a()?.f_squeeze_dim(*d)),
         Op::Squeeze { dim: None, .. } => tensor(a()?.f_squeeze()),
         Op::Stop => Ok(Value::Tuple(vec![])),
+        Op::Call { function, args } => {
+            let mut nodes = inputs.iter();
+            let mut list = Vec::with_capacity(args.len());
+            for arg in args {
+                list.push(match arg {
+                    CallArg::Node(_) => {
+                        crate::function::Arg::Tensor(nodes.next().expect("one input per node argument").tensor()?)
+                    }
+                    CallArg::Float(x) => crate::function::Arg::Float(*x),
+                    CallArg::Int(i) => crate::function::Arg::Int(*i),
+                    CallArg::Bool(b) => crate::function::Arg::Bool(*b),
+                });
+            }
+            crate::function::call(function, &list)
+        }
+        Op::Choose { .. } => {
+            let c = inputs[0].tensor()?;
+            let holds = c.numel() == 1 && c.f_reshape([-1]).and_then(|f| f.f_double_value(&[0])).map_err(t)? != 0.0;
+            Ok(if holds { inputs[1] } else { inputs[2] }.shallow_clone())
+        }
         Op::Cache { .. } => Ok(Value::Map(vec![])),
         Op::Log { label, .. } => {
             let line = match inputs[0] {
@@ -148,9 +179,12 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
             super::emit_log(line);
             Ok(Value::Tuple(vec![]))
         }
-        Op::Read { .. } | Op::ReadInputs { .. } | Op::Write { .. } | Op::Apply { .. } | Op::Skip { .. } => {
-            Err(Error::Intervention { message: format!("{} needs the forward pass", op.describe()) })
-        }
+        Op::Read { .. }
+        | Op::ReadInputs { .. }
+        | Op::Write { .. }
+        | Op::Apply { .. }
+        | Op::Skip { .. }
+        | Op::Guard { .. } => Err(Error::Intervention { message: format!("{} needs the forward pass", op.describe()) }),
     }
 }
 

@@ -1,0 +1,146 @@
+//! Functions users add to the graph: `#[nnsight::function]` on an ordinary Rust `fn` over tensors and numbers
+//! registers it here by its full name (`my_crate::steer::clamp_norm`), so that a graph can call it by name,
+//! including a graph read from JSON or sent to a server compiled with the same functions. A graph that names a
+//! function this program does not have is refused before anything runs ([`crate::Error::UnknownFunction`]).
+//!
+//! ```
+//! use nnsight::prelude::*;
+//! use tch::Tensor;
+//!
+//! /// Scales each row to at most `max` in L2 norm.
+//! #[nnsight::function]
+//! fn clamp_norm(x: &Tensor, max: f64) -> Tensor {
+//!     let norm = x.norm_scalaropt_dim(2.0, [-1], true);
+//!     x * (norm.clamp_min(max) / max).reciprocal()
+//! }
+//!
+//! // Still an ordinary function on tensors...
+//! let t = Tensor::from_slice(&[3.0f32, 4.0]).reshape([1, 2]);
+//! assert!((clamp_norm(&t, 1.0).norm().double_value(&[]) - 1.0).abs() < 1e-6);
+//! // ...and registered under its full name.
+//! assert!(nnsight::function::lookup(clamp_norm::NAME).is_some());
+//! ```
+//!
+//! Inside `intervene!`, `call!(clamp_norm(h, 10.0))` adds a call node whose value is the function's result.
+
+use crate::graph::Value;
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use tch::Tensor;
+
+/// One argument as a registered function receives it.
+#[derive(Debug)]
+pub enum Arg<'a> {
+    /// A tensor (a node's value).
+    Tensor(&'a Tensor),
+    /// A floating-point number.
+    Float(f64),
+    /// An integer.
+    Int(i64),
+    /// A boolean.
+    Bool(bool),
+}
+
+impl Arg<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Arg::Tensor(_) => "a tensor",
+            Arg::Float(_) => "a float",
+            Arg::Int(_) => "an integer",
+            Arg::Bool(_) => "a bool",
+        }
+    }
+
+    fn wrong(&self, function: &str, index: usize, expected: &str) -> Error {
+        Error::Intervention {
+            message: format!("argument {index} of function `{function}`: expected {expected}, found {}", self.kind()),
+        }
+    }
+
+    /// The tensor, or an error naming the function and argument.
+    pub fn tensor(&self, function: &str, index: usize) -> Result<&Tensor> {
+        match self {
+            Arg::Tensor(t) => Ok(t),
+            other => Err(other.wrong(function, index, "a tensor")),
+        }
+    }
+
+    /// The number as `f64` (integers convert).
+    pub fn float(&self, function: &str, index: usize) -> Result<f64> {
+        match self {
+            Arg::Float(x) => Ok(*x),
+            Arg::Int(i) => Ok(*i as f64),
+            other => Err(other.wrong(function, index, "a number")),
+        }
+    }
+
+    /// The integer.
+    pub fn int(&self, function: &str, index: usize) -> Result<i64> {
+        match self {
+            Arg::Int(i) => Ok(*i),
+            other => Err(other.wrong(function, index, "an integer")),
+        }
+    }
+
+    /// The boolean.
+    pub fn bool(&self, function: &str, index: usize) -> Result<bool> {
+        match self {
+            Arg::Bool(b) => Ok(*b),
+            other => Err(other.wrong(function, index, "a bool")),
+        }
+    }
+}
+
+/// A registered function: its full name and the adapter that calls it on graph values.
+#[derive(Debug)]
+pub struct Function {
+    /// Full path of the Rust function (`my_crate::steer::clamp_norm`).
+    pub name: &'static str,
+    /// Number of parameters.
+    pub arity: usize,
+    /// Calls the function on its arguments.
+    pub call: fn(&[Arg<'_>]) -> Result<Tensor>,
+}
+
+inventory::collect!(Function);
+
+fn table() -> &'static HashMap<&'static str, &'static Function> {
+    static TABLE: OnceLock<HashMap<&'static str, &'static Function>> = OnceLock::new();
+    TABLE.get_or_init(|| inventory::iter::<Function>.into_iter().map(|f| (f.name, f)).collect())
+}
+
+/// The function registered under `name`, if this program has one.
+pub fn lookup(name: &str) -> Option<&'static Function> {
+    table().get(name).copied()
+}
+
+/// Names of every registered function, sorted.
+pub fn names() -> Vec<String> {
+    let mut v: Vec<String> = table().keys().map(|k| k.to_string()).collect();
+    v.sort();
+    v
+}
+
+/// Runs the function `name` on `args`. A panic inside the function (tch's non-`f_` methods panic on bad shapes)
+/// becomes an error naming the function; the program goes on.
+pub(crate) fn call(name: &str, args: &[Arg<'_>]) -> Result<Value> {
+    let f = lookup(name).ok_or_else(|| Error::UnknownFunction { name: name.to_string(), known: names() })?;
+    if args.len() != f.arity {
+        return Err(Error::Intervention {
+            message: format!("function `{name}` takes {} argument(s), the graph gives {}", f.arity, args.len()),
+        });
+    }
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (f.call)(args)));
+    match out {
+        Ok(r) => r.map(Value::Tensor),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            Err(Error::Intervention { message: format!("function `{name}` failed: {what}") })
+        }
+    }
+}
