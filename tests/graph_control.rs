@@ -251,3 +251,146 @@ fn a_graph_calling_an_unregistered_function_is_refused_naming_it() -> nnsight::R
     }
     Ok(())
 }
+
+/// Which [`Op`] variant `op` is. No wildcard arm: a new node kind fails to compile here until the round-trip test
+/// below covers it.
+fn kind_index(op: &Op) -> usize {
+    match op {
+        Op::Read { .. } => 0,
+        Op::ReadInputs { .. } => 1,
+        Op::Write { .. } => 2,
+        Op::Skip { .. } => 3,
+        Op::Apply { .. } => 4,
+        Op::Const { .. } => 5,
+        Op::Save { .. } => 6,
+        Op::Binary { .. } => 7,
+        Op::BinaryScalar { .. } => 8,
+        Op::Unary { .. } => 9,
+        Op::Reduce { .. } => 10,
+        Op::MaxMinDim { .. } => 11,
+        Op::Norm { .. } => 12,
+        Op::Softmax { .. } => 13,
+        Op::Argmax { .. } => 14,
+        Op::Topk { .. } => 15,
+        Op::Reshape { .. } => 16,
+        Op::Transpose { .. } => 17,
+        Op::Permute { .. } => 18,
+        Op::Narrow { .. } => 19,
+        Op::Select { .. } => 20,
+        Op::Index { .. } => 21,
+        Op::Cat { .. } => 22,
+        Op::Stack { .. } => 23,
+        Op::ToKind { .. } => 24,
+        Op::ToDevice { .. } => 25,
+        Op::Where { .. } => 26,
+        Op::Gather { .. } => 27,
+        Op::TupleGet { .. } => 28,
+        Op::Unsqueeze { .. } => 29,
+        Op::Squeeze { .. } => 30,
+        Op::Cache { .. } => 31,
+        Op::Log { .. } => 32,
+        Op::Stop => 33,
+        Op::Guard { .. } => 34,
+        Op::Choose { .. } => 35,
+        Op::Call { .. } => 36,
+    }
+}
+const KINDS: usize = 37;
+
+#[test]
+fn every_node_kind_round_trips_through_json() -> nnsight::Result<()> {
+    use nnsight::graph::{BinaryOp, CallArg, Constant, IndexItem, Point, ReduceOp, TensorData, UnaryOp};
+    let t = TensorData::from_tensor(&Tensor::from_slice(&[1.5f32, -2.0, 0.25]).reshape([1, 3]))?;
+    let m = || "model.layers.0.mlp".to_string();
+    let ops = vec![
+        Op::Const { value: Constant::Tensor(t) },
+        Op::Const { value: Constant::Scalar(0.5) },
+        Op::Read { module: m(), point: Point::Output, call: 0 },
+        Op::ReadInputs { module: m(), call: 1 },
+        Op::Write { module: m(), point: Point::Input, call: 0, value: 0, index: Some(vec![IndexItem::Select(-1)]) },
+        Op::Skip { module: m(), call: 0, value: 0 },
+        Op::Apply { module: "lm_head".into(), input: 0 },
+        Op::Save { value: 0 },
+        Op::Binary { kind: BinaryOp::Matmul, a: 0, b: 0 },
+        Op::BinaryScalar { kind: BinaryOp::Ge, a: 0, scalar: 2.0, scalar_first: true },
+        Op::Unary { kind: UnaryOp::Not, a: 0 },
+        Op::Reduce { kind: ReduceOp::Mean, a: 0, dims: vec![-1], keepdim: true },
+        Op::MaxMinDim { a: 0, dim: 1, keepdim: false, max: true },
+        Op::Norm { a: 0, p: 2.0, dims: vec![], keepdim: false },
+        Op::Softmax { a: 0, dim: -1, log: true },
+        Op::Argmax { a: 0, dim: None, keepdim: false },
+        Op::Topk { a: 0, k: 2, dim: -1, largest: false },
+        Op::Reshape { a: 0, shape: vec![3, -1] },
+        Op::Transpose { a: 0, dim0: 0, dim1: 1 },
+        Op::Permute { a: 0, dims: vec![1, 0] },
+        Op::Narrow { a: 0, dim: 1, start: 1, len: 2 },
+        Op::Select { a: 0, dim: 0, index: 0 },
+        Op::Index {
+            a: 0,
+            index: vec![IndexItem::Slice { start: Some(1), end: None }, IndexItem::NewAxis, IndexItem::Select(2)],
+        },
+        Op::Cat { xs: vec![0, 0], dim: 0 },
+        Op::Stack { xs: vec![0, 0], dim: 1 },
+        Op::ToKind { a: 0, kind: "Half".into() },
+        Op::ToDevice { a: 0, device: "cpu".into() },
+        Op::Where { cond: 10, a: 0, b: 1 },
+        Op::Gather { a: 0, dim: 1, index: 15 },
+        Op::TupleGet { a: 16, index: 1 },
+        Op::Unsqueeze { a: 0, dim: 0 },
+        Op::Squeeze { a: 0, dim: Some(0) },
+        Op::Cache { modules: Some(vec![m()]), inputs: true, device: Some("cpu".into()) },
+        Op::Log { a: 0, label: "h.norm()".into() },
+        Op::Stop,
+        Op::Guard { cond: 10, end: 37 },
+        Op::Choose { cond: 10, a: 0, b: 1 },
+        Op::Call {
+            function: clamp_norm::NAME.into(),
+            args: vec![CallArg::Node(0), CallArg::Float(1.0), CallArg::Int(3), CallArg::Bool(true)],
+        },
+    ];
+    let mut seen = [false; KINDS];
+    for op in &ops {
+        seen[kind_index(op)] = true;
+    }
+    assert!(seen.iter().all(|&s| s), "kinds missing from the test graph: {seen:?}");
+    let graph = Graph {
+        nodes: ops.into_iter().enumerate().map(|(i, op)| nnsight::graph::Node { op, invoke: (i % 2) as u32 }).collect(),
+    };
+    let json = graph.to_json();
+    assert_eq!(Graph::from_json(&json)?, graph);
+    // A branch that ends before it starts, or after the graph, is refused.
+    let bad = json.replace("\"end\": 37", "\"end\": 99");
+    assert!(matches!(Graph::from_json(&bad), Err(Error::InvalidGraph { .. })));
+    Ok(())
+}
+
+/// The block whose graph `docs/graph-example.json` holds (the README's JSON section shows it).
+fn example_block(model: &LanguageModel<Llama>) -> nnsight::Result<Tensor> {
+    intervene!(model.trace("The Eiffel Tower is in the city of") {
+        let h = model.model.layers[5].output;
+        if cond!(h.norm() > 100.0) {
+            model.model.layers[5].output = h * 0.5;
+        }
+        log!(h.norm());
+        let last = model.model.layers[6].mlp.output[(.., -1, ..)];
+        model.model.layers[6].mlp.output[(.., -1, ..)] = call!(clamp_norm(last, 10.0));
+        let logits = model.lm_head.output[(.., -1, ..)].save();
+    });
+    Ok(logits)
+}
+
+#[test]
+fn the_committed_example_graph_is_what_its_block_builds() -> nnsight::Result<()> {
+    let model = common::smollm2();
+    let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/graph-example.json"));
+    let (logits, graphs) = capture_graphs(|| example_block(&model));
+    assert_eq!(logits?.size(), vec![1, 49152]);
+    let built = &graphs[0];
+    if std::env::var("NNSIGHT_BLESS").is_ok() {
+        std::fs::write(path, built.to_json() + "\n").unwrap();
+    }
+    let text = std::fs::read_to_string(path).expect("docs/graph-example.json (NNSIGHT_BLESS=1 writes it)");
+    let committed = Graph::from_json(&text)?;
+    assert_eq!(&committed, built, "the example graph changed: rerun with NNSIGHT_BLESS=1 and review the diff");
+    Ok(())
+}
