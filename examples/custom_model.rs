@@ -6,8 +6,9 @@
 use nnsight::nn::{Activation, ActivationFn, Ctx, Forward, Linear};
 use nnsight::prelude::*;
 
-/// One residual MLP block.
+/// One residual MLP block. Inner point `delta`: what the block adds to the residual stream, `[batch, 8]`.
 #[derive(Traceable)]
+#[traceable(points(delta))]
 struct Block {
     #[traceable(path)]
     path: String,
@@ -20,7 +21,10 @@ impl Forward for Block {
     fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> nnsight::Result<Tensor> {
         let h = cx.call(&self.up, x)?;
         let h = cx.call(&self.act, &h)?;
-        Ok(x + cx.call(&self.down, &h)?)
+        let delta = cx.call(&self.down, &h)?;
+        // An inner point: `intervene!` reads and writes it as `net.blocks[i].delta.output`.
+        let delta = cx.point(&self.path, "delta", delta)?;
+        Ok(x + delta)
     }
 }
 
@@ -67,12 +71,14 @@ fn main() -> nnsight::Result<()> {
         let before = net.blocks[1].input.save();
         net.blocks[1].down.output = net.blocks[1].down.output * 0.0; // block 1 adds nothing
         let after = net.blocks[1].output.save();
+        let delta2 = net.blocks[2].delta.output.save();
         let out = net.output.save();
     });
     let skipped = (&after - &before).abs().max().double_value(&[]);
     let plain_input = net.blocks_input_of(1, &x)?;
     println!("block 1 input {:?}, equal to a plain pass's: {}", before.size(), before.equal(&plain_input));
     println!("with block 1's MLP zeroed, block 1 passes its input through (max diff {skipped:.1e})");
+    println!("block 2 adds a {:?} delta of norm {:.3}", delta2.size(), delta2.norm().double_value(&[]));
     println!("readout: {out}");
     Ok(())
 }

@@ -41,10 +41,13 @@ fn issue4(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
         let cache = model.cache_with(CacheOptions::default().modules(["model.model.layers.0"]).inputs(true));
         model.model.layers[1].skip(model.model.layers[1].input);
         log!(model.model.layers[2].output.norm());
+        let attn = &model.model.layers[3].self_attn;
+        attn.probs.output[(.., 0)] = attn.probs.output[(.., 0)] * 0.0;
+        let pattern = attn.probs.output.save();
         let h = model.model.layers[3].output.save();
         model.stop();
     });
-    let _: (Cache, Tensor) = (cache, h);
+    let _: (Cache, Tensor, Tensor) = (cache, pattern, h);
     Ok(())
 }
 
