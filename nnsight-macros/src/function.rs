@@ -128,8 +128,8 @@ pub fn function(attr: TokenStream, item: ItemFn) -> TokenStream {
                     Some(kind) => params.extend(name.map(|n| (n, kind, t.ty.span()))),
                     None => push(
                         &mut errors,
-                        syn::Error::new(
-                            t.ty.span(),
+                        syn::Error::new_spanned(
+                            &t.ty,
                             format!("unsupported parameter type for an nnsight function: expected {SUPPORTED}"),
                         ),
                     ),
