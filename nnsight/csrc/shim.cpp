@@ -2,8 +2,89 @@
 // headers of the libtorch in use. Every function is `extern "C"`, catches every C++ exception, and hands tensors
 // back as `new at::Tensor(...)`, owned from then on by exactly one Rust `tch::Tensor`.
 
+#include <ATen/ExpandUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
+#include <ATen/ops/result_type.h>
+#include <torch/library.h>
+
+#include <memory>
+#include <mutex>
+#include <tuple>
+
+// ---- meta kernels that libtorch's C++ lacks ------------------------------------------------------------------
+// PyTorch registers some ops' meta kernels in Python (torch/_meta_registrations.py); a C++ program without Python
+// has none for them, so a forward pass on meta tensors stops at the first such op. These give the result's shape and
+// dtype alone. Each is registered only where this libtorch has no Meta kernel of its own.
+
+namespace {
+
+at::TensorOptions meta_options(at::ScalarType dtype) {
+    return at::TensorOptions().dtype(dtype).device(at::kMeta);
+}
+
+std::vector<int64_t> broadcast(at::IntArrayRef a, at::IntArrayRef b) {
+    return at::infer_size(a, b);
+}
+
+at::Tensor where_self(const at::Tensor &condition, const at::Tensor &self, const at::Tensor &other) {
+    auto shape = broadcast(broadcast(condition.sizes(), self.sizes()), other.sizes());
+    return at::empty(shape, meta_options(at::result_type(self, other)));
+}
+
+at::Tensor &where_self_out(const at::Tensor &condition, const at::Tensor &self, const at::Tensor &other,
+                           at::Tensor &out) {
+    out.resize_(broadcast(broadcast(condition.sizes(), self.sizes()), other.sizes()));
+    return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> native_layer_norm(const at::Tensor &input,
+                                                                 c10::SymIntArrayRef normalized_shape,
+                                                                 const std::optional<at::Tensor> &weight,
+                                                                 const std::optional<at::Tensor> &bias, double eps) {
+    auto stats = input.sizes().vec();
+    for (size_t i = 0; i < normalized_shape.size() && i < stats.size(); ++i) {
+        stats[stats.size() - 1 - i] = 1;
+    }
+    auto options = meta_options(input.scalar_type());
+    return {at::empty(input.sizes(), options), at::empty(stats, options), at::empty(stats, options)};
+}
+
+at::Tensor index_select(const at::Tensor &self, int64_t dim, const at::Tensor &index) {
+    auto shape = self.sizes().vec();
+    if (shape.empty()) {
+        return at::empty({}, meta_options(self.scalar_type()));
+    }
+    int64_t d = dim < 0 ? dim + static_cast<int64_t>(shape.size()) : dim;
+    TORCH_CHECK(d >= 0 && d < static_cast<int64_t>(shape.size()), "index_select(): dim ", dim, " out of range");
+    TORCH_CHECK(index.dim() <= 1, "index_select(): index must be a vector, found ", index.dim(), " dimensions");
+    shape[d] = index.numel();
+    return at::empty(shape, meta_options(self.scalar_type()));
+}
+
+at::Tensor reduce_all(const at::Tensor &self) {
+    TORCH_CHECK(self.numel() > 0, "max()/min() of an empty tensor");
+    return at::empty({}, meta_options(self.scalar_type()));
+}
+
+at::Tensor &binary_bool_out(const at::Tensor &self, const at::Tensor &other, at::Tensor &out) {
+    out.resize_(broadcast(self.sizes(), other.sizes()));
+    return out;
+}
+
+at::Tensor &unary_out(const at::Tensor &self, at::Tensor &out) {
+    out.resize_(self.sizes());
+    return out;
+}
+
+bool has_meta_kernel(const char *name, const char *overload) {
+    auto op = c10::Dispatcher::singleton().findSchema({name, overload});
+    return !op.has_value() || op->hasKernelForDispatchKey(c10::DispatchKey::Meta);
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -41,6 +122,78 @@ int nnsight_onednn_linear(const at::Tensor *x, const at::Tensor *w, const at::Te
         return 0;
     } catch (...) {
         return 2;
+    }
+}
+
+// Registers the meta kernels above for the ops that have none (once per process). Returns 0, or 1 when libtorch
+// refused a registration (scans then stop at that op with libtorch's own message).
+int nnsight_install_meta_kernels() {
+    static std::once_flag once;
+    static int status = 0;
+    std::call_once(once, [] {
+        try {
+            static auto *lib =
+                new torch::Library(torch::Library::IMPL, "aten", c10::DispatchKey::Meta, __FILE__, __LINE__);
+            auto add = [](const char *name, const char *overload, auto &&register_it) {
+                if (!has_meta_kernel(name, overload)) {
+                    register_it();
+                }
+            };
+            add("aten::where", "self", [] { lib->impl("where.self", TORCH_FN(where_self)); });
+            add("aten::where", "self_out", [] { lib->impl("where.self_out", TORCH_FN(where_self_out)); });
+            add("aten::native_layer_norm", "", [] { lib->impl("native_layer_norm", TORCH_FN(native_layer_norm)); });
+            add("aten::index_select", "", [] { lib->impl("index_select", TORCH_FN(index_select)); });
+            add("aten::max", "", [] { lib->impl("max", TORCH_FN(reduce_all)); });
+            add("aten::min", "", [] { lib->impl("min", TORCH_FN(reduce_all)); });
+            add("aten::logical_and", "out", [] { lib->impl("logical_and.out", TORCH_FN(binary_bool_out)); });
+            add("aten::logical_or", "out", [] { lib->impl("logical_or.out", TORCH_FN(binary_bool_out)); });
+            add("aten::logical_xor", "out", [] { lib->impl("logical_xor.out", TORCH_FN(binary_bool_out)); });
+            add("aten::logical_not", "out", [] { lib->impl("logical_not.out", TORCH_FN(unary_out)); });
+            add("aten::abs", "out", [] { lib->impl("abs.out", TORCH_FN(unary_out)); });
+        } catch (...) {
+            status = 1;
+        }
+    });
+    return status;
+}
+
+// A tensor of the same sizes, strides and dtype as *t on the meta device: shapes only, no storage, no data copied.
+// Writes it to *out and returns 0; returns 1 when libtorch threw.
+int nnsight_to_meta(const at::Tensor *t, at::Tensor **out) {
+    try {
+        if (t->is_meta()) {
+            *out = new at::Tensor(*t);
+        } else {
+            *out = new at::Tensor(at::empty_strided(t->sizes(), t->strides(), t->options().device(at::kMeta)));
+        }
+        return 0;
+    } catch (...) {
+        return 1;
+    }
+}
+
+// A contiguous meta tensor of the given sizes and dtype (`scalar_type`, c10::ScalarType's value).
+int nnsight_empty_meta(const int64_t *sizes, size_t ndim, int scalar_type, at::Tensor **out) {
+    try {
+        auto options = at::TensorOptions().dtype(static_cast<c10::ScalarType>(scalar_type)).device(at::kMeta);
+        *out = new at::Tensor(at::empty(c10::IntArrayRef(sizes, ndim), options));
+        return 0;
+    } catch (...) {
+        return 1;
+    }
+}
+
+// 1 when *a and *b are handles on one tensor (the same TensorImpl, as after a shallow clone), else 0.
+int nnsight_same_tensor(const at::Tensor *a, const at::Tensor *b) {
+    return a->is_same(*b) ? 1 : 0;
+}
+
+// 1 when *t is defined and on the meta device, else 0 (tch reports a meta tensor's device as MPS).
+int nnsight_is_meta(const at::Tensor *t) {
+    try {
+        return t->defined() && t->is_meta() ? 1 : 0;
+    } catch (...) {
+        return 0;
     }
 }
 

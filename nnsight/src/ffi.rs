@@ -12,6 +12,16 @@ unsafe extern "C" {
         b: *const torch_sys::C_tensor,
         out: *mut *mut torch_sys::C_tensor,
     ) -> std::ffi::c_int;
+    fn nnsight_to_meta(t: *const torch_sys::C_tensor, out: *mut *mut torch_sys::C_tensor) -> std::ffi::c_int;
+    fn nnsight_empty_meta(
+        sizes: *const i64,
+        ndim: usize,
+        scalar_type: std::ffi::c_int,
+        out: *mut *mut torch_sys::C_tensor,
+    ) -> std::ffi::c_int;
+    fn nnsight_is_meta(t: *const torch_sys::C_tensor) -> std::ffi::c_int;
+    fn nnsight_install_meta_kernels() -> std::ffi::c_int;
+    fn nnsight_same_tensor(a: *const torch_sys::C_tensor, b: *const torch_sys::C_tensor) -> std::ffi::c_int;
 }
 
 const UNKNOWN: u8 = 0;
@@ -50,9 +60,12 @@ fn disabled() -> bool {
 /// `x Wᵀ + b` through oneDNN when that is exact enough and faster (float32 on the CPU, no gradient wanted);
 /// `None` when the caller should use `at::linear` (other devices or dtypes, autograd, operator unavailable).
 pub(crate) fn onednn_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Option<Tensor> {
+    // A meta tensor (a scan) reports its device as MPS through tch; it is excluded by name all the same.
     if ONEDNN.load(Ordering::Relaxed) == UNAVAILABLE
         || disabled()
         || x.device() != tch::Device::Cpu
+        || is_meta(x)
+        || is_meta(w)
         || x.kind() != tch::Kind::Float
         || w.kind() != tch::Kind::Float
         || x.requires_grad()
@@ -77,4 +90,74 @@ pub(crate) fn onednn_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Optio
         }
         _ => None,
     }
+}
+
+/// Whether `t` is a meta tensor (shapes and dtypes only, no storage). tch reports a meta tensor's device as
+/// `Device::Mps`, so code that branches on a device must ask this first.
+pub(crate) fn is_meta(t: &Tensor) -> bool {
+    // SAFETY: `t` is a live tensor borrowed for the call.
+    unsafe { nnsight_is_meta(t.as_ptr()) != 0 }
+}
+
+/// Whether `a` and `b` are handles on one tensor (shallow clones of each other): how tied meta parameters, which
+/// have no data pointer to compare, are told apart.
+pub(crate) fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
+    // SAFETY: both are live tensors borrowed for the call.
+    unsafe { nnsight_same_tensor(a.as_ptr(), b.as_ptr()) != 0 }
+}
+
+/// A meta tensor of `t`'s sizes, strides and dtype (no data is copied); `t` itself when it is meta already.
+pub(crate) fn to_meta(t: &Tensor) -> Result<Tensor, tch::TchError> {
+    install_meta_kernels();
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    // SAFETY: `t` is live for the call; on success `out` is a fresh heap tensor owned by the returned `Tensor`.
+    match unsafe { nnsight_to_meta(t.as_ptr(), &mut out) } {
+        0 if !out.is_null() => Ok(unsafe { Tensor::from_ptr(out) }),
+        _ => Err(tch::TchError::Torch(format!("cannot make a meta tensor of shape {:?}", t.size()))),
+    }
+}
+
+/// A contiguous meta tensor of `shape` and `kind`.
+pub(crate) fn empty_meta(shape: &[i64], kind: tch::Kind) -> Result<Tensor, tch::TchError> {
+    let Some(scalar_type) = scalar_type(kind) else {
+        return Err(tch::TchError::Kind(format!("no meta tensors of dtype {kind:?}")));
+    };
+    install_meta_kernels();
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    // SAFETY: `shape` is live for the call; on success `out` is a fresh heap tensor owned by the returned `Tensor`.
+    match unsafe { nnsight_empty_meta(shape.as_ptr(), shape.len(), scalar_type, &mut out) } {
+        0 if !out.is_null() => Ok(unsafe { Tensor::from_ptr(out) }),
+        _ => Err(tch::TchError::Torch(format!("cannot make a meta tensor of shape {shape:?}"))),
+    }
+}
+
+/// Registers the shim's meta kernels for the ops libtorch's C++ has none for (PyTorch registers them in Python):
+/// the layer norm, `where`, `index_select` (embeddings), `max()`/`min()`, the logical ops, `abs`. Done once, before
+/// the first meta tensor exists; a refusal leaves those ops failing with libtorch's own message.
+fn install_meta_kernels() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        // SAFETY: no arguments; the C++ side registers once and catches every exception.
+        if unsafe { nnsight_install_meta_kernels() } != 0 {
+            eprintln!("nnsight: warning: libtorch refused the meta kernels of the shim; some ops cannot be scanned");
+        }
+    });
+}
+
+/// `c10::ScalarType`'s value of a dtype (those a graph can name).
+fn scalar_type(kind: tch::Kind) -> Option<std::ffi::c_int> {
+    use tch::Kind::*;
+    Some(match kind {
+        Uint8 => 0,
+        Int8 => 1,
+        Int16 => 2,
+        Int => 3,
+        Int64 => 4,
+        Half => 5,
+        Float => 6,
+        Double => 7,
+        Bool => 11,
+        BFloat16 => 15,
+        _ => return None,
+    })
 }

@@ -26,6 +26,7 @@ pub mod function;
 pub mod graph;
 pub mod interleave;
 pub mod load;
+pub mod meta;
 pub mod models;
 pub mod nn;
 
