@@ -9,5 +9,6 @@ mod intervene;
 mod linking;
 mod loading_errors;
 mod parity_smollm2;
+mod scan;
 mod tiny_models;
 mod ui;

@@ -1,7 +1,7 @@
 //! `LanguageModel<M>`: a tokenizer and a model on a device, loaded from a Hugging Face folder or a GGUF file.
 
 use crate::envoy::trace::OrderRecorder;
-use crate::envoy::{CallOrder, TraceTarget};
+use crate::envoy::{CallOrder, ScanTarget, TraceTarget};
 use crate::load::gguf::GgufFile;
 use crate::load::tokenizer::{self, SpecialTokens};
 use crate::load::{safetensors, Weights};
@@ -158,6 +158,18 @@ impl Batch {
             padded: rows.iter().any(|r| r.len() != seq),
         })
     }
+
+    /// The same batch as meta tensors (shapes only), for a scan.
+    pub fn to_meta(&self) -> Result<Self> {
+        let m = |t: &Tensor, name: &str| crate::meta::to_meta(t).map_err(|e| Error::torch(name, e));
+        Ok(Batch {
+            input_ids: m(&self.input_ids, "input_ids")?,
+            attention_mask: m(&self.attention_mask, "attention_mask")?,
+            position_ids: m(&self.position_ids, "position_ids")?,
+            lengths: self.lengths.clone(),
+            padded: self.padded,
+        })
+    }
 }
 
 /// A tokenizer and a causal language model on a device.
@@ -168,6 +180,10 @@ pub struct LanguageModel<M: CausalLm = AutoModel> {
     model: M,
     envoy: OnceLock<M::Envoy>,
     order: OnceLock<Arc<CallOrder>>,
+    /// The configuration the model was built from (its meta twin is built from it again).
+    config: RawConfig,
+    /// The model again with meta parameters, for scans (built on the first scan).
+    meta_twin: OnceLock<M>,
     tokenizer: Tokenizer,
     special: SpecialTokens,
     device: Device,
@@ -221,7 +237,7 @@ impl<M: CausalLm> LanguageModel<M> {
         let model = M::from_config(&config, &mut weights)?;
         weights.finish()?;
         let special = special_from_config(&config.json);
-        Ok(Self::assemble(model, tokenizer, special, options.device, dir))
+        Ok(Self::assemble(model, config, tokenizer, special, options.device, dir))
     }
 
     fn load_gguf(path: &Path, options: &LoadOptions) -> Result<Self> {
@@ -259,15 +275,24 @@ impl<M: CausalLm> LanguageModel<M> {
         let mut weights = Weights::new(path, tensors, options.kind, options.device);
         let model = M::from_config(&config, &mut weights)?;
         weights.finish()?;
-        Ok(Self::assemble(model, tokenizer, special, options.device, path))
+        Ok(Self::assemble(model, config, tokenizer, special, options.device, path))
     }
 
-    fn assemble(mut model: M, tokenizer: Tokenizer, special: SpecialTokens, device: Device, source: &Path) -> Self {
+    fn assemble(
+        mut model: M,
+        config: RawConfig,
+        tokenizer: Tokenizer,
+        special: SpecialTokens,
+        device: Device,
+        source: &Path,
+    ) -> Self {
         model.set_path("");
         LanguageModel {
             model,
             envoy: OnceLock::new(),
             order: OnceLock::new(),
+            config,
+            meta_twin: OnceLock::new(),
             tokenizer,
             special,
             device,
@@ -306,6 +331,26 @@ impl<M: CausalLm> LanguageModel<M> {
     /// The checkpoint the model was loaded from.
     pub fn source(&self) -> &Path {
         &self.source
+    }
+
+    /// The meta twin of the model (built on the first call, then kept): the same architecture built from the same
+    /// configuration through the same constructor, every parameter a meta tensor of the real one's name, shape and
+    /// dtype (no storage, so it costs no memory). The real model is not touched. Scans run on it.
+    pub fn meta_model(&self) -> Result<&M> {
+        if let Some(twin) = self.meta_twin.get() {
+            return Ok(twin);
+        }
+        let label = |name: &str| format!("meta twin: {name}");
+        let mut tensors = std::collections::BTreeMap::new();
+        for (name, t) in crate::nn::named_parameters(&self.model) {
+            let meta = crate::meta::to_meta(&t).map_err(|e| Error::torch(label(&name), e))?;
+            tensors.insert(name, meta);
+        }
+        let mut weights = Weights::meta(&self.source, tensors, self.model.dtype());
+        let mut twin = M::from_config(&self.config, &mut weights)?;
+        weights.finish()?;
+        twin.set_path("");
+        Ok(self.meta_twin.get_or_init(|| twin))
     }
 
     /// The module tree (paths, types and parameter shapes), printable with `{}` like `print(model)` in PyTorch.
@@ -417,6 +462,27 @@ impl<M: CausalLm> TraceTarget for LanguageModel<M> {
 
     fn forward_hooked(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<()> {
         let _ = self.model.run(&mut Ctx::with_hook(hook), batch)?;
+        Ok(())
+    }
+}
+
+impl<M: CausalLm> ScanTarget for LanguageModel<M> {
+    fn scan_root(&self) -> Result<&M> {
+        self.meta_model()
+    }
+
+    fn scan_call_order(&self) -> Result<Option<Arc<CallOrder>>> {
+        // Recorded on the twin (the order is the architecture's): a scan runs nothing real.
+        let twin = self.meta_model()?;
+        Ok(OrderRecorder::record_once(&self.order, |hook| {
+            let batch = Batch::from_rows(&[vec![0]], 0, Device::Cpu)?.to_meta()?;
+            twin.run(&mut Ctx::with_hook(hook), &batch).map(|_| ())
+        }))
+    }
+
+    fn forward_scan(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<()> {
+        let twin = self.meta_model()?;
+        let _ = twin.run(&mut Ctx::with_hook(hook), &batch.to_meta()?)?;
         Ok(())
     }
 }

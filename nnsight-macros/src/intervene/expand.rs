@@ -2,7 +2,7 @@
 //! re-binding of every exported binding (a saved proxy becomes its value).
 //!
 //! ```text
-//! let __nn_tr = ::nnsight::__private::Trace::new(&model, Some(::core::convert::Into::into(INPUT)))?;
+//! let __nn_tr = ::nnsight::__private::Trace::new(&model, Some(::core::convert::Into::into(INPUT)))?;  // Scan::new for a scan
 //! let __nn_root = __nn_tr.root();
 //! let __nn_g = __nn_tr.graph();
 //! __nn_tr.invoke(Some(::core::convert::Into::into(A)))?;     // per invoke block, then its statements
@@ -11,7 +11,7 @@
 //! let h5 = { use ...; (&&&::nnsight::__private::finish(h5)).__nn_finish(&mut __nn_results)? };
 //! ```
 
-use super::parse::Item;
+use super::parse::{is_scan, Item};
 use super::rewrite::{gen, Export, Rewritten};
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
@@ -23,9 +23,11 @@ pub fn expand(r: Rewritten) -> TokenStream {
     let s = gen(r.trace.span());
     let root = &r.root;
     let input = option_input(r.input.as_ref(), s);
+    // A scan runs the same graph on the model's meta twin; everything else is the same code.
+    let kind = if is_scan(&r.trace) { quote_spanned!(s=> Scan) } else { quote_spanned!(s=> Trace) };
     let mut out = quote_spanned! {s=>
         #[allow(unused_variables)]
-        let __nn_tr = ::nnsight::__private::Trace::new(&#root, #input)?;
+        let __nn_tr = ::nnsight::__private::#kind::new(&#root, #input)?;
         #[allow(unused_variables)]
         let __nn_root = __nn_tr.root();
         #[allow(unused_variables)]

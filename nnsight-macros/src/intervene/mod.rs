@@ -1,6 +1,7 @@
 //! `intervene!`: a trace block over a model, compiled into graph-construction code.
 //!
-//! Three phases, one file each: [`parse`] reads the frame (`model.trace(..) { invoke(..) { .. } }`), [`rewrite`]
+//! Three phases, one file each: [`parse`] reads the frame (`model.trace(..) { invoke(..) { .. } }`, or `scan`
+//! for the same block on shapes alone), [`rewrite`]
 //! turns expressions rooted at the model into typed graph calls (reads, writes, list indexing, ad-hoc module calls)
 //! and decides which bindings are handed on, [`expand`] emits the trace, the flat body, the run and the
 //! re-bindings. Errors from every phase are collected and reported together.
@@ -121,6 +122,21 @@ mod tests {
                     use ::nnsight::__private::{FinishPlain as _, FinishSaved as _, FinishUnsaved as _};
                     (&&&::nnsight::__private::finish(h5)).__nn_finish(&mut __nn_results)?
                 };),
+            ],
+        );
+    }
+
+    #[test]
+    fn scan_expands_to_the_same_code_on_a_scan() {
+        let out = expand(quote!(model.scan("The Eiffel Tower") {
+            let h5 = model.model.layers[5].output.save();
+        }));
+        assert_contains_in_order(
+            &out,
+            &[
+                quote!(let __nn_tr = ::nnsight::__private::Scan::new(&model, ::core::option::Option::Some(::core::convert::Into::into("The Eiffel Tower")))?;),
+                quote!(let __nn_root = __nn_tr.root();),
+                quote!(let mut __nn_results = __nn_tr.run()?;),
             ],
         );
     }
@@ -329,7 +345,7 @@ mod tests {
         assert_eq!(
             msgs,
             [
-                "unknown form `model.tracee(...)`: expected `model.trace(input) { ... }`",
+                "unknown form `model.tracee(...)`: expected `model.trace(input) { ... }`, or `model.scan(input) { ... }` to run it on shapes alone",
                 "assign to `.output` or `.input` of a module"
             ]
         );

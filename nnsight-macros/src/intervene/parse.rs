@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! intervene!(ROOT.trace(INPUT?) { ITEM* })
+//! intervene!(ROOT.scan(INPUT?) { ITEM* })     (the same block, run on shapes alone)
 //! ITEM := a Rust statement | invoke(INPUT?) { STATEMENT* }
 //! ```
 //!
@@ -20,11 +21,11 @@ use syn::{braced, parenthesized, Expr, Ident, Stmt, Token};
 /// Hook points of a module: `.output`, `.input`, `.inputs`.
 pub const HOOK_POINTS: [&str; 3] = ["output", "input", "inputs"];
 
-/// `ROOT.trace(INPUT?) { ITEMS }`.
+/// `ROOT.trace(INPUT?) { ITEMS }` or `ROOT.scan(INPUT?) { ITEMS }`.
 pub struct Intervene {
     /// The model's identifier: the root of every module path in the body.
     pub root: Ident,
-    /// The `trace` token (errors about the trace target point at it).
+    /// The `trace` or `scan` token (errors about the trace target point at it; [`is_scan`] tells which).
     pub trace: Ident,
     /// The input of `ROOT.trace(INPUT)`, or none for `ROOT.trace()`.
     pub input: Option<Expr>,
@@ -50,6 +51,14 @@ pub struct Invoke {
     pub stmts: Vec<Stmt>,
 }
 
+/// The forms of `ROOT.FORM(..) { .. }`.
+const FORMS: [&str; 2] = ["trace", "scan"];
+
+/// Whether the form token is `scan` (a run on shapes alone).
+pub fn is_scan(form: &Ident) -> bool {
+    form == "scan"
+}
+
 /// Parses an `intervene!` call; frame errors that leave a usable shape go to `errors`, others are returned.
 pub fn parse(tokens: TokenStream, errors: &mut Errors) -> syn::Result<Intervene> {
     let tokens = tuple_indices(tokens);
@@ -71,22 +80,25 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
     input.parse::<Token![.]>()?;
     let trace: Ident =
         input.parse().map_err(|e| syn::Error::new(e.span(), format!("expected `trace` after `{root}.`")))?;
-    if trace != "trace" {
+    if !FORMS.iter().any(|f| trace == f) {
         errors.push(syn::Error::new(
             trace.span(),
-            format!("unknown form `{root}.{trace}(...)`: expected `{root}.trace(input) {{ ... }}`"),
+            format!(
+                "unknown form `{root}.{trace}(...)`: expected `{root}.trace(input) {{ ... }}`, or `{root}.scan(input) {{ ... }}` to run it on shapes alone"
+            ),
         ));
     }
+    // Messages name the form written (`scan` or `trace`; `trace` for an unknown one).
+    let form = if is_scan(&trace) { "scan" } else { "trace" };
     if !input.peek(syn::token::Paren) {
-        return Err(
-            input.error(format!("expected `(...)` after `{root}.{trace}`: `{root}.trace(input)` or `{root}.trace()`"))
-        );
+        return Err(input
+            .error(format!("expected `(...)` after `{root}.{trace}`: `{root}.{form}(input)` or `{root}.{form}()`")));
     }
     let args;
     parenthesized!(args in input);
-    let input_expr = single_input(&args, "`trace` takes one input, or none with `invoke` blocks", errors)?;
+    let input_expr = single_input(&args, &format!("`{form}` takes one input, or none with `invoke` blocks"), errors)?;
     if !input.peek(syn::token::Brace) {
-        return Err(input.error(format!("expected a block `{{ ... }}` after `{root}.trace(...)`")));
+        return Err(input.error(format!("expected a block `{{ ... }}` after `{root}.{form}(...)`")));
     }
     let body;
     braced!(body in input);
@@ -95,7 +107,7 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
         input.parse::<Token![;]>()?;
     }
     if !input.is_empty() {
-        return Err(input.error("unexpected tokens after the trace block"));
+        return Err(input.error(format!("unexpected tokens after the {form} block")));
     }
 
     let invokes: Vec<&Invoke> = items
@@ -108,12 +120,12 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
     match (&input_expr, invokes.first()) {
         (Some(_), Some(first)) => errors.push(syn::Error::new(
             first.keyword.span(),
-            format!("`invoke` blocks need a trace without input: `{root}.trace() {{ invoke(input) {{ ... }} }}`"),
+            format!("`invoke` blocks need a {form} without input: `{root}.{form}() {{ invoke(input) {{ ... }} }}`"),
         )),
         (None, None) => errors.push(syn::Error::new(
             trace.span(),
             format!(
-                "`{root}.trace()` without input needs `invoke(input) {{ ... }}` blocks, or write `{root}.trace(input)`"
+                "`{root}.{form}()` without input needs `invoke(input) {{ ... }}` blocks, or write `{root}.{form}(input)`"
             ),
         )),
         _ => {}
@@ -294,10 +306,26 @@ mod tests {
         assert_eq!(
             msgs,
             [
-                "unknown form `model.tracee(...)`: expected `model.trace(input) { ... }`",
+                "unknown form `model.tracee(...)`: expected `model.trace(input) { ... }`, or `model.scan(input) { ... }` to run it on shapes alone",
                 "`invoke` takes one input, or none for the whole batch",
                 "`invoke` blocks cannot be nested",
             ]
+        );
+    }
+
+    #[test]
+    fn scan_is_a_form_with_the_same_body() {
+        let ast = parse_ok(quote!(model.scan("hello") { let h = model.lm_head.output.save(); }));
+        assert!(is_scan(&ast.trace) && ast.input.is_some());
+        let ast = parse_ok(quote!(model.scan() { invoke("a") { } invoke("b") { } }));
+        assert!(is_scan(&ast.trace) && ast.input.is_none() && ast.items.len() == 2);
+        assert_eq!(
+            parse_messages(quote!(model.scan() { let x = 1; })),
+            ["`model.scan()` without input needs `invoke(input) { ... }` blocks, or write `model.scan(input)`"]
+        );
+        assert_eq!(
+            parse_messages(quote!(model.scan(x, y) { })),
+            ["`scan` takes one input, or none with `invoke` blocks"]
         );
     }
 

@@ -13,7 +13,7 @@ pub use builder::{CallOrder, GraphCell};
 pub use proxy::{cat, stack, IntoDims, IntoIndex, IntoIndexItem, IntoTensorProxy, NewAxis, Proxy, Saved};
 pub use trace::{
     Cache, CacheOptions, FinishPlain, FinishSaved, FinishUnsaved, FromValue, NNsight, NotSaved, SavedInsideTheBlock,
-    Trace, TraceResults, TraceTarget, UnsavedUse,
+    Prepared, Scan, ScanTarget, Trace, TraceResults, TraceTarget, UnsavedUse,
 };
 
 use crate::graph::Point;

@@ -37,6 +37,38 @@ pub trait TraceTarget {
 /// A batch ready to run, each invoke's rows `(start, len)`, and the batch size.
 pub type Prepared<B> = (B, Vec<(i64, i64)>, i64);
 
+/// A trace target that can also be scanned (`intervene!(model.scan(input) { .. })`): the same block runs on shapes
+/// alone, through a meta twin of the model (the same module tree and paths, every parameter a meta tensor; see
+/// [`crate::meta`]), on meta inputs. Nothing real runs and nothing is allocated for data.
+///
+/// [`crate::LanguageModel`] implements it for every registered architecture: it builds the twin the way it loaded
+/// the model. A model of your own wrapped in [`NNsight`] has no such build path, so it cannot be scanned.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be scanned: a scan needs a model of a registered architecture",
+    label = "`scan` runs a meta twin of the model, which only `LanguageModel<M>` knows how to build",
+    note = "trace it instead (`intervene!(model.trace(input) {{ ... }})`), or load the model as a `LanguageModel`"
+)]
+pub trait ScanTarget: TraceTarget {
+    /// The root of the meta twin (built once), where a scan's ad-hoc module calls look modules up.
+    fn scan_root(&self) -> Result<&Self::Root>;
+    /// The order of hook events, recorded on the meta twin when it is not known yet.
+    fn scan_call_order(&self) -> Result<Option<Arc<CallOrder>>>;
+    /// Runs the meta twin on `batch`, made meta, with `hook` seeing every module call.
+    fn forward_scan(&self, batch: &Self::Prepared, hook: &mut dyn Hook) -> Result<()>;
+}
+
+impl<T: ScanTarget> ScanTarget for &T {
+    fn scan_root(&self) -> Result<&Self::Root> {
+        (**self).scan_root()
+    }
+    fn scan_call_order(&self) -> Result<Option<Arc<CallOrder>>> {
+        (**self).scan_call_order()
+    }
+    fn forward_scan(&self, batch: &Self::Prepared, hook: &mut dyn Hook) -> Result<()> {
+        (**self).forward_scan(batch, hook)
+    }
+}
+
 impl<T: TraceTarget> TraceTarget for &T {
     type Root = T::Root;
     type Input = T::Input;
@@ -93,6 +125,10 @@ impl Hook for OrderRecorder {
         self.events.push((module.to_string(), Point::Output));
         Ok(y)
     }
+    /// Inner points are part of the order (an output event each, where the forward reaches them).
+    fn wants_points(&mut self, _module: &str, _names: &[&str]) -> bool {
+        true
+    }
 }
 
 /// One traced block: the graph its code builds, its invokes, and the target it runs on.
@@ -125,10 +161,6 @@ impl<'m, T: TraceTarget> Trace<'m, T> {
         Ok(())
     }
 
-    /// Inner points are part of the order (an output event each, where the forward reaches them).
-    fn wants_points(&mut self, _module: &str, _names: &[&str]) -> bool {
-        true
-    }
     /// The root envoy: `model` inside the block.
     pub fn root(&self) -> &'m <T::Root as Traceable>::Envoy {
         self.target.envoy()
@@ -141,17 +173,9 @@ impl<'m, T: TraceTarget> Trace<'m, T> {
 
     /// Runs the model with the graph interleaved; returns the saved values.
     pub fn run(&self) -> Result<TraceResults> {
-        if let Some(e) = self.graph.inner.borrow_mut().error.take() {
-            return Err(e);
-        }
-        let inputs = std::mem::take(&mut *self.inputs.borrow_mut());
-        if inputs.is_empty() {
-            return Err(Error::InvalidInput {
-                message: "a trace needs an input: `model.trace(input)` or an `invoke(input)`".into(),
-            });
-        }
-        let (batch, rows, size) = self.target.prepare(&inputs)?;
+        let (batch, rows, size) = self.prepare("trace")?;
         let builder = self.graph.inner.borrow();
+        crate::graph::note_run(&builder.graph);
         let mut inter = Interleaver::new(&builder.graph, rows, size, self.target.root())?;
         inter.start()?;
         if !inter.all_stopped() {
@@ -162,6 +186,73 @@ impl<'m, T: TraceTarget> Trace<'m, T> {
             }
         }
         Ok(TraceResults { values: inter.finish()? })
+    }
+
+    /// The graph's first build error, else the invokes' inputs batched.
+    fn prepare(&self, form: &str) -> Result<Prepared<T::Prepared>> {
+        if let Some(e) = self.graph.inner.borrow_mut().error.take() {
+            return Err(e);
+        }
+        let inputs = std::mem::take(&mut *self.inputs.borrow_mut());
+        if inputs.is_empty() {
+            return Err(Error::InvalidInput {
+                message: format!("a {form} needs an input: `model.{form}(input)` or an `invoke(input)`"),
+            });
+        }
+        self.target.prepare(&inputs)
+    }
+}
+
+/// One scanned block (`intervene!(model.scan(input) { .. })`): a [`Trace`] whose run goes through the target's
+/// meta twin on meta inputs. The graph is the same; saved values come back as meta tensors (their `.size()` and
+/// `.kind()` are those a trace gives), and shape errors (a write of the wrong shape, an op on mismatched shapes)
+/// are reported as a trace would report them, without any arithmetic.
+pub struct Scan<'m, T: ScanTarget> {
+    trace: Trace<'m, T>,
+}
+
+impl<'m, T: ScanTarget> Scan<'m, T> {
+    /// A scan of `target`; with an `input`, its first invoke takes it. The call order (for the build-time order
+    /// checks) is recorded on the meta twin if the model has not recorded it yet.
+    pub fn new(target: &'m T, input: Option<T::Input>) -> Result<Self> {
+        let order = target.scan_call_order()?;
+        let trace = Trace { target, graph: GraphCell::new(order), inputs: RefCell::new(Vec::new()) };
+        let scan = Scan { trace };
+        if let Some(i) = input {
+            scan.invoke(Some(i))?;
+        }
+        Ok(scan)
+    }
+
+    /// Starts an invoke on `input` (none: the whole batch).
+    pub fn invoke(&self, input: Option<T::Input>) -> Result<()> {
+        self.trace.inputs.borrow_mut().push(input);
+        self.trace.graph.begin_invoke();
+        Ok(())
+    }
+
+    /// Runs the meta twin with the graph interleaved; returns the saved values (meta tensors).
+    pub fn run(&self) -> Result<TraceResults> {
+        let tr = &self.trace;
+        let (batch, rows, size) = tr.prepare("scan")?;
+        let builder = tr.graph.inner.borrow();
+        let mut inter = Interleaver::new(&builder.graph, rows, size, tr.target.scan_root()?)?.scan();
+        inter.start()?;
+        if !inter.all_stopped() {
+            let _no_grad = tch::no_grad_guard();
+            match tr.target.forward_scan(&batch, &mut inter) {
+                Ok(()) | Err(Error::Stopped) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(TraceResults { values: inter.finish()? })
+    }
+}
+
+impl<'m, T: ScanTarget> std::ops::Deref for Scan<'m, T> {
+    type Target = Trace<'m, T>;
+    fn deref(&self) -> &Trace<'m, T> {
+        &self.trace
     }
 }
 

@@ -69,6 +69,8 @@ pub struct Interleaver<'a> {
     caches: Vec<ActiveCache>,
     /// Skip values given for the module about to run, by invoke.
     skips: Vec<(usize, Tensor, NodeId)>,
+    /// A scan: the forward runs on meta tensors, so constants become meta and nothing moves between devices.
+    meta: bool,
 }
 
 /// A `cache()` that is recording.
@@ -127,8 +129,17 @@ impl<'a> Interleaver<'a> {
             stopped: vec![false; n_invokes],
             caches: Vec::new(),
             skips: Vec::new(),
+            meta: false,
             point_parents,
         })
+    }
+
+    /// Makes this a scan's interleaver (see [`crate::meta`]): tensor constants become meta tensors of their shape
+    /// and dtype, device moves (`to_device`, a cache's device) keep values meta, and `log!` prints shapes. Values
+    /// the forward pass hands over are meta already.
+    pub fn scan(mut self) -> Self {
+        self.meta = true;
+        self
     }
 
     /// Runs what can run before the forward pass (constants, code before the first read).
@@ -232,6 +243,7 @@ impl<'a> Interleaver<'a> {
                         op.inputs().iter().map(|&j| self.values[j as usize].as_ref().expect("checked")).collect();
                     match op {
                         Op::Apply { module, .. } => Some(self.apply(module, inputs[0])?),
+                        _ if self.meta => Some(eval_meta(op, &inputs).map_err(|e| at_node(e, id, op))?),
                         _ => Some(eval(op, &inputs).map_err(|e| at_node(e, id, op))?),
                     }
                 }
@@ -286,7 +298,7 @@ impl<'a> Interleaver<'a> {
     fn write(&self, inv: usize, y: &Tensor, v: &Tensor, index: Option<&[IndexItem]>, target: &str) -> Result<Tensor> {
         let f = |e| Error::torch(target.to_string(), e);
         let mine = self.my_rows(inv, y)?;
-        let v = v.f_to_device(y.device()).map_err(f)?.f_to_kind(y.kind()).map_err(f)?;
+        let v = crate::meta::to_device_like(v, y).map_err(f)?.f_to_kind(y.kind()).map_err(f)?;
         let new_rows = match index {
             None => {
                 if v.size() != mine.size() {
@@ -328,6 +340,28 @@ impl<'a> Interleaver<'a> {
     }
 }
 
+/// [`eval`] in a scan: tensor constants are meta tensors of their shape and dtype, a move to a device keeps the
+/// value meta, `log!` prints the shape; every other op runs as it is, on meta tensors.
+fn eval_meta(op: &Op, inputs: &[&Value]) -> Result<Value> {
+    let t = |e| Error::torch("intervention", e);
+    match op {
+        Op::Const { value: crate::graph::Constant::Tensor(d) } => {
+            let kind = crate::graph::value::kind_from_name(&d.kind)?;
+            Ok(Value::Tensor(crate::meta::empty(&d.shape, kind).map_err(t)?))
+        }
+        Op::ToDevice { .. } => Ok(Value::Tensor(crate::meta::to_meta(inputs[0].tensor()?).map_err(t)?)),
+        Op::Log { label, .. } => {
+            let line = match inputs[0] {
+                Value::Tensor(x) => format!("{label}: Tensor[{:?}, {:?}] (scan: shape only)", x.size(), x.kind()),
+                other => format!("{label}: {other:?}"),
+            };
+            emit_log(line);
+            Ok(Value::Tuple(vec![]))
+        }
+        _ => eval(op, inputs),
+    }
+}
+
 fn at_node(e: Error, id: NodeId, op: &Op) -> Error {
     match e {
         Error::Torch { source, .. } => {
@@ -365,7 +399,7 @@ impl Interleaver<'_> {
                 continue;
             }
             let mut v = self.my_rows(c.invoke, t)?;
-            if let Some(d) = c.device {
+            if let Some(d) = c.device.filter(|_| !self.meta) {
                 v = v.f_to_device(d).map_err(|e| Error::torch(module.to_string(), e))?;
             }
             let c = &mut self.caches[k];
@@ -428,7 +462,7 @@ impl Interleaver<'_> {
             let (start, len) = self.rows[*inv];
             if start == 0 && len == self.batch {
                 self.check_skip(module, v, x)?;
-                return Ok(Some(v.f_to_device(x.device()).map_err(f)?));
+                return Ok(Some(crate::meta::to_device_like(v, x).map_err(f)?));
             }
         }
         // Several invokes: each value fills its rows, in row order (rows do not overlap).
@@ -456,7 +490,7 @@ fn split_point(path: &str) -> (&str, &str) {
                     given: v.size(),
                 });
             }
-            parts.push((start, v.f_to_device(x.device()).map_err(f)?));
+            parts.push((start, crate::meta::to_device_like(v, x).map_err(f)?));
         }
         parts.sort_by_key(|p| p.0);
         let tensors: Vec<Tensor> = parts.into_iter().map(|p| p.1).collect();

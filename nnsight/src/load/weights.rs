@@ -20,13 +20,36 @@ pub struct Weights {
     tensors: BTreeMap<String, Tensor>,
     kind: Kind,
     device: Device,
+    /// Tensors are meta and stay meta (a model's meta twin, for scans).
+    meta: bool,
     missing: BTreeSet<String>,
 }
 
 impl Weights {
     /// Wraps loaded `tensors`; [`Weights::take`] converts each to `kind` on `device`.
     pub fn new(source: impl Into<PathBuf>, tensors: BTreeMap<String, Tensor>, kind: Kind, device: Device) -> Self {
-        Weights { source: source.into(), tensors, kind, device, missing: BTreeSet::new() }
+        Weights { source: source.into(), tensors, kind, device, meta: false, missing: BTreeSet::new() }
+    }
+
+    /// Wraps meta `tensors` (shapes and dtypes only, see [`crate::meta`]): [`Weights::take`] keeps them meta and
+    /// converts floating ones to `kind`; [`Weights::place`] makes what a constructor computes meta too.
+    pub fn meta(source: impl Into<PathBuf>, tensors: BTreeMap<String, Tensor>, kind: Kind) -> Self {
+        Weights { meta: true, ..Weights::new(source, tensors, kind, Device::Cpu) }
+    }
+
+    /// Whether the tensors are meta.
+    pub fn is_meta(&self) -> bool {
+        self.meta
+    }
+
+    /// A tensor that a constructor computed (e.g. rotary frequencies), placed where the parameters are: on their
+    /// device, or meta.
+    pub fn place(&self, name: &str, t: Tensor) -> Result<Tensor> {
+        if self.meta {
+            crate::meta::to_meta(&t).map_err(|e| Error::torch(name, e))
+        } else {
+            t.f_to_device(self.device).map_err(|e| Error::torch(name, e))
+        }
     }
 
     /// The file or folder the tensors came from.
@@ -39,7 +62,7 @@ impl Weights {
         self.kind
     }
 
-    /// The device parameters are moved to.
+    /// The device parameters are moved to (the CPU for meta weights: see [`Weights::place`]).
     pub fn device(&self) -> Device {
         self.device
     }
@@ -62,6 +85,9 @@ impl Weights {
             return Err(Error::ShapeMismatch { name: name.to_string(), expected: shape.to_vec(), found: t.size() });
         }
         let kind = if t.is_floating_point() { self.kind } else { t.kind() };
+        if self.meta {
+            return crate::meta::to_meta(&t).and_then(|t| t.f_to_kind(kind)).map_err(|e| Error::torch(name, e));
+        }
         t.f_to_device(self.device).and_then(|t| t.f_to_kind(kind)).map_err(|e| Error::torch(name, e))
     }
 

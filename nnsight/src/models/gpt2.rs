@@ -192,7 +192,8 @@ impl Forward for Gpt2Model {
             Some(pos) => pos.shallow_clone(),
             None => {
                 let s = ids.size()[1];
-                Tensor::f_arange(s, (Kind::Int64, ids.device())).at(p)?.f_unsqueeze(0).at(p)?
+                let pos = Tensor::f_arange(s, (Kind::Int64, crate::meta::creation_device(ids))).at(p)?;
+                crate::meta::to_device_like(&pos, ids).at(p)?.f_unsqueeze(0).at(p)?
             }
         };
         let tok = cx.call(&self.wte, ids)?;

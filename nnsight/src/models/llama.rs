@@ -459,7 +459,7 @@ impl CausalLm for Llama {
         } else {
             Linear::load(w, "lm_head", c.hidden_size, c.vocab_size, false)?
         };
-        let inv_freq = inv_freq(&c)?.f_to_device(w.device()).at("model.rotary_emb")?;
+        let inv_freq = w.place("model.rotary_emb", inv_freq(&c)?)?;
         Ok(Llama {
             path: String::new(),
             model: LlamaModel {

@@ -282,13 +282,15 @@ pub fn causal_padding_mask(batch: &Batch, kind: Kind, window: Option<i64>) -> Re
         return Ok(None);
     }
     let f = |e| Error::torch("attention_mask", e);
-    let device = mask.device();
+    // Made on the mask's device; a scan's meta mask: made on the CPU, then meta.
+    let device = crate::meta::creation_device(mask);
     let ones = Tensor::f_ones([s, s], (Kind::Bool, device)).map_err(f)?;
     let mut allowed_2d = ones.f_tril(0).map_err(f)?;
     if let Some(w) = window {
         // A query at q sees keys k with q - k < w.
         allowed_2d = allowed_2d.f_logical_and(&ones.f_triu(-(w - 1)).map_err(f)?).map_err(f)?;
     }
+    let allowed_2d = crate::meta::to_device_like(&allowed_2d, mask).map_err(f)?;
     let keys = mask.f_ne(0).map_err(f)?.f_view([b, 1, 1, s]).map_err(f)?;
     let allowed = keys.f_logical_and(&allowed_2d.f_view([1, 1, s, s]).map_err(f)?).map_err(f)?;
     let lowest = match kind {
@@ -297,13 +299,11 @@ pub fn causal_padding_mask(batch: &Batch, kind: Kind, window: Option<i64>) -> Re
         Kind::Double => f64::MIN,
         _ => f32::MIN as f64,
     };
-    let zeros = Tensor::f_zeros([1], (kind, device)).map_err(f)?;
-    let full = Tensor::f_full([1], lowest, (kind, device)).map_err(f)?;
+    let zeros = crate::meta::to_device_like(&Tensor::f_zeros([1], (kind, device)).map_err(f)?, mask).map_err(f)?;
+    let full = crate::meta::to_device_like(&Tensor::f_full([1], lowest, (kind, device)).map_err(f)?, mask).map_err(f)?;
     Ok(Some(zeros.f_where_self(&allowed, &full).map_err(f)?))
 }
 
-/// Reads `config.json` in `dir`.
-pub fn read_config(dir: &Path) -> Result<RawConfig> {
 /// The inner points of the attention modules (Llama's `self_attn`, GPT-2's `attn`), in forward order.
 pub(crate) const ATTENTION_POINTS: [&str; 4] = ["query", "key", "probs", "head_output"];
 
@@ -352,6 +352,8 @@ pub(crate) fn explicit_attention(
     out.f_reshape([b, s, heads * hd]).at(p)
 }
 
+/// Reads `config.json` in `dir`.
+pub fn read_config(dir: &Path) -> Result<RawConfig> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let json = serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?;

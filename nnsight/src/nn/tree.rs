@@ -91,7 +91,12 @@ pub fn named_parameters(root: &dyn Module) -> Vec<(String, Tensor)> {
     let mut out: Vec<(String, Tensor)> = Vec::new();
     fn walk(m: &dyn Module, out: &mut Vec<(String, Tensor)>) {
         m.parameters(&mut |name, t| {
-            let shared = out.iter().any(|(_, u)| u.data_ptr() == t.data_ptr() && u.size() == t.size());
+            // Meta tensors (a scan's twin) have no data pointer: they are compared as handles.
+            let same = |u: &Tensor| match t.data_ptr().is_null() {
+                false => u.data_ptr() == t.data_ptr() && u.size() == t.size(),
+                true => crate::ffi::same_tensor(u, t),
+            };
+            let shared = out.iter().any(|(_, u)| same(u));
             if !shared {
                 out.push((super::join_path(m.path(), name), t.shallow_clone()));
             }
