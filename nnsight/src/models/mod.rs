@@ -300,7 +300,8 @@ pub fn causal_padding_mask(batch: &Batch, kind: Kind, window: Option<i64>) -> Re
         _ => f32::MIN as f64,
     };
     let zeros = crate::meta::to_device_like(&Tensor::f_zeros([1], (kind, device)).map_err(f)?, mask).map_err(f)?;
-    let full = crate::meta::to_device_like(&Tensor::f_full([1], lowest, (kind, device)).map_err(f)?, mask).map_err(f)?;
+    let full =
+        crate::meta::to_device_like(&Tensor::f_full([1], lowest, (kind, device)).map_err(f)?, mask).map_err(f)?;
     Ok(Some(zeros.f_where_self(&allowed, &full).map_err(f)?))
 }
 
