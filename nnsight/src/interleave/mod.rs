@@ -69,6 +69,8 @@ pub struct Interleaver<'a> {
     caches: Vec<ActiveCache>,
     /// Skip values given for the module about to run, by invoke.
     skips: Vec<(usize, Tensor, NodeId)>,
+    /// Nodes in branches whose condition was false.
+    skipped: HashSet<NodeId>,
     /// A scan: the forward runs on meta tensors, so constants become meta and nothing moves between devices.
     meta: bool,
 }
@@ -113,11 +115,11 @@ impl<'a> Interleaver<'a> {
                 watched.insert(m.to_string());
             }
         }
+        let point_parents = watched.iter().map(|m| split_point(m).0.to_string()).collect();
         Ok(Interleaver {
             graph,
             root,
             cursor: vec![0; n_invokes],
-        let point_parents = watched.iter().map(|m| split_point(m).0.to_string()).collect();
             per_invoke,
             rows,
             batch,
@@ -125,12 +127,13 @@ impl<'a> Interleaver<'a> {
             last_use,
             saved,
             watched,
+            point_parents,
             fired: HashSet::default(),
             stopped: vec![false; n_invokes],
             caches: Vec::new(),
             skips: Vec::new(),
+            skipped: HashSet::default(),
             meta: false,
-            point_parents,
         })
     }
 
@@ -227,8 +230,44 @@ impl<'a> Interleaver<'a> {
                     calls: Default::default(),
                 });
             }
+            if let Op::Choose { cond, a, b } = *op {
+                // The value of the branch that ran (the other one was skipped).
+                let Some(c) = self.values[cond as usize].as_ref() else { return Ok(()) };
+                let pick = if truth(c).map_err(|e| at_node(e, id, op))? { a } else { b };
+                let Some(v) = self.values[pick as usize].as_ref().map(Value::shallow_clone) else { return Ok(()) };
+                self.values[id as usize] = Some(v);
+                self.release(id);
+                self.cursor[inv] += 1;
+                continue;
+            }
+            if let Some(&j) = op.inputs().iter().find(|&&j| self.skipped.contains(&j)) {
+                return Err(Error::Intervention {
+                    message: format!(
+                        "node {id} ({}) uses node {j}, which belongs to a branch of an `if cond!(..)` that did not run; to use a value computed in a branch, give the `if` an `else` and use its value (`let y = if cond!(c) {{ a }} else {{ b }};`)",
+                        op.describe()
+                    ),
+                });
+            }
             if op.inputs().iter().any(|&j| self.values[j as usize].is_none()) {
                 return Ok(()); // waits for a value of another invoke
+            }
+            if let Op::Guard { cond, end } = *op {
+                let taken =
+                    truth(self.values[cond as usize].as_ref().expect("checked")).map_err(|e| at_node(e, id, op))?;
+                self.release(id);
+                self.cursor[inv] += 1;
+                if !taken {
+                    // Skip the branch: every node of this invoke before `end`.
+                    let nodes = &self.per_invoke[inv];
+                    let stop = self.cursor[inv] + nodes[self.cursor[inv]..].partition_point(|&n| n < end);
+                    let branch: Vec<NodeId> = nodes[self.cursor[inv]..stop].to_vec();
+                    for n in branch {
+                        self.skipped.insert(n);
+                        self.release(n);
+                    }
+                    self.cursor[inv] = stop;
+                }
+                continue;
             }
             let value = match op.hook_point() {
                 Some((m, p, _)) => {
@@ -340,6 +379,30 @@ impl<'a> Interleaver<'a> {
     }
 }
 
+/// Whether a condition's value holds: one value, nonzero. A shape-only (meta) value holds, so that a scan checks
+/// both branches.
+fn truth(v: &Value) -> Result<bool> {
+    let t = match v {
+        Value::Scalar(s) => return Ok(*s != 0.0),
+        other => other.tensor()?,
+    };
+    if t.numel() != 1 {
+        return Err(Error::Intervention {
+            message: format!("a condition must be a single value, found a tensor of shape {:?}", t.size()),
+        });
+    }
+    if crate::meta::is_meta(t) {
+        return Ok(true);
+    }
+    let x = t.f_reshape([-1]).and_then(|f| f.f_to_kind(tch::Kind::Double)).and_then(|f| f.f_double_value(&[0]));
+    Ok(x.map_err(|e| Error::torch("condition", e))? != 0.0)
+}
+
+/// Whether `t` has a shape but no data (a scan's meta tensor).
+fn shape_only(t: &Tensor) -> bool {
+    crate::meta::is_meta(t)
+}
+
 /// [`eval`] in a scan: tensor constants are meta tensors of their shape and dtype, a move to a device keeps the
 /// value meta, `log!` prints the shape; every other op runs as it is, on meta tensors.
 fn eval_meta(op: &Op, inputs: &[&Value]) -> Result<Value> {
@@ -369,6 +432,11 @@ fn at_node(e: Error, id: NodeId, op: &Op) -> Error {
         }
         other => other,
     }
+}
+
+/// A watched path as (parent module, last name): `layers.0.self_attn.probs` -> (`layers.0.self_attn`, `probs`).
+fn split_point(path: &str) -> (&str, &str) {
+    path.rsplit_once('.').unwrap_or(("", path))
 }
 
 /// The module at a dotted `path` under `root`.
@@ -469,11 +537,6 @@ impl Interleaver<'_> {
         let mut parts: Vec<(i64, Tensor)> = Vec::new();
         for (inv, v, _) in &skips {
             let (start, len) = self.rows[*inv];
-/// A watched path as (parent module, last name): `layers.0.self_attn.probs` -> (`layers.0.self_attn`, `probs`).
-fn split_point(path: &str) -> (&str, &str) {
-    path.rsplit_once('.').unwrap_or(("", path))
-}
-
             if len == self.batch && n > 1 {
                 return Err(Error::Intervention {
                     message: format!(
