@@ -398,11 +398,6 @@ fn truth(v: &Value) -> Result<bool> {
     Ok(x.map_err(|e| Error::torch("condition", e))? != 0.0)
 }
 
-/// Whether `t` has a shape but no data (a scan's meta tensor).
-fn shape_only(t: &Tensor) -> bool {
-    crate::meta::is_meta(t)
-}
-
 /// [`eval`] in a scan: tensor constants are meta tensors of their shape and dtype, a move to a device keeps the
 /// value meta, `log!` prints the shape; every other op runs as it is, on meta tensors.
 fn eval_meta(op: &Op, inputs: &[&Value]) -> Result<Value> {
