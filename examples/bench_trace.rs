@@ -72,6 +72,18 @@ fn cache_all(model: &LanguageModel<Llama>) -> nnsight::Result<usize> {
     Ok(cache.len())
 }
 
+/// Inner points: the attention probabilities of every layer (each attention runs step by step, not fused).
+fn probs30(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
+    intervene!(model.trace(EIFFEL) {
+        let mut ps = Vec::with_capacity(30);
+        for i in 0..30 {
+            ps.push(model.model.layers[i].self_attn.probs.output.save());
+        }
+    });
+    drop(ps);
+    Ok(())
+}
+
 fn invoke2(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
     intervene!(model.trace() {
         invoke(EIFFEL) {
@@ -114,9 +126,9 @@ fn paired(
     Ok((median(p_times), median(c_times)))
 }
 
-/// Records the hook events of a forward pass.
+/// Records the hook events of a forward pass, and the modules that asked whether their inner points are wanted.
 #[derive(Default)]
-struct Events(Vec<(String, bool)>);
+struct Events(Vec<(String, bool)>, Vec<String>);
 
 impl nnsight::nn::Hook for Events {
     fn input(&mut self, m: &str, x: Tensor) -> nnsight::Result<Tensor> {
@@ -127,10 +139,15 @@ impl nnsight::nn::Hook for Events {
         self.0.push((m.to_string(), false));
         Ok(y)
     }
+    fn wants_points(&mut self, m: &str, _names: &[&str]) -> bool {
+        self.1.push(m.to_string());
+        false
+    }
 }
 
 /// The interleaver's own cost per forward: the hook events of one SmolLM2 pass replayed against an interleaver,
-/// without the model's arithmetic, minus the cost of the replay loop itself. Returns (number of events, µs with an
+/// without the model's arithmetic (with the 30 attentions' questions whether their inner points are wanted), minus
+/// the cost of the replay loop itself. Returns (number of events, µs with an
 /// empty graph, µs with 30 saves).
 fn interleaver_cost(model: &LanguageModel<Llama>) -> nnsight::Result<(usize, f64, f64)> {
     use nnsight::interleave::Interleaver;
@@ -171,6 +188,9 @@ fn interleaver_cost(model: &LanguageModel<Llama>) -> nnsight::Result<(usize, f64
                 } else {
                     inter.output(m, stand_in.shallow_clone())?
                 };
+            }
+            for m in &events.1 {
+                std::hint::black_box(inter.wants_points(m, &["query", "key", "probs", "head_output"]));
             }
             let saved = inter.finish()?;
             samples.push(t.elapsed().as_secs_f64() * 1e6);
@@ -233,6 +253,7 @@ fn main() -> nnsight::Result<()> {
     let (stop_plain, stop_ms) = paired(&model, rounds, stop3)?;
     let entries = cache_all(&model)?;
     let (cache_plain, cache_ms) = paired(&model, rounds, |m| cache_all(m).map(|_| ()))?;
+    let (probs_plain, probs_ms) = paired(&model, rounds, probs30)?;
     let interleaver_us = interleaver_cost(&model)?;
     let peer = run_peer(rounds);
     let plain = times[0].clone();
@@ -265,10 +286,15 @@ fn main() -> nnsight::Result<()> {
         "cache() of every module's output ({entries} entries): {cache_ms:.2} ms vs {cache_plain:.2} ms plain = {:.3}",
         cache_ms / cache_plain
     );
+    println!(
+        "attention probabilities of all 30 layers (inner points, explicit attention): {probs_ms:.2} ms vs \
+         {probs_plain:.2} ms plain = {:.3}",
+        probs_ms / probs_plain
+    );
     println!("graph build of 30 saves: median {:.1} µs", median(build));
     println!(
-        "interleaver alone, per forward (the {} hook events of a SmolLM2 pass replayed on a stand-in tensor): \
-         empty graph {:.1} µs, 30 saves {:.1} µs",
+        "interleaver alone, per forward (the {} hook events of a SmolLM2 pass replayed on a stand-in tensor, and the \
+         30 attentions' inner-point queries): empty graph {:.1} µs, 30 saves {:.1} µs",
         interleaver_us.0, interleaver_us.1, interleaver_us.2
     );
     if let Some(j) = &peer {
