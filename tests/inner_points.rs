@@ -294,3 +294,25 @@ fn a_cache_records_points_it_lists_and_only_those() -> nnsight::Result<()> {
     assert!(!all.keys().any(|k| k.contains("probs") || k.contains("query")), "{:?}", all.keys().collect::<Vec<_>>());
     Ok(())
 }
+
+#[test]
+fn a_scan_gives_the_points_shapes_without_running_the_model() -> nnsight::Result<()> {
+    let guard = common::smollm2();
+    let model = &*guard;
+    let points = ["query", "key", "probs", "head_output"].map(|p| format!("model.model.layers.7.self_attn.{p}"));
+    intervene!(model.trace(PROMPT) {
+        let traced = model.cache_with(CacheOptions::default().modules(points.clone()));
+    });
+    intervene!(model.scan(PROMPT) {
+        let scanned = model.cache_with(CacheOptions::default().modules(points.clone()));
+        model.model.layers[7].self_attn.probs.output *= 2.0;
+        let z = model.model.layers[7].self_attn.head_output.output.save();
+    });
+    assert_eq!(traced.len(), 4);
+    let traced: Vec<(&str, Vec<i64>)> = traced.iter().map(|(k, t)| (k, t.size())).collect();
+    let scanned: Vec<(&str, Vec<i64>)> = scanned.iter().map(|(k, t)| (k, t.size())).collect();
+    assert_eq!(traced, scanned);
+    assert!(nnsight::meta::is_meta(&z));
+    assert_eq!(z.size(), traced[3].1);
+    Ok(())
+}
