@@ -1,6 +1,7 @@
 //! Integration tests of the runtime, one crate with a module per area (linking libtorch once).
 
 mod common;
+mod generate;
 mod gguf;
 mod graph_control;
 mod graph_runtime;

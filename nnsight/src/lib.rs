@@ -23,6 +23,7 @@ extern crate self as nnsight;
 pub mod envoy;
 pub mod error;
 pub mod function;
+pub mod generate;
 pub mod graph;
 pub mod interleave;
 pub mod load;
@@ -40,6 +41,7 @@ pub mod __private;
 
 pub use envoy::{NNsight, Proxy, Saved, Traceable};
 pub use error::{Error, Result};
+pub use generate::{GenerateOptions, GeneratedRow, Generation, Generator, StepTokens, TextStream};
 pub use language_model::{Batch, Input, LanguageModel, LoadOptions};
 pub use nnsight_macros::{function, intervene, Traceable};
 
@@ -48,7 +50,8 @@ pub mod prelude {
     pub use crate::envoy::UnsavedUse as _;
     pub use crate::envoy::{cat, stack, Cache, CacheOptions, NewAxis, Proxy, Saved};
     pub use crate::models::{gpt2::Gpt2, llama::Llama, AutoModel};
-    pub use crate::{intervene, Input, LanguageModel, LoadOptions, NNsight, Traceable};
+    pub use crate::{intervene, GenerateOptions, Input, LanguageModel, LoadOptions, NNsight, Traceable};
+    pub use crate::{Generation, StepTokens, TextStream};
     pub use tch::{Device, IndexOp, Kind, Tensor};
 }
 

@@ -5,11 +5,15 @@
 //! implementation: Hugging Face transformers' `models/gpt2/modeling_gpt2.py`, whose module names this file
 //! mirrors (`transformer.h.0.attn.c_attn`).
 
-use super::{causal_padding_mask, explicit_attention, CausalLm, RawConfig, ATTENTION_POINTS};
+use super::{
+    append_kv, cached_attention_mask, causal_padding_mask, explicit_attention, head_positions, CachedInput, CausalLm,
+    RawConfig, ATTENTION_POINTS,
+};
 use crate::error::TchResultExt;
 use crate::load::Weights;
 use crate::nn::{
-    join_path, Activation, ActivationFn, Conv1D, Ctx, Embedding, Forward, ForwardState, LayerNorm, Linear, ModuleList,
+    join_path, Activation, ActivationFn, Conv1D, Ctx, Embedding, Forward, ForwardState, KvCache, LayerNorm, Linear,
+    ModuleList,
 };
 use crate::{Batch, Error, Result, Traceable};
 use serde::{Deserialize, Serialize};
@@ -89,13 +93,17 @@ impl Forward for Gpt2Mlp {
 /// Causal self-attention with a fused q/k/v projection.
 ///
 /// Inner points, read and written like module outputs (`model.transformer.h[0].attn.probs.output`):
-/// - `query`, `key`: the queries and keys split into heads, `[batch, heads, seq, head_dim]`;
+/// - `query`, `key`: the queries and keys split into heads, `[batch, heads, seq, head_dim]`. In a cached forward
+///   (generation) both hold this forward's positions only (`seq` = 1 at a decode step), and what `key` holds goes
+///   into the KV cache, so a write persists into later steps;
 /// - `probs`: the attention probabilities `[batch, heads, q, k]` (softmax in float32, then the model's dtype;
-///   each row sums to 1, zero above the diagonal and on padding);
+///   each row sums to 1, zero above the diagonal and on padding); in a cached forward `k` counts every cached
+///   key (past + q);
 /// - `head_output`: each head's output before `c_proj`, `[batch, seq, heads, head_dim]`.
 ///
 /// When nothing reads or writes them, the fused `scaled_dot_product_attention` runs; when something does, the
-/// attention is computed step by step and uses the values the points hold (a write changes the output).
+/// attention is computed step by step and uses the values the points hold (a write changes the output). Both
+/// paths append to the forward state's KV cache, if any, in slot `layer`.
 #[derive(Debug, Traceable)]
 #[traceable(kind = "GPT2Attention", points(query, key, probs, head_output))]
 pub struct Gpt2Attention {
@@ -109,6 +117,9 @@ pub struct Gpt2Attention {
     heads: i64,
     #[traceable(skip)]
     scale: f64,
+    /// Index of the block (its KV-cache slot).
+    #[traceable(skip)]
+    layer: usize,
 }
 
 impl Forward for Gpt2Attention {
@@ -121,9 +132,10 @@ impl Forward for Gpt2Attention {
         let heads = |t: &Tensor| t.f_view([b, s, self.heads, hd]).and_then(|t| t.f_transpose(1, 2)).at(p);
         let (q, k, v) = (heads(&parts[0])?, heads(&parts[1])?, heads(&parts[2])?);
         if cx.wants_points(p, &ATTENTION_POINTS) {
-            let out = explicit_attention(cx, p, q, k, &v, self.scale)?;
+            let out = explicit_attention(cx, p, self.layer, q, k, &v, self.scale)?;
             return cx.call(&self.c_proj, &out);
         }
+        let (k, v) = append_kv(cx, p, self.layer, k, v)?;
         let mask = cx.state.attention_mask.as_ref();
         let out = Tensor::f_scaled_dot_product_attention(
             &q,
@@ -230,6 +242,7 @@ impl Gpt2 {
 impl Forward for Gpt2 {
     fn forward(&self, cx: &mut Ctx<'_>, ids: &Tensor) -> Result<Tensor> {
         let h = cx.call(&self.transformer, ids)?;
+        let h = head_positions(cx, &self.path, h)?;
         cx.call(&self.lm_head, &h)
     }
 }
@@ -273,6 +286,7 @@ impl CausalLm for Gpt2 {
                         path: join_path(&p, "attn"),
                         heads: c.n_head,
                         scale,
+                        layer: i as usize,
                     },
                     ln_2: LayerNorm::load(w, &join_path(&p, "ln_2"), e, eps)?,
                     mlp: Gpt2Mlp {
@@ -317,7 +331,27 @@ impl CausalLm for Gpt2 {
         Ok(ForwardState {
             attention_mask: causal_padding_mask(batch, self.lm_head.weight.kind(), None)?,
             position_ids: Some(batch.position_ids.shallow_clone()),
+            ..ForwardState::default()
+        })
+    }
+
+    fn cache_layers(&self) -> usize {
+        self.transformer.h.len()
+    }
+
+    fn prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState> {
+        let k = input.attention_mask.size()[1];
+        if k > self.config.n_positions {
+            return Err(Error::InvalidInput {
+                message: format!("{k} tokens exceed GPT-2's {} positions", self.config.n_positions),
+            });
+        }
+        Ok(ForwardState {
+            attention_mask: cached_attention_mask(input, self.lm_head.weight.kind(), None)?,
+            position_ids: Some(input.position_ids.shallow_clone()),
             rotary: None,
+            kv: Some(kv),
+            last_logits_only: input.last_logits_only,
         })
     }
 

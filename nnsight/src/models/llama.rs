@@ -6,12 +6,16 @@
 //! `models/llama/modeling_llama.py`, whose module names and nesting this file mirrors, so that
 //! `model.layers.5.mlp.down_proj` here is the same module as there.
 
-use super::{causal_padding_mask, explicit_attention, CausalLm, GgufSupport, RawConfig, ATTENTION_POINTS};
+use super::{
+    append_kv, cached_attention_mask, causal_padding_mask, explicit_attention, head_positions, CachedInput, CausalLm,
+    GgufSupport, RawConfig, ATTENTION_POINTS,
+};
 use crate::error::TchResultExt;
 use crate::load::gguf::GgufFile;
 use crate::load::Weights;
 use crate::nn::{
-    join_path, Activation, ActivationFn, Ctx, Embedding, Forward, ForwardState, Linear, Module, ModuleList, RmsNorm,
+    join_path, Activation, ActivationFn, Ctx, Embedding, Forward, ForwardState, KvCache, Linear, Module, ModuleList,
+    RmsNorm,
 };
 use crate::{Batch, Error, Result, Traceable};
 use serde::{Deserialize, Serialize};
@@ -258,13 +262,16 @@ impl Forward for LlamaMlp {
 /// Inner points, read and written like module outputs (`model.model.layers[0].self_attn.probs.output`):
 /// - `query`: the queries after rotary embedding, `[batch, heads, seq, head_dim]`;
 /// - `key`: the keys after rotary embedding, `[batch, kv_heads, seq, head_dim]` (before groups of query heads
-///   share them);
+///   share them). In a cached forward (generation) it holds this forward's new keys only (`seq` = 1 at a decode
+///   step), and what it holds goes into the KV cache, so a write persists into later steps;
 /// - `probs`: the attention probabilities `[batch, heads, q, k]` (softmax in float32, then the model's dtype;
-///   each row sums to 1, zero above the diagonal and on padding);
+///   each row sums to 1, zero above the diagonal and on padding); in a cached forward `k` counts every cached
+///   key (past + q);
 /// - `head_output`: each head's output before `o_proj`, `[batch, seq, heads, head_dim]`.
 ///
 /// When nothing reads or writes them, the fused `scaled_dot_product_attention` runs; when something does, the
-/// attention is computed step by step and uses the values the points hold (a write changes the output).
+/// attention is computed step by step and uses the values the points hold (a write changes the output). Both
+/// paths append to the forward state's KV cache, if any, in slot `layer`.
 #[derive(Debug, Traceable)]
 #[traceable(kind = "LlamaAttention", points(query, key, probs, head_output))]
 pub struct LlamaAttention {
@@ -284,10 +291,13 @@ pub struct LlamaAttention {
     kv_heads: i64,
     #[traceable(skip)]
     head_dim: i64,
+    /// Index of the decoder layer (its KV-cache slot).
+    #[traceable(skip)]
+    layer: usize,
 }
 
 impl LlamaAttention {
-    fn load(w: &mut Weights, path: &str, c: &LlamaConfig) -> Result<Self> {
+    fn load(w: &mut Weights, path: &str, c: &LlamaConfig, layer: usize) -> Result<Self> {
         let (h, hd, b) = (c.hidden_size, c.head_dim(), c.attention_bias);
         let (nq, nkv) = (c.num_attention_heads, c.kv_heads());
         Ok(LlamaAttention {
@@ -299,6 +309,7 @@ impl LlamaAttention {
             heads: nq,
             kv_heads: nkv,
             head_dim: hd,
+            layer,
         })
     }
 }
@@ -330,9 +341,10 @@ impl Forward for LlamaAttention {
         let q = apply_rotary(&q, &cos, &sin).at(p)?;
         let k = apply_rotary(&k, &cos, &sin).at(p)?;
         if cx.wants_points(p, &ATTENTION_POINTS) {
-            let out = explicit_attention(cx, p, q, k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
+            let out = explicit_attention(cx, p, self.layer, q, k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
             return cx.call(&self.o_proj, &out);
         }
+        let (k, v) = append_kv(cx, p, self.layer, k, v)?;
         let mask = cx.state.attention_mask.as_ref();
         let gqa = self.heads != self.kv_heads;
         let out =
@@ -359,10 +371,10 @@ pub struct LlamaDecoderLayer {
 }
 
 impl LlamaDecoderLayer {
-    fn load(w: &mut Weights, path: &str, c: &LlamaConfig) -> Result<Self> {
+    fn load(w: &mut Weights, path: &str, c: &LlamaConfig, layer: usize) -> Result<Self> {
         Ok(LlamaDecoderLayer {
             path: path.to_string(),
-            self_attn: LlamaAttention::load(w, &join_path(path, "self_attn"), c)?,
+            self_attn: LlamaAttention::load(w, &join_path(path, "self_attn"), c, layer)?,
             mlp: LlamaMlp::load(w, &join_path(path, "mlp"), c)?,
             input_layernorm: RmsNorm::load(w, &join_path(path, "input_layernorm"), c.hidden_size, c.rms_norm_eps)?,
             post_attention_layernorm: RmsNorm::load(
@@ -432,11 +444,25 @@ impl Llama {
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }
+
+    /// Rotary tables `(cos, sin)` `[batch, seq, head_dim]` of the positions `position_ids` `[batch, seq]`.
+    fn rotary(&self, position_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let p = "model.rotary_emb";
+        let kind = self.lm_head.weight.kind();
+        // freqs[b, s, d/2] = position[b, s] * inv_freq[d/2], then cat(freqs, freqs).
+        let pos = position_ids.f_to_kind(Kind::Float).at(p)?.f_unsqueeze(-1).at(p)?;
+        let freqs = pos.f_mul(&self.inv_freq.f_view([1, 1, -1]).at(p)?).at(p)?;
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1).at(p)?;
+        let cos = emb.f_cos().at(p)?.f_to_kind(kind).at(p)?;
+        let sin = emb.f_sin().at(p)?.f_to_kind(kind).at(p)?;
+        Ok((cos, sin))
+    }
 }
 
 impl Forward for Llama {
     fn forward(&self, cx: &mut Ctx<'_>, ids: &Tensor) -> Result<Tensor> {
         let h = cx.call(&self.model, ids)?;
+        let h = head_positions(cx, &self.path, h)?;
         cx.call(&self.lm_head, &h)
     }
 }
@@ -449,7 +475,7 @@ impl CausalLm for Llama {
         c.validate(&raw.source)?;
         let embed_tokens = Embedding::load(w, "model.embed_tokens", c.vocab_size, c.hidden_size)?;
         let layers = (0..c.num_hidden_layers)
-            .map(|i| LlamaDecoderLayer::load(w, &format!("model.layers.{i}"), &c))
+            .map(|i| LlamaDecoderLayer::load(w, &format!("model.layers.{i}"), &c, i as usize))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(w, "model.norm", c.hidden_size, c.rms_norm_eps)?;
         // A checkpoint that says "tied" may still carry lm_head.weight (some exports do); a separate head is
@@ -475,18 +501,27 @@ impl CausalLm for Llama {
     }
 
     fn prepare(&self, batch: &Batch) -> Result<ForwardState> {
-        let p = "model.rotary_emb";
         let kind = self.lm_head.weight.kind();
-        // freqs[b, s, d/2] = position[b, s] * inv_freq[d/2], then cat(freqs, freqs).
-        let pos = batch.position_ids.f_to_kind(Kind::Float).at(p)?.f_unsqueeze(-1).at(p)?;
-        let freqs = pos.f_mul(&self.inv_freq.f_view([1, 1, -1]).at(p)?).at(p)?;
-        let emb = Tensor::f_cat(&[&freqs, &freqs], -1).at(p)?;
-        let cos = emb.f_cos().at(p)?.f_to_kind(kind).at(p)?;
-        let sin = emb.f_sin().at(p)?.f_to_kind(kind).at(p)?;
         Ok(ForwardState {
             attention_mask: causal_padding_mask(batch, kind, self.config.sliding_window)?,
             position_ids: Some(batch.position_ids.shallow_clone()),
-            rotary: Some((cos, sin)),
+            rotary: Some(self.rotary(&batch.position_ids)?),
+            ..ForwardState::default()
+        })
+    }
+
+    fn cache_layers(&self) -> usize {
+        self.model.layers.len()
+    }
+
+    fn prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState> {
+        let kind = self.lm_head.weight.kind();
+        Ok(ForwardState {
+            attention_mask: cached_attention_mask(input, kind, self.config.sliding_window)?,
+            position_ids: Some(input.position_ids.shallow_clone()),
+            rotary: Some(self.rotary(&input.position_ids)?),
+            kv: Some(kv),
+            last_logits_only: input.last_logits_only,
         })
     }
 

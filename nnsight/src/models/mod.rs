@@ -9,7 +9,7 @@ pub mod llama;
 
 use crate::load::gguf::GgufFile;
 use crate::load::Weights;
-use crate::nn::{Ctx, Forward, ForwardState, Module};
+use crate::nn::{Ctx, Forward, ForwardState, KvCache, Module};
 use crate::{Batch, Error, Result};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -75,6 +75,132 @@ pub trait CausalLm: Forward + crate::Traceable + Send + 'static {
     fn run(&self, cx: &mut Ctx<'_>, batch: &Batch) -> Result<Tensor> {
         cx.state = self.prepare(batch)?;
         cx.call(self, &batch.input_ids)
+    }
+
+    /// Number of attention layers that keep keys and values in a [`KvCache`]; 0 (the default) for a model that
+    /// cannot run cached forwards, whose [`CausalLm::prepare_cached`] then fails.
+    fn cache_layers(&self) -> usize {
+        0
+    }
+
+    /// The side inputs of a cached forward of `input` continuing `kv`: the mask of [`cached_attention_mask`],
+    /// position ids and rotary tables of the new tokens, the cache itself in [`ForwardState::kv`].
+    fn prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState> {
+        let _ = (input, kv);
+        Err(Error::InvalidInput {
+            message: format!("the `{}` architecture does not support cached decoding", Self::ARCHITECTURE),
+        })
+    }
+
+    /// A forward of the new tokens `input.input_ids` `[batch, q]` over the cache `kv` (empty for the prefill,
+    /// which is the whole left-padded prompt): every attention layer appends its new keys and values to the cache
+    /// and attends over all of them. `cx`'s hook, if any, sees every module call, as in [`CausalLm::run`]; the
+    /// root's input is `input.input_ids`. Returns the logits (`[batch, 1, vocab]` when `input.last_logits_only`,
+    /// else `[batch, q, vocab]`) and the cache grown by `q` positions.
+    fn run_cached(&self, cx: &mut Ctx<'_>, input: &CachedInput, kv: KvCache) -> Result<(Tensor, KvCache)> {
+        let q = input.input_ids.size()[1];
+        cx.state = self.prepare_cached(input, kv)?;
+        cx.state.last_logits_only = input.last_logits_only;
+        let logits = cx.call(self, &input.input_ids)?;
+        let mut kv = cx.state.kv.take().ok_or_else(|| Error::InvalidInput {
+            message: "the KV cache was taken out of the forward state during a cached forward".into(),
+        })?;
+        kv.advance(q);
+        Ok((logits, kv))
+    }
+}
+
+/// The inputs of one cached forward (see [`CausalLm::run_cached`]): `q` new tokens per row after `past` cached
+/// positions.
+#[derive(Debug)]
+pub struct CachedInput {
+    /// The new tokens `[batch, q]` (i64): the left-padded prompt for the prefill, then one token per row.
+    pub input_ids: Tensor,
+    /// `[batch, past + q]` (i64): 1 for the real tokens among the cached and the new positions, 0 for padding
+    /// (left padding of the prompt, pad tokens fed to rows that stopped).
+    pub attention_mask: Tensor,
+    /// `[batch, q]` (i64): the position of each new token, counted over its row's real tokens only.
+    pub position_ids: Tensor,
+    /// Whether `attention_mask` has any 0.
+    pub padded: bool,
+    /// Compute the logits of the last position only (see [`ForwardState::last_logits_only`]).
+    pub last_logits_only: bool,
+}
+
+impl CachedInput {
+    /// The prefill of `batch`: all its tokens, nothing cached yet.
+    pub fn prefill(batch: &Batch, last_logits_only: bool) -> Self {
+        CachedInput {
+            input_ids: batch.input_ids.shallow_clone(),
+            attention_mask: batch.attention_mask.shallow_clone(),
+            position_ids: batch.position_ids.shallow_clone(),
+            padded: batch.padded,
+            last_logits_only,
+        }
+    }
+}
+
+/// The dtype's lowest finite value, the additive mask of a disallowed key.
+fn lowest(kind: Kind) -> f64 {
+    match kind {
+        Kind::Half => -65504.0,
+        Kind::BFloat16 => -3.3895313892515355e38,
+        Kind::Double => f64::MIN,
+        _ => f32::MIN as f64,
+    }
+}
+
+/// The additive attention mask `[batch, 1, q, past + q]` of a cached forward: new query `i` (at cache position
+/// `past + i`) may attend key `j` when `j <= past + i`, the key is real (`attention_mask`), and, with a sliding
+/// `window` (Mistral), `past + i - j < window`. `None` when plain attention is exact: no padding, no window that
+/// cuts, and either a single query (a decode step sees every key) or nothing cached (`is_causal` applies).
+pub fn cached_attention_mask(input: &CachedInput, kind: Kind, window: Option<i64>) -> Result<Option<Tensor>> {
+    let mask = &input.attention_mask;
+    let (b, k) = (mask.size()[0], mask.size()[1]);
+    let q = input.input_ids.size()[1];
+    let past = k - q;
+    let f = |e| Error::torch("attention_mask", e);
+    if past < 0 {
+        return Err(Error::InvalidInput {
+            message: format!("the attention mask covers {k} positions, fewer than the {q} new tokens"),
+        });
+    }
+    let window = window.filter(|&w| w > 0 && w < k);
+    if !input.padded && window.is_none() && (q == 1 || past == 0) {
+        return Ok(None);
+    }
+    let device = mask.device();
+    let rows = Tensor::f_arange_start(past, k, (Kind::Int64, device)).map_err(f)?.f_view([q, 1]).map_err(f)?;
+    let cols = Tensor::f_arange(k, (Kind::Int64, device)).map_err(f)?.f_view([1, k]).map_err(f)?;
+    let mut allowed = cols.f_le_tensor(&rows).map_err(f)?;
+    if let Some(w) = window {
+        let first = rows.f_sub_scalar(w).map_err(f)?;
+        allowed = allowed.f_logical_and(&cols.f_gt_tensor(&first).map_err(f)?).map_err(f)?;
+    }
+    let keys = mask.f_ne(0).map_err(f)?.f_view([b, 1, 1, k]).map_err(f)?;
+    let allowed = keys.f_logical_and(&allowed.f_view([1, 1, q, k]).map_err(f)?).map_err(f)?;
+    let zeros = Tensor::f_zeros([1], (kind, device)).map_err(f)?;
+    let full = Tensor::f_full([1], lowest(kind), (kind, device)).map_err(f)?;
+    Ok(Some(zeros.f_where_self(&allowed, &full).map_err(f)?))
+}
+
+/// Appends an attention layer's new keys and values to the forward state's cache, if there is one, and returns
+/// the keys and values to attend over (all of them so far; the new ones when nothing is cached).
+pub(crate) fn append_kv(cx: &mut Ctx<'_>, path: &str, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    use crate::error::TchResultExt;
+    match cx.state.kv.as_mut() {
+        Some(kv) => kv.append(layer, &k, &v).at(path),
+        None => Ok((k, v)),
+    }
+}
+
+/// The hidden states the head runs on: the last position only when the forward state asks for it.
+pub(crate) fn head_positions(cx: &Ctx<'_>, path: &str, h: Tensor) -> Result<Tensor> {
+    use crate::error::TchResultExt;
+    if cx.state.last_logits_only && h.size()[1] > 1 {
+        h.f_narrow(1, -1, 1).at(path)
+    } else {
+        Ok(h)
     }
 }
 
@@ -153,6 +279,10 @@ pub trait DynCausalLm: Module + Send {
     fn dyn_kind(&self) -> Kind;
     /// See [`CausalLm::to_device`].
     fn dyn_to_device(&mut self, device: tch::Device, kind: Kind) -> Result<()>;
+    /// See [`CausalLm::cache_layers`].
+    fn dyn_cache_layers(&self) -> usize;
+    /// See [`CausalLm::prepare_cached`].
+    fn dyn_prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState>;
 }
 
 impl<M: CausalLm> DynCausalLm for M {
@@ -173,6 +303,12 @@ impl<M: CausalLm> DynCausalLm for M {
     }
     fn dyn_to_device(&mut self, device: tch::Device, kind: Kind) -> Result<()> {
         self.to_device(device, kind)
+    }
+    fn dyn_cache_layers(&self) -> usize {
+        self.cache_layers()
+    }
+    fn dyn_prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState> {
+        self.prepare_cached(input, kv)
     }
 }
 
@@ -264,6 +400,12 @@ impl CausalLm for AutoModel {
     fn to_device(&mut self, device: tch::Device, kind: Kind) -> Result<()> {
         self.0.dyn_to_device(device, kind)
     }
+    fn cache_layers(&self) -> usize {
+        self.0.dyn_cache_layers()
+    }
+    fn prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState> {
+        self.0.dyn_prepare_cached(input, kv)
+    }
 }
 
 /// Builds a boxed model of type `M` (the `build` function of a registry entry).
@@ -309,15 +451,18 @@ pub fn causal_padding_mask(batch: &Batch, kind: Kind, window: Option<i64>) -> Re
 pub(crate) const ATTENTION_POINTS: [&str; 4] = ["query", "key", "probs", "head_output"];
 
 /// Attention computed step by step, for when something reads or writes the inner points of the attention module
-/// at `path`: `query` `[batch, heads, q, head_dim]` and `key` `[batch, kv_heads, k, head_dim]` go through
-/// [`Ctx::point`] first; the scores q·kᵀ·`scale` plus the mask (the forward state's, else the causal mask when
-/// q > 1) are softmaxed in float32 and brought back to the dtype, giving `probs` `[batch, heads, q, k]`; key and
+/// at `path`: `query` `[batch, heads, q, head_dim]` and `key` `[batch, kv_heads, q, head_dim]` (this forward's
+/// positions only) go through [`Ctx::point`] first; in a cached forward the key as returned and `v` are then
+/// appended to the KV cache (slot `layer`), so that a write persists into later steps, and the attention runs over
+/// every cached key (k = past + q); the scores q·kᵀ·`scale` plus the mask (the forward state's, else the causal mask when
+/// q > 1, aligned so that the last query sees every key) are softmaxed in float32 and brought back to the dtype, giving `probs` `[batch, heads, q, k]`; key and
 /// value heads are repeated for grouped-query attention; `probs`·v transposed gives `head_output`
 /// `[batch, q, heads, head_dim]`. Each value goes on as the hook returns it. Returns `[batch, q, heads * head_dim]`,
 /// what `scaled_dot_product_attention` gives up to float rounding.
 pub(crate) fn explicit_attention(
     cx: &mut Ctx<'_>,
     path: &str,
+    layer: usize,
     q: Tensor,
     k: Tensor,
     v: &Tensor,
@@ -328,20 +473,21 @@ pub(crate) fn explicit_attention(
     let mask = cx.state.attention_mask.as_ref().map(Tensor::shallow_clone);
     let q = cx.point(p, "query", q)?;
     let k = cx.point(p, "key", k)?;
+    let (k, v) = append_kv(cx, p, layer, k, v.shallow_clone())?;
     let (b, heads, s, hd) = q.size4().at(p)?;
     let kv_heads = k.size()[1];
     let repeat = |t: Tensor| match heads / kv_heads.max(1) {
         n if n > 1 => t.f_repeat_interleave_self_int(n, 1, None::<i64>).at(p),
         _ => Ok(t),
     };
-    let (k, v) = (repeat(k)?, repeat(v.shallow_clone())?);
+    let (k, v) = (repeat(k)?, repeat(v)?);
     let scores = q.f_matmul(&k.f_transpose(-2, -1).at(p)?).at(p)?.f_mul_scalar(scale).at(p)?;
     let scores = match mask {
         Some(m) => scores.f_add(&m).at(p)?,
         None if s > 1 => {
             let keys = k.size()[2];
             let above = Tensor::f_ones([s, keys], (Kind::Bool, crate::meta::creation_device(&q))).at(p)?;
-            let above = crate::meta::to_device_like(&above.f_triu(1).at(p)?, &q).at(p)?;
+            let above = crate::meta::to_device_like(&above.f_triu(keys - s + 1).at(p)?, &q).at(p)?;
             scores.f_masked_fill(&above, f64::NEG_INFINITY).at(p)?
         }
         None => scores,

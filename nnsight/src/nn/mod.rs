@@ -5,9 +5,11 @@
 //! directly, so that a [`Hook`] installed on the [`Ctx`] sees (and may replace) the input and the output of every
 //! module call, in forward order.
 
+mod kv;
 mod layers;
 mod tree;
 
+pub use kv::KvCache;
 pub use layers::{gelu_new, Activation, ActivationFn, Conv1D, Embedding, LayerNorm, Linear, RmsNorm};
 pub use tree::{named_parameters, ModuleList, ModuleTree};
 
@@ -105,6 +107,12 @@ pub struct ForwardState {
     pub position_ids: Option<Tensor>,
     /// Rotary tables `(cos, sin)`, each `[batch, seq, head_dim]`, for architectures that use them.
     pub rotary: Option<(Tensor, Tensor)>,
+    /// The key/value cache of a cached forward (generation): attention layers append their new keys and values
+    /// and attend over all of them; `None` for a plain forward over the whole sequence.
+    pub kv: Option<KvCache>,
+    /// Run the language-model head on the last position only (logits `[batch, 1, vocab]`), as a decoding loop
+    /// needs; false for the logits of every position.
+    pub last_logits_only: bool,
 }
 
 /// The context of one forward pass: the hook (if any) and the shared side inputs.
