@@ -227,3 +227,39 @@ fn scan_runs_nothing_real() -> nnsight::Result<()> {
     assert!(matches!(run(), Err(Error::OutOfOrder { .. })), "{:?}", run());
     Ok(())
 }
+
+
+#[test]
+fn scan_checks_inner_points_and_both_branches_of_a_condition() -> nnsight::Result<()> {
+    let model = gpt2();
+    intervene!(model.trace("Hello world") {
+        let traced = model.transformer.h[0].attn.probs.output.save();
+    });
+    intervene!(model.scan("Hello world") {
+        let probs = model.transformer.h[0].attn.probs.output.save();
+        let h = model.transformer.h[0].output;
+        let y = if cond!(h.norm() > 1e9) { h * 0.5 } else { h.softmax(-1) };
+        model.transformer.h[1].output = y;
+    });
+    assert!(is_meta(&probs));
+    assert_eq!(probs.size(), traced.size());
+    // A wrong shape in either branch is found, whichever the values would pick.
+    let wrong = Tensor::zeros([1, 3, 7], (Kind::Float, Device::Cpu));
+    for then_wrong in [true, false] {
+        let run = || -> nnsight::Result<()> {
+            intervene!(model.scan("Hello world") {
+                let h = model.transformer.h[0].output;
+                if cond!(h.norm() > 1e9) {
+                    if then_wrong {
+                        model.transformer.h[1].output = &wrong;
+                    }
+                } else if !then_wrong {
+                    model.transformer.h[1].output = &wrong;
+                }
+            });
+            Ok(())
+        };
+        assert!(matches!(run(), Err(Error::WriteShape { .. })), "then branch wrong: {then_wrong}: {:?}", run());
+    }
+    Ok(())
+}

@@ -79,6 +79,33 @@ at::Tensor &unary_out(const at::Tensor &self, at::Tensor &out) {
     return out;
 }
 
+// Fused attention on shapes: libtorch would decompose it into a dozen meta ops (its math path); the result is
+// query's shape with value's last dimension. Checks what the fused kernels check of the shapes.
+at::Tensor scaled_dot_product_attention(const at::Tensor &query, const at::Tensor &key, const at::Tensor &value,
+                                        const std::optional<at::Tensor> &attn_mask, double dropout_p, bool is_causal,
+                                        std::optional<double> scale, bool enable_gqa) {
+    TORCH_CHECK(query.dim() >= 2 && key.dim() >= 2 && value.dim() >= 2,
+                "scaled_dot_product_attention: query, key and value need at least 2 dimensions");
+    TORCH_CHECK(query.size(-1) == key.size(-1), "scaled_dot_product_attention: query's last dimension (",
+                query.size(-1), ") differs from key's (", key.size(-1), ")");
+    TORCH_CHECK(key.size(-2) == value.size(-2), "scaled_dot_product_attention: key has ", key.size(-2),
+                " positions but value has ", value.size(-2));
+    if (query.dim() >= 3 && key.dim() >= 3) {
+        int64_t hq = query.size(-3), hk = key.size(-3);
+        TORCH_CHECK(hq == hk || (enable_gqa && hk > 0 && hq % hk == 0), "scaled_dot_product_attention: ", hq,
+                    " query heads and ", hk, " key heads", enable_gqa ? "" : " (without grouped-query attention)");
+    }
+    auto shape = query.sizes().vec();
+    if (attn_mask.has_value() && attn_mask->defined()) {
+        auto scores = shape;
+        scores.back() = key.size(-2);
+        TORCH_CHECK(at::infer_size(attn_mask->sizes(), scores) == scores,
+                    "scaled_dot_product_attention: the mask does not broadcast to the scores ", scores);
+    }
+    shape.back() = value.size(-1);
+    return at::empty(shape, meta_options(query.scalar_type()));
+}
+
 bool has_meta_kernel(const char *name, const char *overload) {
     auto op = c10::Dispatcher::singleton().findSchema({name, overload});
     return !op.has_value() || op->hasKernelForDispatchKey(c10::DispatchKey::Meta);
@@ -150,6 +177,8 @@ int nnsight_install_meta_kernels() {
             add("aten::logical_xor", "out", [] { lib->impl("logical_xor.out", TORCH_FN(binary_bool_out)); });
             add("aten::logical_not", "out", [] { lib->impl("logical_not.out", TORCH_FN(unary_out)); });
             add("aten::abs", "out", [] { lib->impl("abs.out", TORCH_FN(unary_out)); });
+            add("aten::scaled_dot_product_attention", "",
+                [] { lib->impl("scaled_dot_product_attention", TORCH_FN(scaled_dot_product_attention)); });
         } catch (...) {
             status = 1;
         }

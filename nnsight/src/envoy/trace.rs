@@ -207,17 +207,24 @@ impl<'m, T: TraceTarget> Trace<'m, T> {
 /// meta twin on meta inputs. The graph is the same; saved values come back as meta tensors (their `.size()` and
 /// `.kind()` are those a trace gives), and shape errors (a write of the wrong shape, an op on mismatched shapes)
 /// are reported as a trace would report them, without any arithmetic.
-pub struct Scan<'m, T: ScanTarget> {
+///
+/// Only [`Scan::new`] asks for a [`ScanTarget`] (so that scanning something else is one compile error, there).
+pub struct Scan<'m, T: TraceTarget> {
     trace: Trace<'m, T>,
+    scan_root: fn(&T) -> Result<&T::Root>,
+    forward_scan: fn(&T, &T::Prepared, &mut dyn Hook) -> Result<()>,
 }
 
-impl<'m, T: ScanTarget> Scan<'m, T> {
+impl<'m, T: TraceTarget> Scan<'m, T> {
     /// A scan of `target`; with an `input`, its first invoke takes it. The call order (for the build-time order
     /// checks) is recorded on the meta twin if the model has not recorded it yet.
-    pub fn new(target: &'m T, input: Option<T::Input>) -> Result<Self> {
+    pub fn new(target: &'m T, input: Option<T::Input>) -> Result<Self>
+    where
+        T: ScanTarget,
+    {
         let order = target.scan_call_order()?;
         let trace = Trace { target, graph: GraphCell::new(order), inputs: RefCell::new(Vec::new()) };
-        let scan = Scan { trace };
+        let scan = Scan { trace, scan_root: T::scan_root, forward_scan: T::forward_scan };
         if let Some(i) = input {
             scan.invoke(Some(i))?;
         }
@@ -236,11 +243,11 @@ impl<'m, T: ScanTarget> Scan<'m, T> {
         let tr = &self.trace;
         let (batch, rows, size) = tr.prepare("scan")?;
         let builder = tr.graph.inner.borrow();
-        let mut inter = Interleaver::new(&builder.graph, rows, size, tr.target.scan_root()?)?.scan();
+        let mut inter = Interleaver::new(&builder.graph, rows, size, (self.scan_root)(tr.target)?)?.scan();
         inter.start()?;
         if !inter.all_stopped() {
             let _no_grad = tch::no_grad_guard();
-            match tr.target.forward_scan(&batch, &mut inter) {
+            match (self.forward_scan)(tr.target, &batch, &mut inter) {
                 Ok(()) | Err(Error::Stopped) => {}
                 Err(e) => return Err(e),
             }
@@ -249,7 +256,7 @@ impl<'m, T: ScanTarget> Scan<'m, T> {
     }
 }
 
-impl<'m, T: ScanTarget> std::ops::Deref for Scan<'m, T> {
+impl<'m, T: TraceTarget> std::ops::Deref for Scan<'m, T> {
     type Target = Trace<'m, T>;
     fn deref(&self) -> &Trace<'m, T> {
         &self.trace
