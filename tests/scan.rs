@@ -228,7 +228,6 @@ fn scan_runs_nothing_real() -> nnsight::Result<()> {
     Ok(())
 }
 
-
 #[test]
 fn scan_checks_inner_points_and_both_branches_of_a_condition() -> nnsight::Result<()> {
     let model = gpt2();
