@@ -1,7 +1,9 @@
 //! Integration tests of the runtime, one crate with a module per area (linking libtorch once).
 
+mod calls;
 mod common;
 mod generate;
+mod generate_trace;
 mod gguf;
 mod graph_control;
 mod graph_runtime;

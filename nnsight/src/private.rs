@@ -198,8 +198,8 @@ pub struct Branch<'g> {
     g: &'g GraphCell,
     cond: NodeId,
     /// The forward-order mark before the `if` (each branch starts from it) and after the `then` branch.
-    before: std::cell::RefCell<Option<(u32, String)>>,
-    after_then: std::cell::RefCell<Option<(u32, String)>>,
+    before: std::cell::RefCell<Option<(u64, String)>>,
+    after_then: std::cell::RefCell<Option<(u64, String)>>,
 }
 
 use crate::graph::NodeId;
@@ -305,3 +305,76 @@ impl<'g, A: Choose<'g>, B: Choose<'g>> Choose<'g> for (A, B) {
         (self.0.choose(g, cond, other.0), self.1.choose(g, cond, other.1))
     }
 }
+
+/// Generation steps an `iter(..)` loop visits: ranges, arrays, vectors or slices of non-negative integers.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` does not name generation steps",
+    label = "`iter` takes a range (`iter(0..3)`), an array (`iter([0, 2])`) or a vector of step numbers"
+)]
+pub trait IntoSteps {
+    /// The steps, in the order given.
+    fn steps(self) -> Vec<i64>;
+}
+
+macro_rules! steps_of_ints {
+    ($($t:ty),*) => {$(
+        impl IntoSteps for std::ops::Range<$t> {
+            fn steps(self) -> Vec<i64> { self.map(|s| s as i64).collect() }
+        }
+        impl IntoSteps for std::ops::RangeInclusive<$t> {
+            fn steps(self) -> Vec<i64> { self.map(|s| s as i64).collect() }
+        }
+        impl<const N: usize> IntoSteps for [$t; N] {
+            fn steps(self) -> Vec<i64> { self.iter().map(|&s| s as i64).collect() }
+        }
+        impl IntoSteps for Vec<$t> {
+            fn steps(self) -> Vec<i64> { self.into_iter().map(|s| s as i64).collect() }
+        }
+        impl IntoSteps for &[$t] {
+            fn steps(self) -> Vec<i64> { self.iter().map(|&s| s as i64).collect() }
+        }
+    )*};
+}
+steps_of_ints!(usize, u32, i32, i64, u64);
+
+/// `for step in iter(STEPS) { .. }`: the steps, checked (non-negative).
+pub fn steps(_g: &GraphCell, s: impl IntoSteps) -> Result<Vec<usize>> {
+    s.steps()
+        .into_iter()
+        .map(|s| {
+            usize::try_from(s).map_err(|_| Error::InvalidInput { message: format!("`iter`: step {s} is negative") })
+        })
+        .collect()
+}
+
+/// `for step in all() { .. }`: every step of the generation (`0..max_new_tokens`).
+pub fn all_steps(g: &GraphCell) -> Result<Vec<usize>> {
+    match g.max_calls() {
+        Some(n) => Ok((0..n as usize).collect()),
+        None => Err(Error::InvalidInput {
+            message: "`all()` visits every step of a generation: use it inside `intervene!(model.generate(..) { .. })`"
+                .into(),
+        }),
+    }
+}
+
+/// While alive, reads and writes address generation step `step`; restores the previous step when dropped.
+pub struct CallScope<'g> {
+    g: &'g GraphCell,
+    previous: u32,
+}
+
+/// The body of an `iter`/`all` loop at `step`.
+pub fn at_step(g: &GraphCell, step: usize) -> CallScope<'_> {
+    let previous = g.set_call(u32::try_from(step).unwrap_or(u32::MAX));
+    CallScope { g, previous }
+}
+
+impl Drop for CallScope<'_> {
+    fn drop(&mut self) {
+        self.g.set_call(self.previous);
+    }
+}
+
+pub use crate::envoy::generate::generated;
+pub use crate::envoy::Generate;

@@ -11,7 +11,7 @@
 //! let h5 = { use ...; (&&&::nnsight::__private::finish(h5)).__nn_finish(&mut __nn_results)? };
 //! ```
 
-use super::parse::{is_scan, Item};
+use super::parse::{is_generate, is_scan, Item};
 use super::rewrite::{gen, Export, Rewritten};
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
@@ -24,10 +24,28 @@ pub fn expand(r: Rewritten) -> TokenStream {
     let root = &r.root;
     let input = option_input(r.input.as_ref(), s);
     // A scan runs the same graph on the model's meta twin; everything else is the same code.
-    let kind = if is_scan(&r.trace) { quote_spanned!(s=> Scan) } else { quote_spanned!(s=> Trace) };
+    // A generation runs it over one forward pass per new token, with options.
+    let kind = if is_scan(&r.trace) {
+        quote_spanned!(s=> Scan)
+    } else if is_generate(&r.trace) {
+        quote_spanned!(s=> Generate)
+    } else {
+        quote_spanned!(s=> Trace)
+    };
+    let extra = if is_generate(&r.trace) {
+        match &r.options {
+            Some(o) => {
+                let so = gen(o.span());
+                quote_spanned!(so=> , ::core::option::Option::Some(::std::borrow::Borrow::borrow(&(#o))))
+            }
+            None => quote_spanned!(s=> , ::core::option::Option::None),
+        }
+    } else {
+        TokenStream::new()
+    };
     let mut out = quote_spanned! {s=>
         #[allow(unused_variables)]
-        let __nn_tr = ::nnsight::__private::#kind::new(&#root, #input)?;
+        let __nn_tr = ::nnsight::__private::#kind::new(&#root, #input #extra)?;
         #[allow(unused_variables)]
         let __nn_root = __nn_tr.root();
         #[allow(unused_variables)]

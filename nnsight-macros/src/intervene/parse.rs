@@ -3,6 +3,8 @@
 //! ```text
 //! intervene!(ROOT.trace(INPUT?) { ITEM* })
 //! intervene!(ROOT.scan(INPUT?) { ITEM* })     (the same block, run on shapes alone)
+//! intervene!(ROOT.generate(INPUT, OPTIONS?) { ITEM* })   (several forward passes: decoding)
+//! intervene!(ROOT.generate(OPTIONS?) { invoke(INPUT) { .. } ... })
 //! ITEM := a Rust statement | invoke(INPUT?) { STATEMENT* }
 //! ```
 //!
@@ -29,6 +31,8 @@ pub struct Intervene {
     pub trace: Ident,
     /// The input of `ROOT.trace(INPUT)`, or none for `ROOT.trace()`.
     pub input: Option<Expr>,
+    /// The options of `ROOT.generate(.., OPTIONS)`.
+    pub options: Option<Expr>,
     /// The statements and invoke blocks of the body, in order.
     pub items: Vec<Item>,
 }
@@ -52,11 +56,16 @@ pub struct Invoke {
 }
 
 /// The forms of `ROOT.FORM(..) { .. }`.
-const FORMS: [&str; 2] = ["trace", "scan"];
+const FORMS: [&str; 3] = ["trace", "scan", "generate"];
 
 /// Whether the form token is `scan` (a run on shapes alone).
 pub fn is_scan(form: &Ident) -> bool {
     form == "scan"
+}
+
+/// Whether the form token is `generate` (decoding: one forward pass per new token).
+pub fn is_generate(form: &Ident) -> bool {
+    form == "generate"
 }
 
 /// Parses an `intervene!` call; frame errors that leave a usable shape go to `errors`, others are returned.
@@ -84,19 +93,40 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
         errors.push(syn::Error::new(
             trace.span(),
             format!(
-                "unknown form `{root}.{trace}(...)`: expected `{root}.trace(input) {{ ... }}`, or `{root}.scan(input) {{ ... }}` to run it on shapes alone"
+                "unknown form `{root}.{trace}(...)`: expected `{root}.trace(input) {{ ... }}`, `{root}.scan(input) {{ ... }}` to run it on shapes alone, or `{root}.generate(input, options) {{ ... }}` to decode"
             ),
         ));
     }
     // Messages name the form written (`scan` or `trace`; `trace` for an unknown one).
-    let form = if is_scan(&trace) { "scan" } else { "trace" };
+    let form = if is_scan(&trace) {
+        "scan"
+    } else if is_generate(&trace) {
+        "generate"
+    } else {
+        "trace"
+    };
     if !input.peek(syn::token::Paren) {
         return Err(input
             .error(format!("expected `(...)` after `{root}.{trace}`: `{root}.{form}(input)` or `{root}.{form}()`")));
     }
     let args;
     parenthesized!(args in input);
-    let input_expr = single_input(&args, &format!("`{form}` takes one input, or none with `invoke` blocks"), errors)?;
+    let generate_args = if form == "generate" {
+        let all = Punctuated::<Expr, Token![,]>::parse_terminated(&args)?;
+        if all.len() > 2 {
+            errors.push(syn::Error::new(
+                all.iter().nth(2).expect("three").span(),
+                "`generate` takes an input and options (`generate(input, options)`), or only options with `invoke` blocks",
+            ));
+        }
+        Some(all.into_iter().take(2).collect::<Vec<Expr>>())
+    } else {
+        None
+    };
+    let mut input_expr = match &generate_args {
+        Some(_) => None,
+        None => single_input(&args, &format!("`{form}` takes one input, or none with `invoke` blocks"), errors)?,
+    };
     if !input.peek(syn::token::Brace) {
         return Err(input.error(format!("expected a block `{{ ... }}` after `{root}.{form}(...)`")));
     }
@@ -117,6 +147,24 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
             Item::Stmt(_) => None,
         })
         .collect();
+    // `generate(input, options?)` without invokes, `generate(options?)` with them.
+    let mut options = None;
+    if let Some(mut args) = generate_args {
+        if invokes.is_empty() {
+            if args.len() == 2 {
+                options = args.pop();
+            }
+            input_expr = args.pop();
+        } else {
+            if args.len() == 2 {
+                errors.push(syn::Error::new(
+                    args[0].span(),
+                    format!("with `invoke` blocks, `generate` takes only the options: `{root}.generate(options) {{ invoke(input) {{ ... }} }}`"),
+                ));
+            }
+            options = args.pop();
+        }
+    }
     match (&input_expr, invokes.first()) {
         (Some(_), Some(first)) => errors.push(syn::Error::new(
             first.keyword.span(),
@@ -130,7 +178,7 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
         )),
         _ => {}
     }
-    Ok(Intervene { root, trace, input: input_expr, items })
+    Ok(Intervene { root, trace, input: input_expr, options, items })
 }
 
 /// The one optional input of `trace(..)` / `invoke(..)`; a second one is reported and dropped.

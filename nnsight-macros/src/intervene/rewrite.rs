@@ -30,6 +30,8 @@ pub struct Rewritten {
     pub trace: Ident,
     /// The input of `ROOT.trace(INPUT)`.
     pub input: Option<Expr>,
+    /// The options of `ROOT.generate(.., OPTIONS)`.
+    pub options: Option<Expr>,
     /// Rewritten statements and invoke blocks, in order.
     pub items: Vec<Item>,
     /// Top-level bindings to finish after the run, in order.
@@ -46,7 +48,7 @@ pub struct Export {
 
 /// Rewrites every statement of the body and decides the exports.
 pub fn rewrite(ast: Intervene, errors: &mut Errors) -> Rewritten {
-    let Intervene { root, trace, input, items } = ast;
+    let Intervene { root, trace, input, options, items } = ast;
     let mut exports = Exports::new(&root);
     let mut rw = Rewriter::new(&root, errors);
     let mut stmt = |s: Stmt, rw: &mut Rewriter| {
@@ -64,7 +66,7 @@ pub fn rewrite(ast: Intervene, errors: &mut Errors) -> Rewritten {
         })
         .collect();
     let exports = exports.finish();
-    Rewritten { root, trace, input, items, exports }
+    Rewritten { root, trace, input, options, items, exports }
 }
 
 /// A span with the call site's hygiene (generated names resolve as if written by the user, lints see macro
@@ -346,6 +348,12 @@ impl<'a> Rewriter<'a> {
                 ));
                 unit()
             }
+            // `model.generated()`: the token ids a generation produced (prompt and new tokens).
+            Some(PathKind::Root) if m.method == "generated" && m.args.is_empty() => {
+                let s = gen(m.method.span());
+                let g = Ident::new("__nn_g", s);
+                Expr::Verbatim(quote_spanned!(s=> ::nnsight::__private::generated(#g)))
+            }
             // `model.stop()`: end the forward pass once everything before this point has run.
             Some(PathKind::Root) if m.method == "stop" && m.args.is_empty() => {
                 let s = gen(m.method.span());
@@ -446,6 +454,7 @@ impl Fold for Rewriter<'_> {
             Expr::Field(_) | Expr::Index(_) if self.path_kind(&e) == Some(PathKind::Path) => {
                 Expr::Verbatim(self.place(e))
             }
+            Expr::ForLoop(f) if graph_forms::is_steps(&f.expr) => self.step_loop(f),
             Expr::ForLoop(f) => self.for_loop(f),
             Expr::Macro(m) if m.mac.path.is_ident("log") => self.log(m.mac),
             Expr::Macro(m) if m.mac.path.is_ident("call") => self.call_macro(m.mac),

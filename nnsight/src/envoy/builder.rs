@@ -8,31 +8,45 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// The order in which a model's hook points fire in one forward pass: for each module, the position of its input
-/// event and of its output event. Recorded once per model by a forward pass on one token.
+/// The order in which a model's hook points fire in one forward pass: for each module, the positions of its input
+/// events and of its output events (one per call, for a module called several times in a pass). Recorded once per
+/// model by a forward pass on one token. Call `n` of a module called `k` times per pass is call `n % k` of pass
+/// `n / k` (in a generation, pass `n` is step `n`).
 #[derive(Debug, Clone, Default)]
 pub struct CallOrder {
-    events: HashMap<String, (u32, u32)>,
+    events: HashMap<String, (Vec<u32>, Vec<u32>)>,
+    total: u32,
 }
 
 impl CallOrder {
     /// Builds the order from the sequence of events of one forward pass.
     pub fn from_events(events: &[(String, Point)]) -> Self {
-        let mut map: HashMap<String, (u32, u32)> = HashMap::new();
+        let mut map: HashMap<String, (Vec<u32>, Vec<u32>)> = HashMap::new();
         for (i, (module, point)) in events.iter().enumerate() {
-            let e = map.entry(module.clone()).or_insert((u32::MAX, u32::MAX));
+            let e = map.entry(module.clone()).or_default();
             match point {
-                Point::Input if e.0 == u32::MAX => e.0 = i as u32,
-                Point::Output if e.1 == u32::MAX => e.1 = i as u32,
-                _ => {}
+                Point::Input => e.0.push(i as u32),
+                Point::Output => e.1.push(i as u32),
             }
         }
-        CallOrder { events: map }
+        CallOrder { events: map, total: events.len() as u32 }
     }
 
-    /// Position of `module`'s `point` event, if the module runs in a forward pass.
-    pub fn position(&self, module: &str, point: Point) -> Option<u32> {
-        self.events.get(module).map(|&(i, o)| if point == Point::Input { i } else { o })
+    /// Position of `module`'s `point` event at its `call`-th call, counting across passes, if the module runs
+    /// in a forward pass.
+    pub fn position(&self, module: &str, point: Point, call: u32) -> Option<u64> {
+        let (inputs, outputs) = self.events.get(module)?;
+        let list = if point == Point::Input { inputs } else { outputs };
+        let per_pass = list.len() as u32;
+        if per_pass == 0 {
+            // Inner points and modules seen only at one kind of event: order by the other kind.
+            let other = if point == Point::Input { outputs } else { inputs };
+            let k = other.len().max(1) as u32;
+            let at = other.get((call % k) as usize).copied().unwrap_or(0);
+            return Some(u64::from(call / k) * u64::from(self.total) + u64::from(at));
+        }
+        let at = list[(call % per_pass) as usize];
+        Some(u64::from(call / per_pass) * u64::from(self.total) + u64::from(at))
     }
 
     /// Number of modules that run.
@@ -51,9 +65,14 @@ pub(crate) struct Builder {
     pub(crate) graph: Graph,
     pub(crate) invoke: u32,
     pub(crate) n_invokes: u32,
-    last_event: Vec<Option<(u32, String)>>,
+    /// Per invoke, the latest hook event used so far: its position across passes (see [`CallOrder::position`]).
+    last_event: Vec<Option<(u64, String)>>,
     pub(crate) error: Option<Error>,
     pub(crate) order: Option<Arc<CallOrder>>,
+    /// The call (generation step) that reads and writes address now (set by `iter`/`all` loops).
+    pub(crate) call: u32,
+    /// Number of forward passes the run will make at most (a generation's `max_new_tokens`), for `all()`.
+    pub(crate) max_calls: Option<u32>,
 }
 
 /// The graph being built, shared by every proxy of one block.
@@ -72,6 +91,8 @@ impl GraphCell {
                 last_event: Vec::new(),
                 error: None,
                 order,
+                call: 0,
+                max_calls: None,
             }),
         }
     }
@@ -105,13 +126,15 @@ impl GraphCell {
     fn check_order(&self, module: &str, point: Point, what: &str) -> Result<()> {
         let mut b = self.inner.borrow_mut();
         let Some(order) = b.order.clone() else { return Ok(()) };
-        let Some(pos) = order.position(module, point) else {
+        let call = b.call;
+        let Some(pos) = order.position(module, point, call) else {
             return Err(Error::NeverReached {
                 node: format!("{what} of `{}`", display(module)),
                 reason: "this module does not run in the model's forward pass".into(),
             });
         };
-        let desc = format!("`{}` {}", display(module), if point == Point::Input { "input" } else { "output" });
+        let step = if call > 0 { format!(" (step {call})") } else { String::new() };
+        let desc = format!("`{}` {}{step}", display(module), if point == Point::Input { "input" } else { "output" });
         let inv = b.invoke as usize;
         if b.last_event.len() <= inv {
             b.last_event.resize(inv + 1, None);
@@ -128,13 +151,15 @@ impl GraphCell {
     /// A read of `module`'s input or output (this invoke's rows).
     pub fn read<T>(&self, module: &str, point: Point) -> Result<Proxy<'_, T>> {
         self.check_order(module, point, "read")?;
-        Ok(Proxy::new(self.push(Op::Read { module: module.into(), point, call: 0 }), self))
+        let call = self.inner.borrow().call;
+        Ok(Proxy::new(self.push(Op::Read { module: module.into(), point, call }), self))
     }
 
     /// A read of all of `module`'s inputs.
     pub fn read_inputs<T>(&self, module: &str) -> Result<Proxy<'_, T>> {
         self.check_order(module, Point::Input, "read")?;
-        Ok(Proxy::new(self.push(Op::ReadInputs { module: module.into(), call: 0 }), self))
+        let call = self.inner.borrow().call;
+        Ok(Proxy::new(self.push(Op::ReadInputs { module: module.into(), call }), self))
     }
 
     /// A write of `value` to `module`'s input or output (this invoke's rows), or to a slice of it.
@@ -146,14 +171,16 @@ impl GraphCell {
         index: Option<Vec<crate::graph::IndexItem>>,
     ) -> Result<()> {
         self.check_order(module, point, "write")?;
-        self.push(Op::Write { module: module.into(), point, call: 0, value, index });
+        let call = self.inner.borrow().call;
+        self.push(Op::Write { module: module.into(), point, call, value, index });
         Ok(())
     }
 
     /// A skip of `module` with `value` as this invoke's rows of its output.
     pub fn skip(&self, module: &str, value: NodeId) -> Result<()> {
         self.check_order(module, Point::Input, "skip")?;
-        self.push(Op::Skip { module: module.into(), call: 0, value });
+        let call = self.inner.borrow().call;
+        self.push(Op::Skip { module: module.into(), call, value });
         Ok(())
     }
 
@@ -163,19 +190,39 @@ impl GraphCell {
     }
 
     /// The current invoke's latest hook event so far (for branches, which each start from the same point).
-    pub(crate) fn order_mark(&self) -> Option<(u32, String)> {
+    pub(crate) fn order_mark(&self) -> Option<(u64, String)> {
         let b = self.inner.borrow();
         b.last_event.get(b.invoke as usize).cloned().flatten()
     }
 
     /// Sets the current invoke's latest hook event (`None`: nothing yet).
-    pub(crate) fn set_order_mark(&self, mark: Option<(u32, String)>) {
+    pub(crate) fn set_order_mark(&self, mark: Option<(u64, String)>) {
         let mut b = self.inner.borrow_mut();
         let inv = b.invoke as usize;
         if b.last_event.len() <= inv {
             b.last_event.resize(inv + 1, None);
         }
         b.last_event[inv] = mark;
+    }
+
+    /// Makes reads and writes address call (generation step) `call`; returns the previous one.
+    pub fn set_call(&self, call: u32) -> u32 {
+        std::mem::replace(&mut self.inner.borrow_mut().call, call)
+    }
+
+    /// The call (generation step) reads and writes address now.
+    pub fn call(&self) -> u32 {
+        self.inner.borrow().call
+    }
+
+    /// The most forward passes the run makes (a generation's `max_new_tokens`), if the target said.
+    pub fn max_calls(&self) -> Option<u32> {
+        self.inner.borrow().max_calls
+    }
+
+    /// Sets [`Self::max_calls`].
+    pub(crate) fn set_max_calls(&self, n: u32) {
+        self.inner.borrow_mut().max_calls = Some(n);
     }
 
     /// Closes the branch of the guard node `guard`: it covers every node added since the guard.

@@ -6,10 +6,12 @@
 //! nodes. Because the envoy tree is ordinary Rust structs, a typo in a path is a compile error under the typo.
 
 mod builder;
+pub(crate) mod generate;
 mod proxy;
 pub(crate) mod trace;
 
 pub use builder::{CallOrder, GraphCell};
+pub use generate::{Generate, GenerateTarget, Generated};
 pub use proxy::{cat, stack, IntoDims, IntoIndex, IntoIndexItem, IntoTensorProxy, NewAxis, Proxy, Saved};
 pub use trace::{
     Cache, CacheOptions, FinishPlain, FinishSaved, FinishUnsaved, FromValue, NNsight, NotSaved, SavedInsideTheBlock,

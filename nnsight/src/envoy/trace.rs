@@ -185,11 +185,21 @@ impl<'m, T: TraceTarget> Trace<'m, T> {
                 Err(e) => return Err(e),
             }
         }
-        Ok(TraceResults { values: inter.finish()? })
+        Ok(TraceResults::from(inter.finish_all()?))
+    }
+
+    /// A trace of `target` without invokes yet, with a known call order (or none).
+    pub(crate) fn bare(target: &'m T, order: Option<Arc<CallOrder>>) -> Self {
+        Trace { target, graph: GraphCell::new(order), inputs: RefCell::new(Vec::new()) }
+    }
+
+    /// The target.
+    pub(crate) fn target(&self) -> &'m T {
+        self.target
     }
 
     /// The graph's first build error, else the invokes' inputs batched.
-    fn prepare(&self, form: &str) -> Result<Prepared<T::Prepared>> {
+    pub(crate) fn prepare(&self, form: &str) -> Result<Prepared<T::Prepared>> {
         if let Some(e) = self.graph.inner.borrow_mut().error.take() {
             return Err(e);
         }
@@ -252,7 +262,7 @@ impl<'m, T: TraceTarget> Scan<'m, T> {
                 Err(e) => return Err(e),
             }
         }
-        Ok(TraceResults { values: inter.finish()? })
+        Ok(TraceResults::from(inter.finish_all()?))
     }
 }
 
@@ -267,14 +277,33 @@ impl<'m, T: TraceTarget> std::ops::Deref for Scan<'m, T> {
 #[derive(Debug)]
 pub struct TraceResults {
     values: HashMap<NodeId, Value>,
+    /// Nodes not reached (after `stop()`, or waiting for a generation step that never came).
+    unreached: ahash::AHashSet<NodeId>,
+}
+
+impl From<crate::interleave::Finished> for TraceResults {
+    fn from(f: crate::interleave::Finished) -> Self {
+        TraceResults { values: f.values, unreached: f.unreached }
+    }
 }
 
 impl TraceResults {
+    /// Whether `node` was skipped at the end of the run (after `stop()`, or in a generation step that never
+    /// came).
+    pub fn unreached(&self, node: NodeId) -> bool {
+        self.unreached.contains(&node)
+    }
+
     /// The saved value of `node`, as a `T`.
     pub fn take<T: FromValue>(&mut self, node: NodeId) -> Result<T> {
+        let unreached = self.unreached.contains(&node);
         let v = self.values.remove(&node).ok_or_else(|| Error::NeverReached {
             node: format!("saved node {node}"),
-            reason: "its value was not computed".into(),
+            reason: if unreached {
+                "the code that saves it comes after a `stop()` or in a generation step that never came".into()
+            } else {
+                "its value was not computed".into()
+            },
         })?;
         T::from_value(v)
     }
@@ -430,8 +459,11 @@ impl<'g, T: FromValue> FinishSaved for &&&Finish<Saved<'g, T>> {
 
 impl<'g, T: FromValue> FinishSaved for &&&Finish<Vec<Saved<'g, T>>> {
     type Out = Vec<T>;
+    /// Values saved in generation steps that never came (or after a `stop()`) are left out: the vector holds
+    /// those that were computed, in order.
     fn __nn_finish(self, r: &mut TraceResults) -> Result<Vec<T>> {
-        self.take().into_iter().map(|s| r.take(s.0.id)).collect()
+        let ids: Vec<NodeId> = self.take().into_iter().map(|s| s.0.id).filter(|&id| !r.unreached(id)).collect();
+        ids.into_iter().map(|id| r.take(id)).collect()
     }
 }
 

@@ -42,7 +42,18 @@ pub fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
     (out, lines)
 }
 
-/// Runs one graph during one forward pass.
+/// What a finished run leaves: the saved values, and the nodes never reached because their invoke stopped or
+/// their generation step never came (a saved one among them has no value).
+#[derive(Debug)]
+pub struct Finished {
+    /// Saved values by node.
+    pub values: std::collections::HashMap<NodeId, Value>,
+    /// Nodes skipped at the end (after `stop()`, or waiting for a step that never came).
+    pub unreached: HashSet<NodeId>,
+}
+
+/// Runs one graph during one forward pass (or the forward passes of a generation: call `n` of a module is its
+/// `n`-th call).
 pub struct Interleaver<'a> {
     graph: &'a Graph,
     root: &'a dyn Module,
@@ -62,7 +73,9 @@ pub struct Interleaver<'a> {
     /// only for these).
     point_parents: HashSet<String>,
     /// Hook events seen so far (for error messages).
-    fired: HashSet<(String, Point)>,
+    /// How many times each watched hook event fired so far: the next event of `(module, point)` is its call
+    /// number `fired[..]` (in a generation, call `n` is step `n`).
+    fired: ahash::AHashMap<(String, Point), u32>,
     /// Invokes that reached a `stop()`.
     stopped: Vec<bool>,
     /// Active caches: (cache node, invoke, options, records so far).
@@ -71,6 +84,12 @@ pub struct Interleaver<'a> {
     skips: Vec<(usize, Tensor, NodeId)>,
     /// Nodes in branches whose condition was false.
     skipped: HashSet<NodeId>,
+    /// Nodes that need a generation's final ids (`model.generated()`) and what depends on them, in order: they
+    /// run at the end, without holding up the rest of their invoke.
+    deferred: Vec<NodeId>,
+    deferred_set: HashSet<NodeId>,
+    /// Values deferred nodes still need (not freed before the end).
+    pinned: HashSet<NodeId>,
     /// A scan: the forward runs on meta tensors, so constants become meta and nothing moves between devices.
     meta: bool,
 }
@@ -128,11 +147,14 @@ impl<'a> Interleaver<'a> {
             saved,
             watched,
             point_parents,
-            fired: HashSet::default(),
+            fired: Default::default(),
             stopped: vec![false; n_invokes],
             caches: Vec::new(),
             skips: Vec::new(),
             skipped: HashSet::default(),
+            deferred: Vec::new(),
+            deferred_set: HashSet::default(),
+            pinned: HashSet::default(),
             meta: false,
         })
     }
@@ -154,23 +176,47 @@ impl<'a> Interleaver<'a> {
     }
 
     /// Runs what is left after the forward pass, then checks that every node ran; returns the saved values.
-    pub fn finish(mut self) -> Result<std::collections::HashMap<NodeId, Value>> {
+    pub fn finish(self) -> Result<std::collections::HashMap<NodeId, Value>> {
+        self.finish_all().map(|f| f.values)
+    }
+
+    /// [`Self::finish`], also naming the nodes that were not reached because their invoke stopped or because the
+    /// call (generation step) they wait for never came.
+    pub fn finish_all(mut self) -> Result<Finished> {
         for inv in 0..self.per_invoke.len() {
             self.advance(inv, None)?;
         }
+        // Deferred nodes still waiting: the generation's ids never came (it stopped or failed).
+        let mut unreached: HashSet<NodeId> = self.deferred.iter().copied().collect();
         for inv in 0..self.per_invoke.len() {
             if let Some(&id) = self.per_invoke[inv].get(self.cursor[inv]) {
                 let op = &self.graph.nodes[id as usize].op;
+                let rest = &self.per_invoke[inv][self.cursor[inv]..];
                 if self.stopped[inv] {
                     // Code after `stop()` never runs, as in Python nnsight: say so, keep what was saved.
                     eprintln!(
                         "nnsight: warning: node {id}, {} (invoke {inv}), comes after `stop()` and was never reached",
                         op.describe()
                     );
+                    unreached.extend(rest.iter().copied());
                     continue;
                 }
+                let ran = op.hook_point().and_then(|(m, p, _)| self.fired.get(&(m.to_string(), p)).copied());
+                if let (Some((m, _, call)), Some(n)) = (op.hook_point(), ran) {
+                    if call >= n {
+                        // A later step that never came (the generation ended first): as in Python nnsight, warn,
+                        // keep what was saved, skip the code after it.
+                        eprintln!(
+                            "nnsight: warning: step {call} was never reached (`{}` ran {n} time(s)); invoke {inv} skips node {id}, {}, and the code after it",
+                            display(m),
+                            op.describe()
+                        );
+                        unreached.extend(rest.iter().copied());
+                        continue;
+                    }
+                }
                 let reason = match op.hook_point() {
-                    Some((m, p, _)) if self.fired.contains(&(m.to_string(), p)) => format!(
+                    Some((m, _, _)) if ran.is_some() => format!(
                         "`{}` had already run when invoke {inv} reached it: it comes earlier in the forward pass than what the invoke used before",
                         display(m)
                     ),
@@ -192,7 +238,7 @@ impl<'a> Interleaver<'a> {
                 out.insert(id, v);
             }
         }
-        Ok(out)
+        Ok(Finished { values: out, unreached })
     }
 
     /// Whether every invoke has stopped (at least one by `stop()`, the others by `stop()` or by running out of
@@ -203,13 +249,31 @@ impl<'a> Interleaver<'a> {
     }
 
     /// Runs invoke `inv`'s nodes until one waits for a hook event other than `event` (whose value is `y`).
-    fn advance(&mut self, inv: usize, mut event: Option<(&str, Point, &mut Tensor)>) -> Result<()> {
+    fn advance(&mut self, inv: usize, mut event: Option<(&str, Point, u32, &mut Tensor)>) -> Result<()> {
         loop {
             if self.stopped[inv] {
                 return Ok(());
             }
             let Some(&id) = self.per_invoke[inv].get(self.cursor[inv]) else { return Ok(()) };
             let op = &self.graph.nodes[id as usize].op;
+            if let Op::Read { module, .. } = op {
+                if module == crate::envoy::generate::GENERATED {
+                    self.defer(id);
+                    continue;
+                }
+            }
+            if !self.deferred_set.is_empty() && op.inputs().iter().any(|j| self.deferred_set.contains(j)) {
+                if op.hook_point().is_some() {
+                    return Err(Error::Intervention {
+                        message: format!(
+                            "node {id} ({}) uses `model.generated()`, which exists only when the generation has ended",
+                            op.describe()
+                        ),
+                    });
+                }
+                self.defer(id);
+                continue;
+            }
             if matches!(op, Op::Stop) {
                 self.stopped[inv] = true;
                 self.cursor[inv] += 1;
@@ -270,9 +334,9 @@ impl<'a> Interleaver<'a> {
                 continue;
             }
             let value = match op.hook_point() {
-                Some((m, p, _)) => {
-                    let Some((em, ep, y)) = event.as_mut() else { return Ok(()) };
-                    if m != *em || p != *ep {
+                Some((m, p, call)) => {
+                    let Some((em, ep, ec, y)) = event.as_mut() else { return Ok(()) };
+                    if m != *em || p != *ep || call != *ec {
                         return Ok(());
                     }
                     self.hook_node(id, inv, y)?
@@ -293,10 +357,48 @@ impl<'a> Interleaver<'a> {
         }
     }
 
+    /// Sets `id` aside until the generation's ids exist (the invoke goes on).
+    fn defer(&mut self, id: NodeId) {
+        self.deferred.push(id);
+        self.deferred_set.insert(id);
+        for j in self.graph.nodes[id as usize].op.inputs() {
+            if !self.deferred_set.contains(&j) {
+                self.pinned.insert(j);
+            }
+        }
+        let inv = self.graph.nodes[id as usize].invoke as usize;
+        self.cursor[inv] += 1;
+    }
+
+    /// The generation's ids (`[rows, len]`, right-padded with -1) have arrived: runs the deferred nodes.
+    pub fn provide_generated(&mut self, ids: &Tensor) -> Result<()> {
+        for id in std::mem::take(&mut self.deferred) {
+            let node = &self.graph.nodes[id as usize];
+            let op = &node.op;
+            let value = if matches!(op, Op::Read { .. }) {
+                Value::Tensor(self.my_rows(node.invoke as usize, ids)?)
+            } else {
+                let inputs: Result<Vec<&Value>> = op
+                    .inputs()
+                    .iter()
+                    .map(|&j| {
+                        self.values[j as usize].as_ref().ok_or_else(|| Error::Intervention {
+                            message: format!("node {id} ({}) needs node {j}, which has no value", op.describe()),
+                        })
+                    })
+                    .collect();
+                eval(op, &inputs?).map_err(|e| at_node(e, id, op))?
+            };
+            self.values[id as usize] = Some(value);
+        }
+        self.deferred_set.clear();
+        Ok(())
+    }
+
     /// Drops inputs of `id` that nothing later needs.
     fn release(&mut self, id: NodeId) {
         for j in self.graph.nodes[id as usize].op.inputs() {
-            if self.last_use[j as usize] == id && !self.saved.contains(&j) {
+            if self.last_use[j as usize] == id && !self.saved.contains(&j) && !self.pinned.contains(&j) {
                 self.values[j as usize] = None;
             }
         }
@@ -486,9 +588,11 @@ impl Interleaver<'_> {
             return Ok(t);
         }
         if self.watched.contains(module) {
-            self.fired.insert((module.to_string(), point));
+            let count = self.fired.entry((module.to_string(), point)).or_insert(0);
+            let call = *count;
+            *count += 1;
             for inv in 0..self.per_invoke.len() {
-                self.advance(inv, Some((module, point, &mut t)))?;
+                self.advance(inv, Some((module, point, call, &mut t)))?;
             }
         }
         if !self.caches.is_empty() {

@@ -154,3 +154,67 @@ impl Rewriter<'_> {
         unit()
     }
 }
+
+/// Whether `e` is `iter(..)` or `all()`: the steps of a generation.
+pub fn is_steps(e: &Expr) -> bool {
+    match e {
+        Expr::Call(c) => matches!(&*c.func, Expr::Path(p) if p.path.is_ident("iter") || p.path.is_ident("all")),
+        _ => false,
+    }
+}
+
+impl Rewriter<'_> {
+    /// `for step in iter(STEPS) { BODY }` / `for step in all() { BODY }`: the body runs once per step while the
+    /// graph is built, its reads and writes addressing that step (the module's call of that number).
+    ///
+    /// ```text
+    /// for __nn_step in ::nnsight::__private::steps(__nn_g, STEPS)? {
+    ///     let step = __nn_step;
+    ///     let __nn_scope = ::nnsight::__private::at_step(__nn_g, __nn_step);
+    ///     BODY
+    /// }
+    /// ```
+    pub(super) fn step_loop(&mut self, f: syn::ExprForLoop) -> Expr {
+        let Expr::Call(call) = *f.expr else { unreachable!("checked by is_steps") };
+        let Expr::Path(func) = &*call.func else { unreachable!("checked by is_steps") };
+        let name = func.path.get_ident().expect("one identifier").clone();
+        let s = gen(name.span());
+        let g = Ident::new("__nn_g", s);
+        let steps = if name == "all" {
+            if !call.args.is_empty() {
+                self.errors.push(syn::Error::new(
+                    first_span(&call.args),
+                    "`all()` takes no arguments: it visits every step of the generation",
+                ));
+            }
+            quote_spanned!(s=> ::nnsight::__private::all_steps(#g)?)
+        } else {
+            if call.args.len() != 1 {
+                self.errors.push(syn::Error::new(
+                    name.span(),
+                    "`iter` takes the steps: a range (`iter(0..3)`), an array (`iter([0, 2])`) or a vector",
+                ));
+                return unit();
+            }
+            let arg = self.fold_expr(call.args.into_iter().next().expect("one argument"));
+            quote_spanned!(s=> ::nnsight::__private::steps(#g, #arg)?)
+        };
+        let pat = &f.pat;
+        let step = Ident::new("__nn_step", s);
+        let scope = Ident::new("__nn_scope", s);
+        let body = self.in_scope(|rw| {
+            rw.bind_pat(&f.pat, false);
+            rw.fold_block(f.body)
+        });
+        let stmts = &body.stmts;
+        let label = &f.label;
+        Expr::Verbatim(quote_spanned! {s=>
+            #label for #step in #steps {
+                #[allow(unused_variables)]
+                let #pat = #step;
+                let #scope = ::nnsight::__private::at_step(#g, #step);
+                #(#stmts)*
+            }
+        })
+    }
+}
