@@ -51,6 +51,58 @@ fn issue4(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
     Ok(())
 }
 
+/// Scales each position's vector to at most `max` in L2 norm.
+#[nnsight::function]
+fn clamp_norm(x: &Tensor, max: f64) -> Tensor {
+    x / (x.norm_scalaropt_dim(2.0, [-1], true) / max).clamp_min(1.0)
+}
+
+fn conditions_and_functions(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
+    let limit = 10.0;
+    intervene!(model.scan("The Eiffel Tower is in the city of") {
+        let h = model.model.layers[2].output;
+        if cond!(h.norm() > limit && !(h.max() < 0.0)) {
+            model.model.layers[2].output = call!(clamp_norm(h, limit));
+        } else if cond!(h.norm() == 0.0) {
+            model.model.layers[2].output = h + 1.0;
+        }
+        let scale = if cond!(h.mean() >= 0.0) { 2.0 } else { 0.5 };
+        let pair = if cond!(h.min() != 0.0) { (h * 2.0, h) } else { (h, h * 2.0) };
+        let out = (model.model.layers[3].output * scale).save();
+        let _ = pair;
+    });
+    let _: Tensor = out;
+    Ok(())
+}
+
+fn generation(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
+    let opts = nnsight::GenerateOptions::new().max_new_tokens(5);
+    intervene!(model.generate("The Eiffel Tower is in the city of", &opts) {
+        let ids = model.generated().save();
+        let mut hidden = Vec::new();
+        for step in iter(0..3) {
+            hidden.push(model.model.layers[5].output[(.., -1, ..)].save());
+            let _ = step;
+        }
+        for _ in all() {
+            model.model.layers[10].mlp.output *= 0.5;
+        }
+    });
+    let _: (nnsight::envoy::Generated, Vec<Tensor>) = (ids, hidden);
+    intervene!(model.generate(opts.clone()) {
+        invoke("Madrid is the capital of") {
+            for _ in iter([1, 3]) {
+                model.model.layers[0].output *= 2.0;
+            }
+        }
+        invoke("Rome is") {
+            let all = model.generated().save();
+        }
+    });
+    let _: nnsight::envoy::Generated = all;
+    Ok(())
+}
+
 fn main() {
-    let _ = (single, invokes, issue4);
+    let _ = (single, invokes, issue4, conditions_and_functions, generation);
 }
