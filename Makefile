@@ -7,7 +7,7 @@ VENV_PYTHON := $(CACHE)/venv-torch-2.13.0/bin/python
 # Tests share two cores: two test threads, one libtorch thread each (set in tests/common.rs).
 TEST_THREADS ?= 2
 
-.PHONY: demo test setup setup-peer bench bench-trace fmt lint unit gpu-check tiny-models
+.PHONY: demo test setup setup-peer bench bench-trace bench-generate fmt lint unit gpu-check tiny-models
 
 ## make demo: load the default model, print its module tree and the top-5 next tokens of the Eiffel prompt.
 demo: setup
@@ -38,6 +38,10 @@ bench: setup setup-peer
 ## make bench-trace: tracing overhead (plain, empty, 1 save, 30 saves, 1 set, 2 invokes) beside Python nnsight.
 bench-trace: setup setup-peer
 	NNSIGHT_PYTHON=$(VENV_PYTHON) cargo run --release --example bench_trace
+
+## make bench-generate: our plain generate (KV cache) against transformers' generate, tokens/s, in one run.
+bench-generate: setup setup-peer
+	NNSIGHT_PYTHON=$(VENV_PYTHON) cargo run --release --example bench_generate
 
 ## make gpu-check: on a machine with a GPU, prove libtorch_cuda is linked and run the parity tests on CUDA.
 gpu-check: setup

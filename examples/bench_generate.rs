@@ -1,0 +1,108 @@
+//! Generation benchmark: our plain `generate` (KV cache, greedy) against Hugging Face transformers' `generate` on
+//! the same SmolLM2 weights, in the same run, rounds interleaved (a block of ours, a block of ours with every linear
+//! layer through `at::linear` as PyTorch eager runs it, a block of theirs, ...), all on CPU with 2 threads. Both
+//! sides decode the same prompt greedily to the same number of new tokens (EOS ignored) and must agree on them.
+//!
+//! `make bench-generate` runs it (it sets up the Python peer first). Arguments:
+//! `[ROUNDS_PER_BLOCK] [BLOCKS] [MAX_NEW_TOKENS]`. The peer is `scripts/peer/hf_generate.py --serve`, run with the
+//! venv's python (`NNSIGHT_PYTHON` overrides).
+
+use nnsight::nn::fast_linear;
+use nnsight::prelude::*;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+#[path = "support/stats.rs"]
+mod stats;
+use stats::median;
+
+const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+const PROMPT: &str = "The Eiffel Tower is in the city of";
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let per_block: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(5);
+    let blocks: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(6);
+    let new_tokens: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(10);
+    let python = std::env::var("NNSIGHT_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    tch::set_num_threads(2);
+
+    let model = LanguageModel::<Llama>::load_with(MODEL, LoadOptions::default().progress(false))?;
+    let options = GenerateOptions::new().max_new_tokens(new_tokens).stop_ids([]);
+
+    eprintln!("starting the transformers peer ({python})...");
+    let n = new_tokens.to_string();
+    let mut peer = Command::new(&python)
+        .args(["scripts/peer/hf_generate.py", "--gguf", MODEL, "--prompt", PROMPT, "--max-new-tokens", &n])
+        .args(["--threads", "2", "--warmup", "2", "--serve"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {python}: {e} (run `scripts/setup.sh peer`)"))?;
+    let mut to_peer = peer.stdin.take().ok_or("no stdin")?;
+    let mut from_peer = BufReader::new(peer.stdout.take().ok_or("no stdout")?);
+    let mut line = String::new();
+    from_peer.read_line(&mut line)?;
+    let hello: serde_json::Value = serde_json::from_str(&line).map_err(|e| format!("peer said {line:?}: {e}"))?;
+
+    let mut ours_ids = Vec::new();
+    for _ in 0..2 {
+        ours_ids = model.generate(PROMPT, &options)?.rows.remove(0).new_ids;
+    }
+    let (mut ours, mut ours_mkl, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut their_ids: Vec<i64> = Vec::new();
+    // A pause before each block lets the other side's OpenMP threads stop spinning.
+    let settle = std::time::Duration::from_millis(300);
+    let time_ours = |into: &mut Vec<f64>| -> nnsight::Result<()> {
+        std::thread::sleep(settle);
+        for _ in 0..per_block {
+            let t = Instant::now();
+            let out = model.generate(PROMPT, &options)?;
+            into.push(t.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(out.rows[0].new_ids.len(), new_tokens);
+        }
+        Ok(())
+    };
+    for _ in 0..blocks {
+        time_ours(&mut ours)?;
+        fast_linear::set_onednn_linear(false);
+        time_ours(&mut ours_mkl)?;
+        fast_linear::set_onednn_linear(true);
+        writeln!(to_peer, "{per_block}")?;
+        line.clear();
+        from_peer.read_line(&mut line)?;
+        let block: serde_json::Value = serde_json::from_str(&line)?;
+        theirs.extend(block["times_ms"].as_array().ok_or("bad peer reply")?.iter().filter_map(|v| v.as_f64()));
+        their_ids = block["new_ids"].as_array().ok_or("bad peer reply")?.iter().filter_map(|v| v.as_i64()).collect();
+    }
+    writeln!(to_peer, "0")?;
+    peer.wait()?;
+
+    let rounds = ours.len();
+    let (o, m, t) = (median(ours), median(ours_mkl), median(theirs));
+    let tps = |ms: f64| new_tokens as f64 / ms * 1e3;
+    println!(
+        "SmolLM2-135M greedy generate, {PROMPT:?} ({} prompt tokens) + {new_tokens} new tokens, CPU, 2 threads, \
+         {rounds} rounds each, interleaved:",
+        hello["prompt_tokens"]
+    );
+    println!("  nnsight-rs generate (KV cache):           median {o:8.1} ms  {:6.1} tokens/s", tps(o));
+    println!("  nnsight-rs, linear layers via at::linear: median {m:8.1} ms  {:6.1} tokens/s", tps(m));
+    println!(
+        "  transformers {} generate (torch {}): median {t:8.1} ms  {:6.1} tokens/s",
+        hello["transformers"].as_str().unwrap_or("?"),
+        hello["torch"].as_str().unwrap_or("?"),
+        tps(t)
+    );
+    println!(
+        "  tokens/s ours / transformers: {:.2}x   (with at::linear: {:.2}x)   same tokens: {}",
+        t / o,
+        t / m,
+        ours_ids == their_ids
+    );
+    if ours_ids != their_ids {
+        println!("  ours {ours_ids:?}\n  theirs {their_ids:?}");
+    }
+    Ok(())
+}
