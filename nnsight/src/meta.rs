@@ -80,6 +80,7 @@ mod tests {
 
     /// Every op the models and the graph use runs on meta tensors (some through the shim's own meta kernels).
     #[test]
+    #[allow(clippy::redundant_closure_call)] // each case is a closure, so that it can use `?`
     fn model_and_graph_ops_run_on_meta_tensors() {
         let x = empty(&[2, 3, 8], Kind::Float).unwrap();
         let w = empty(&[8], Kind::Float).unwrap();
