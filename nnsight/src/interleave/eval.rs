@@ -21,7 +21,8 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
         Op::Save { .. } => Ok(inputs[0].shallow_clone()),
         Op::Binary { kind, .. } => {
             let (x, y) = (a()?, inputs[1].tensor()?);
-            let y = if y.device() != x.device() { y.f_to_device(x.device()).map_err(t)? } else { y.shallow_clone() };
+            // Where x is (meta in a scan: tch reports a meta tensor's device as MPS).
+            let y = crate::meta::to_device_like(y, x).map_err(t)?;
             tensor(match kind {
                 BinaryOp::Add => x.f_add(&y),
                 BinaryOp::Sub => x.f_sub(&y),
@@ -61,8 +62,12 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
                 (BinaryOp::Ge, false) | (BinaryOp::Le, true) => x.f_ge(s),
                 (BinaryOp::Le, false) | (BinaryOp::Ge, true) => x.f_le(s),
                 (BinaryOp::Ne, _) => x.f_ne(s),
-                (BinaryOp::And, _) => x.f_logical_and(&Tensor::from(s != 0.0).f_to_device(x.device()).map_err(t)?),
-                (BinaryOp::Or, _) => x.f_logical_or(&Tensor::from(s != 0.0).f_to_device(x.device()).map_err(t)?),
+                (BinaryOp::And, _) => {
+                    x.f_logical_and(&crate::meta::to_device_like(&Tensor::from(s != 0.0), x).map_err(t)?)
+                }
+                (BinaryOp::Or, _) => {
+                    x.f_logical_or(&crate::meta::to_device_like(&Tensor::from(s != 0.0), x).map_err(t)?)
+                }
                 (BinaryOp::Matmul, _) => {
                     return Err(Error::Intervention { message: "matmul with a scalar".into() });
                 }
