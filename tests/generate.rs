@@ -262,11 +262,9 @@ fn the_iterator_and_text_stream_give_the_same_tokens_and_text() {
     let mut text = nnsight::TextStream::new();
     let mut pieces = String::new();
     let mut gen = model.generator(EIFFEL, &opts).unwrap();
-    let mut steps = 0;
-    for step in gen.by_ref() {
+    for (i, step) in gen.by_ref().enumerate() {
         let step = step.unwrap();
-        assert_eq!(step.step, steps);
-        steps += 1;
+        assert_eq!(step.step, i);
         pieces.push_str(&text.push(&model, step.tokens[0].unwrap()).unwrap());
     }
     assert_eq!(gen.finish(), whole);

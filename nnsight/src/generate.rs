@@ -314,7 +314,7 @@ fn sample(logits: &[f32], o: &GenerateOptions, rng: &mut Rng) -> i64 {
         } else {
             f64::NEG_INFINITY
         };
-        x.iter_mut().filter(|v| !(**v >= kth)).for_each(|v| *v = f64::NEG_INFINITY);
+        x.iter_mut().filter(|v| v.is_nan() || **v < kth).for_each(|v| *v = f64::NEG_INFINITY);
     }
     let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let mut p: Vec<f64> = x.iter().map(|&v| if v > f64::NEG_INFINITY { (v - max).exp() } else { 0.0 }).collect();
