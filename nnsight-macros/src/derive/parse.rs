@@ -237,3 +237,46 @@ impl Model {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Model;
+
+    fn errors(src: &str) -> Vec<String> {
+        let input: syn::DeriveInput = syn::parse_str(src).expect("a struct");
+        match Model::from_input(&input) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.into_iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn points_are_read_in_order() {
+        let input: syn::DeriveInput = syn::parse_str(
+            "#[traceable(kind = \"Attn\", points(query, probs))] struct A { #[traceable(path)] path: String }",
+        )
+        .unwrap();
+        let m = Model::from_input(&input).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.points.iter().map(|p| p.to_string()).collect::<Vec<_>>(), ["query", "probs"]);
+        assert_eq!(m.kind_name, "Attn");
+    }
+
+    #[test]
+    fn point_mistakes_are_all_reported() {
+        let errs = errors(
+            "#[traceable(points(output, proj, probs, probs, __nn_x))] \
+             struct A { #[traceable(path)] path: String, proj: Linear }",
+        );
+        assert_eq!(
+            errs,
+            [
+                "an inner point cannot be named `output`: that name is a hook point of every module",
+                "an inner point cannot be named `proj`: the struct has a field of that name",
+                "inner point `probs` is declared twice",
+                "an inner point cannot be named `__nn_x`: names starting with `__nn` are reserved",
+            ]
+        );
+        let errs = errors("#[traceable(points(probs = 1))] struct A { #[traceable(path)] path: String }");
+        assert_eq!(errs, ["a point is a plain name, as in `points(query, probs)`"]);
+    }
+}
