@@ -93,6 +93,11 @@ impl<T: Traceable> Traceable for Option<T> {
 }
 
 /// A typed handle on one module.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a module, so it cannot be called or skipped",
+    label = "only modules can be called (`module(x)`) or skipped (`module.skip(value)`)",
+    note = "an inner point (such as an attention's `probs`) is read and assigned through its `.output`"
+)]
 pub trait Envoy {
     /// The module's dotted path.
     fn module_path(&self) -> &str;
