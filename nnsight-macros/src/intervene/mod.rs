@@ -345,7 +345,7 @@ mod tests {
         assert_eq!(
             msgs,
             [
-                "unknown form `model.tracee(...)`: expected `model.trace(input) { ... }`, or `model.scan(input) { ... }` to run it on shapes alone",
+                "unknown form `model.tracee(...)`: expected `model.trace(input) { ... }`, `model.scan(input) { ... }` to run it on shapes alone, or `model.generate(input, options) { ... }` to decode",
                 "assign to `.output` or `.input` of a module"
             ]
         );

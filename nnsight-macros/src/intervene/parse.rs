@@ -354,10 +354,30 @@ mod tests {
         assert_eq!(
             msgs,
             [
-                "unknown form `model.tracee(...)`: expected `model.trace(input) { ... }`, or `model.scan(input) { ... }` to run it on shapes alone",
+                "unknown form `model.tracee(...)`: expected `model.trace(input) { ... }`, `model.scan(input) { ... }` to run it on shapes alone, or `model.generate(input, options) { ... }` to decode",
                 "`invoke` takes one input, or none for the whole batch",
                 "`invoke` blocks cannot be nested",
             ]
+        );
+    }
+
+    #[test]
+    fn generate_takes_input_and_options_or_options_with_invokes() {
+        let ast = parse_ok(quote!(model.generate("hi") { }));
+        assert!(is_generate(&ast.trace) && ast.input.is_some() && ast.options.is_none());
+        let ast = parse_ok(quote!(model.generate("hi", &opts) { }));
+        assert!(ast.input.is_some() && ast.options.is_some());
+        let ast = parse_ok(quote!(model.generate(opts) { invoke("a") { } invoke("b") { } }));
+        assert!(ast.input.is_none() && ast.options.is_some());
+        let ast = parse_ok(quote!(model.generate() { invoke("a") { } }));
+        assert!(ast.input.is_none() && ast.options.is_none());
+        assert_eq!(
+            parse_messages(quote!(model.generate("x", opts) { invoke("a") { } })),
+            ["with `invoke` blocks, `generate` takes only the options: `model.generate(options) { invoke(input) { ... } }`"]
+        );
+        assert_eq!(
+            parse_messages(quote!(model.generate("x", opts, 3) { })),
+            ["`generate` takes an input and options (`generate(input, options)`), or only options with `invoke` blocks"]
         );
     }
 
