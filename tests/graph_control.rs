@@ -394,3 +394,16 @@ fn the_committed_example_graph_is_what_its_block_builds() -> nnsight::Result<()>
     assert_eq!(&committed, built, "the example graph changed: rerun with NNSIGHT_BLESS=1 and review the diff");
     Ok(())
 }
+
+#[test]
+fn a_cache_of_a_module_that_does_not_exist_is_an_error_naming_it() {
+    let model = gpt2();
+    let run = || -> nnsight::Result<()> {
+        intervene!(model.trace("Hello world") {
+            let c = model.cache_with(CacheOptions::default().modules(["model.transformer.h.0", "model.h.7"]));
+        });
+        Ok(())
+    };
+    let err = run().unwrap_err().to_string();
+    assert!(err.contains("no module `model.h.7`"), "{err}");
+}

@@ -68,6 +68,9 @@ pub fn stop(g: &GraphCell) {
 
 /// `model.cache()` / `model.cache_with(options)`: record module values from here on; saved.
 pub fn cache(g: &GraphCell, options: crate::envoy::CacheOptions) -> crate::envoy::Saved<'_, crate::envoy::Cache> {
+    if let Some(modules) = &options.modules {
+        g.check_modules_exist(modules, "cache_with");
+    }
     let op = crate::graph::Op::Cache {
         modules: options.modules,
         inputs: options.inputs,

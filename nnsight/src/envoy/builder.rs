@@ -205,6 +205,23 @@ impl GraphCell {
         b.last_event[inv] = mark;
     }
 
+    /// Records an error (reported when the block runs) for each of `modules` that does not run in the model's
+    /// forward pass, when the order of the pass is known.
+    pub(crate) fn check_modules_exist(&self, modules: &[String], what: &str) {
+        let order = self.inner.borrow().order.clone();
+        let Some(order) = order else { return };
+        for m in modules {
+            if order.position(m, Point::Output, 0).is_none() {
+                self.record_error(Error::InvalidInput {
+                    message: format!(
+                        "{what}: no module `{}` runs in this model (name modules as the block does, from `model`: e.g. `model.model.layers.0` for Llama, `model.transformer.h.0` for GPT-2)",
+                        display(m)
+                    ),
+                });
+            }
+        }
+    }
+
     /// Makes reads and writes address call (generation step) `call`; returns the previous one.
     pub fn set_call(&self, call: u32) -> u32 {
         std::mem::replace(&mut self.inner.borrow_mut().call, call)
