@@ -316,6 +316,10 @@ impl LlamaAttention {
 
 /// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = cat(-x2, x1)`.
 fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> std::result::Result<Tensor, tch::TchError> {
+    if crate::meta::is_meta(x) {
+        // A scan: `x * cos` has the shape and dtype of the whole (and checks that the tables broadcast), in one op.
+        return x.f_mul(cos);
+    }
     let half = x.size()[3] / 2;
     let x1 = x.f_narrow(3, 0, half)?;
     let x2 = x.f_narrow(3, half, half)?;
