@@ -262,3 +262,26 @@ fn scan_checks_inner_points_and_both_branches_of_a_condition() -> nnsight::Resul
     }
     Ok(())
 }
+
+#[test]
+fn skip_and_stop_in_a_scan() -> nnsight::Result<()> {
+    let model = gpt2();
+    intervene!(model.scan("Hello world") {
+        model.transformer.h[0].skip(model.transformer.h[0].input * 2.0);
+        let h1 = model.transformer.h[1].output.save();
+        model.stop();
+    });
+    assert!(is_meta(&h1));
+    assert_eq!(h1.size(), [1, 3, 64]);
+    let run = || -> nnsight::Result<()> {
+        intervene!(model.scan("Hello world") {
+            model.transformer.h[0].skip(model.transformer.h[0].input.i((.., 0)));
+        });
+        Ok(())
+    };
+    // A skip value is checked for its rows only: the first module that cannot take it says so (an error, not a
+    // panic).
+    let err = run().unwrap_err();
+    assert!(err.to_string().contains("transformer.h.1.attn"), "{err}");
+    Ok(())
+}

@@ -125,7 +125,7 @@ pub struct Gpt2Attention {
 impl Forward for Gpt2Attention {
     fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
         let p = self.path.as_str();
-        let (b, s, e) = (x.size()[0], x.size()[1], x.size()[2]);
+        let (b, s, e) = x.size3().at(p)?; // [batch, seq, embd], else an error naming the module
         let hd = e / self.heads;
         let qkv = cx.call(&self.c_attn, x)?;
         let parts = qkv.f_split(e, 2).at(p)?;

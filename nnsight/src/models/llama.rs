@@ -330,7 +330,7 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> std::result::Result<T
 impl Forward for LlamaAttention {
     fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
         let p = self.path.as_str();
-        let (b, s) = (x.size()[0], x.size()[1]);
+        let (b, s, _) = x.size3().at(p)?; // [batch, seq, hidden], else an error naming the module
         let q = cx.call(&self.q_proj, x)?;
         let k = cx.call(&self.k_proj, x)?;
         let v = cx.call(&self.v_proj, x)?;
