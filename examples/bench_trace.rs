@@ -1,6 +1,7 @@
 //! Tracing overhead on SmolLM2 (CPU, 2 threads): the time each kind of trace adds to a plain forward, as the
 //! median over rounds of (case − plain) measured in the same round, the way the Python nnsight reference numbers
-//! were measured. Also the time to build the graph of 30 saves alone.
+//! were measured. Also the time to build the graph of 30 saves alone, and a scan (the same block on shapes alone)
+//! as a fraction of a forward.
 //!
 //! `make bench-trace` runs it (with the Python nnsight peer when `--peer` is given: `scripts/peer/nnsight_bench.py`).
 //! Arguments: `[ROUNDS]`.
@@ -81,6 +82,16 @@ fn probs30(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
         }
     });
     drop(ps);
+    Ok(())
+}
+
+/// The `1 set` block scanned: the same graph on the meta twin, shapes only.
+fn scan_set1(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
+    intervene!(model.scan(EIFFEL) {
+        model.model.layers[10].mlp.output = model.model.layers[10].mlp.output * 0.0;
+        let logits = model.output.save();
+    });
+    drop(logits);
     Ok(())
 }
 
@@ -248,11 +259,13 @@ fn main() -> nnsight::Result<()> {
         build.push(t.elapsed().as_secs_f64() * 1e6);
         drop(tr);
     }
-    // Early stop and caching are measured apart, each alternating with a plain forward (a much shorter or longer
-    // case would change the others' round-robin neighbours).
+    // Early stop, caching and scans are measured apart, each alternating with a plain forward (a much shorter or
+    // longer case would change the others' round-robin neighbours).
     let (stop_plain, stop_ms) = paired(&model, rounds, stop3)?;
     let entries = cache_all(&model)?;
     let (cache_plain, cache_ms) = paired(&model, rounds, |m| cache_all(m).map(|_| ()))?;
+    scan_set1(&model)?; // builds the meta twin once
+    let (scan_plain, scan_ms) = paired(&model, rounds, scan_set1)?;
     let (probs_plain, probs_ms) = paired(&model, rounds, probs30)?;
     let interleaver_us = interleaver_cost(&model)?;
     let peer = run_peer(rounds);
@@ -290,6 +303,10 @@ fn main() -> nnsight::Result<()> {
         "attention probabilities of all 30 layers (inner points, explicit attention): {probs_ms:.2} ms vs \
          {probs_plain:.2} ms plain = {:.3}",
         probs_ms / probs_plain
+    );
+    println!(
+        "scan of the 1-set block (meta twin, shapes only): {scan_ms:.3} ms vs {scan_plain:.2} ms plain = {:.3}",
+        scan_ms / scan_plain
     );
     println!("graph build of 30 saves: median {:.1} µs", median(build));
     println!(
