@@ -14,8 +14,8 @@ pub use builder::{CallOrder, GraphCell};
 pub use generate::{Generate, GenerateTarget, Generated};
 pub use proxy::{cat, stack, IntoDims, IntoIndex, IntoIndexItem, IntoTensorProxy, NewAxis, Proxy, Saved};
 pub use trace::{
-    Cache, CacheOptions, FinishPlain, FinishSaved, FinishUnsaved, FromValue, NNsight, NotSaved, SavedInsideTheBlock,
-    Prepared, Scan, ScanTarget, Trace, TraceResults, TraceTarget, UnsavedUse,
+    Cache, CacheOptions, FinishPlain, FinishSaved, FinishUnsaved, FromValue, NNsight, NotSaved, Prepared,
+    SavedInsideTheBlock, Scan, ScanTarget, Trace, TraceResults, TraceTarget, UnsavedUse,
 };
 
 use crate::graph::Point;
