@@ -285,3 +285,24 @@ fn skip_and_stop_in_a_scan() -> nnsight::Result<()> {
     assert!(err.to_string().contains("transformer.h.1.attn"), "{err}");
     Ok(())
 }
+
+/// Llama with grouped-query attention, rope scaling, biases, and Mistral's sliding-window mask, loaded as whichever
+/// architecture the checkpoint holds.
+#[test]
+fn a_model_of_any_registered_architecture_scans() -> nnsight::Result<()> {
+    for dir in ["tiny-llama", "tiny-mistral"] {
+        let model = LanguageModel::<AutoModel>::load_with(common::data(dir), common::opts())?;
+        let n = assert_scan_matches_trace(&model)?;
+        assert!(n >= 4, "{dir}: {n} entries");
+        let long = "one two three four five six seven eight nine ten eleven twelve";
+        intervene!(model.trace(long) {
+            let traced = model.output.save();
+        });
+        intervene!(model.scan(long) {
+            let logits = model.output.save();
+        });
+        assert!(is_meta(&logits) && !is_meta(&traced));
+        assert_eq!((logits.size(), logits.kind()), (traced.size(), traced.kind()), "{dir}");
+    }
+    Ok(())
+}
