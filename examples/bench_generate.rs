@@ -51,23 +51,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ours_ids = model.generate(PROMPT, &options)?.rows.remove(0).new_ids;
     }
     let (mut ours, mut ours_mkl, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+    // Our step 0 (the prompt's forward and the first token), per round.
+    let (mut prefill, mut prefill_mkl) = (Vec::new(), Vec::new());
     let mut their_ids: Vec<i64> = Vec::new();
     // A pause before each block lets the other side's OpenMP threads stop spinning.
     let settle = std::time::Duration::from_millis(300);
-    let time_ours = |into: &mut Vec<f64>| -> nnsight::Result<()> {
+    let time_ours = |into: &mut Vec<f64>, step0: &mut Vec<f64>| -> nnsight::Result<()> {
         std::thread::sleep(settle);
         for _ in 0..per_block {
             let t = Instant::now();
-            let out = model.generate(PROMPT, &options)?;
+            let out = model.generate_stream(PROMPT, &options, |step| {
+                if step.step == 0 {
+                    step0.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                Ok(())
+            })?;
             into.push(t.elapsed().as_secs_f64() * 1e3);
             assert_eq!(out.rows[0].new_ids.len(), new_tokens);
         }
         Ok(())
     };
     for _ in 0..blocks {
-        time_ours(&mut ours)?;
+        time_ours(&mut ours, &mut prefill)?;
         fast_linear::set_onednn_linear(false);
-        time_ours(&mut ours_mkl)?;
+        time_ours(&mut ours_mkl, &mut prefill_mkl)?;
         fast_linear::set_onednn_linear(true);
         writeln!(to_peer, "{per_block}")?;
         line.clear();
@@ -88,6 +95,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         hello["prompt_tokens"]
     );
     println!("  nnsight-rs generate (KV cache):           median {o:8.1} ms  {:6.1} tokens/s", tps(o));
+    let p = median(prefill);
+    println!(
+        "    of which step 0 (prompt forward, first token) {p:.1} ms, each later token {:.1} ms",
+        (o - p) / (new_tokens.max(2) - 1) as f64
+    );
     println!("  nnsight-rs, linear layers via at::linear: median {m:8.1} ms  {:6.1} tokens/s", tps(m));
     println!(
         "  transformers {} generate (torch {}): median {t:8.1} ms  {:6.1} tokens/s",

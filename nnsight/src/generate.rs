@@ -384,9 +384,9 @@ impl Decoder {
             });
         }
         let (b, seq) = batch.input_ids.size2().map_err(|e| Error::torch("input_ids", e))?;
-        if batch.lengths.len() != b as usize {
+        if batch.lengths.len() != b as usize || batch.lengths.iter().any(|&n| n == 0 || n as i64 > seq) {
             return Err(Error::InvalidInput {
-                message: format!("batch has {b} rows of ids but {} lengths", batch.lengths.len()),
+                message: format!("batch of {b} rows of {seq} ids has row lengths {:?}", batch.lengths),
             });
         }
         let ids = Vec::<i64>::try_from(&batch.input_ids.to_device(Device::Cpu).reshape([-1]))
