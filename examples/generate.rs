@@ -59,11 +59,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let model = LanguageModel::<AutoModel>::load(&args.model)?;
 
+    let start = Instant::now();
+    let mut generator = model.generator(args.prompt.as_str(), &args.options)?; // checks the options
     print!("{}", args.prompt);
     std::io::stdout().flush()?;
-    let start = Instant::now();
     let mut text = TextStream::new();
-    let mut generator = model.generator(args.prompt.as_str(), &args.options)?;
     for step in generator.by_ref() {
         if let Some(token) = step?.tokens[0] {
             print!("{}", text.push(&model, token)?);

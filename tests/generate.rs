@@ -392,3 +392,60 @@ fn generation_helpers_decode_rows() {
         assert!(row.new_ids.len() <= 3);
     }
 }
+
+#[test]
+fn auto_model_generates_like_the_typed_model() {
+    common::init();
+    let opts = GenerateOptions::new().max_new_tokens(10).stop_ids([]);
+    let auto = LanguageModel::<AutoModel>::load_with(common::data("tiny-llama"), common::opts()).unwrap();
+    let typed = LanguageModel::<Llama>::load_with(common::data("tiny-llama"), common::opts()).unwrap();
+    let prompts = vec!["Hello world", "The quick brown fox"];
+    assert_eq!(auto.generate(prompts.clone(), &opts).unwrap(), typed.generate(prompts, &opts).unwrap());
+}
+
+#[test]
+fn a_write_to_the_key_point_at_step_0_persists_in_the_cache() {
+    /// Zeroes layer 0's keys at the prefill only, and records layer 0's attention probabilities at step 1.
+    #[derive(Default)]
+    struct ZeroKeys {
+        step: usize,
+        probs: Option<Tensor>,
+    }
+    impl Hook for ZeroKeys {
+        fn input(&mut self, _: &str, x: Tensor) -> nnsight::Result<Tensor> {
+            Ok(x)
+        }
+        fn output(&mut self, module: &str, y: Tensor) -> nnsight::Result<Tensor> {
+            if module.is_empty() {
+                self.step += 1;
+            }
+            Ok(y)
+        }
+        fn wants_points(&mut self, module: &str, _: &[&str]) -> bool {
+            module == "transformer.h.0.attn"
+        }
+        fn point(&mut self, path: &str, t: Tensor) -> nnsight::Result<Tensor> {
+            match (path, self.step) {
+                ("transformer.h.0.attn.key", 0) => Ok(t.zeros_like()),
+                ("transformer.h.0.attn.probs", 1) => {
+                    self.probs = Some(t.copy());
+                    Ok(t)
+                }
+                _ => Ok(t),
+            }
+        }
+    }
+    common::init();
+    let model = LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), common::opts()).unwrap();
+    let batch = model.batch("The quick brown fox").unwrap();
+    let n = batch.lengths[0] as i64;
+    let mut hook = ZeroKeys::default();
+    let opts = GenerateOptions::new().max_new_tokens(2).stop_ids([]);
+    model.generate_hooked(&batch, &opts, &mut hook, &mut |_| Ok(())).unwrap();
+    // At step 1 the query meets the prompt's zeroed keys (equal scores: equal probabilities) and its own key.
+    let probs = hook.probs.expect("probs at step 1").squeeze_dim(0); // [heads, 1, n + 1]
+    assert_eq!(probs.size(), vec![4, 1, n + 1]);
+    let prompt = probs.narrow(2, 0, n);
+    let spread = (prompt.max_dim(2, false).0 - prompt.min_dim(2, false).0).abs().max().double_value(&[]);
+    assert!(spread < 1e-6, "the cached prompt keys should all be zero (equal scores), spread {spread}");
+}
