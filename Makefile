@@ -39,9 +39,10 @@ bench: setup setup-peer
 bench-trace: setup setup-peer
 	NNSIGHT_PYTHON=$(VENV_PYTHON) cargo run --release --example bench_trace
 
-## make bench-generate: our plain generate (KV cache) against transformers' generate, tokens/s, in one run.
+## make bench-generate: our plain generate (KV cache) against transformers' generate, tokens/s, in one run
+## (ARGS="ROUNDS_PER_BLOCK BLOCKS MAX_NEW_TOKENS", default "5 6 10").
 bench-generate: setup setup-peer
-	NNSIGHT_PYTHON=$(VENV_PYTHON) cargo run --release --example bench_generate
+	NNSIGHT_PYTHON=$(VENV_PYTHON) cargo run --release --example bench_generate -- $(ARGS)
 
 ## make gpu-check: on a machine with a GPU, prove libtorch_cuda is linked and run the parity tests on CUDA.
 gpu-check: setup

@@ -115,6 +115,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     if ours_ids != their_ids {
         println!("  ours {ours_ids:?}\n  theirs {their_ids:?}");
+        if their_ids.len() != new_tokens {
+            println!(
+                "  transformers made {} tokens, not {new_tokens}: the tokens/s are not comparable",
+                their_ids.len()
+            );
+        }
     }
     Ok(())
 }

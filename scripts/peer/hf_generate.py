@@ -50,7 +50,9 @@ def main() -> int:
     enc = tokenizer(args.prompt, return_tensors="pt")
     n = args.max_new_tokens
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # Greedy, no EOS stop (min_new_tokens would add a logits processor): every call makes exactly n tokens.
+    # Greedy, no EOS stop (min_new_tokens would add a logits processor): every call makes exactly n tokens. An
+    # unset field of the config given to generate falls back to the model's, so the model's EOS is cleared too.
+    model.generation_config.eos_token_id = None
     config = transformers.GenerationConfig(
         max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=pad, use_cache=True
     )
