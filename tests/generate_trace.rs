@@ -184,3 +184,32 @@ fn edits_in_one_invoke_leave_the_other_invokes_tokens_as_in_its_solo_run() -> nn
     assert_eq!(a.rows[0], solo_a.rows[0].ids());
     Ok(())
 }
+
+#[test]
+fn a_traced_generation_streams_its_tokens_through_on_token() -> nnsight::Result<()> {
+    let guard = common::smollm2();
+    let model = &*guard;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let opts = greedy(6).on_token(move |step| {
+        sink.lock().unwrap().push(step.tokens[0].expect("one row that does not stop"));
+        Ok(())
+    });
+    intervene!(model.generate(EIFFEL, &opts) {
+        for _ in all() {
+            model.model.layers[10].mlp.output *= 0.0;
+        }
+        let ids = model.generated().save();
+    });
+    assert_eq!(*seen.lock().unwrap(), ids.row()?[9..].to_vec());
+    // The same callback streams a plain generation, and an error from it ends the generation.
+    let stop_early = greedy(6).on_token(|step| {
+        if step.step == 2 {
+            return Err(nnsight::Error::InvalidInput { message: "enough".into() });
+        }
+        Ok(())
+    });
+    let err = model.generate(EIFFEL, &stop_early).unwrap_err();
+    assert!(err.to_string().contains("enough"), "{err}");
+    Ok(())
+}

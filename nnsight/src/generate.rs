@@ -56,6 +56,34 @@ pub struct GenerateOptions {
     /// instead of the last one only (`[batch, 1, vocab]`, the default, as transformers' `generate` does with
     /// `logits_to_keep=1`). Later steps have one position either way.
     pub full_prefill_logits: bool,
+    /// Called with each step's tokens as they come, by every way of generating (`generate`, the iterator, a
+    /// traced generation in `intervene!`); an `Err` ends the generation and is returned.
+    pub on_token: Option<OnToken>,
+}
+
+/// A callback on each step's tokens (see [`GenerateOptions::on_token`]). Options holding one compare equal only
+/// to options holding the same one.
+#[derive(Clone)]
+pub struct OnToken(std::sync::Arc<std::sync::Mutex<dyn FnMut(&StepTokens) -> Result<()> + Send>>);
+
+impl OnToken {
+    /// Calls the callback.
+    pub fn call(&self, tokens: &StepTokens) -> Result<()> {
+        let mut f = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(tokens)
+    }
+}
+
+impl std::fmt::Debug for OnToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnToken(..)")
+    }
+}
+
+impl PartialEq for OnToken {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl Default for GenerateOptions {
@@ -69,6 +97,7 @@ impl Default for GenerateOptions {
             seed: None,
             stop_ids: None,
             full_prefill_logits: false,
+            on_token: None,
         }
     }
 }
@@ -116,6 +145,13 @@ impl GenerateOptions {
     /// Logits of every prompt position at step 0 (see the field).
     pub fn full_prefill_logits(mut self, full: bool) -> Self {
         self.full_prefill_logits = full;
+        self
+    }
+
+    /// Calls `f` with each step's tokens as they come (streaming), whichever way the generation runs, a traced
+    /// one in `intervene!(model.generate(..) { .. })` included.
+    pub fn on_token(mut self, f: impl FnMut(&StepTokens) -> Result<()> + Send + 'static) -> Self {
+        self.on_token = Some(OnToken(std::sync::Arc::new(std::sync::Mutex::new(f))));
         self
     }
 
@@ -253,8 +289,14 @@ impl TextStream {
 
     /// Adds `token`; returns the text that became printable (often the token's text, sometimes empty).
     pub fn push<M: CausalLm>(&mut self, model: &LanguageModel<M>, token: i64) -> Result<String> {
+        self.push_with(|ids| model.decode(ids), token)
+    }
+
+    /// [`TextStream::push`] with a decoding function of one's own (e.g. a clone of the model's tokenizer, where
+    /// the model itself cannot be borrowed, as in a `'static` [`GenerateOptions::on_token`] callback).
+    pub fn push_with(&mut self, decode: impl Fn(&[i64]) -> Result<String>, token: i64) -> Result<String> {
         self.ids.push(token);
-        let text = model.decode(&self.ids)?;
+        let text = decode(&self.ids)?;
         if text.ends_with('\u{FFFD}') || !text.starts_with(&self.shown) {
             return Ok(String::new());
         }
@@ -547,7 +589,13 @@ impl<M: CausalLm> Generator<'_, M> {
 impl<M: CausalLm> Iterator for Generator<'_, M> {
     type Item = Result<StepTokens>;
     fn next(&mut self) -> Option<Result<StepTokens>> {
-        self.decoder.step(self.model.model(), None).transpose()
+        let step = self.decoder.step(self.model.model(), None).transpose()?;
+        Some(step.and_then(|tokens| {
+            if let Some(f) = &self.decoder.options.on_token {
+                f.call(&tokens)?;
+            }
+            Ok(tokens)
+        }))
     }
 }
 
@@ -571,6 +619,9 @@ impl<M: CausalLm> LanguageModel<M> {
         let mut decoder = Decoder::new(self, &batch, options)?;
         while let Some(tokens) = decoder.step(self.model(), None)? {
             on_token(&tokens)?;
+            if let Some(f) = &options.on_token {
+                f.call(&tokens)?;
+            }
         }
         Ok(decoder.generation())
     }
@@ -597,6 +648,9 @@ impl<M: CausalLm> LanguageModel<M> {
         let mut decoder = Decoder::new(self, batch, options)?;
         while let Some(tokens) = decoder.step(self.model(), Some(&mut *hook))? {
             on_token(&tokens)?;
+            if let Some(f) = &options.on_token {
+                f.call(&tokens)?;
+            }
         }
         Ok(decoder.generation())
     }

@@ -41,7 +41,7 @@ pub mod __private;
 
 pub use envoy::{NNsight, Proxy, Saved, Traceable};
 pub use error::{Error, Result};
-pub use generate::{GenerateOptions, GeneratedRow, Generation, Generator, StepTokens, TextStream};
+pub use generate::{GenerateOptions, GeneratedRow, Generation, Generator, OnToken, StepTokens, TextStream};
 pub use language_model::{Batch, Input, LanguageModel, LoadOptions};
 pub use nnsight_macros::{function, intervene, Traceable};
 
