@@ -3,6 +3,11 @@
 //! layer through `at::linear` as PyTorch eager runs it, a block of theirs, ...), all on CPU with 2 threads. Both
 //! sides decode the same prompt greedily to the same number of new tokens (EOS ignored) and must agree on them.
 //!
+//! A second part times, round by round in the same order, our plain `generate` against the same generation traced
+//! in `intervene!(model.generate(..) { .. })` with no intervention, and traced with a save of every layer's
+//! last-position output at every step (30 layers x every step), and prints the medians and the median per-round
+//! ratios to plain.
+//!
 //! `make bench-generate` runs it (it sets up the Python peer first). Arguments:
 //! `[ROUNDS_PER_BLOCK] [BLOCKS] [MAX_NEW_TOKENS]`. The peer is `scripts/peer/hf_generate.py --serve`, run with the
 //! venv's python (`NNSIGHT_PYTHON` overrides).
@@ -113,6 +118,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         t / m,
         ours_ids == their_ids
     );
+    traced_part(&model, &options, per_block * blocks)?;
     if ours_ids != their_ids {
         println!("  ours {ours_ids:?}\n  theirs {their_ids:?}");
         if their_ids.len() != new_tokens {
@@ -122,5 +128,60 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
+    Ok(())
+}
+
+/// Plain `generate` against traced generation (empty block; every layer's last position saved at every step).
+fn traced_part(model: &LanguageModel<Llama>, options: &GenerateOptions, rounds: usize) -> nnsight::Result<()> {
+    let layers = model.model().model.layers.len();
+    let steps = options.max_new_tokens;
+    let plain = || -> nnsight::Result<Vec<i64>> { Ok(model.generate(PROMPT, options)?.rows.remove(0).ids()) };
+    let traced = || -> nnsight::Result<Vec<i64>> {
+        intervene!(model.generate(PROMPT, options) {
+            let ids = model.generated().save();
+        });
+        Ok(ids.rows[0].clone())
+    };
+    let saving = || -> nnsight::Result<(Vec<i64>, usize)> {
+        intervene!(model.generate(PROMPT, options) {
+            let ids = model.generated().save();
+            let mut hidden = Vec::new();
+            for _ in all() {
+                for i in 0..layers {
+                    hidden.push(model.model.layers[i].output[(.., -1, ..)].save());
+                }
+            }
+        });
+        Ok((ids.rows[0].clone(), hidden.len()))
+    };
+    let want = plain()?;
+    assert_eq!(traced()?, want, "a traced generation makes the same tokens");
+    let (ids, saved) = saving()?;
+    assert_eq!((ids, saved), (want, layers * steps), "saves do not change the tokens");
+    let (mut p, mut t, mut s) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut rt, mut rs) = (Vec::new(), Vec::new());
+    let time = |f: &dyn Fn() -> nnsight::Result<()>| -> nnsight::Result<f64> {
+        let start = Instant::now();
+        f()?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    };
+    for _ in 0..rounds {
+        let a = time(&|| plain().map(|_| ()))?;
+        let b = time(&|| traced().map(|_| ()))?;
+        let c = time(&|| saving().map(|_| ()))?;
+        p.push(a);
+        t.push(b);
+        s.push(c);
+        rt.push(b / a);
+        rs.push(c / a);
+    }
+    println!("Traced generation, same prompt and tokens, {rounds} rounds (plain, traced, saving in turn):");
+    println!("  plain generate:                              median {:8.1} ms", median(p));
+    println!("  traced, empty block:                         median {:8.1} ms   {:.3}x plain", median(t), median(rt));
+    println!(
+        "  traced, {layers} layers' last position saved x {steps} steps: median {:8.1} ms   {:.3}x plain",
+        median(s),
+        median(rs)
+    );
     Ok(())
 }
