@@ -43,6 +43,7 @@ fn a_traced_generation_without_edits_equals_plain_generate() -> nnsight::Result<
     });
     assert_eq!(ids.rows, vec![plain.rows[0].ids()]);
     assert_eq!(model.decode(&ids.row()?[9..])?, " Paris.\n\nThe Eiffel Tower is a");
+    assert_eq!(ids.texts(model)?, [format!("{EIFFEL} Paris.\n\nThe Eiffel Tower is a")]);
     Ok(())
 }
 

@@ -64,7 +64,10 @@ pub struct GenerateOptions {
 /// A callback on each step's tokens (see [`GenerateOptions::on_token`]). Options holding one compare equal only
 /// to options holding the same one.
 #[derive(Clone)]
-pub struct OnToken(std::sync::Arc<std::sync::Mutex<dyn FnMut(&StepTokens) -> Result<()> + Send>>);
+pub struct OnToken(std::sync::Arc<std::sync::Mutex<TokenCallback>>);
+
+/// The callback inside an [`OnToken`].
+type TokenCallback = dyn FnMut(&StepTokens) -> Result<()> + Send;
 
 impl OnToken {
     /// Calls the callback.

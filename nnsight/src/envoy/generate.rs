@@ -115,6 +115,11 @@ pub struct Generated {
 }
 
 impl Generated {
+    /// Each row decoded to text (prompt and continuation).
+    pub fn texts<M: crate::models::CausalLm>(&self, model: &crate::LanguageModel<M>) -> Result<Vec<String>> {
+        self.rows.iter().map(|r| model.decode(r)).collect()
+    }
+
     /// The only row (an invoke of one prompt); an error naming the count otherwise.
     pub fn row(&self) -> Result<&[i64]> {
         match self.rows.as_slice() {
