@@ -293,9 +293,11 @@ fn kind_index(op: &Op) -> usize {
         Op::Guard { .. } => 34,
         Op::Choose { .. } => 35,
         Op::Call { .. } => 36,
+        Op::Backward { .. } => 37,
+        Op::Grad { .. } => 38,
     }
 }
-const KINDS: usize = 37;
+const KINDS: usize = 39;
 
 #[test]
 fn every_node_kind_round_trips_through_json() -> nnsight::Result<()> {
@@ -347,6 +349,8 @@ fn every_node_kind_round_trips_through_json() -> nnsight::Result<()> {
             function: clamp_norm::NAME.into(),
             args: vec![CallArg::Node(0), CallArg::Float(1.0), CallArg::Int(3), CallArg::Bool(true)],
         },
+        Op::Backward { a: 12 },
+        Op::Grad { a: 2, backward: 38 },
     ];
     let mut seen = [false; KINDS];
     for op in &ops {

@@ -5,6 +5,7 @@ mod common;
 mod generate;
 mod generate_trace;
 mod gguf;
+mod gradients;
 mod graph_control;
 mod graph_runtime;
 mod inner_points;

@@ -277,6 +277,15 @@ impl<'a> Rewriter<'a> {
     }
 
     fn assign(&mut self, a: syn::ExprAssign) -> Expr {
+        if let Expr::Field(f) = &*a.left {
+            if matches!(&f.member, Member::Named(n) if n == "grad") {
+                self.errors.push(syn::Error::new_spanned(
+                    &f.member,
+                    "writing a gradient (`h.grad = ..`) is not supported yet: gradients can be read after `.backward()`",
+                ));
+                return unit();
+            }
+        }
         if self.is_hook_point(&a.left) {
             let value = self.fold_expr(*a.right).into_token_stream();
             return self.write(*a.left, value, a.eq_token.span);
@@ -450,6 +459,15 @@ impl Fold for Rewriter<'_> {
             Expr::Assign(a) => self.assign(a),
             Expr::Binary(b) if is_compound(&b.op) => self.compound_assign(b),
             Expr::MethodCall(m) => self.method_call(m),
+            // `X.grad`: the gradient of a module input or output after a `.backward()` (a method on proxies).
+            Expr::Field(ref f) if matches!(&f.member, Member::Named(n) if n == "grad") => {
+                let Expr::Field(f) = e else { unreachable!("a field") };
+                let Member::Named(name) = f.member else { unreachable!("a named field") };
+                let receiver = self.fold_expr(*f.base);
+                let s = gen(name.span());
+                let method = Ident::new("grad", s);
+                Expr::Verbatim(quote_spanned!(s=> #receiver.#method()))
+            }
             Expr::Field(_) | Expr::Index(_) if self.is_hook_point(&e) => self.read(e),
             Expr::Field(_) | Expr::Index(_) if self.path_kind(&e) == Some(PathKind::Path) => {
                 Expr::Verbatim(self.place(e))

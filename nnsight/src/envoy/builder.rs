@@ -73,6 +73,8 @@ pub(crate) struct Builder {
     pub(crate) call: u32,
     /// Number of forward passes the run will make at most (a generation's `max_new_tokens`), for `all()`.
     pub(crate) max_calls: Option<u32>,
+    /// Per invoke, its latest `.backward()` node (what a later `.grad` reads from).
+    pub(crate) last_backward: HashMap<u32, NodeId>,
 }
 
 /// The graph being built, shared by every proxy of one block.
@@ -93,6 +95,7 @@ impl GraphCell {
                 order,
                 call: 0,
                 max_calls: None,
+                last_backward: HashMap::new(),
             }),
         }
     }

@@ -453,6 +453,40 @@ impl<'g> Proxy<'g, Tensor> {
     }
 }
 
+impl<'g> Proxy<'g, Tensor> {
+    /// Backpropagates from this value (a single value, e.g. a `.sum()`): the `.grad` of module inputs and outputs
+    /// read after it in the block are the gradients of this loss. The forward pass then runs with autograd.
+    pub fn backward(&self) {
+        let id = self.g.push(Op::Backward { a: self.id });
+        let mut b = self.g.inner.borrow_mut();
+        let inv = b.invoke;
+        b.last_backward.insert(inv, id);
+    }
+
+    /// The gradient of the loss of the latest `.backward()` of this invoke with respect to this value, which must
+    /// be a module's input or output as read in the block (`model.model.layers[5].output.grad` in `intervene!`).
+    pub fn grad(&self) -> Self {
+        let (is_read, backward) = {
+            let b = self.g.inner.borrow();
+            let is_read = matches!(b.graph.nodes.get(self.id as usize).map(|n| &n.op), Some(Op::Read { .. }));
+            (is_read, b.last_backward.get(&b.invoke).copied())
+        };
+        let err = |message: &str| crate::Error::Intervention { message: message.to_string() };
+        if !is_read {
+            self.g.record_error(err(
+                "`.grad` is available on a module's input or output (`model.model.layers[5].output.grad`), not on a computed value",
+            ));
+        }
+        let Some(backward) = backward else {
+            self.g.record_error(err(
+                "`.grad` needs a loss first: call `.backward()` on a single value before reading gradients",
+            ));
+            return self.derive(Op::Unary { kind: UnaryOp::ZerosLike, a: self.id });
+        };
+        self.derive(Op::Grad { a: self.id, backward })
+    }
+}
+
 impl<'g> Proxy<'g, Vec<Tensor>> {
     /// Input number `i` of a module's inputs.
     pub fn get(&self, i: u32) -> Proxy<'g, Tensor> {

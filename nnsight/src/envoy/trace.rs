@@ -179,7 +179,8 @@ impl<'m, T: TraceTarget> Trace<'m, T> {
         let mut inter = Interleaver::new(&builder.graph, rows, size, self.target.root())?;
         inter.start()?;
         if !inter.all_stopped() {
-            let _no_grad = tch::no_grad_guard();
+            // Autograd only when the graph reads gradients; otherwise the pass records nothing for it.
+            let _no_grad = (!inter.wants_gradients()).then(tch::no_grad_guard);
             match self.target.forward_hooked(&batch, &mut inter) {
                 Ok(()) | Err(Error::Stopped) => {}
                 Err(e) => return Err(e),

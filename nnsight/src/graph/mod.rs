@@ -214,6 +214,12 @@ pub enum Op {
     /// `a` when `cond` holds, else `b` (only the chosen one need have been computed): the value of an
     /// `if cond!(c) { a } else { b }`.
     Choose { cond: NodeId, a: NodeId, b: NodeId },
+    /// Backpropagate from `a` (one value): computes the gradients that the [`Op::Grad`] nodes naming this node
+    /// read.
+    Backward { a: NodeId },
+    /// The gradient of the loss of `backward` with respect to `a`, a read of a module's input or output (this
+    /// invoke's rows).
+    Grad { a: NodeId, backward: NodeId },
     /// A function registered with `#[nnsight::function]`, by its full name (`my_crate::clamp_norm`).
     Call { function: String, args: Vec<CallArg> },
 }
@@ -241,6 +247,8 @@ impl Op {
             Write { value, .. } | Skip { value, .. } => vec![*value],
             Apply { input, .. } => vec![*input],
             Guard { cond, .. } => vec![*cond],
+            Backward { a } => vec![*a],
+            Grad { a, backward } => vec![*a, *backward],
             Choose { cond, a, b } => vec![*cond, *a, *b],
             Call { args, .. } => args
                 .iter()

@@ -189,7 +189,9 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
         | Op::Write { .. }
         | Op::Apply { .. }
         | Op::Skip { .. }
-        | Op::Guard { .. } => Err(Error::Intervention { message: format!("{} needs the forward pass", op.describe()) }),
+        | Op::Guard { .. }
+        | Op::Backward { .. }
+        | Op::Grad { .. } => Err(Error::Intervention { message: format!("{} needs the forward pass", op.describe()) }),
     }
 }
 

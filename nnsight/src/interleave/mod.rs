@@ -90,6 +90,12 @@ pub struct Interleaver<'a> {
     deferred_set: HashSet<NodeId>,
     /// Values deferred nodes still need (not freed before the end).
     pinned: HashSet<NodeId>,
+    /// Reads whose gradient some `Grad` node wants, and the whole-batch tensor each read saw (what the gradient is
+    /// taken with respect to).
+    grad_reads: HashSet<NodeId>,
+    grad_sources: ahash::AHashMap<NodeId, Tensor>,
+    /// Gradients computed by a backward, waiting for their `Grad` node.
+    grads: ahash::AHashMap<NodeId, Tensor>,
     /// A scan: the forward runs on meta tensors, so constants become meta and nothing moves between devices.
     meta: bool,
 }
@@ -155,6 +161,16 @@ impl<'a> Interleaver<'a> {
             deferred: Vec::new(),
             deferred_set: HashSet::default(),
             pinned: HashSet::default(),
+            grad_reads: graph
+                .nodes
+                .iter()
+                .filter_map(|n| match n.op {
+                    Op::Grad { a, .. } => Some(a),
+                    _ => None,
+                })
+                .collect(),
+            grad_sources: Default::default(),
+            grads: Default::default(),
             meta: false,
         })
     }
@@ -315,6 +331,22 @@ impl<'a> Interleaver<'a> {
             if op.inputs().iter().any(|&j| self.values[j as usize].is_none()) {
                 return Ok(()); // waits for a value of another invoke
             }
+            if let Op::Backward { a } = *op {
+                self.backward(id, a, inv)?;
+                self.values[id as usize] = Some(Value::Tuple(vec![]));
+                self.release(id);
+                self.cursor[inv] += 1;
+                continue;
+            }
+            if let Op::Grad { a, .. } = *op {
+                let g = self.grads.remove(&id).ok_or_else(|| Error::Intervention {
+                    message: format!("node {id}: no gradient of node {a} was computed"),
+                })?;
+                self.values[id as usize] = Some(Value::Tensor(g));
+                self.release(id);
+                self.cursor[inv] += 1;
+                continue;
+            }
             if let Op::Guard { cond, end } = *op {
                 let taken =
                     truth(self.values[cond as usize].as_ref().expect("checked")).map_err(|e| at_node(e, id, op))?;
@@ -355,6 +387,63 @@ impl<'a> Interleaver<'a> {
             self.release(id);
             self.cursor[inv] += 1;
         }
+    }
+
+    /// `loss.backward()` (node `id`, loss node `loss`, invoke `inv`): the gradients of the loss with respect to
+    /// every read a `Grad` node of this backward names, each cut to the invoke's rows.
+    fn backward(&mut self, id: NodeId, loss: NodeId, inv: usize) -> Result<()> {
+        let l = self.values[loss as usize].as_ref().expect("checked").tensor()?.shallow_clone();
+        if l.numel() != 1 {
+            return Err(Error::Intervention {
+                message: format!(
+                    "node {id}: `.backward()` needs a single value (e.g. `.sum()`), found shape {:?}",
+                    l.size()
+                ),
+            });
+        }
+        let wanted: Vec<(NodeId, NodeId)> = self
+            .graph
+            .nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(g, n)| match n.op {
+                Op::Grad { a, backward } if backward == id => Some((g as NodeId, a)),
+                _ => None,
+            })
+            .collect();
+        let mut sources = Vec::with_capacity(wanted.len());
+        for &(g, a) in &wanted {
+            let src = self.grad_sources.get(&a).ok_or_else(|| Error::Intervention {
+                message: format!(
+                    "node {g}: the gradient of node {a} ({}) is wanted, but that value was not read before the loss was computed",
+                    self.graph.nodes[a as usize].op.describe()
+                ),
+            })?;
+            sources.push(src.shallow_clone());
+        }
+        if sources.is_empty() {
+            return Ok(());
+        }
+        if !l.requires_grad() {
+            return Err(Error::Intervention {
+                message: format!("node {id}: the loss does not depend on any value whose gradient is read"),
+            });
+        }
+        let grads = Tensor::f_run_backward(&[&l], &sources, true, false).map_err(|e| Error::Intervention {
+            message: format!(
+                "node {id} (backward): {e} (is every value whose gradient is read upstream of the loss in the forward pass?)"
+            ),
+        })?;
+        for ((g, _), grad) in wanted.into_iter().zip(grads) {
+            let mine = self.my_rows(inv, &grad)?;
+            self.grads.insert(g, mine);
+        }
+        Ok(())
+    }
+
+    /// Whether the graph takes gradients (the forward then runs with autograd on).
+    pub fn wants_gradients(&self) -> bool {
+        !self.grad_reads.is_empty()
     }
 
     /// Sets `id` aside until the generation's ids exist (the invoke goes on).
@@ -418,6 +507,15 @@ impl<'a> Interleaver<'a> {
     fn hook_node(&mut self, id: NodeId, inv: usize, y: &mut Tensor) -> Result<Option<Value>> {
         let op = &self.graph.nodes[id as usize].op;
         match op {
+            Op::Read { .. } if self.grad_reads.contains(&id) => {
+                // A gradient will be taken with respect to this value: it must be in the autograd graph. The first
+                // such value of a pass becomes a leaf that requires grad; what the model computes from it follows.
+                if !y.requires_grad() {
+                    *y = y.detach().set_requires_grad(true);
+                }
+                self.grad_sources.insert(id, y.shallow_clone());
+                Ok(Some(Value::Tensor(self.my_rows(inv, y)?)))
+            }
             Op::Read { .. } => Ok(Some(Value::Tensor(self.my_rows(inv, y)?))),
             Op::ReadInputs { .. } => Ok(Some(Value::Tuple(vec![Value::Tensor(self.my_rows(inv, y)?)]))),
             Op::Skip { value, .. } => {
