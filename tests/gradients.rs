@@ -187,3 +187,44 @@ fn gradient_misuse_is_an_error_naming_it() {
     .unwrap();
     assert!(!out.requires_grad());
 }
+
+#[test]
+fn gradients_of_parameters_and_of_points_named_directly() -> nnsight::Result<()> {
+    let model = gpt2();
+    let text = "The quick brown fox";
+    intervene!(model.trace(text) {
+        let _h = model.transformer.h[0].output;
+        let last = model.output[(.., -1, ..)];
+        (last.max() - last.mean()).backward();
+        let g_weight = model.transformer.h[1].mlp.c_fc.weight.grad.save();
+        let g_bias = model.transformer.h[1].mlp.c_fc.bias.grad.save();
+        // The point itself, read before the loss (`_h` above).
+        let g_h0 = model.transformer.h[0].output.grad.save();
+    });
+    let weight = &model.model().transformer.h[1].mlp.c_fc.weight;
+    assert!(!weight.requires_grad(), "the parameter is put back after the run");
+    // By hand: the same parameters made trainable, the same loss.
+    let bias = &model.model().transformer.h[1].mlp.c_fc.bias;
+    let (w, b) = (weight.set_requires_grad(true), bias.set_requires_grad(true));
+    let logits = {
+        let batch = model.batch(text)?;
+        model.model().run(&mut nnsight::nn::Ctx::new(), &batch)?
+    };
+    let want = Tensor::run_backward(&[&loss_of(&logits)], &[&w, &b], false, false);
+    let _ = (w.set_requires_grad(false), b.set_requires_grad(false));
+    assert_eq!(g_weight.size(), weight.size());
+    assert!(max_abs_diff(&g_weight, &want[0]) < 1e-6);
+    assert!(max_abs_diff(&g_bias, &want[1]) < 1e-6);
+    assert!(g_h0.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    // A point not read before the loss: an error that says to read it first.
+    let run = || -> nnsight::Result<()> {
+        intervene!(model.trace(text) {
+            model.output.sum().backward();
+            let _g = model.transformer.h[0].output.grad.save();
+        });
+        Ok(())
+    };
+    let err = run().unwrap_err().to_string();
+    assert!(err.contains("read it before the loss"), "{err}");
+    Ok(())
+}

@@ -295,9 +295,10 @@ fn kind_index(op: &Op) -> usize {
         Op::Call { .. } => 36,
         Op::Backward { .. } => 37,
         Op::Grad { .. } => 38,
+        Op::ParamGrad { .. } => 39,
     }
 }
-const KINDS: usize = 39;
+const KINDS: usize = 40;
 
 #[test]
 fn every_node_kind_round_trips_through_json() -> nnsight::Result<()> {
@@ -351,6 +352,7 @@ fn every_node_kind_round_trips_through_json() -> nnsight::Result<()> {
         },
         Op::Backward { a: 12 },
         Op::Grad { a: 2, backward: 38 },
+        Op::ParamGrad { module: "lm_head".into(), param: "weight".into(), backward: 38 },
     ];
     let mut seen = [false; KINDS];
     for op in &ops {

@@ -4,7 +4,8 @@
 pub use crate::envoy::trace::Finish;
 pub use crate::envoy::{
     Envoy, FinishPlain, FinishSaved, FinishUnsaved, GraphCell, HookPoint, IndexableEnvoy, InnerPoint, InputsPoint,
-    IntoIndex, IntoTensorProxy, ModuleListEnvoy, Points, Proxy, Scan, Trace, TraceResults, TraceTarget, Traceable,
+    IntoIndex, IntoTensorProxy, ModuleListEnvoy, ParamPoint, Points, Proxy, Scan, Trace, TraceResults, TraceTarget,
+    Traceable,
 };
 pub use crate::graph::Point;
 pub use crate::nn::{join_path, Forward, Module};
@@ -381,3 +382,53 @@ impl Drop for CallScope<'_> {
 
 pub use crate::envoy::generate::generated;
 pub use crate::envoy::Generate;
+
+/// What `.grad` can be taken of inside `intervene!`: a module input or output read before the loss (a proxy, or the
+/// hook point itself, e.g. `model.model.layers[5].output.grad`), or a parameter (`model.lm_head.weight.grad`).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` has no gradient",
+    label = "`.grad` is taken of module inputs and outputs (`model.model.layers[5].output.grad`) and parameters (`model.lm_head.weight.grad`)"
+)]
+pub trait GradSource<'g> {
+    /// The gradient node.
+    fn grad_node(self, g: &'g GraphCell) -> Proxy<'g, Tensor>;
+}
+
+impl<'g> GradSource<'g> for Proxy<'g, Tensor> {
+    fn grad_node(self, _: &'g GraphCell) -> Proxy<'g, Tensor> {
+        self.grad()
+    }
+}
+impl<'g> GradSource<'g> for crate::envoy::Saved<'g, Tensor> {
+    fn grad_node(self, _: &'g GraphCell) -> Proxy<'g, Tensor> {
+        self.proxy().grad()
+    }
+}
+impl<'g> GradSource<'g> for &HookPoint<Tensor> {
+    /// The read of this point made earlier in the invoke (at the same step).
+    fn grad_node(self, g: &'g GraphCell) -> Proxy<'g, Tensor> {
+        match g.find_read(self.module(), self.point()) {
+            Some(id) => Proxy::new(id, g).grad(),
+            None => {
+                g.record_error(Error::Intervention {
+                    message: format!(
+                        "`.grad` of `{}` {}: read it before the loss (e.g. `let h = {0}.{1};` before `.backward()`), then take `h.grad`",
+                        crate::graph::display(self.module()),
+                        if self.point() == Point::Input { "input" } else { "output" }
+                    ),
+                });
+                g.constant_tensor(&Tensor::from(f64::NAN))
+            }
+        }
+    }
+}
+impl<'g> GradSource<'g> for &ParamPoint {
+    fn grad_node(self, g: &'g GraphCell) -> Proxy<'g, Tensor> {
+        g.param_grad(self.module(), self.name())
+    }
+}
+
+/// `X.grad` inside `intervene!`.
+pub fn grad_of<'g>(g: &'g GraphCell, source: impl GradSource<'g>) -> Proxy<'g, Tensor> {
+    source.grad_node(g)
+}

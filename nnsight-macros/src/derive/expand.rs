@@ -49,6 +49,16 @@ pub fn expand(m: &Model) -> TokenStream {
         let ty = &f.ty;
         quote_spanned!(ty.span()=> #name: <#ty as #p::Traceable>::envoy(&self.#name),)
     });
+    let param_fields = params.iter().map(|f| {
+        let name = &f.ident;
+        let doc = format!("The parameter `{name}` (its `.grad` after a `.backward()`).");
+        quote_spanned!(name.span()=> #[doc = #doc] pub #name: #p::ParamPoint,)
+    });
+    let param_inits = params.iter().map(|f| {
+        let name = &f.ident;
+        let key = name.to_string();
+        quote_spanned!(name.span()=> #name: #p::ParamPoint::new(&self.#path_field, #key),)
+    });
     let point_fields = m.points.iter().map(|name| {
         let doc = format!("The inner point `{name}` (see the module's documentation for its shape).");
         quote_spanned!(name.span()=> #[doc = #doc] pub #name: #p::InnerPoint,)
@@ -72,6 +82,7 @@ pub fn expand(m: &Model) -> TokenStream {
         #[allow(missing_docs)]
         #vis struct #envoy {
             #(#envoy_fields)*
+            #(#param_fields)*
             #(#point_fields)*
             /// The module's output (after it runs).
             pub output: #p::HookPoint<#p::Tensor>,
@@ -119,6 +130,7 @@ pub fn expand(m: &Model) -> TokenStream {
                     let points = #p::Points::new(&self.#path_field);
                     #envoy {
                         #(#envoy_inits)*
+                        #(#param_inits)*
                         #(#point_inits)*
                         output: points.output(),
                         input: points.input(),

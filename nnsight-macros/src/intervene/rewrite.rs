@@ -142,7 +142,10 @@ impl<'a> Rewriter<'a> {
                 }
             }
             Expr::Field(f) => match &f.member {
-                Member::Named(name) if !is_hook(name) => self.path_kind(&f.base).map(|_| PathKind::Path),
+                // `.grad` is a gradient, not a submodule.
+                Member::Named(name) if !is_hook(name) && name != "grad" => {
+                    self.path_kind(&f.base).map(|_| PathKind::Path)
+                }
                 _ => None,
             },
             Expr::Index(i) => self.path_kind(&i.expr).map(|_| PathKind::Path),
@@ -463,10 +466,21 @@ impl Fold for Rewriter<'_> {
             Expr::Field(ref f) if matches!(&f.member, Member::Named(n) if n == "grad") => {
                 let Expr::Field(f) = e else { unreachable!("a field") };
                 let Member::Named(name) = f.member else { unreachable!("a named field") };
-                let receiver = self.fold_expr(*f.base);
                 let s = gen(name.span());
-                let method = Ident::new("grad", s);
-                Expr::Verbatim(quote_spanned!(s=> #receiver.#method()))
+                let g = Ident::new("__nn_g", s);
+                let base = *f.base;
+                let source = if self.is_hook_point(&base) && !matches!(base, Expr::Index(_)) {
+                    // `PATH.output.grad`: of the read of that point made before the loss.
+                    let (module, dot, point, _) = self.hook_parts(base);
+                    quote_spanned!(s=> &#module #dot #point)
+                } else if self.path_kind(&base) == Some(PathKind::Path) {
+                    // `PATH.weight.grad`: of a parameter.
+                    let place = self.place(base);
+                    quote_spanned!(s=> &#place)
+                } else {
+                    self.fold_expr(base).into_token_stream()
+                };
+                Expr::Verbatim(quote_spanned!(s=> ::nnsight::__private::grad_of(#g, #source)))
             }
             Expr::Field(_) | Expr::Index(_) if self.is_hook_point(&e) => self.read(e),
             Expr::Field(_) | Expr::Index(_) if self.path_kind(&e) == Some(PathKind::Path) => {

@@ -225,6 +225,41 @@ impl GraphCell {
         }
     }
 
+    /// The latest read node of `module`'s `point` at the current call in the current invoke.
+    pub(crate) fn find_read(&self, module: &str, point: Point) -> Option<NodeId> {
+        let b = self.inner.borrow();
+        let (inv, call) = (b.invoke, b.call);
+        b.graph.nodes.iter().enumerate().rev().find_map(|(i, n)| match &n.op {
+            Op::Read { module: m, point: p, call: c }
+                if n.invoke == inv && m == module && *p == point && *c == call =>
+            {
+                Some(i as NodeId)
+            }
+            _ => None,
+        })
+    }
+
+    /// The gradient of the latest loss of this invoke with respect to the parameter `param` of `module`.
+    pub(crate) fn param_grad(&self, module: &str, param: &str) -> Proxy<'_, tch::Tensor> {
+        let backward = {
+            let b = self.inner.borrow();
+            b.last_backward.get(&b.invoke).copied()
+        };
+        match backward {
+            Some(backward) => {
+                Proxy::new(self.push(Op::ParamGrad { module: module.into(), param: param.into(), backward }), self)
+            }
+            None => {
+                self.record_error(Error::Intervention {
+                    message:
+                        "`.grad` needs a loss first: call `.backward()` on a single value before reading gradients"
+                            .into(),
+                });
+                self.constant_tensor(&tch::Tensor::from(f64::NAN))
+            }
+        }
+    }
+
     /// Makes reads and writes address call (generation step) `call`; returns the previous one.
     pub fn set_call(&self, call: u32) -> u32 {
         std::mem::replace(&mut self.inner.borrow_mut().call, call)

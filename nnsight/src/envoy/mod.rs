@@ -168,6 +168,29 @@ impl InnerPoint {
     }
 }
 
+/// A parameter of a module (`model.lm_head.weight`): inside `intervene!`, its `.grad` after a `.backward()` is the
+/// gradient of the loss with respect to it (the parameter takes part in autograd for that run only).
+#[derive(Debug, Clone)]
+pub struct ParamPoint {
+    module: Arc<str>,
+    name: &'static str,
+}
+
+impl ParamPoint {
+    /// The parameter `name` of the module at `module`.
+    pub fn new(module: &str, name: &'static str) -> Self {
+        ParamPoint { module: Arc::from(module), name }
+    }
+    /// The module's path.
+    pub fn module(&self) -> &str {
+        &self.module
+    }
+    /// The parameter's name in its module (`weight`).
+    pub fn name(&self) -> &str {
+        self.name
+    }
+}
+
 /// The hook points every envoy of a computing module has; generated envoys embed one as their `output`,
 /// `input` and `inputs` fields.
 #[derive(Debug)]

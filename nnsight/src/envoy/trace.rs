@@ -180,6 +180,7 @@ impl<'m, T: TraceTarget> Trace<'m, T> {
         inter.start()?;
         if !inter.all_stopped() {
             // Autograd only when the graph reads gradients; otherwise the pass records nothing for it.
+            inter.prepare_gradients()?;
             let _no_grad = (!inter.wants_gradients()).then(tch::no_grad_guard);
             match self.target.forward_hooked(&batch, &mut inter) {
                 Ok(()) | Err(Error::Stopped) => {}

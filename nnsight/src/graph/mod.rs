@@ -220,6 +220,9 @@ pub enum Op {
     /// The gradient of the loss of `backward` with respect to `a`, a read of a module's input or output (this
     /// invoke's rows).
     Grad { a: NodeId, backward: NodeId },
+    /// The gradient of the loss of `backward` with respect to the parameter `param` of `module` (the parameter
+    /// takes part in autograd for this run only).
+    ParamGrad { module: String, param: String, backward: NodeId },
     /// A function registered with `#[nnsight::function]`, by its full name (`my_crate::clamp_norm`).
     Call { function: String, args: Vec<CallArg> },
 }
@@ -249,6 +252,7 @@ impl Op {
             Guard { cond, .. } => vec![*cond],
             Backward { a } => vec![*a],
             Grad { a, backward } => vec![*a, *backward],
+            ParamGrad { backward, .. } => vec![*backward],
             Choose { cond, a, b } => vec![*cond, *a, *b],
             Call { args, .. } => args
                 .iter()

@@ -191,7 +191,10 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
         | Op::Skip { .. }
         | Op::Guard { .. }
         | Op::Backward { .. }
-        | Op::Grad { .. } => Err(Error::Intervention { message: format!("{} needs the forward pass", op.describe()) }),
+        | Op::Grad { .. }
+        | Op::ParamGrad { .. } => {
+            Err(Error::Intervention { message: format!("{} needs the forward pass", op.describe()) })
+        }
     }
 }
 

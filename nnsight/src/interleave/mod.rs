@@ -42,6 +42,15 @@ pub fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
     (out, lines)
 }
 
+impl Drop for Interleaver<'_> {
+    /// Parameters made to require grad for this run stop requiring it.
+    fn drop(&mut self) {
+        for t in self.params_to_reset.drain(..) {
+            let _ = t.set_requires_grad(false);
+        }
+    }
+}
+
 /// What a finished run leaves: the saved values, and the nodes never reached because their invoke stopped or
 /// their generation step never came (a saved one among them has no value).
 #[derive(Debug)]
@@ -96,6 +105,10 @@ pub struct Interleaver<'a> {
     grad_sources: ahash::AHashMap<NodeId, Tensor>,
     /// Gradients computed by a backward, waiting for their `Grad` node.
     grads: ahash::AHashMap<NodeId, Tensor>,
+    /// Parameters whose gradient a `ParamGrad` node wants, made to require grad for this run (and put back when
+    /// the interleaver is dropped).
+    params: ahash::AHashMap<(String, String), Tensor>,
+    params_to_reset: Vec<Tensor>,
     /// A scan: the forward runs on meta tensors, so constants become meta and nothing moves between devices.
     meta: bool,
 }
@@ -171,6 +184,8 @@ impl<'a> Interleaver<'a> {
                 .collect(),
             grad_sources: Default::default(),
             grads: Default::default(),
+            params: Default::default(),
+            params_to_reset: Vec::new(),
             meta: false,
         })
     }
@@ -338,6 +353,15 @@ impl<'a> Interleaver<'a> {
                 self.cursor[inv] += 1;
                 continue;
             }
+            if let Op::ParamGrad { module, param, .. } = op {
+                let g = self.grads.remove(&id).ok_or_else(|| Error::Intervention {
+                    message: format!("node {id}: no gradient of `{}.{param}` was computed", display(module)),
+                })?;
+                self.values[id as usize] = Some(Value::Tensor(g));
+                self.release(id);
+                self.cursor[inv] += 1;
+                continue;
+            }
             if let Op::Grad { a, .. } = *op {
                 let g = self.grads.remove(&id).ok_or_else(|| Error::Intervention {
                     message: format!("node {id}: no gradient of node {a} was computed"),
@@ -401,26 +425,27 @@ impl<'a> Interleaver<'a> {
                 ),
             });
         }
-        let wanted: Vec<(NodeId, NodeId)> = self
-            .graph
-            .nodes
-            .iter()
-            .enumerate()
-            .filter_map(|(g, n)| match n.op {
-                Op::Grad { a, backward } if backward == id => Some((g as NodeId, a)),
-                _ => None,
-            })
-            .collect();
-        let mut sources = Vec::with_capacity(wanted.len());
-        for &(g, a) in &wanted {
-            let src = self.grad_sources.get(&a).ok_or_else(|| Error::Intervention {
-                message: format!(
-                    "node {g}: the gradient of node {a} ({}) is wanted, but that value was not read before the loss was computed",
-                    self.graph.nodes[a as usize].op.describe()
-                ),
-            })?;
-            sources.push(src.shallow_clone());
+        // (Grad node, whole-batch source, whether to cut it to the invoke's rows).
+        let mut wanted: Vec<(NodeId, Tensor, bool)> = Vec::new();
+        for (g, n) in self.graph.nodes.iter().enumerate() {
+            match &n.op {
+                Op::Grad { a, backward } if *backward == id => {
+                    let src = self.grad_sources.get(a).ok_or_else(|| Error::Intervention {
+                        message: format!(
+                            "node {g}: the gradient of node {a} ({}) is wanted, but that value was not read before the loss was computed",
+                            self.graph.nodes[*a as usize].op.describe()
+                        ),
+                    })?;
+                    wanted.push((g as NodeId, src.shallow_clone(), true));
+                }
+                Op::ParamGrad { module, param, backward } if *backward == id => {
+                    let t = self.params.get(&(module.clone(), param.clone())).expect("made to require grad at start");
+                    wanted.push((g as NodeId, t.shallow_clone(), false));
+                }
+                _ => {}
+            }
         }
+        let sources: Vec<Tensor> = wanted.iter().map(|w| w.1.shallow_clone()).collect();
         if sources.is_empty() {
             return Ok(());
         }
@@ -434,8 +459,8 @@ impl<'a> Interleaver<'a> {
                 "node {id} (backward): {e} (is every value whose gradient is read upstream of the loss in the forward pass?)"
             ),
         })?;
-        for ((g, _), grad) in wanted.into_iter().zip(grads) {
-            let mine = self.my_rows(inv, &grad)?;
+        for ((g, _, rows), grad) in wanted.into_iter().zip(grads) {
+            let mine = if rows { self.my_rows(inv, &grad)? } else { grad };
             self.grads.insert(g, mine);
         }
         Ok(())
@@ -443,7 +468,39 @@ impl<'a> Interleaver<'a> {
 
     /// Whether the graph takes gradients (the forward then runs with autograd on).
     pub fn wants_gradients(&self) -> bool {
-        !self.grad_reads.is_empty()
+        !self.grad_reads.is_empty() || self.graph.nodes.iter().any(|n| matches!(n.op, Op::ParamGrad { .. }))
+    }
+
+    /// Makes the parameters whose gradients the graph reads require grad for this run (they are put back when
+    /// the interleaver is dropped). A parameter that does not exist is an error naming it.
+    pub fn prepare_gradients(&mut self) -> Result<()> {
+        for n in &self.graph.nodes {
+            let Op::ParamGrad { module, param, .. } = &n.op else { continue };
+            let key = (module.clone(), param.clone());
+            if self.params.contains_key(&key) {
+                continue;
+            }
+            let m = find(self.root, module)
+                .ok_or_else(|| Error::Intervention { message: format!("no module `{}`", display(module)) })?;
+            let mut found = None;
+            m.parameters(&mut |name, t| {
+                if name == param {
+                    found = Some(t.shallow_clone());
+                }
+            });
+            let t = found.ok_or_else(|| Error::Intervention {
+                message: format!("`{}` has no parameter `{param}`", display(module)),
+            })?;
+            if t.requires_grad() {
+                // Already trainable: leave it as it is (and as it will be).
+                self.params.insert(key, t);
+            } else {
+                let _ = t.set_requires_grad(true);
+                self.params_to_reset.push(t.shallow_clone());
+                self.params.insert(key, t);
+            }
+        }
+        Ok(())
     }
 
     /// Sets `id` aside until the generation's ids exist (the invoke goes on).
