@@ -14,5 +14,6 @@ mod linking;
 mod loading_errors;
 mod parity_smollm2;
 mod scan;
+mod session;
 mod tiny_models;
 mod ui;

@@ -33,6 +33,13 @@ pub fn derive_traceable(input: proc_macro::TokenStream) -> proc_macro::TokenStre
 /// else is ordinary Rust, run while the graph is built (a loop over layers unrolls). After the block, each
 /// top-level `let` of the body is in scope: a `.save()`d proxy as its plain value, anything else unchanged.
 ///
+/// Other forms: `model.scan(input) { .. }` runs the block on shapes alone; `model.generate(input, options) { .. }`
+/// (or `model.generate(options) { invoke(..) { .. } .. }`) runs it alongside every step of a generation, steps
+/// addressed with `for step in iter(..)` / `all()`; `model.session() { trace(a) { .. } .. }` holds several such
+/// blocks with Rust around them, each block's top-level `let`s kept (saved) for the blocks after it. Inside any
+/// block: `if cond!(..) { .. } else { .. }` decides on graph values, `call!(f(..))` calls an
+/// `#[nnsight::function]`, `log!(v)` prints, `loss.backward()` then `x.grad` reads gradients.
+///
 /// Used in statement position in a function returning a `Result` whose error converts from `nnsight::Error`.
 #[proc_macro]
 pub fn intervene(input: proc_macro::TokenStream) -> proc_macro::TokenStream {

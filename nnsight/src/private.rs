@@ -432,3 +432,59 @@ impl<'g> GradSource<'g> for &ParamPoint {
 pub fn grad_of<'g>(g: &'g GraphCell, source: impl GradSource<'g>) -> Proxy<'g, Tensor> {
     source.grad_node(g)
 }
+
+/// A binding of a trace inside a session, kept for the traces after it (`let h = keep(h)` at the end of each trace
+/// body): a proxy is saved, so that after the trace it is its value; anything else is unchanged.
+pub struct Keep<T>(std::cell::Cell<Option<T>>);
+
+impl<T> Keep<T> {
+    /// Wraps a binding.
+    pub fn new(v: T) -> Self {
+        Keep(std::cell::Cell::new(Some(v)))
+    }
+    fn take(&self) -> T {
+        self.0.take().expect("kept once")
+    }
+}
+
+/// Proxies are saved.
+pub trait KeepProxy {
+    /// The saved proxy.
+    type Out;
+    /// Saves it.
+    fn __nn_keep(self) -> Self::Out;
+}
+impl<'g, T> KeepProxy for &&Keep<Proxy<'g, T>> {
+    type Out = crate::envoy::Saved<'g, T>;
+    fn __nn_keep(self) -> Self::Out {
+        self.take().save()
+    }
+}
+
+/// Vectors of proxies are saved element by element.
+pub trait KeepProxies {
+    /// The saved proxies.
+    type Out;
+    /// Saves them.
+    fn __nn_keep(self) -> Self::Out;
+}
+impl<'g, T> KeepProxies for &&Keep<Vec<Proxy<'g, T>>> {
+    type Out = Vec<crate::envoy::Saved<'g, T>>;
+    fn __nn_keep(self) -> Self::Out {
+        self.take().into_iter().map(Proxy::save).collect()
+    }
+}
+
+/// Anything else is unchanged.
+pub trait KeepPlain {
+    /// The same type.
+    type Out;
+    /// Hands it back.
+    fn __nn_keep(self) -> Self::Out;
+}
+impl<T> KeepPlain for &Keep<T> {
+    type Out = T;
+    fn __nn_keep(self) -> T {
+        self.take()
+    }
+}

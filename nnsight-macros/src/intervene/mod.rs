@@ -9,11 +9,15 @@
 mod expand;
 mod parse;
 mod rewrite;
+mod session;
 
 use proc_macro2::TokenStream;
 
 /// Expands `intervene!(INPUT)`.
 pub fn intervene(input: TokenStream) -> TokenStream {
+    if let Some((root, session, args, body)) = session::split(&input) {
+        return session::expand(root, session, args, body);
+    }
     let mut errors = Errors::default();
     let ast = match parse::parse(input, &mut errors) {
         Ok(ast) => ast,

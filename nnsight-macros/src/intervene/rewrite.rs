@@ -806,7 +806,7 @@ impl<'ast> Visit<'ast> for Mentions<'_> {
             Expr::Field(f) if matches!(&f.member, Member::Named(n) if is_hook(n)) => self.found = true,
             Expr::MethodCall(m)
                 if m.method == "save"
-                    || ((m.args.len() == 1 || m.method == "cache")
+                    || ((m.args.len() == 1 || m.method == "cache" || m.method == "generated")
                         && matches!(&*m.receiver, Expr::Path(p) if single_ident(p).is_some_and(|i| *i == self.exports.root))) =>
             {
                 self.found = true
