@@ -104,19 +104,16 @@ fn rewrite(tokens: TokenStream, root: &Ident, errors: &mut Errors, count: &mut u
 fn block(form: &Ident, args: &Group, body: &Group, root: &Ident, errors: &mut Errors) -> TokenStream {
     let s = Span::call_site().located_at(form.span());
     let mut lets = Vec::new();
-    match syn::Block::parse_within.parse2(body.stream()) {
-        Ok(stmts) => {
-            for stmt in &stmts {
-                if let syn::Stmt::Local(l) = stmt {
-                    let mut names = Vec::new();
-                    super::rewrite::pat_bindings(&l.pat, &mut names);
-                    lets.extend(names.into_iter().map(|(n, _)| n));
-                }
+    // `invoke(..) { .. }` blocks are not Rust statements: a body with them does not parse here, and its lets
+    // stay inside their invokes (save them there); the trace's own parser reports real mistakes.
+    if let Ok(stmts) = syn::Block::parse_within.parse2(body.stream()) {
+        for stmt in &stmts {
+            if let syn::Stmt::Local(l) = stmt {
+                let mut names = Vec::new();
+                super::rewrite::pat_bindings(&l.pat, &mut names);
+                lets.extend(names.into_iter().map(|(n, _)| n));
             }
         }
-        // `invoke(..) { .. }` blocks are not Rust statements: their lets stay inside their invokes anyway, and
-        // the trace's own parser reports real mistakes.
-        Err(_) => {}
     }
     let _ = errors;
     let keeps = lets.iter().map(|name| {
