@@ -1,5 +1,6 @@
 //! Integration tests of the runtime, one crate with a module per area (linking libtorch once).
 
+mod autograd;
 mod calls;
 mod common;
 mod generate;

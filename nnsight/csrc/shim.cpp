@@ -10,6 +10,8 @@
 #include <ATen/ops/result_type.h>
 #include <torch/library.h>
 
+#include <c10/util/intrusive_ptr.h>
+
 #include <memory>
 #include <mutex>
 #include <tuple>
@@ -105,6 +107,42 @@ at::Tensor scaled_dot_product_attention(const at::Tensor &query, const at::Tenso
     shape.back() = value.size(-1);
     return at::empty(shape, meta_options(query.scalar_type()));
 }
+
+// ---- gradient hooks ------------------------------------------------------------------------------------------
+// A Rust closure behind `void *ctx`, called from a lambda that libtorch keeps in the tensor's hook list (and, for a
+// non-leaf tensor, in its grad_fn's pre-hooks). Ownership, in full:
+//   - ctx: owned by one RustContext from the moment nnsight_register_grad_hook is called (even when it fails);
+//     every copy of the lambda (std::function copies it) shares that RustContext through a shared_ptr, whose last
+//     release calls `drop(ctx)` exactly once: when the hook is removed, when the tensor and its graph are freed, or
+//     at once when registration fails. Rust never frees ctx itself.
+//   - the gradient handed to `call`: borrowed for the call, never freed by Rust.
+//   - a replacement gradient: Rust writes into *out the `new at::Tensor` behind a tch::Tensor whose ownership it
+//     gives up (it never drops that tch::Tensor); the lambda moves from it and deletes it, exactly once.
+//   - the handle (nnsight_grad_hook): allocated here, freed by nnsight_free_grad_hook, once. It holds only a weak
+//     reference to the tensor, so a handle never keeps a tensor (or its graph) alive.
+
+// Returns 0 for "no change" (*out untouched), 1 when *out holds a replacement gradient.
+typedef int (*nnsight_grad_hook_call)(void *ctx, const at::Tensor *grad, at::Tensor **out);
+// Frees ctx; called once. Must not throw or unwind.
+typedef void (*nnsight_grad_hook_drop)(void *ctx);
+
+struct RustContext {
+    void *ctx;
+    nnsight_grad_hook_drop drop;
+    RustContext(void *ctx, nnsight_grad_hook_drop drop) : ctx(ctx), drop(drop) {}
+    RustContext(const RustContext &) = delete;
+    RustContext &operator=(const RustContext &) = delete;
+    ~RustContext() { drop(ctx); }
+};
+
+}  // namespace
+
+struct nnsight_grad_hook {
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> tensor;
+    unsigned index;
+};
+
+namespace {
 
 bool has_meta_kernel(const char *name, const char *overload) {
     auto op = c10::Dispatcher::singleton().findSchema({name, overload});
@@ -224,6 +262,74 @@ int nnsight_is_meta(const at::Tensor *t) {
     } catch (...) {
         return 0;
     }
+}
+
+// Registers a gradient hook on *t that calls `call(ctx, &grad, &out)` each time a gradient with respect to *t is
+// computed (an undefined gradient is passed through without a call). The hooks of one tensor run in registration
+// order, each seeing the previous one's result. On success writes a fresh handle to *handle and returns 0; returns
+// 1 when *t does not require grad, 2 when libtorch refused (the context is then already dropped, as on success when
+// the hook goes away). Never throws.
+int nnsight_register_grad_hook(const at::Tensor *t, void *ctx, nnsight_grad_hook_call call,
+                               nnsight_grad_hook_drop drop, nnsight_grad_hook **handle) {
+    std::shared_ptr<RustContext> owner;
+    try {
+        owner = std::make_shared<RustContext>(ctx, drop);
+    } catch (...) {
+        drop(ctx);
+        return 2;
+    }
+    try {
+        if (!t->defined() || !t->requires_grad()) {
+            return 1;  // `owner` drops ctx on the way out
+        }
+        auto weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t->getIntrusivePtr());
+        auto *h = new nnsight_grad_hook{std::move(weak), 0};
+        try {
+            h->index = t->register_hook([owner = std::move(owner), call](const at::Tensor &grad) -> at::Tensor {
+                if (!grad.defined()) {
+                    return at::Tensor();
+                }
+                at::Tensor *out = nullptr;
+                // `call` never unwinds (the Rust side catches every panic).
+                if (call(owner->ctx, &grad, &out) != 1 || out == nullptr) {
+                    return at::Tensor();  // no change
+                }
+                at::Tensor replaced = std::move(*out);
+                delete out;
+                return replaced;
+            });
+        } catch (...) {
+            delete h;
+            throw;
+        }
+        *handle = h;
+        return 0;
+    } catch (...) {
+        return 2;
+    }
+}
+
+// Removes the hook, if its tensor is still alive (when it is not, libtorch has freed or will free the hook with
+// the graph); the lambda, and with it ctx, is dropped now. Does not free the handle. Removing twice is harmless.
+// libtorch keeps the emptied slot (an empty std::function) in the tensor's hook list until the tensor dies.
+// Returns 1 when the tensor was alive and the hook removed, 0 otherwise. Never throws.
+int nnsight_remove_grad_hook(nnsight_grad_hook *handle) {
+    try {
+        auto impl = handle->tensor.lock();
+        if (!impl.defined()) {
+            return 0;
+        }
+        at::Tensor t(std::move(impl));
+        t.remove_hook(handle->index);
+        return 1;
+    } catch (...) {
+        return 0;
+    }
+}
+
+// Frees a handle (not the hook: that stays with its tensor until removed or freed with it).
+void nnsight_free_grad_hook(nnsight_grad_hook *handle) {
+    delete handle;
 }
 
 }

@@ -20,6 +20,7 @@
 // Generated code names this crate `::nnsight`, also inside it.
 extern crate self as nnsight;
 
+pub mod autograd;
 pub mod envoy;
 pub mod error;
 pub mod function;
