@@ -57,13 +57,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let metric = (last.select(-1, paris) - last.select(-1, rome)).sum();
         metric.backward();
         let mut corrupt = Vec::new();
-        let mut grads = Vec::new();
         for a in &acts {
             corrupt.push(a.save());
+        }
+        // Gradients arrive in backward order: the last layer's first.
+        let mut grads = Vec::new();
+        for a in acts.iter().rev() {
             grads.push(a.grad().save());
         }
         let corrupt_logits = model.output.save();
     });
+    grads.reverse();
     let (clean_metric, corrupt_metric) = (metric_of(&clean_logits), metric_of(&corrupt_logits));
     println!("metric logit(\" Paris\") - logit(\" Rome\"): clean {clean_metric:.3}, corrupted {corrupt_metric:.3}");
 

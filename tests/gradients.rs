@@ -57,8 +57,9 @@ fn gradients_equal_a_plain_autograd_run() -> nnsight::Result<()> {
         let last = model.output[(.., -1, ..)];
         let loss = (last.max() - last.mean()).save();
         loss.backward();
-        let g0 = h0.grad.save();
+        // Backward order: the later layer's gradient first.
         let g1 = h1.grad.save();
+        let g0 = h0.grad.save();
     });
     let mut hook = ByHand::default();
     let logits = {
@@ -226,5 +227,35 @@ fn gradients_of_parameters_and_of_points_named_directly() -> nnsight::Result<()>
     };
     let err = run().unwrap_err().to_string();
     assert!(err.contains("read it before the loss"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn gradients_are_read_in_backward_order() -> nnsight::Result<()> {
+    let model = gpt2();
+    // Later layer first, then the earlier one: the order gradients arrive in.
+    intervene!(model.trace("Hello world") {
+        let h0 = model.transformer.h[0].output;
+        let h1 = model.transformer.h[1].output;
+        model.output.sum().backward();
+        let g1 = h1.grad.save();
+        let g0 = h0.grad.save();
+    });
+    assert_eq!(g0.size(), g1.size());
+    // The other way round is an error naming both.
+    let run = || -> nnsight::Result<()> {
+        intervene!(model.trace("Hello world") {
+            let h0 = model.transformer.h[0].output;
+            let h1 = model.transformer.h[1].output;
+            model.output.sum().backward();
+            let _g0 = h0.grad.save();
+            let _g1 = h1.grad.save();
+        });
+        Ok(())
+    };
+    let err = run().unwrap_err();
+    assert!(matches!(err, nnsight::Error::GradientOrder { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("transformer.h.0") && text.contains("transformer.h.1"), "{text}");
     Ok(())
 }

@@ -149,6 +149,16 @@ pub enum Error {
         earlier: String,
     },
 
+    /// A gradient was read after the gradient of a later module of the same backward: gradients arrive in backward
+    /// order (the reverse of the forward), so the later module's comes first.
+    #[error("out of order: {earlier} arrives before {later} in the backward pass (gradients come in the reverse of the forward order), so it cannot be read after it in the same invoke")]
+    GradientOrder {
+        /// The gradient read first in the code, of a module that runs earlier in the forward.
+        earlier: String,
+        /// The gradient read second, of a module that runs later (its gradient arrives first).
+        later: String,
+    },
+
     /// A value written to a module has the wrong shape; nothing was written.
     #[error("cannot write to {target}: expected shape {expected:?}, given {given:?}; nothing was written")]
     WriteShape {

@@ -75,6 +75,8 @@ pub(crate) struct Builder {
     pub(crate) max_calls: Option<u32>,
     /// Per invoke, its latest `.backward()` node (what a later `.grad` reads from).
     pub(crate) last_backward: HashMap<u32, NodeId>,
+    /// Per invoke, the gradient read last after its latest backward: (backward, forward position, description).
+    last_grad: HashMap<u32, (NodeId, u64, String)>,
 }
 
 /// The graph being built, shared by every proxy of one block.
@@ -96,6 +98,7 @@ impl GraphCell {
                 call: 0,
                 max_calls: None,
                 last_backward: HashMap::new(),
+                last_grad: HashMap::new(),
             }),
         }
     }
@@ -144,7 +147,7 @@ impl GraphCell {
         }
         if let Some((last, last_desc)) = &b.last_event[inv] {
             if pos < *last {
-                return Err(Error::OutOfOrder { later: last_desc.clone(), earlier: desc });
+                return Err(Error::GradientOrder { earlier: last_desc.clone(), later: desc });
             }
         }
         b.last_event[inv] = Some((pos, desc));
@@ -223,6 +226,31 @@ impl GraphCell {
                 });
             }
         }
+    }
+
+    /// Gradients arrive in backward order, the reverse of the forward: after a `.backward()`, an invoke reads the
+    /// gradient of a later module before that of an earlier one (as in Python nnsight; out of order is an error
+    /// naming both).
+    pub(crate) fn check_grad_order(&self, read: NodeId, backward: NodeId) -> Result<()> {
+        let mut b = self.inner.borrow_mut();
+        let Some(order) = b.order.clone() else { return Ok(()) };
+        let Some(Op::Read { module, point, call }) = b.graph.nodes.get(read as usize).map(|n| n.op.clone()) else {
+            return Ok(());
+        };
+        let Some(pos) = order.position(&module, point, call) else { return Ok(()) };
+        let desc = format!(
+            "the gradient of `{}` {}",
+            display(&module),
+            if point == Point::Input { "input" } else { "output" }
+        );
+        let inv = b.invoke;
+        if let Some((bw, last, last_desc)) = b.last_grad.get(&inv) {
+            if *bw == backward && pos > *last {
+                return Err(Error::GradientOrder { earlier: last_desc.clone(), later: desc });
+            }
+        }
+        b.last_grad.insert(inv, (backward, pos, desc));
+        Ok(())
     }
 
     /// The latest read node of `module`'s `point` at the current call in the current invoke.

@@ -483,6 +483,9 @@ impl<'g> Proxy<'g, Tensor> {
             ));
             return self.derive(Op::Unary { kind: UnaryOp::ZerosLike, a: self.id });
         };
+        if let Err(e) = self.g.check_grad_order(self.id, backward) {
+            self.g.record_error(e);
+        }
         self.derive(Op::Grad { a: self.id, backward })
     }
 }
