@@ -147,7 +147,7 @@ impl GraphCell {
         }
         if let Some((last, last_desc)) = &b.last_event[inv] {
             if pos < *last {
-                return Err(Error::GradientOrder { earlier: last_desc.clone(), later: desc });
+                return Err(Error::OutOfOrder { later: last_desc.clone(), earlier: desc });
             }
         }
         b.last_event[inv] = Some((pos, desc));
