@@ -259,3 +259,57 @@ fn gradients_are_read_in_backward_order() -> nnsight::Result<()> {
     assert!(text.contains("transformer.h.0") && text.contains("transformer.h.1"), "{text}");
     Ok(())
 }
+
+#[test]
+fn doubling_an_activations_gradient_doubles_the_gradients_upstream() -> nnsight::Result<()> {
+    let model = gpt2();
+    let text = "The quick brown fox";
+    let run = |factor: f64| -> nnsight::Result<(Tensor, Tensor, Tensor)> {
+        intervene!(model.trace(text) {
+            let h0 = model.transformer.h[0].output;
+            let h1 = model.transformer.h[1].output;
+            let last = model.output[(.., -1, ..)];
+            (last.max() - last.mean()).backward();
+            h1.grad = h1.grad * factor;
+            let g1 = h1.grad.save();
+            let gw = model.transformer.h[0].mlp.c_fc.weight.grad.save();
+            let g0 = h0.grad.save();
+        });
+        Ok((g1, gw, g0))
+    };
+    let (g1, gw, g0) = run(1.0)?;
+    let (g1x, gwx, g0x) = run(2.0)?;
+    assert!(gw.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    assert!(max_abs_diff(&gwx, &(&gw * 2.0)) < 1e-6, "weight gradient upstream doubles");
+    assert!(max_abs_diff(&g0x, &(&g0 * 2.0)) < 1e-6, "activation gradient upstream doubles");
+    assert!(max_abs_diff(&g1x, &(&g1 * 2.0)) < 1e-6, "the written gradient reads back");
+    Ok(())
+}
+
+#[test]
+fn a_gradient_write_in_one_invoke_leaves_the_other_alone() -> nnsight::Result<()> {
+    let model = gpt2();
+    let (a, b) = ("Hello world", "Goodbye moon");
+    let run = |factor: f64| -> nnsight::Result<(Tensor, Tensor)> {
+        intervene!(model.trace() {
+            invoke(a) {
+                let ha0 = model.transformer.h[0].output;
+                let ha1 = model.transformer.h[1].output;
+                model.output[(.., -1, ..)].max().backward();
+                ha1.grad = ha1.grad * factor;
+                let ga = ha0.grad.save();
+            }
+            invoke(b) {
+                let hb0 = model.transformer.h[0].output;
+                model.output[(.., -1, ..)].max().backward();
+                let gb = hb0.grad.save();
+            }
+        });
+        Ok((ga, gb))
+    };
+    let (ga, gb) = run(1.0)?;
+    let (gax, gbx) = run(3.0)?;
+    assert!(max_abs_diff(&gax, &(&ga * 3.0)) < 1e-6);
+    assert_eq!(max_abs_diff(&gbx, &gb), 0.0);
+    Ok(())
+}

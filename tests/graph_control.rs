@@ -296,9 +296,10 @@ fn kind_index(op: &Op) -> usize {
         Op::Backward { .. } => 37,
         Op::Grad { .. } => 38,
         Op::ParamGrad { .. } => 39,
+        Op::GradWrite { .. } => 40,
     }
 }
-const KINDS: usize = 40;
+const KINDS: usize = 41;
 
 #[test]
 fn every_node_kind_round_trips_through_json() -> nnsight::Result<()> {
@@ -353,6 +354,7 @@ fn every_node_kind_round_trips_through_json() -> nnsight::Result<()> {
         Op::Backward { a: 12 },
         Op::Grad { a: 2, backward: 38 },
         Op::ParamGrad { module: "lm_head".into(), param: "weight".into(), backward: 38 },
+        Op::GradWrite { a: 2, value: 39, backward: 38 },
     ];
     let mut seen = [false; KINDS];
     for op in &ops {

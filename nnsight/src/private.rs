@@ -488,3 +488,23 @@ impl<T> KeepPlain for &Keep<T> {
         self.take()
     }
 }
+
+/// `X.grad = value` inside `intervene!`: during the backward, the gradient flowing back through `X` becomes `value`
+/// (computed from `X.grad`), and every gradient upstream of `X` follows. `grad` is `X.grad` (a gradient node).
+pub fn write_grad<'g>(g: &'g GraphCell, grad: Proxy<'g, Tensor>, value: impl IntoTensorProxy<'g>) {
+    let v = value.into_proxy(g);
+    let op = g.inner.borrow().graph.nodes.get(grad.node() as usize).map(|n| n.op.clone());
+    match op {
+        Some(crate::graph::Op::Grad { a, backward }) => {
+            g.push(crate::graph::Op::GradWrite { a, value: v.node(), backward });
+        }
+        Some(crate::graph::Op::ParamGrad { module, param, .. }) => g.record_error(Error::Intervention {
+            message: format!(
+                "`{}.{param}.grad` cannot be written: gradients can be written on module inputs and outputs",
+                crate::graph::display(&module)
+            ),
+        }),
+        // `.grad` itself was a mistake, already recorded.
+        _ => {}
+    }
+}

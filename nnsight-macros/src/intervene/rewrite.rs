@@ -280,14 +280,13 @@ impl<'a> Rewriter<'a> {
     }
 
     fn assign(&mut self, a: syn::ExprAssign) -> Expr {
-        if let Expr::Field(f) = &*a.left {
-            if matches!(&f.member, Member::Named(n) if n == "grad") {
-                self.errors.push(syn::Error::new_spanned(
-                    &f.member,
-                    "writing a gradient (`h.grad = ..`) is not supported yet: gradients can be read after `.backward()`",
-                ));
-                return unit();
-            }
+        // `X.grad = VALUE`: a gradient write (during the backward, the gradient through X becomes VALUE).
+        if matches!(&*a.left, Expr::Field(f) if matches!(&f.member, Member::Named(n) if n == "grad")) {
+            let s = gen(a.eq_token.span);
+            let g = Ident::new("__nn_g", s);
+            let grad = self.fold_expr(*a.left);
+            let value = self.fold_expr(*a.right);
+            return Expr::Verbatim(quote_spanned!(s=> ::nnsight::__private::write_grad(#g, #grad, #value)));
         }
         if self.is_hook_point(&a.left) {
             let value = self.fold_expr(*a.right).into_token_stream();

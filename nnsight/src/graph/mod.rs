@@ -223,6 +223,9 @@ pub enum Op {
     /// The gradient of the loss of `backward` with respect to the parameter `param` of `module` (the parameter
     /// takes part in autograd for this run only).
     ParamGrad { module: String, param: String, backward: NodeId },
+    /// During `backward`, the gradient flowing back through `a` (a read of a module's input or output) becomes
+    /// `value`, computed from it (`h.grad = h.grad * 2.0`): every gradient upstream of `a` changes accordingly.
+    GradWrite { a: NodeId, value: NodeId, backward: NodeId },
     /// A function registered with `#[nnsight::function]`, by its full name (`my_crate::clamp_norm`).
     Call { function: String, args: Vec<CallArg> },
 }
@@ -253,6 +256,7 @@ impl Op {
             Backward { a } => vec![*a],
             Grad { a, backward } => vec![*a, *backward],
             ParamGrad { backward, .. } => vec![*backward],
+            GradWrite { value, .. } => vec![*value],
             Choose { cond, a, b } => vec![*cond, *a, *b],
             Call { args, .. } => args
                 .iter()

@@ -192,7 +192,8 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
         | Op::Guard { .. }
         | Op::Backward { .. }
         | Op::Grad { .. }
-        | Op::ParamGrad { .. } => {
+        | Op::ParamGrad { .. }
+        | Op::GradWrite { .. } => {
             Err(Error::Intervention { message: format!("{} needs the forward pass", op.describe()) })
         }
     }

@@ -42,6 +42,14 @@ pub fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
     (out, lines)
 }
 
+/// A gradient write installed for one backward: its hook, the read it writes, its node, and the gradient it wrote.
+struct GradientWrite {
+    hook: crate::autograd::HookHandle,
+    read: NodeId,
+    node: NodeId,
+    written: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
+}
+
 impl Drop for Interleaver<'_> {
     /// Parameters made to require grad for this run stop requiring it.
     fn drop(&mut self) {
@@ -178,7 +186,7 @@ impl<'a> Interleaver<'a> {
                 .nodes
                 .iter()
                 .filter_map(|n| match n.op {
-                    Op::Grad { a, .. } => Some(a),
+                    Op::Grad { a, .. } | Op::GradWrite { a, .. } => Some(a),
                     _ => None,
                 })
                 .collect(),
@@ -353,6 +361,12 @@ impl<'a> Interleaver<'a> {
                 self.cursor[inv] += 1;
                 continue;
             }
+            if let Op::GradWrite { .. } = op {
+                // Done during the backward, by a hook (see `backward`).
+                self.release(id);
+                self.cursor[inv] += 1;
+                continue;
+            }
             if let Op::ParamGrad { module, param, .. } = op {
                 let g = self.grads.remove(&id).ok_or_else(|| Error::Intervention {
                     message: format!("node {id}: no gradient of `{}.{param}` was computed", display(module)),
@@ -446,6 +460,7 @@ impl<'a> Interleaver<'a> {
             }
         }
         let sources: Vec<Tensor> = wanted.iter().map(|w| w.1.shallow_clone()).collect();
+        let hooks = self.gradient_writes(id, inv)?;
         if sources.is_empty() {
             return Ok(());
         }
@@ -458,12 +473,105 @@ impl<'a> Interleaver<'a> {
             message: format!(
                 "node {id} (backward): {e} (is every value whose gradient is read upstream of the loss in the forward pass?)"
             ),
-        })?;
+        });
+        let mut hook_errors = Vec::new();
+        let mut written: Vec<(NodeId, NodeId, Option<Tensor>)> = Vec::new();
+        for h in hooks {
+            hook_errors.extend(h.hook.take_errors());
+            h.hook.remove();
+            let t = h.written.lock().unwrap_or_else(|p| p.into_inner()).take();
+            written.push((h.read, h.node, t));
+        }
+        if let Some(e) = hook_errors.into_iter().next() {
+            return Err(e);
+        }
+        let grads = grads?;
         for ((g, _, rows), grad) in wanted.into_iter().zip(grads) {
+            // A gradient read after a write of it is the written one (autograd hands back the one before hooks).
+            let after_write = match self.graph.nodes[g as usize].op {
+                Op::Grad { a, .. } => written
+                    .iter()
+                    .rev()
+                    .filter(|w| w.0 == a && w.1 < g)
+                    .find_map(|w| w.2.as_ref())
+                    .map(Tensor::shallow_clone),
+                _ => None,
+            };
+            let grad = after_write.unwrap_or(grad);
             let mine = if rows { self.my_rows(inv, &grad)? } else { grad };
             self.grads.insert(g, mine);
         }
         Ok(())
+    }
+
+    /// The gradient writes of backward `id` (invoke `inv`) as tensor hooks on the values they name: each hook
+    /// computes the write's value from the incoming gradient (the nodes after the backward that it depends on, run
+    /// inside the hook) and hands it on upstream in the invoke's rows.
+    fn gradient_writes(&self, id: NodeId, inv: usize) -> Result<Vec<GradientWrite>> {
+        let mut hooks = Vec::new();
+        for (w, n) in self.graph.nodes.iter().enumerate() {
+            let Op::GradWrite { a, value, backward } = n.op else { continue };
+            if backward != id {
+                continue;
+            }
+            // The nodes after the backward that `value` depends on, in order, and the earlier values they use.
+            let mut chain = std::collections::BTreeSet::new();
+            let mut stack = vec![value];
+            let mut outside: Vec<(NodeId, Value)> = Vec::new();
+            while let Some(j) = stack.pop() {
+                if j <= id {
+                    let v = self.values[j as usize].as_ref().ok_or_else(|| Error::Intervention {
+                        message: format!("the gradient write to node {a} needs node {j}, which has no value"),
+                    })?;
+                    outside.push((j, v.shallow_clone()));
+                    continue;
+                }
+                if !chain.insert(j) {
+                    continue;
+                }
+                match &self.graph.nodes[j as usize].op {
+                    Op::Grad { a: ga, backward: gb } if *ga == a && *gb == id => {}
+                    op if op.hook_point().is_some() || matches!(op, Op::Grad { .. } | Op::ParamGrad { .. }) => {
+                        return Err(Error::Intervention {
+                            message: format!(
+                                "the gradient write to node {a} depends on node {j} ({}), which is not known while the gradient flows back",
+                                op.describe()
+                            ),
+                        });
+                    }
+                    op => stack.extend(op.inputs()),
+                }
+            }
+            let ops: Vec<(NodeId, Op)> = chain.iter().map(|&j| (j, self.graph.nodes[j as usize].op.clone())).collect();
+            let src = self.grad_sources.get(&a).expect("a read whose gradient is written").shallow_clone();
+            let (start, len) = self.rows[inv];
+            let whole = start == 0 && len == self.batch;
+            let written = std::sync::Arc::new(std::sync::Mutex::new(None::<Tensor>));
+            let keep = written.clone();
+            let hook = crate::autograd::register_hook(&src, move |g: &Tensor| {
+                let mut vals: ahash::AHashMap<NodeId, Value> =
+                    outside.iter().map(|(j, v)| (*j, v.shallow_clone())).collect();
+                let mine = if whole { g.shallow_clone() } else { g.narrow(0, start, len) };
+                for (j, op) in &ops {
+                    let v = match op {
+                        Op::Grad { .. } => Value::Tensor(mine.shallow_clone()),
+                        op => {
+                            let inputs: Vec<&Value> = op.inputs().iter().map(|k| &vals[k]).collect();
+                            eval(op, &inputs).unwrap_or_else(|e| panic!("gradient write: node {j}: {e}"))
+                        }
+                    };
+                    vals.insert(*j, v);
+                }
+                let new = vals[&value].tensor().unwrap_or_else(|e| panic!("gradient write: {e}")).shallow_clone();
+                assert_eq!(new.size(), mine.size(), "gradient write: the new gradient must have the shape of the old");
+                let new = new.to_kind(g.kind());
+                let full = if whole { new } else { g.slice_scatter(&new, 0, start, start + len, 1) };
+                *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(full.shallow_clone());
+                Some(full)
+            })?;
+            hooks.push(GradientWrite { hook, read: a, node: w as NodeId, written });
+        }
+        Ok(hooks)
     }
 
     /// Whether the graph takes gradients (the forward then runs with autograd on).
