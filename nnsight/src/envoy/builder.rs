@@ -269,23 +269,28 @@ impl GraphCell {
 
     /// The gradient of the latest loss of this invoke with respect to the parameter `param` of `module`.
     pub(crate) fn param_grad(&self, module: &str, param: &str) -> Proxy<'_, tch::Tensor> {
+        match self.current_backward() {
+            Some(backward) => {
+                Proxy::new(self.push(Op::ParamGrad { module: module.into(), param: param.into(), backward }), self)
+            }
+            None => self.constant_tensor(&tch::Tensor::from(f64::NAN)),
+        }
+    }
+
+    /// The current invoke's latest `.backward()`, which a `.grad` read now refers to; without one, records the
+    /// error (reported when the block runs) and gives `None`.
+    pub(crate) fn current_backward(&self) -> Option<NodeId> {
         let backward = {
             let b = self.inner.borrow();
             b.last_backward.get(&b.invoke).copied()
         };
-        match backward {
-            Some(backward) => {
-                Proxy::new(self.push(Op::ParamGrad { module: module.into(), param: param.into(), backward }), self)
-            }
-            None => {
-                self.record_error(Error::Intervention {
-                    message:
-                        "`.grad` needs a loss first: call `.backward()` on a single value before reading gradients"
-                            .into(),
-                });
-                self.constant_tensor(&tch::Tensor::from(f64::NAN))
-            }
+        if backward.is_none() {
+            self.record_error(Error::Intervention {
+                message: "`.grad` needs a loss first: call `.backward()` on a single value before reading gradients"
+                    .into(),
+            });
         }
+        backward
     }
 
     /// Makes reads and writes address call (generation step) `call`; returns the previous one.

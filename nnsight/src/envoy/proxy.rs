@@ -466,21 +466,14 @@ impl<'g> Proxy<'g, Tensor> {
     /// The gradient of the loss of the latest `.backward()` of this invoke with respect to this value, which must
     /// be a module's input or output as read in the block (`model.model.layers[5].output.grad` in `intervene!`).
     pub fn grad(&self) -> Self {
-        let (is_read, backward) = {
-            let b = self.g.inner.borrow();
-            let is_read = matches!(b.graph.nodes.get(self.id as usize).map(|n| &n.op), Some(Op::Read { .. }));
-            (is_read, b.last_backward.get(&b.invoke).copied())
-        };
-        let err = |message: &str| crate::Error::Intervention { message: message.to_string() };
+        let is_read =
+            matches!(self.g.inner.borrow().graph.nodes.get(self.id as usize).map(|n| &n.op), Some(Op::Read { .. }));
         if !is_read {
-            self.g.record_error(err(
-                "`.grad` is available on a module's input or output (`model.model.layers[5].output.grad`), not on a computed value",
-            ));
+            self.g.record_error(crate::Error::Intervention {
+                message: "`.grad` is available on a module's input or output (`model.model.layers[5].output.grad`), not on a computed value".into(),
+            });
         }
-        let Some(backward) = backward else {
-            self.g.record_error(err(
-                "`.grad` needs a loss first: call `.backward()` on a single value before reading gradients",
-            ));
+        let Some(backward) = self.g.current_backward() else {
             return self.derive(Op::Unary { kind: UnaryOp::ZerosLike, a: self.id });
         };
         if let Err(e) = self.g.check_grad_order(self.id, backward) {

@@ -367,18 +367,10 @@ impl<'a> Interleaver<'a> {
                 self.cursor[inv] += 1;
                 continue;
             }
-            if let Op::ParamGrad { module, param, .. } = op {
+            if matches!(op, Op::Grad { .. } | Op::ParamGrad { .. }) {
+                // Computed by the backward this node names.
                 let g = self.grads.remove(&id).ok_or_else(|| Error::Intervention {
-                    message: format!("node {id}: no gradient of `{}.{param}` was computed", display(module)),
-                })?;
-                self.values[id as usize] = Some(Value::Tensor(g));
-                self.release(id);
-                self.cursor[inv] += 1;
-                continue;
-            }
-            if let Op::Grad { a, .. } = *op {
-                let g = self.grads.remove(&id).ok_or_else(|| Error::Intervention {
-                    message: format!("node {id}: no gradient of node {a} was computed"),
+                    message: format!("node {id} ({}): no gradient was computed", op.describe()),
                 })?;
                 self.values[id as usize] = Some(Value::Tensor(g));
                 self.release(id);
