@@ -530,7 +530,12 @@ impl Decoder {
         let step = self.step;
         self.step += 1;
         self.done = self.step >= self.options.max_new_tokens || !self.active.iter().any(|&a| a);
-        Ok(Some(StepTokens { step, tokens, stopped: self.rows.iter().map(|r| r.stopped).collect() }))
+        let tokens = StepTokens { step, tokens, stopped: self.rows.iter().map(|r| r.stopped).collect() };
+        // The options' callback sees every step, whichever way the generation runs.
+        if let Some(f) = &self.options.on_token {
+            f.call(&tokens)?;
+        }
+        Ok(Some(tokens))
     }
 
     /// Each row's next token from the last position of `logits` `[batch, seq, vocab]` (inactive rows: 0).
@@ -592,13 +597,7 @@ impl<M: CausalLm> Generator<'_, M> {
 impl<M: CausalLm> Iterator for Generator<'_, M> {
     type Item = Result<StepTokens>;
     fn next(&mut self) -> Option<Result<StepTokens>> {
-        let step = self.decoder.step(self.model.model(), None).transpose()?;
-        Some(step.and_then(|tokens| {
-            if let Some(f) = &self.decoder.options.on_token {
-                f.call(&tokens)?;
-            }
-            Ok(tokens)
-        }))
+        self.decoder.step(self.model.model(), None).transpose()
     }
 }
 
@@ -622,9 +621,6 @@ impl<M: CausalLm> LanguageModel<M> {
         let mut decoder = Decoder::new(self, &batch, options)?;
         while let Some(tokens) = decoder.step(self.model(), None)? {
             on_token(&tokens)?;
-            if let Some(f) = &options.on_token {
-                f.call(&tokens)?;
-            }
         }
         Ok(decoder.generation())
     }
@@ -651,9 +647,6 @@ impl<M: CausalLm> LanguageModel<M> {
         let mut decoder = Decoder::new(self, batch, options)?;
         while let Some(tokens) = decoder.step(self.model(), Some(&mut *hook))? {
             on_token(&tokens)?;
-            if let Some(f) = &options.on_token {
-                f.call(&tokens)?;
-            }
         }
         Ok(decoder.generation())
     }

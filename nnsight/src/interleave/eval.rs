@@ -169,11 +169,7 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
             }
             crate::function::call(function, &list)
         }
-        Op::Choose { .. } => {
-            let c = inputs[0].tensor()?;
-            let holds = c.numel() == 1 && c.f_reshape([-1]).and_then(|f| f.f_double_value(&[0])).map_err(t)? != 0.0;
-            Ok(if holds { inputs[1] } else { inputs[2] }.shallow_clone())
-        }
+        Op::Choose { .. } => Ok(if truth(inputs[0])? { inputs[1] } else { inputs[2] }.shallow_clone()),
         Op::Cache { .. } => Ok(Value::Map(vec![])),
         Op::Log { label, .. } => {
             let line = match inputs[0] {
@@ -248,4 +244,23 @@ pub fn copy(x: &Tensor) -> std::result::Result<Tensor, TchError> {
     let mut out = x.f_empty_like()?;
     out.f_copy_(x)?;
     Ok(out)
+}
+
+/// Whether a condition's value holds: one value, nonzero. A shape-only (meta) value holds, so that a scan checks
+/// both branches.
+pub(crate) fn truth(v: &Value) -> Result<bool> {
+    let t = match v {
+        Value::Scalar(s) => return Ok(*s != 0.0),
+        other => other.tensor()?,
+    };
+    if t.numel() != 1 {
+        return Err(Error::Intervention {
+            message: format!("a condition must be a single value, found a tensor of shape {:?}", t.size()),
+        });
+    }
+    if crate::meta::is_meta(t) {
+        return Ok(true);
+    }
+    let x = t.f_reshape([-1]).and_then(|f| f.f_to_kind(tch::Kind::Double)).and_then(|f| f.f_double_value(&[0]));
+    Ok(x.map_err(|e| Error::torch("condition", e))? != 0.0)
 }

@@ -6,6 +6,7 @@
 mod eval;
 
 pub use eval::eval;
+use eval::truth;
 
 use crate::graph::{display, Graph, IndexItem, NodeId, Op, Point, Value};
 use crate::nn::{Hook, Module};
@@ -354,29 +355,6 @@ impl<'a> Interleaver<'a> {
             if op.inputs().iter().any(|&j| self.values[j as usize].is_none()) {
                 return Ok(()); // waits for a value of another invoke
             }
-            if let Op::Backward { a } = *op {
-                self.backward(id, a, inv)?;
-                self.values[id as usize] = Some(Value::Tuple(vec![]));
-                self.release(id);
-                self.cursor[inv] += 1;
-                continue;
-            }
-            if let Op::GradWrite { .. } = op {
-                // Done during the backward, by a hook (see `backward`).
-                self.release(id);
-                self.cursor[inv] += 1;
-                continue;
-            }
-            if matches!(op, Op::Grad { .. } | Op::ParamGrad { .. }) {
-                // Computed by the backward this node names.
-                let g = self.grads.remove(&id).ok_or_else(|| Error::Intervention {
-                    message: format!("node {id} ({}): no gradient was computed", op.describe()),
-                })?;
-                self.values[id as usize] = Some(Value::Tensor(g));
-                self.release(id);
-                self.cursor[inv] += 1;
-                continue;
-            }
             if let Op::Guard { cond, end } = *op {
                 let taken =
                     truth(self.values[cond as usize].as_ref().expect("checked")).map_err(|e| at_node(e, id, op))?;
@@ -403,15 +381,29 @@ impl<'a> Interleaver<'a> {
                     }
                     self.hook_node(id, inv, y)?
                 }
-                None => {
-                    let inputs: Vec<&Value> =
-                        op.inputs().iter().map(|&j| self.values[j as usize].as_ref().expect("checked")).collect();
-                    match op {
-                        Op::Apply { module, .. } => Some(self.apply(module, inputs[0])?),
-                        _ if self.meta => Some(eval_meta(op, &inputs).map_err(|e| at_node(e, id, op))?),
-                        _ => Some(eval(op, &inputs).map_err(|e| at_node(e, id, op))?),
+                None => match op {
+                    Op::Backward { a } => {
+                        self.backward(id, *a, inv)?;
+                        Some(Value::Tuple(vec![]))
                     }
-                }
+                    // Done during the backward, by a hook (see `backward`).
+                    Op::GradWrite { .. } => None,
+                    // Computed by the backward this node names.
+                    Op::Grad { .. } | Op::ParamGrad { .. } => {
+                        Some(Value::Tensor(self.grads.remove(&id).ok_or_else(|| Error::Intervention {
+                            message: format!("node {id} ({}): no gradient was computed", op.describe()),
+                        })?))
+                    }
+                    _ => {
+                        let inputs: Vec<&Value> =
+                            op.inputs().iter().map(|&j| self.values[j as usize].as_ref().expect("checked")).collect();
+                        match op {
+                            Op::Apply { module, .. } => Some(self.apply(module, inputs[0])?),
+                            _ if self.meta => Some(eval_meta(op, &inputs).map_err(|e| at_node(e, id, op))?),
+                            _ => Some(eval(op, &inputs).map_err(|e| at_node(e, id, op))?),
+                        }
+                    }
+                },
             };
             self.values[id as usize] = value;
             self.release(id);
@@ -734,25 +726,6 @@ impl<'a> Interleaver<'a> {
         let mut cx = crate::nn::Ctx::new();
         Ok(Value::Tensor(fwd.forward(&mut cx, x.tensor()?)?))
     }
-}
-
-/// Whether a condition's value holds: one value, nonzero. A shape-only (meta) value holds, so that a scan checks
-/// both branches.
-fn truth(v: &Value) -> Result<bool> {
-    let t = match v {
-        Value::Scalar(s) => return Ok(*s != 0.0),
-        other => other.tensor()?,
-    };
-    if t.numel() != 1 {
-        return Err(Error::Intervention {
-            message: format!("a condition must be a single value, found a tensor of shape {:?}", t.size()),
-        });
-    }
-    if crate::meta::is_meta(t) {
-        return Ok(true);
-    }
-    let x = t.f_reshape([-1]).and_then(|f| f.f_to_kind(tch::Kind::Double)).and_then(|f| f.f_double_value(&[0]));
-    Ok(x.map_err(|e| Error::torch("condition", e))? != 0.0)
 }
 
 /// [`eval`] in a scan: tensor constants are meta tensors of their shape and dtype, a move to a device keeps the
