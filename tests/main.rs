@@ -3,6 +3,7 @@
 mod autograd;
 mod calls;
 mod common;
+mod edits;
 mod generate;
 mod generate_trace;
 mod gguf;

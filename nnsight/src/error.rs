@@ -196,6 +196,28 @@ pub enum Error {
         message: String,
     },
 
+    /// A persistent edit cannot hold this kind of node (it runs again in every later forward pass, keeping
+    /// nothing).
+    #[error("an edit cannot {what} (node {node}): {hint}")]
+    NotAnEdit {
+        /// What the edit block tried (`save a value`, `stop the model`, ...).
+        what: String,
+        /// The node.
+        node: u32,
+        /// Where that belongs instead.
+        hint: String,
+    },
+
+    /// A persistent edit failed while it ran inside a forward pass.
+    #[error("in persistent edit {index} of the model: {source}")]
+    Edit {
+        /// Which edit (0 is the first one made).
+        index: usize,
+        /// What failed.
+        #[source]
+        source: Box<Error>,
+    },
+
     /// A graph (e.g. read from JSON) is malformed.
     #[error("invalid graph: {message}")]
     InvalidGraph {

@@ -597,7 +597,8 @@ impl<M: CausalLm> Generator<'_, M> {
 impl<M: CausalLm> Iterator for Generator<'_, M> {
     type Item = Result<StepTokens>;
     fn next(&mut self) -> Option<Result<StepTokens>> {
-        self.decoder.step(self.model.model(), None).transpose()
+        let (model, decoder) = (self.model, &mut self.decoder);
+        model.edited_step(decoder, None).transpose()
     }
 }
 
@@ -619,7 +620,7 @@ impl<M: CausalLm> LanguageModel<M> {
     ) -> Result<Generation> {
         let batch = self.batch(input)?;
         let mut decoder = Decoder::new(self, &batch, options)?;
-        while let Some(tokens) = decoder.step(self.model(), None)? {
+        while let Some(tokens) = self.edited_step(&mut decoder, None)? {
             on_token(&tokens)?;
         }
         Ok(decoder.generation())
@@ -645,9 +646,15 @@ impl<M: CausalLm> LanguageModel<M> {
         on_token: &mut dyn FnMut(&StepTokens) -> Result<()>,
     ) -> Result<Generation> {
         let mut decoder = Decoder::new(self, batch, options)?;
-        while let Some(tokens) = decoder.step(self.model(), Some(&mut *hook))? {
+        while let Some(tokens) = self.edited_step(&mut decoder, Some(&mut *hook))? {
             on_token(&tokens)?;
         }
         Ok(decoder.generation())
+    }
+
+    /// One decoding step with the model's in-place edits in front of `hook`.
+    fn edited_step(&self, decoder: &mut Decoder, hook: Option<&mut dyn Hook>) -> Result<Option<StepTokens>> {
+        use crate::envoy::Editable;
+        crate::envoy::edit::with_edits(self.edit_list(), self.model(), false, hook, |h| decoder.step(self.model(), h))
     }
 }

@@ -1,7 +1,8 @@
 //! `LanguageModel<M>`: a tokenizer and a model on a device, loaded from a Hugging Face folder or a GGUF file.
 
+use crate::envoy::edit::with_edits;
 use crate::envoy::trace::OrderRecorder;
-use crate::envoy::{CallOrder, ScanTarget, TraceTarget};
+use crate::envoy::{CallOrder, EditList, Editable, ScanTarget, TraceTarget};
 use crate::load::gguf::GgufFile;
 use crate::load::tokenizer::{self, SpecialTokens};
 use crate::load::{safetensors, Weights};
@@ -188,6 +189,8 @@ pub struct LanguageModel<M: CausalLm = AutoModel> {
     special: SpecialTokens,
     device: Device,
     source: PathBuf,
+    /// In-place edits (`intervene!(model.edit_in_place() { .. })`), applied before every run.
+    edits: EditList,
 }
 
 impl<M: CausalLm> LanguageModel<M> {
@@ -297,6 +300,7 @@ impl<M: CausalLm> LanguageModel<M> {
             special,
             device,
             source: source.to_path_buf(),
+            edits: EditList::new(),
         }
     }
 
@@ -410,13 +414,29 @@ impl<M: CausalLm> LanguageModel<M> {
     /// A forward pass over a prepared batch.
     pub fn forward_batch(&self, batch: &Batch) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        self.model.run(&mut Ctx::new(), batch)
+        with_edits(&self.edits, &self.model, false, None, |hook| match hook {
+            Some(h) => self.model.run(&mut Ctx::with_hook(h), batch),
+            None => self.model.run(&mut Ctx::new(), batch),
+        })
     }
 
     /// A forward pass in which `hook` sees (and may replace) every module's input and output.
     pub fn forward_with_hook(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        self.model.run(&mut Ctx::with_hook(hook), batch)
+        with_edits(&self.edits, &self.model, false, Some(hook), |h| {
+            self.model.run(&mut Ctx::with_hook(h.expect("a hook was given")), batch)
+        })
+    }
+
+    /// Removes the model's in-place edits (`intervene!(model.edit_in_place() { .. })`): its outputs are again
+    /// exactly those of the unedited model.
+    pub fn clear_edits(&self) {
+        self.edits.clear();
+    }
+
+    /// How many in-place edits the model applies.
+    pub fn edit_count(&self) -> usize {
+        self.edits.len()
     }
 }
 
@@ -461,8 +481,9 @@ impl<M: CausalLm> TraceTarget for LanguageModel<M> {
     }
 
     fn forward_hooked(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<()> {
-        let _ = self.model.run(&mut Ctx::with_hook(hook), batch)?;
-        Ok(())
+        with_edits(&self.edits, &self.model, false, Some(hook), |h| {
+            self.model.run(&mut Ctx::with_hook(h.expect("a hook was given")), batch).map(|_| ())
+        })
     }
 }
 
@@ -482,8 +503,16 @@ impl<M: CausalLm> ScanTarget for LanguageModel<M> {
 
     fn forward_scan(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<()> {
         let twin = self.meta_model()?;
-        let _ = twin.run(&mut Ctx::with_hook(hook), &batch.to_meta()?)?;
-        Ok(())
+        let batch = batch.to_meta()?;
+        with_edits(&self.edits, twin, true, Some(hook), |h| {
+            twin.run(&mut Ctx::with_hook(h.expect("a hook was given")), &batch).map(|_| ())
+        })
+    }
+}
+
+impl<M: CausalLm> Editable for LanguageModel<M> {
+    fn edit_list(&self) -> &EditList {
+        &self.edits
     }
 }
 

@@ -40,7 +40,7 @@ mod progress;
 #[path = "private.rs"]
 pub mod __private;
 
-pub use envoy::{NNsight, Proxy, Saved, Traceable};
+pub use envoy::{Editable, Edited, NNsight, Proxy, Saved, Traceable};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, GeneratedRow, Generation, Generator, OnToken, StepTokens, TextStream};
 pub use language_model::{Batch, Input, LanguageModel, LoadOptions};
@@ -51,7 +51,9 @@ pub mod prelude {
     pub use crate::envoy::UnsavedUse as _;
     pub use crate::envoy::{cat, stack, Cache, CacheOptions, NewAxis, Proxy, Saved};
     pub use crate::models::{gpt2::Gpt2, llama::Llama, AutoModel};
-    pub use crate::{intervene, GenerateOptions, Input, LanguageModel, LoadOptions, NNsight, Traceable};
+    pub use crate::{
+        intervene, Editable, Edited, GenerateOptions, Input, LanguageModel, LoadOptions, NNsight, Traceable,
+    };
     pub use crate::{Generation, StepTokens, TextStream};
     pub use tch::{Device, IndexOp, Kind, Tensor};
 }

@@ -382,6 +382,7 @@ impl Drop for CallScope<'_> {
 
 pub use crate::envoy::generate::generated;
 pub use crate::envoy::Generate;
+pub use crate::envoy::{EditBlock, IntoEditBlock};
 
 /// What `.grad` can be taken of inside `intervene!`: a module input or output read before the loss (a proxy, or the
 /// hook point itself, e.g. `model.model.layers[5].output.grad`), or a parameter (`model.lm_head.weight.grad`).

@@ -11,7 +11,7 @@
 //! let h5 = { use ...; (&&&::nnsight::__private::finish(h5)).__nn_finish(&mut __nn_results)? };
 //! ```
 
-use super::parse::{is_generate, is_scan, Item};
+use super::parse::{is_edit, is_generate, is_scan, Item};
 use super::rewrite::{gen, Export, Rewritten};
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
@@ -20,6 +20,9 @@ use syn::{Expr, Stmt};
 
 /// The statements that replace the `intervene!` call.
 pub fn expand(r: Rewritten) -> TokenStream {
+    if is_edit(&r.trace) {
+        return expand_edit(r);
+    }
     let s = gen(r.trace.span());
     let root = &r.root;
     let input = option_input(r.input.as_ref(), s);
@@ -68,6 +71,40 @@ pub fn expand(r: Rewritten) -> TokenStream {
     });
     out.extend(r.exports.iter().map(finish));
     out
+}
+
+/// An edit block: one expression, the edited model (`edit`) or `()` after adding the edit to the model
+/// (`edit_in_place`). Its bindings stay inside (an edit keeps no values).
+///
+/// ```text
+/// { let __nn_tr = model.__nn_edit()?; ...; BODY; __nn_tr.finish()? }
+/// ```
+fn expand_edit(r: Rewritten) -> TokenStream {
+    let s = gen(r.trace.span());
+    let root = &r.root;
+    let end = if r.trace == "edit_in_place" { quote_spanned!(s=> in_place) } else { quote_spanned!(s=> finish) };
+    let mut body = TokenStream::new();
+    for item in r.items {
+        match item {
+            Item::Stmt(stmt) => body.extend(statement(stmt)),
+            Item::Invoke(inv) => body.extend(inv.stmts.into_iter().map(statement)),
+        }
+    }
+    quote_spanned! {s=>
+        {
+            #[allow(unused_variables)]
+            let __nn_tr = {
+                use ::nnsight::__private::IntoEditBlock as _;
+                #root.__nn_edit()?
+            };
+            #[allow(unused_variables)]
+            let __nn_root = __nn_tr.root();
+            #[allow(unused_variables)]
+            let __nn_g = __nn_tr.graph();
+            #body
+            __nn_tr.#end()?
+        }
+    }
 }
 
 /// `Some(Into::into(INPUT))` or `None`.

@@ -26,9 +26,14 @@ pub fn intervene(input: TokenStream) -> TokenStream {
             return errors.to_compile_errors();
         }
     };
+    let edit = parse::is_edit(&ast.trace);
     let rewritten = rewrite::rewrite(ast, &mut errors);
     let mut out = errors.to_compile_errors();
     out.extend(expand::expand(rewritten));
+    if edit {
+        // An edit block is an expression: its errors go inside it.
+        return quote::quote!({ #out });
+    }
     out
 }
 
@@ -349,7 +354,7 @@ mod tests {
         assert_eq!(
             msgs,
             [
-                "unknown form `model.tracee(...)`: expected `model.trace(input) { ... }`, `model.scan(input) { ... }` to run it on shapes alone, or `model.generate(input, options) { ... }` to decode",
+                "unknown form `model.tracee(...)`: expected `model.trace(input) { ... }`, `model.scan(input) { ... }` to run it on shapes alone, `model.generate(input, options) { ... }` to decode, or `model.edit() { ... }` for a persistent edit",
                 "assign to `.output` or `.input` of a module"
             ]
         );

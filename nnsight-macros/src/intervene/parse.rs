@@ -56,11 +56,16 @@ pub struct Invoke {
 }
 
 /// The forms of `ROOT.FORM(..) { .. }`.
-const FORMS: [&str; 3] = ["trace", "scan", "generate"];
+const FORMS: [&str; 5] = ["trace", "scan", "generate", "edit", "edit_in_place"];
 
 /// Whether the form token is `scan` (a run on shapes alone).
 pub fn is_scan(form: &Ident) -> bool {
     form == "scan"
+}
+
+/// Whether the form token is `edit` or `edit_in_place` (a persistent edit: no input, applied to every later run).
+pub fn is_edit(form: &Ident) -> bool {
+    form == "edit" || form == "edit_in_place"
 }
 
 /// Whether the form token is `generate` (decoding: one forward pass per new token).
@@ -93,13 +98,17 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
         errors.push(syn::Error::new(
             trace.span(),
             format!(
-                "unknown form `{root}.{trace}(...)`: expected `{root}.trace(input) {{ ... }}`, `{root}.scan(input) {{ ... }}` to run it on shapes alone, or `{root}.generate(input, options) {{ ... }}` to decode"
+                "unknown form `{root}.{trace}(...)`: expected `{root}.trace(input) {{ ... }}`, `{root}.scan(input) {{ ... }}` to run it on shapes alone, `{root}.generate(input, options) {{ ... }}` to decode, or `{root}.edit() {{ ... }}` for a persistent edit"
             ),
         ));
     }
     // Messages name the form written (`scan` or `trace`; `trace` for an unknown one).
     let form = if is_scan(&trace) {
         "scan"
+    } else if trace == "edit" {
+        "edit"
+    } else if trace == "edit_in_place" {
+        "edit_in_place"
     } else if is_generate(&trace) {
         "generate"
     } else {
@@ -123,8 +132,19 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
     } else {
         None
     };
+    let edit = is_edit(&trace);
     let mut input_expr = match &generate_args {
         Some(_) => None,
+        None if edit => {
+            let all = Punctuated::<Expr, Token![,]>::parse_terminated(&args)?;
+            if let Some(first) = all.first() {
+                errors.push(syn::Error::new(
+                    first.span(),
+                    format!("`{form}` takes no input: an edit applies to every row of every later run, `{root}.{form}() {{ ... }}`"),
+                ));
+            }
+            None
+        }
         None => single_input(&args, &format!("`{form}` takes one input, or none with `invoke` blocks"), errors)?,
     };
     if !input.peek(syn::token::Brace) {
@@ -132,7 +152,8 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
     }
     let body;
     braced!(body in input);
-    let items = parse_items(&body, true, errors)?;
+    let refusal = edit.then_some("an edit has no `invoke` blocks: it applies to every row of every later run");
+    let items = parse_items(&body, refusal, errors)?;
     if input.peek(Token![;]) {
         input.parse::<Token![;]>()?;
     }
@@ -166,6 +187,7 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
         }
     }
     match (&input_expr, invokes.first()) {
+        _ if edit => {}
         (Some(_), Some(first)) => errors.push(syn::Error::new(
             first.keyword.span(),
             format!("`invoke` blocks need a {form} without input: `{root}.{form}() {{ invoke(input) {{ ... }} }}`"),
@@ -192,8 +214,8 @@ fn single_input(args: ParseStream, message: &str, errors: &mut Errors) -> syn::R
     Ok(first)
 }
 
-/// Statements and (when `allow_invoke`) invoke blocks up to the end of `input`.
-fn parse_items(input: ParseStream, allow_invoke: bool, errors: &mut Errors) -> syn::Result<Vec<Item>> {
+/// Statements and invoke blocks up to the end of `input`; an invoke block is reported with `refusal` when given.
+fn parse_items(input: ParseStream, refusal: Option<&str>, errors: &mut Errors) -> syn::Result<Vec<Item>> {
     let mut items = Vec::new();
     while !input.is_empty() {
         if is_invoke(input.cursor()) {
@@ -203,12 +225,12 @@ fn parse_items(input: ParseStream, allow_invoke: bool, errors: &mut Errors) -> s
             let input_expr = single_input(&args, "`invoke` takes one input, or none for the whole batch", errors)?;
             let body;
             braced!(body in input);
-            let inner = parse_items(&body, false, errors)?;
+            let inner = parse_items(&body, Some("`invoke` blocks cannot be nested"), errors)?;
             if input.peek(Token![;]) {
                 input.parse::<Token![;]>()?;
             }
-            if !allow_invoke {
-                errors.push(syn::Error::new(keyword.span(), "`invoke` blocks cannot be nested"));
+            if let Some(refusal) = refusal {
+                errors.push(syn::Error::new(keyword.span(), refusal));
                 items.extend(inner);
                 continue;
             }
@@ -354,7 +376,7 @@ mod tests {
         assert_eq!(
             msgs,
             [
-                "unknown form `model.tracee(...)`: expected `model.trace(input) { ... }`, `model.scan(input) { ... }` to run it on shapes alone, or `model.generate(input, options) { ... }` to decode",
+                "unknown form `model.tracee(...)`: expected `model.trace(input) { ... }`, `model.scan(input) { ... }` to run it on shapes alone, `model.generate(input, options) { ... }` to decode, or `model.edit() { ... }` for a persistent edit",
                 "`invoke` takes one input, or none for the whole batch",
                 "`invoke` blocks cannot be nested",
             ]
@@ -378,6 +400,21 @@ mod tests {
         assert_eq!(
             parse_messages(quote!(model.generate("x", opts, 3) { })),
             ["`generate` takes an input and options (`generate(input, options)`), or only options with `invoke` blocks"]
+        );
+    }
+
+    #[test]
+    fn edit_forms_take_no_input_and_no_invokes() {
+        let ast = parse_ok(quote!(model.edit() { model.x.output = model.x.output * 2.0; }));
+        assert!(is_edit(&ast.trace) && ast.input.is_none() && ast.items.len() == 1);
+        let ast = parse_ok(quote!(model.edit_in_place() { model.x.output = model.x.output * 2.0; }));
+        assert!(is_edit(&ast.trace) && ast.trace == "edit_in_place");
+        assert_eq!(
+            parse_messages(quote!(model.edit(x) { invoke(y) { } })),
+            [
+                "`edit` takes no input: an edit applies to every row of every later run, `model.edit() { ... }`",
+                "an edit has no `invoke` blocks: it applies to every row of every later run"
+            ]
         );
     }
 

@@ -6,11 +6,13 @@
 //! nodes. Because the envoy tree is ordinary Rust structs, a typo in a path is a compile error under the typo.
 
 mod builder;
+pub mod edit;
 pub(crate) mod generate;
 mod proxy;
 pub(crate) mod trace;
 
 pub use builder::{CallOrder, GraphCell};
+pub use edit::{EditBlock, EditList, Editable, Edited, IntoEditBlock};
 pub use generate::{Generate, GenerateTarget, Generated};
 pub use proxy::{cat, stack, IntoDims, IntoIndex, IntoIndexItem, IntoTensorProxy, NewAxis, Proxy, Saved};
 pub use trace::{

@@ -564,13 +564,15 @@ pub struct NNsight<M: Traceable + Forward> {
     module: M,
     envoy: OnceLock<M::Envoy>,
     order: OnceLock<Arc<CallOrder>>,
+    /// In-place edits, applied before every run.
+    edits: super::EditList,
 }
 
 impl<M: Traceable + Forward> NNsight<M> {
     /// Wraps `module` as the root (path `""`): every submodule gets its dotted path.
     pub fn new(mut module: M) -> Self {
         module.set_path("");
-        NNsight { module, envoy: OnceLock::new(), order: OnceLock::new() }
+        NNsight { module, envoy: OnceLock::new(), order: OnceLock::new(), edits: super::EditList::new() }
     }
 
     /// The module.
@@ -581,7 +583,15 @@ impl<M: Traceable + Forward> NNsight<M> {
     /// A plain forward pass.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
-        Ctx::new().call(&self.module, x)
+        super::edit::with_edits(&self.edits, &self.module, false, None, |hook| match hook {
+            Some(h) => Ctx::with_hook(h).call(&self.module, x),
+            None => Ctx::new().call(&self.module, x),
+        })
+    }
+
+    /// Removes the in-place edits: outputs are again exactly those of the unedited module.
+    pub fn clear_edits(&self) {
+        self.edits.clear();
     }
 
     /// The module tree, printable like `print(model)` in PyTorch.
@@ -634,7 +644,14 @@ impl<M: Traceable + Forward> TraceTarget for NNsight<M> {
         Ok((batch, rows, total))
     }
     fn forward_hooked(&self, batch: &Tensor, hook: &mut dyn Hook) -> Result<()> {
-        let _ = Ctx::with_hook(hook).call(&self.module, batch)?;
-        Ok(())
+        super::edit::with_edits(&self.edits, &self.module, false, Some(hook), |h| {
+            Ctx::with_hook(h.expect("a hook was given")).call(&self.module, batch).map(|_| ())
+        })
+    }
+}
+
+impl<M: Traceable + Forward> super::Editable for NNsight<M> {
+    fn edit_list(&self) -> &super::EditList {
+        &self.edits
     }
 }

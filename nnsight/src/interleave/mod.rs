@@ -199,6 +199,17 @@ impl<'a> Interleaver<'a> {
         })
     }
 
+    /// Prepares `graph`, one invoke that sees every row of whatever batch comes (a persistent edit's graph: its
+    /// reads are whole tensors and its writes replace them whole, whatever the batch size).
+    pub fn whole(graph: &'a Graph, root: &'a dyn Module) -> Result<Self> {
+        Self::new(graph, vec![(0, i64::MAX)], i64::MAX, root)
+    }
+
+    /// Whether every node has run (or been skipped): nothing waits for a hook event any more.
+    pub fn is_done(&self) -> bool {
+        self.deferred.is_empty() && (0..self.per_invoke.len()).all(|i| self.cursor[i] >= self.per_invoke[i].len())
+    }
+
     /// Makes this a scan's interleaver (see [`crate::meta`]): tensor constants become meta tensors of their shape
     /// and dtype, device moves (`to_device`, a cache's device) keep values meta, and `log!` prints shapes. Values
     /// the forward pass hands over are meta already.
