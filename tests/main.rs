@@ -18,4 +18,5 @@ mod parity_smollm2;
 mod scan;
 mod session;
 mod tiny_models;
+mod training;
 mod ui;

@@ -9,6 +9,7 @@
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/result_type.h>
 #include <torch/library.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <c10/util/intrusive_ptr.h>
 
@@ -330,6 +331,38 @@ int nnsight_remove_grad_hook(nnsight_grad_hook *handle) {
 // Frees a handle (not the hook: that stays with its tensor until removed or freed with it).
 void nnsight_free_grad_hook(nnsight_grad_hook *handle) {
     delete handle;
+}
+
+// Backpropagates from the one-element *loss, accumulating into the `.grad` of every leaf that requires grad and
+// that the loss depends on, as `loss.backward()` does in PyTorch; the graph is kept when keep_graph is nonzero.
+// Returns 0, or 1 when libtorch refused (its message, cut to err_len - 1 bytes, is written to err). Never throws.
+int nnsight_backward(const at::Tensor *loss, int keep_graph, char *err, size_t err_len) {
+    try {
+        torch::autograd::backward({*loss}, {}, keep_graph != 0, false);
+        return 0;
+    } catch (const std::exception &e) {
+        if (err_len > 0) {
+            std::snprintf(err, err_len, "%s", e.what());
+        }
+        return 1;
+    } catch (...) {
+        if (err_len > 0) {
+            std::snprintf(err, err_len, "%s", "unknown libtorch error");
+        }
+        return 1;
+    }
+}
+
+// Drops *t's gradient: it is undefined again, as before any backward (its memory is freed). Never throws.
+int nnsight_reset_grad(const at::Tensor *t) {
+    try {
+        if (t->defined()) {
+            t->mutable_grad().reset();
+        }
+        return 0;
+    } catch (...) {
+        return 1;
+    }
 }
 
 }

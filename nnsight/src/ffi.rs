@@ -22,6 +22,13 @@ unsafe extern "C" {
     fn nnsight_is_meta(t: *const torch_sys::C_tensor) -> std::ffi::c_int;
     fn nnsight_install_meta_kernels() -> std::ffi::c_int;
     fn nnsight_same_tensor(a: *const torch_sys::C_tensor, b: *const torch_sys::C_tensor) -> std::ffi::c_int;
+    fn nnsight_backward(
+        loss: *const torch_sys::C_tensor,
+        keep_graph: std::ffi::c_int,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> std::ffi::c_int;
+    fn nnsight_reset_grad(t: *const torch_sys::C_tensor) -> std::ffi::c_int;
 }
 
 const UNKNOWN: u8 = 0;
@@ -104,6 +111,27 @@ pub(crate) fn is_meta(t: &Tensor) -> bool {
 pub(crate) fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
     // SAFETY: both are live tensors borrowed for the call.
     unsafe { nnsight_same_tensor(a.as_ptr(), b.as_ptr()) != 0 }
+}
+
+/// `loss.backward()` as in PyTorch: accumulates into the `.grad` of every leaf that requires grad and that `loss`
+/// (one element) depends on; keeps the autograd graph when `keep_graph` (tch's `backward` always frees it).
+pub(crate) fn backward(loss: &Tensor, keep_graph: bool) -> Result<(), tch::TchError> {
+    let mut err = vec![0u8; 1024];
+    // SAFETY: `loss` is live for the call; `err` is a writable buffer of the length given.
+    let rc = unsafe { nnsight_backward(loss.as_ptr(), keep_graph as _, err.as_mut_ptr().cast(), err.len()) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+    Err(tch::TchError::Torch(String::from_utf8_lossy(&err[..end]).into_owned()))
+}
+
+/// Drops `t`'s gradient (undefined again, its memory freed).
+pub(crate) fn reset_grad(t: &Tensor) {
+    // SAFETY: `t` is live for the call.
+    unsafe {
+        nnsight_reset_grad(t.as_ptr());
+    }
 }
 
 /// A meta tensor of `t`'s sizes, strides and dtype (no data is copied); `t` itself when it is meta already.

@@ -357,6 +357,32 @@ impl<M: CausalLm> LanguageModel<M> {
         Ok(self.meta_twin.get_or_init(|| twin))
     }
 
+    /// A handle on the parameter `name` (dotted, as in [`LanguageModel::tree`]: `model.layers.3.mlp.up_proj.weight`),
+    /// sharing its storage: make it require grad and give it to an optimizer to train it (see the README's
+    /// Training section); a step on it changes the model.
+    pub fn parameter(&self, name: &str) -> Result<Tensor> {
+        let all = crate::nn::named_parameters(&self.model);
+        if let Some((_, t)) = all.iter().find(|(n, _)| n == name) {
+            return Ok(t.shallow_clone());
+        }
+        let near: Vec<&str> = all
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| n.rsplit('.').next() == name.rsplit('.').next())
+            .take(4)
+            .collect();
+        Err(Error::InvalidInput {
+            message: format!(
+                "the model has no parameter `{name}` (e.g. {}; `model.tree()` lists them all)",
+                if near.is_empty() {
+                    all.iter().take(3).map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                } else {
+                    near.join(", ")
+                }
+            ),
+        })
+    }
+
     /// The module tree (paths, types and parameter shapes), printable with `{}` like `print(model)` in PyTorch.
     pub fn tree(&self) -> ModuleTree<'_> {
         ModuleTree(&self.model)

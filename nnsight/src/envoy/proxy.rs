@@ -585,10 +585,20 @@ impl<'g> std::ops::Neg for Saved<'g, Tensor> {
 
 impl GraphCell {
     /// A constant node holding a copy of `t`.
+    ///
+    /// A tensor that requires grad (a trainable parameter of a session) is also kept live: the run uses it
+    /// itself, so that a backward reaches it (its `.grad` accumulates) and an optimizer step between runs is seen
+    /// by the next one. The copy is what the graph serializes.
     pub(crate) fn constant_tensor<'g>(&'g self, t: &Tensor) -> Proxy<'g, Tensor> {
         let data = TensorData::from_tensor(t);
         match data {
-            Ok(d) => Proxy::new(self.push(Op::Const { value: Constant::Tensor(d) }), self),
+            Ok(d) => {
+                let id = self.push(Op::Const { value: Constant::Tensor(d) });
+                if t.requires_grad() {
+                    self.inner.borrow_mut().graph.live.insert(id, t);
+                }
+                Proxy::new(id, self)
+            }
             Err(e) => {
                 self.record_error(e);
                 Proxy::new(self.push(Op::Const { value: Constant::Scalar(f64::NAN) }), self)

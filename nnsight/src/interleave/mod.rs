@@ -410,6 +410,13 @@ impl<'a> Interleaver<'a> {
                             op.inputs().iter().map(|&j| self.values[j as usize].as_ref().expect("checked")).collect();
                         match op {
                             Op::Apply { module, .. } => Some(self.apply(module, inputs[0])?),
+                            // A trainable tensor: itself, so that gradients reach it.
+                            Op::Const { .. } if !self.meta && !self.graph.live.is_empty() => {
+                                match self.graph.live.get(id) {
+                                    Some(t) => Some(Value::Tensor(t)),
+                                    None => Some(eval(op, &inputs).map_err(|e| at_node(e, id, op))?),
+                                }
+                            }
                             _ if self.meta => Some(eval_meta(op, &inputs).map_err(|e| at_node(e, id, op))?),
                             _ => Some(eval(op, &inputs).map_err(|e| at_node(e, id, op))?),
                         }
@@ -455,20 +462,40 @@ impl<'a> Interleaver<'a> {
             }
         }
         let sources: Vec<Tensor> = wanted.iter().map(|w| w.1.shallow_clone()).collect();
-        let hooks = self.gradient_writes(id, inv)?;
-        if sources.is_empty() {
+        let trains = self.trains();
+        if sources.is_empty() && !trains {
             return Ok(());
         }
         if !l.requires_grad() {
             return Err(Error::Intervention {
-                message: format!("node {id}: the loss does not depend on any value whose gradient is read"),
+                message: format!(
+                    "node {id}: the loss does not depend on any value whose gradient is read, nor on any tensor that requires grad"
+                ),
             });
         }
-        let grads = Tensor::f_run_backward(&[&l], &sources, true, false).map_err(|e| Error::Intervention {
-            message: format!(
-                "node {id} (backward): {e} (is every value whose gradient is read upstream of the loss in the forward pass?)"
-            ),
-        });
+        let hooks = self.gradient_writes(id, inv)?;
+        let grads = if sources.is_empty() {
+            Ok(Vec::new())
+        } else {
+            Tensor::f_run_backward(&[&l], &sources, true, false).map_err(|e| Error::Intervention {
+                message: format!(
+                    "node {id} (backward): {e} (is every value whose gradient is read upstream of the loss in the forward pass?)"
+                ),
+            })
+        };
+        // Training: `.grad` of every trainable leaf accumulates, as `loss.backward()` does in PyTorch (with the
+        // gradient writes' hooks still on). The parameters made to require grad for a `.grad` read only get none.
+        let accumulated = if trains && grads.is_ok() {
+            let r = crate::ffi::backward(&l, true).map_err(|e| Error::Intervention {
+                message: format!("node {id} (backward into trainable tensors): {e}"),
+            });
+            for t in &self.params_to_reset {
+                crate::ffi::reset_grad(t);
+            }
+            r
+        } else {
+            Ok(())
+        };
         let mut hook_errors = Vec::new();
         let mut written: Vec<(NodeId, NodeId, Option<Tensor>)> = Vec::new();
         for h in hooks {
@@ -481,6 +508,7 @@ impl<'a> Interleaver<'a> {
             return Err(e);
         }
         let grads = grads?;
+        accumulated?;
         for ((g, _, rows), grad) in wanted.into_iter().zip(grads) {
             // A gradient read after a write of it is the written one (autograd hands back the one before hooks).
             let after_write = match self.graph.nodes[g as usize].op {
@@ -569,9 +597,21 @@ impl<'a> Interleaver<'a> {
         Ok(hooks)
     }
 
-    /// Whether the graph takes gradients (the forward then runs with autograd on).
+    /// Whether the graph takes gradients (the forward then runs with autograd on): it reads gradients, or it
+    /// backpropagates into trainable tensors.
     pub fn wants_gradients(&self) -> bool {
-        !self.grad_reads.is_empty() || self.graph.nodes.iter().any(|n| matches!(n.op, Op::ParamGrad { .. }))
+        !self.grad_reads.is_empty()
+            || self.graph.nodes.iter().any(|n| matches!(n.op, Op::ParamGrad { .. }))
+            || (self.graph.nodes.iter().any(|n| matches!(n.op, Op::Backward { .. })) && self.trains())
+    }
+
+    /// Whether a backward trains something: the graph uses a tensor that requires grad, or some parameter of the
+    /// model requires grad (other than those made to for a `.grad` read of this run).
+    fn trains(&self) -> bool {
+        !self.graph.live.is_empty()
+            || crate::nn::named_parameters(self.root)
+                .iter()
+                .any(|(_, t)| t.requires_grad() && !self.params_to_reset.iter().any(|r| crate::ffi::same_tensor(r, t)))
     }
 
     /// Makes the parameters whose gradients the graph reads require grad for this run (they are put back when
