@@ -296,7 +296,7 @@ fn a_gradient_write_in_one_invoke_leaves_the_other_alone() -> nnsight::Result<()
                 let ha0 = model.transformer.h[0].output;
                 let ha1 = model.transformer.h[1].output;
                 model.output[(.., -1, ..)].max().backward();
-                ha1.grad = ha1.grad * factor;
+                ha1.grad *= factor; // compound: ha1.grad = ha1.grad * factor
                 let ga = ha0.grad.save();
             }
             invoke(b) {

@@ -300,6 +300,18 @@ impl<'a> Rewriter<'a> {
     }
 
     fn compound_assign(&mut self, b: syn::ExprBinary) -> Expr {
+        // `X.grad *= VALUE`: the gradient write `X.grad = X.grad * VALUE`.
+        if matches!(&*b.left, Expr::Field(f) if matches!(&f.member, Member::Named(n) if n == "grad")) {
+            let Some(op) = self.compound_op(&b.op, "`.grad`") else { return unit() };
+            let s = gen(first_span(&b.op));
+            let g = Ident::new("__nn_g", s);
+            let grad = self.fold_expr((*b.left).clone());
+            let current = self.fold_expr(*b.left);
+            let right = self.fold_expr(*b.right);
+            return Expr::Verbatim(
+                quote_spanned!(s=> ::nnsight::__private::write_grad(#g, #grad, #current #op (#right))),
+            );
+        }
         let hook = self.is_hook_point(&b.left);
         if !hook {
             if self.path_kind(&b.left) == Some(PathKind::Path) {
@@ -308,7 +320,18 @@ impl<'a> Rewriter<'a> {
             }
             return fold::fold_expr(self, Expr::Binary(b));
         }
-        let op = match b.op {
+        let Some(op) = self.compound_op(&b.op, "`.output` and `.input`") else { return unit() };
+        let op_span = first_span(&b.op);
+        let right = self.fold_expr(*b.right);
+        let right =
+            if is_operand(&right) { right.into_token_stream() } else { quote_spanned!(gen(op_span)=> (#right)) };
+        let current = self.read((*b.left).clone());
+        self.write(*b.left, quote!(#current #op #right), op_span)
+    }
+
+    /// The operator of `+=`, `-=`, `*=` or `/=`; any other is reported (it does not apply to `target`).
+    fn compound_op(&mut self, op: &BinOp, target: &str) -> Option<TokenStream> {
+        Some(match op {
             BinOp::AddAssign(t) => quote_spanned!(gen(t.spans[0])=> +),
             BinOp::SubAssign(t) => quote_spanned!(gen(t.spans[0])=> -),
             BinOp::MulAssign(t) => quote_spanned!(gen(t.spans[0])=> *),
@@ -316,17 +339,11 @@ impl<'a> Rewriter<'a> {
             other => {
                 self.errors.push(syn::Error::new_spanned(
                     other,
-                    "only `=`, `+=`, `-=`, `*=` and `/=` apply to `.output` and `.input`",
+                    format!("only `=`, `+=`, `-=`, `*=` and `/=` apply to {target}"),
                 ));
-                return unit();
+                return None;
             }
-        };
-        let op_span = first_span(&b.op);
-        let right = self.fold_expr(*b.right);
-        let right =
-            if is_operand(&right) { right.into_token_stream() } else { quote_spanned!(gen(op_span)=> (#right)) };
-        let current = self.read((*b.left).clone());
-        self.write(*b.left, quote!(#current #op #right), op_span)
+        })
     }
 
     fn method_call(&mut self, m: syn::ExprMethodCall) -> Expr {
