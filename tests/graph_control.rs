@@ -297,9 +297,10 @@ fn kind_index(op: &Op) -> usize {
         Op::Grad { .. } => 38,
         Op::ParamGrad { .. } => 39,
         Op::GradWrite { .. } => 40,
+        Op::Send { .. } => 41,
     }
 }
-const KINDS: usize = 41;
+const KINDS: usize = 42;
 
 #[test]
 fn every_node_kind_round_trips_through_json() -> nnsight::Result<()> {
@@ -355,6 +356,7 @@ fn every_node_kind_round_trips_through_json() -> nnsight::Result<()> {
         Op::Grad { a: 2, backward: 38 },
         Op::ParamGrad { module: "lm_head".into(), param: "weight".into(), backward: 38 },
         Op::GradWrite { a: 2, value: 39, backward: 38 },
+        Op::Send { a: 0, label: "h".into() },
     ];
     let mut seen = [false; KINDS];
     for op in &ops {

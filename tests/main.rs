@@ -15,6 +15,7 @@ mod intervene;
 mod linking;
 mod loading_errors;
 mod parity_smollm2;
+mod remote;
 mod scan;
 mod session;
 mod tiny_models;

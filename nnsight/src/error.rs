@@ -196,6 +196,55 @@ pub enum Error {
         message: String,
     },
 
+    /// Bytes on the wire (a request, a result) are not a valid message of the protocol.
+    #[error("protocol error: {message}")]
+    Protocol {
+        /// What is wrong (an unknown op is named).
+        message: String,
+    },
+
+    /// Client and server speak different versions of the wire format.
+    #[error("protocol version mismatch: the server speaks version {server}, the client version {client}")]
+    ProtocolVersion {
+        /// The server's version.
+        server: u32,
+        /// The client's version.
+        client: u32,
+    },
+
+    /// A request is over one of the server's limits.
+    #[error("over the server's limit: {what} is {given}, the limit is {limit}")]
+    Limit {
+        /// What is limited (`request bytes`, `graph nodes`, `saved bytes`).
+        what: String,
+        /// The limit.
+        limit: u64,
+        /// What the request has.
+        given: u64,
+    },
+
+    /// A job ran past its time limit and was cancelled (the server stays healthy).
+    #[error("the job ran past its time limit of {seconds} s and was cancelled")]
+    TimeLimit {
+        /// The limit in seconds.
+        seconds: f64,
+    },
+
+    /// The server's queue for the model is full.
+    #[error("the server is busy: retry after {retry_after_s} s")]
+    Busy {
+        /// When to retry, in seconds.
+        retry_after_s: u64,
+    },
+
+    /// A remote run failed: the server refused the request or the job failed there, or the server could not be
+    /// reached.
+    #[error("remote: {message}")]
+    Remote {
+        /// What the server said, or why it could not be reached.
+        message: String,
+    },
+
     /// A persistent edit cannot hold this kind of node (it runs again in every later forward pass, keeping
     /// nothing).
     #[error("an edit cannot {what} (node {node}): {hint}")]

@@ -32,7 +32,8 @@ use tch::{Device, Kind, Tensor};
 /// let sampled = GenerateOptions::new().do_sample(true).temperature(0.8).top_p(0.95).seed(7);
 /// # let _ = (greedy, sampled);
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GenerateOptions {
     /// Most tokens added to each row (default 20; at least 1).
     pub max_new_tokens: usize,
@@ -58,6 +59,7 @@ pub struct GenerateOptions {
     pub full_prefill_logits: bool,
     /// Called with each step's tokens as they come, by every way of generating (`generate`, the iterator, a
     /// traced generation in `intervene!`); an `Err` ends the generation and is returned.
+    #[serde(skip)]
     pub on_token: Option<OnToken>,
 }
 
@@ -311,6 +313,15 @@ impl TextStream {
     /// The text shown so far.
     pub fn text(&self) -> &str {
         &self.shown
+    }
+
+    /// What is still held back at the end (an unfinished character shows as `\u{FFFD}`): print it once the
+    /// generation is over.
+    pub fn finish<M: CausalLm>(&mut self, model: &LanguageModel<M>) -> Result<String> {
+        let text = model.decode(&self.ids)?;
+        let rest = text.strip_prefix(self.shown.as_str()).unwrap_or_default().to_string();
+        self.shown = text;
+        Ok(rest)
     }
 }
 

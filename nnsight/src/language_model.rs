@@ -52,7 +52,8 @@ impl LoadOptions {
 }
 
 /// What a model is run on: one text, a batch of texts, or token ids (one row or several).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Input {
     /// One prompt.
     Text(String),
@@ -191,6 +192,9 @@ pub struct LanguageModel<M: CausalLm = AutoModel> {
     source: PathBuf,
     /// In-place edits (`intervene!(model.edit_in_place() { .. })`), applied before every run.
     edits: EditList,
+    /// The server this handle is connected to ([`LanguageModel::connect`]): its parameters are meta tensors and
+    /// every block runs there.
+    remote: Option<crate::remote::Remote>,
 }
 
 impl<M: CausalLm> LanguageModel<M> {
@@ -301,7 +305,45 @@ impl<M: CausalLm> LanguageModel<M> {
             device,
             source: source.to_path_buf(),
             edits: EditList::new(),
+            remote: None,
         }
+    }
+
+    /// A handle of the model `remote` names, built from what the server describes (configuration, tokenizer,
+    /// parameter shapes) without its weights: the parameters are meta tensors, so a laptop can hold a model it
+    /// could not load. Every block on it (`trace`, `generate`, `session`) runs on the server; a scan runs here, on
+    /// shapes; [`LanguageModel::forward`] asks the server for the logits.
+    pub fn connect(remote: &crate::remote::Remote) -> Result<Self> {
+        let info = remote.model_info()?;
+        let source = PathBuf::from(format!("{}/{}", remote.url(), remote.model()));
+        let config = RawConfig { source: source.clone(), json: info.config };
+        let arch = models::by_model_type(config.model_type()?)?;
+        Self::check_arch(&source, arch)?;
+        let tokenizer: Tokenizer = info
+            .tokenizer
+            .parse()
+            .map_err(|e| Error::Tokenizer { message: format!("the server's tokenizer cannot be read: {e}") })?;
+        let mut tensors = BTreeMap::new();
+        let mut kind = Kind::Float;
+        for (name, shape, dtype) in &info.parameters {
+            let k = crate::graph::value::kind_from_name(dtype)?;
+            if matches!(k, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
+                kind = k;
+            }
+            let t = crate::meta::empty(shape, k).map_err(|e| Error::torch(name.as_str(), e))?;
+            tensors.insert(name.clone(), t);
+        }
+        let mut weights = Weights::meta(&source, tensors, kind);
+        let model = M::from_config(&config, &mut weights)?;
+        weights.finish()?;
+        let mut lm = Self::assemble(model, config, tokenizer, info.special, Device::Cpu, &source);
+        lm.remote = Some(remote.clone());
+        Ok(lm)
+    }
+
+    /// The server this handle is connected to, if it is one ([`LanguageModel::connect`]).
+    pub fn server(&self) -> Option<&crate::remote::Remote> {
+        self.remote.as_ref()
     }
 
     /// Moves the model to `device` (parameters keep their dtype).
@@ -330,6 +372,11 @@ impl<M: CausalLm> LanguageModel<M> {
     /// The device the model is on.
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// The configuration as read (`config.json`, or its equivalent built from GGUF metadata).
+    pub fn config_json(&self) -> &serde_json::Value {
+        &self.config.json
     }
 
     /// The checkpoint the model was loaded from.
@@ -439,6 +486,29 @@ impl<M: CausalLm> LanguageModel<M> {
 
     /// A forward pass over a prepared batch.
     pub fn forward_batch(&self, batch: &Batch) -> Result<Tensor> {
+        if let Some(remote) = &self.remote {
+            // The logits from the server: a graph that saves the root's output.
+            let rows: Vec<Vec<i64>> = (0..batch.lengths.len())
+                .map(|r| {
+                    let row = batch.input_ids.get(r as i64);
+                    let real = batch.lengths[r] as i64;
+                    let ids = row.narrow(0, row.size()[0] - real, real);
+                    Vec::<i64>::try_from(&ids).map_err(|e| Error::torch("forward", e))
+                })
+                .collect::<Result<_>>()?;
+            let mut graph = crate::graph::Graph::default();
+            let read = graph
+                .push(crate::graph::Op::Read { module: String::new(), point: crate::graph::Point::Output, call: 0 }, 0);
+            graph.push(crate::graph::Op::Save { value: read }, 0);
+            let job =
+                crate::remote::Job::Trace { graph, inputs: vec![Some(Input::Ids(rows))], edits: self.wire_edits() };
+            let mut done = remote.run(job)?;
+            let value = done
+                .values
+                .remove(&read)
+                .ok_or_else(|| Error::Remote { message: "the server sent no logits".into() })?;
+            return value.tensor().map(Tensor::shallow_clone);
+        }
         let _guard = tch::no_grad_guard();
         with_edits(&self.edits, &self.model, false, None, |hook| match hook {
             Some(h) => self.model.run(&mut Ctx::with_hook(h), batch),
@@ -480,9 +550,13 @@ impl<M: CausalLm> TraceTarget for LanguageModel<M> {
     }
 
     fn call_order(&self, _sample: Option<&Input>) -> Result<Option<Arc<CallOrder>>> {
-        // The order of module calls does not depend on the tokens: record it once on a one-token pass.
+        // The order of module calls does not depend on the tokens: record it once on a one-token pass (on shapes
+        // alone for a handle without weights).
         Ok(OrderRecorder::record_once(&self.order, |hook| {
-            let batch = Batch::from_rows(&[vec![0]], 0, self.device)?;
+            let mut batch = Batch::from_rows(&[vec![0]], 0, self.device)?;
+            if self.remote.is_some() {
+                batch = batch.to_meta()?;
+            }
             self.model.run(&mut Ctx::with_hook(hook), &batch).map(|_| ())
         }))
     }
@@ -504,6 +578,18 @@ impl<M: CausalLm> TraceTarget for LanguageModel<M> {
         let pad = self.special.pad.or(self.special.eos).unwrap_or(0) as i64;
         let batch = Batch::from_rows(&all, pad, self.device)?;
         Ok((batch, spans.into_iter().map(|s| s.unwrap_or((0, total))).collect(), total))
+    }
+
+    fn remote(&self) -> Option<&crate::remote::Remote> {
+        self.remote.as_ref()
+    }
+
+    fn wire_inputs(&self, inputs: &[Option<Input>]) -> Result<Vec<Option<Input>>> {
+        Ok(inputs.to_vec())
+    }
+
+    fn wire_edits(&self) -> Vec<crate::graph::Graph> {
+        self.edits.snapshot().iter().map(|g| crate::graph::Graph::clone(g)).collect()
     }
 
     fn forward_hooked(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<()> {

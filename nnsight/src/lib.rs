@@ -31,6 +31,7 @@ pub mod load;
 pub mod meta;
 pub mod models;
 pub mod nn;
+pub mod remote;
 
 mod ffi;
 mod language_model;

@@ -86,6 +86,12 @@ pub fn log<'g>(g: &'g GraphCell, label: &str, value: impl IntoTensorProxy<'g>) {
     g.push(crate::graph::Op::Log { a: v.node(), label: label.to_string() });
 }
 
+/// `send!(value)`: hand the value to whoever runs the graph as soon as it is computed.
+pub fn send<'g>(g: &'g GraphCell, label: &str, value: impl IntoTensorProxy<'g>) {
+    let v = value.into_proxy(g);
+    g.push(crate::graph::Op::Send { a: v.node(), label: label.to_string() });
+}
+
 /// Wraps a binding of the block for the after-block conversion (saved proxy -> value).
 pub fn finish<T>(v: T) -> Finish<T> {
     Finish::new(v)

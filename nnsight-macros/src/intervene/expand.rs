@@ -54,6 +54,10 @@ pub fn expand(r: Rewritten) -> TokenStream {
         #[allow(unused_variables)]
         let __nn_g = __nn_tr.graph();
     };
+    if let Some(server) = &r.remote {
+        let rs = gen(server.span());
+        out.extend(quote_spanned!(rs=> __nn_tr.remote(::std::borrow::Borrow::borrow(&(#server)));));
+    }
     for item in r.items {
         match item {
             Item::Stmt(stmt) => out.extend(statement(stmt)),

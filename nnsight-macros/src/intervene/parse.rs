@@ -33,6 +33,8 @@ pub struct Intervene {
     pub input: Option<Expr>,
     /// The options of `ROOT.generate(.., OPTIONS)`.
     pub options: Option<Expr>,
+    /// The server of `ROOT.trace(..).remote(SERVER)`: the block runs there.
+    pub remote: Option<Expr>,
     /// The statements and invoke blocks of the body, in order.
     pub items: Vec<Item>,
 }
@@ -147,6 +149,29 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
         }
         None => single_input(&args, &format!("`{form}` takes one input, or none with `invoke` blocks"), errors)?,
     };
+    // `.remote(server)`: the block runs on a server.
+    let mut remote = None;
+    if input.peek(Token![.]) {
+        input.parse::<Token![.]>()?;
+        let word: Ident = input.parse()?;
+        if word != "remote" || !input.peek(syn::token::Paren) {
+            return Err(syn::Error::new(
+                word.span(),
+                format!("expected `.remote(server)` or a block after `{root}.{form}(...)`"),
+            ));
+        }
+        let server;
+        parenthesized!(server in input);
+        let e: Expr = server.parse()?;
+        if is_scan(&trace) || edit {
+            errors.push(syn::Error::new(
+                word.span(),
+                format!("a {form} runs here (on shapes, or as an edit of the model): it cannot be `.remote(..)`"),
+            ));
+        } else {
+            remote = Some(e);
+        }
+    }
     if !input.peek(syn::token::Brace) {
         return Err(input.error(format!("expected a block `{{ ... }}` after `{root}.{form}(...)`")));
     }
@@ -200,7 +225,7 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
         )),
         _ => {}
     }
-    Ok(Intervene { root, trace, input: input_expr, options, items })
+    Ok(Intervene { root, trace, input: input_expr, options, remote, items })
 }
 
 /// The one optional input of `trace(..)` / `invoke(..)`; a second one is reported and dropped.

@@ -32,6 +32,8 @@ pub struct Rewritten {
     pub input: Option<Expr>,
     /// The options of `ROOT.generate(.., OPTIONS)`.
     pub options: Option<Expr>,
+    /// The server of `.remote(SERVER)`.
+    pub remote: Option<Expr>,
     /// Rewritten statements and invoke blocks, in order.
     pub items: Vec<Item>,
     /// Top-level bindings to finish after the run, in order.
@@ -48,7 +50,7 @@ pub struct Export {
 
 /// Rewrites every statement of the body and decides the exports.
 pub fn rewrite(ast: Intervene, errors: &mut Errors) -> Rewritten {
-    let Intervene { root, trace, input, options, items } = ast;
+    let Intervene { root, trace, input, options, remote, items } = ast;
     let mut exports = Exports::new(&root);
     let mut rw = Rewriter::new(&root, errors);
     let mut stmt = |s: Stmt, rw: &mut Rewriter| {
@@ -66,7 +68,7 @@ pub fn rewrite(ast: Intervene, errors: &mut Errors) -> Rewritten {
         })
         .collect();
     let exports = exports.finish();
-    Rewritten { root, trace, input, options, items, exports }
+    Rewritten { root, trace, input, options, remote, items, exports }
 }
 
 /// A span with the call site's hygiene (generated names resolve as if written by the user, lints see macro
@@ -262,13 +264,16 @@ impl<'a> Rewriter<'a> {
         Expr::Verbatim(quote_spanned!(s=> ::nnsight::__private::apply(#g, &#module #dot #method, #arg)))
     }
 
-    /// `log!(value)`: print the value when the graph computes it, labelled with its source text.
+    /// `log!(value)`: print the value when the graph computes it, labelled with its source text; `send!(value)`:
+    /// hand it to whoever runs the graph (a server streams it to its client), labelled the same way.
     fn log(&mut self, mac: Macro) -> Expr {
         let span = first_span(&mac.path);
+        let name = if mac.path.is_ident("send") { "send" } else { "log" };
         let value = match syn::parse2::<Expr>(mac.tokens.clone()) {
             Ok(v) => v,
             Err(e) => {
-                self.errors.push(syn::Error::new(e.span(), "`log!` takes one value, e.g. `log!(h.norm())`"));
+                self.errors
+                    .push(syn::Error::new(e.span(), format!("`{name}!` takes one value, e.g. `{name}!(h.norm())`")));
                 return unit();
             }
         };
@@ -276,7 +281,8 @@ impl<'a> Rewriter<'a> {
         let value = self.fold_expr(value);
         let s = gen(span);
         let g = Ident::new("__nn_g", s);
-        Expr::Verbatim(quote_spanned!(s=> ::nnsight::__private::log(#g, #label, #value)))
+        let f = Ident::new(name, s);
+        Expr::Verbatim(quote_spanned!(s=> ::nnsight::__private::#f(#g, #label, #value)))
     }
 
     fn assign(&mut self, a: syn::ExprAssign) -> Expr {
@@ -504,7 +510,7 @@ impl Fold for Rewriter<'_> {
             }
             Expr::ForLoop(f) if graph_forms::is_steps(&f.expr) => self.step_loop(f),
             Expr::ForLoop(f) => self.for_loop(f),
-            Expr::Macro(m) if m.mac.path.is_ident("log") => self.log(m.mac),
+            Expr::Macro(m) if m.mac.path.is_ident("log") || m.mac.path.is_ident("send") => self.log(m.mac),
             Expr::Macro(m) if m.mac.path.is_ident("call") => self.call_macro(m.mac),
             Expr::Macro(m) if m.mac.path.is_ident("cond") => self.misplaced_cond(&m.mac),
             Expr::If(i) if graph_forms::is_cond(&i.cond) => self.graph_if(i),
@@ -532,7 +538,7 @@ impl Fold for Rewriter<'_> {
     /// `log!(value);` as a statement: a print node.
     fn fold_stmt(&mut self, s: Stmt) -> Stmt {
         match s {
-            Stmt::Macro(m) if m.mac.path.is_ident("log") => {
+            Stmt::Macro(m) if m.mac.path.is_ident("log") || m.mac.path.is_ident("send") => {
                 let semi = m.semi_token.unwrap_or_default();
                 Stmt::Expr(self.log(m.mac), Some(semi))
             }

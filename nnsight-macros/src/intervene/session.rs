@@ -28,6 +28,24 @@ const FORMS: [&str; 3] = ["trace", "scan", "generate"];
 /// Whether `tokens` is `ROOT.session(..) { .. }`; returns the root, the `session` token and the body.
 pub fn split(tokens: &TokenStream) -> Option<(Ident, Ident, TokenStream, TokenStream)> {
     let tts: Vec<TokenTree> = tokens.clone().into_iter().collect();
+    // `ROOT.session(ARGS).remote(SERVER) { BODY }`: the server travels with the arguments, after a `;`.
+    if let [TokenTree::Ident(root), TokenTree::Punct(dot), TokenTree::Ident(form), TokenTree::Group(args), TokenTree::Punct(dot2), TokenTree::Ident(remote), TokenTree::Group(server), TokenTree::Group(body), rest @ ..] =
+        tts.as_slice()
+    {
+        if dot.as_char() == '.'
+            && dot2.as_char() == '.'
+            && form == "session"
+            && remote == "remote"
+            && args.delimiter() == Delimiter::Parenthesis
+            && server.delimiter() == Delimiter::Parenthesis
+            && body.delimiter() == Delimiter::Brace
+            && rest.iter().all(|t| matches!(t, TokenTree::Punct(p) if p.as_char() == ';'))
+        {
+            let s = server.stream();
+            let a = args.stream();
+            return Some((root.clone(), form.clone(), quote!(#a ; remote #s), body.stream()));
+        }
+    }
     match tts.as_slice() {
         [TokenTree::Ident(root), TokenTree::Punct(dot), TokenTree::Ident(form), TokenTree::Group(args), TokenTree::Group(body), rest @ ..]
             if dot.as_char() == '.'
@@ -45,11 +63,18 @@ pub fn split(tokens: &TokenStream) -> Option<(Ident, Ident, TokenStream, TokenSt
 /// Expands a session.
 pub fn expand(root: Ident, session: Ident, args: TokenStream, body: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
+    // `ARGS ; remote SERVER` (see `split`).
+    let tts: Vec<TokenTree> = args.into_iter().collect();
+    let cut = tts.iter().position(|t| matches!(t, TokenTree::Punct(p) if p.as_char() == ';'));
+    let (args, server): (Vec<TokenTree>, Option<TokenStream>) = match cut {
+        Some(i) => (tts[..i].to_vec(), Some(tts[i + 2..].iter().cloned().collect())),
+        None => (tts, None),
+    };
     if !args.is_empty() {
         errors.push(syn::Error::new(session.span(), "`session()` takes no arguments"));
     }
     let mut count = 0;
-    let body = rewrite(body, &root, &mut errors, &mut count);
+    let body = rewrite(body, &root, server.as_ref(), &mut errors, &mut count);
     if count == 0 {
         errors.push(syn::Error::new(
             session.span(),
@@ -62,7 +87,13 @@ pub fn expand(root: Ident, session: Ident, args: TokenStream, body: TokenStream)
 }
 
 /// Replaces every `FORM(ARGS) { BODY }` (at any depth) by an `intervene!` of it on `root`.
-fn rewrite(tokens: TokenStream, root: &Ident, errors: &mut Errors, count: &mut usize) -> TokenStream {
+fn rewrite(
+    tokens: TokenStream,
+    root: &Ident,
+    server: Option<&TokenStream>,
+    errors: &mut Errors,
+    count: &mut usize,
+) -> TokenStream {
     let tts: Vec<TokenTree> = tokens.into_iter().collect();
     let mut out = Vec::with_capacity(tts.len());
     let mut i = 0;
@@ -77,7 +108,7 @@ fn rewrite(tokens: TokenStream, root: &Ident, errors: &mut Errors, count: &mut u
                 && body.delimiter() == Delimiter::Brace
             {
                 *count += 1;
-                out.extend(block(form, args, body, root, errors));
+                out.extend(block(form, args, body, root, server, errors));
                 i += 3;
                 // The block is a statement: a `;` after it is optional.
                 if matches!(tts.get(i), Some(TokenTree::Punct(p)) if p.as_char() == ';') {
@@ -88,7 +119,7 @@ fn rewrite(tokens: TokenStream, root: &Ident, errors: &mut Errors, count: &mut u
         }
         match &tts[i] {
             TokenTree::Group(g) => {
-                let inner = rewrite(g.stream(), root, errors, count);
+                let inner = rewrite(g.stream(), root, server, errors, count);
                 let mut ng = Group::new(g.delimiter(), inner);
                 ng.set_span(g.span());
                 out.push(TokenTree::Group(ng));
@@ -101,7 +132,14 @@ fn rewrite(tokens: TokenStream, root: &Ident, errors: &mut Errors, count: &mut u
 }
 
 /// One block of the session: `::nnsight::intervene!(ROOT.FORM(ARGS) { BODY KEEPS });`.
-fn block(form: &Ident, args: &Group, body: &Group, root: &Ident, errors: &mut Errors) -> TokenStream {
+fn block(
+    form: &Ident,
+    args: &Group,
+    body: &Group,
+    root: &Ident,
+    server: Option<&TokenStream>,
+    errors: &mut Errors,
+) -> TokenStream {
     let s = Span::call_site().located_at(form.span());
     let mut lets = Vec::new();
     // `invoke(..) { .. }` blocks are not Rust statements: a body with them does not parse here, and its lets
@@ -130,8 +168,10 @@ fn block(form: &Ident, args: &Group, body: &Group, root: &Ident, errors: &mut Er
     let inner = body.stream();
     let macro_path = quote_spanned!(s=> ::nnsight::intervene!);
     let semi = (!lets.is_empty()).then(|| quote_spanned!(s=> ;));
+    // On a server, every block but a scan (which runs here, on shapes) runs there.
+    let remote = server.filter(|_| form != "scan").map(|s| quote!(.remote(#s)));
     quote! {
-        #macro_path(#root.#form(#args) { #inner #semi #(#keeps)* });
+        #macro_path(#root.#form(#args) #remote { #inner #semi #(#keeps)* });
     }
 }
 

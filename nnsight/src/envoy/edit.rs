@@ -74,6 +74,15 @@ pub struct Edited<'m, T: TraceTarget> {
 }
 
 impl<'m, T: TraceTarget> Edited<'m, T> {
+    /// `base` with `edits` on top, oldest first (a server applies a request's edits this way).
+    pub(crate) fn with_edits(base: &'m T, edits: Vec<Arc<Graph>>) -> Self {
+        let list = EditList::new();
+        for e in edits {
+            list.push(e);
+        }
+        Edited { base, edits: list }
+    }
+
     /// The model underneath (without this layer's edits; with its own in-place ones).
     pub fn base(&self) -> &'m T {
         self.base
@@ -136,6 +145,18 @@ impl<T: TraceTarget> TraceTarget for Edited<'_, T> {
         let mut hook = EditHook::new(&own, self.base.root(), false, hook)?;
         self.base.forward_hooked(batch, &mut hook)
     }
+    fn remote(&self) -> Option<&crate::remote::Remote> {
+        self.base.remote()
+    }
+    fn wire_inputs(&self, inputs: &[Option<Self::Input>]) -> Result<Vec<Option<crate::Input>>> {
+        self.base.wire_inputs(inputs)
+    }
+    /// The model's edits, then these.
+    fn wire_edits(&self) -> Vec<Graph> {
+        let mut all = self.base.wire_edits();
+        all.extend(self.edits.snapshot().iter().map(|g| Graph::clone(g)));
+        all
+    }
 }
 
 impl<T: GenerateTarget> GenerateTarget for Edited<'_, T> {
@@ -152,6 +173,18 @@ impl<T: GenerateTarget> GenerateTarget for Edited<'_, T> {
         let own = self.edits.snapshot();
         let mut hook = EditHook::new(&own, self.base.root(), false, hook)?;
         self.base.generate_hooked(batch, options, &mut hook)
+    }
+    fn wire_generate(
+        &self,
+        graph: Graph,
+        inputs: &[Option<Self::Input>],
+        options: &Self::Options,
+    ) -> Result<crate::remote::Job> {
+        let mut job = self.base.wire_generate(graph, inputs, options)?;
+        if let crate::remote::Job::Generate { edits, .. } = &mut job {
+            edits.extend(self.edits.snapshot().iter().map(|g| Graph::clone(g)));
+        }
+        Ok(job)
     }
 }
 

@@ -33,6 +33,18 @@ pub trait GenerateTarget: TraceTarget {
         options: &Self::Options,
         hook: &mut dyn Hook,
     ) -> Result<Vec<Vec<i64>>>;
+
+    /// The request of a remote generation of `graph` over `inputs` with `options`; by default this model cannot
+    /// generate remotely.
+    fn wire_generate(
+        &self,
+        graph: crate::graph::Graph,
+        inputs: &[Option<Self::Input>],
+        options: &Self::Options,
+    ) -> Result<crate::remote::Job> {
+        let _ = (graph, inputs, options);
+        Err(Error::InvalidInput { message: "this model cannot generate on a server".into() })
+    }
 }
 
 impl<T: GenerateTarget> GenerateTarget for &T {
@@ -47,6 +59,14 @@ impl<T: GenerateTarget> GenerateTarget for &T {
         hook: &mut dyn Hook,
     ) -> Result<Vec<Vec<i64>>> {
         (**self).generate_hooked(batch, options, hook)
+    }
+    fn wire_generate(
+        &self,
+        graph: crate::graph::Graph,
+        inputs: &[Option<Self::Input>],
+        options: &Self::Options,
+    ) -> Result<crate::remote::Job> {
+        (**self).wire_generate(graph, inputs, options)
     }
 }
 
@@ -70,33 +90,62 @@ impl<'m, T: GenerateTarget> Generate<'m, T> {
         Ok(generate)
     }
 
-    /// Decodes with the graph interleaved; returns the saved values.
+    /// Decodes with the graph interleaved (on the server, when the block or the model names one); returns the
+    /// saved values.
     pub fn run(&self) -> Result<TraceResults> {
         let tr = &self.trace;
-        let (batch, rows, size) = tr.prepare("generate")?;
+        let inputs = tr.take_inputs("generate")?;
         let builder = tr.graph().inner.borrow();
         crate::graph::note_run(&builder.graph);
-        let mut inter = Interleaver::new(&builder.graph, rows, size, tr.target().root())?;
-        inter.start()?;
-        if !inter.all_stopped() {
-            let _no_grad = tch::no_grad_guard();
-            match tr.target().generate_hooked(&batch, &self.options, &mut inter) {
-                Ok(ids) => {
-                    // `model.generated()`: the ids as one event, right-padded with -1 (no token has that id).
-                    let width = ids.iter().map(Vec::len).max().unwrap_or(0);
-                    let flat: Vec<i64> = ids
-                        .iter()
-                        .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(-1, width - r.len())))
-                        .collect();
-                    let t = Tensor::from_slice(&flat).reshape([ids.len() as i64, width as i64]);
-                    inter.provide_generated(&t)?;
-                }
-                Err(Error::Stopped) => {}
-                Err(e) => return Err(e),
-            }
+        if let Some(remote) = tr.remote_target() {
+            let job = tr.target().wire_generate(builder.graph.clone(), &inputs, &self.options)?;
+            return remote.run(job).map(TraceResults::from);
         }
-        Ok(TraceResults::from(inter.finish_all()?))
+        run_generate(tr.target(), &builder.graph, &inputs, &self.options, None).map(TraceResults::from)
     }
+
+    /// Runs this block on a server instead of here.
+    pub fn remote(&self, server: &crate::remote::Remote) {
+        self.trace.remote(server);
+    }
+}
+
+/// Runs `graph` over a decoding loop of `target` on the invokes' `inputs`; `watch` as in
+/// [`super::trace::run_trace`].
+pub fn run_generate<T: GenerateTarget>(
+    target: &T,
+    graph: &crate::graph::Graph,
+    inputs: &[Option<T::Input>],
+    options: &T::Options,
+    watch: Option<&dyn Fn() -> Result<()>>,
+) -> Result<crate::interleave::Finished> {
+    let (batch, rows, size) = target.prepare(inputs)?;
+    let mut inter = Interleaver::new(graph, rows, size, target.root())?;
+    inter.start()?;
+    if !inter.all_stopped() {
+        let _no_grad = tch::no_grad_guard();
+        let run = match watch {
+            Some(w) => {
+                target.generate_hooked(&batch, options, &mut super::trace::Watched { inner: &mut inter, watch: w })
+            }
+            None => target.generate_hooked(&batch, options, &mut inter),
+        };
+        match run {
+            Ok(ids) => {
+                // `model.generated()`: the ids as one event, right-padded with -1 (no token has that id).
+                let width = ids.iter().map(Vec::len).max().unwrap_or(0);
+                let flat: Vec<i64> = ids
+                    .iter()
+                    .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(-1, width - r.len())))
+                    .collect();
+                let t = Tensor::from_slice(&flat).reshape([ids.len() as i64, width as i64]);
+                inter.provide_generated(&t)?;
+            }
+            Err(Error::Stopped) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    inter.finish_all()
 }
 
 impl<'m, T: GenerateTarget> std::ops::Deref for Generate<'m, T> {
@@ -169,5 +218,25 @@ impl<M: crate::models::CausalLm> GenerateTarget for crate::LanguageModel<M> {
     ) -> Result<Vec<Vec<i64>>> {
         let generation = crate::LanguageModel::generate_hooked(self, batch, options, hook, &mut |_| Ok(()))?;
         Ok(generation.rows.iter().map(|r| r.ids()).collect())
+    }
+
+    fn wire_generate(
+        &self,
+        graph: crate::graph::Graph,
+        inputs: &[Option<crate::Input>],
+        options: &crate::GenerateOptions,
+    ) -> Result<crate::remote::Job> {
+        if options.on_token.is_some() {
+            return Err(Error::InvalidInput {
+                message: "`on_token` cannot run on a server: a remote generation streams what the block sends instead"
+                    .into(),
+            });
+        }
+        Ok(crate::remote::Job::Generate {
+            graph,
+            inputs: self.wire_inputs(inputs)?,
+            options: options.clone(),
+            edits: crate::envoy::TraceTarget::wire_edits(self),
+        })
     }
 }

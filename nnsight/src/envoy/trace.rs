@@ -32,6 +32,25 @@ pub trait TraceTarget {
     fn prepare(&self, inputs: &[Option<Self::Input>]) -> Result<Prepared<Self::Prepared>>;
     /// Runs the forward pass with `hook` seeing every module call.
     fn forward_hooked(&self, batch: &Self::Prepared, hook: &mut dyn Hook) -> Result<()>;
+
+    /// The server this model is connected to ([`crate::LanguageModel::connect`]): its blocks run there.
+    fn remote(&self) -> Option<&crate::remote::Remote> {
+        None
+    }
+
+    /// The persistent edits a remote run carries (the model's in-place ones), oldest first.
+    fn wire_edits(&self) -> Vec<crate::graph::Graph> {
+        Vec::new()
+    }
+
+    /// The invokes' inputs as a request carries them (for a remote run); by default this model cannot run
+    /// remotely.
+    fn wire_inputs(&self, inputs: &[Option<Self::Input>]) -> Result<Vec<Option<crate::Input>>> {
+        let _ = inputs;
+        Err(Error::InvalidInput {
+            message: "this model cannot run on a server: only a `LanguageModel`'s inputs (texts, ids) travel".into(),
+        })
+    }
 }
 
 /// A batch ready to run, each invoke's rows `(start, len)`, and the batch size.
@@ -88,6 +107,15 @@ impl<T: TraceTarget> TraceTarget for &T {
     fn forward_hooked(&self, batch: &Self::Prepared, hook: &mut dyn Hook) -> Result<()> {
         (**self).forward_hooked(batch, hook)
     }
+    fn remote(&self) -> Option<&crate::remote::Remote> {
+        (**self).remote()
+    }
+    fn wire_inputs(&self, inputs: &[Option<Self::Input>]) -> Result<Vec<Option<crate::Input>>> {
+        (**self).wire_inputs(inputs)
+    }
+    fn wire_edits(&self) -> Vec<crate::graph::Graph> {
+        (**self).wire_edits()
+    }
 }
 
 /// Records the order of hook events of a forward pass.
@@ -136,13 +164,20 @@ pub struct Trace<'m, T: TraceTarget> {
     target: &'m T,
     graph: GraphCell,
     inputs: RefCell<Vec<Option<T::Input>>>,
+    /// The server the block runs on (`.remote(..)`), if any.
+    remote: RefCell<Option<crate::remote::Remote>>,
 }
 
 impl<'m, T: TraceTarget> Trace<'m, T> {
     /// A trace of `target`; with an `input`, its first invoke takes it.
     pub fn new(target: &'m T, input: Option<T::Input>) -> Result<Self> {
         let order = target.call_order(input.as_ref())?;
-        let tr = Trace { target, graph: GraphCell::new(order), inputs: RefCell::new(Vec::new()) };
+        let tr = Trace {
+            target,
+            graph: GraphCell::new(order),
+            inputs: RefCell::new(Vec::new()),
+            remote: RefCell::new(None),
+        };
         if let Some(i) = input {
             tr.invoke(Some(i))?;
         }
@@ -171,28 +206,35 @@ impl<'m, T: TraceTarget> Trace<'m, T> {
         &self.graph
     }
 
-    /// Runs the model with the graph interleaved; returns the saved values.
+    /// Runs the model with the graph interleaved (on the server, when the block or the model names one); returns
+    /// the saved values.
     pub fn run(&self) -> Result<TraceResults> {
-        let (batch, rows, size) = self.prepare("trace")?;
+        let inputs = self.take_inputs("trace")?;
         let builder = self.graph.inner.borrow();
         crate::graph::note_run(&builder.graph);
-        let mut inter = Interleaver::new(&builder.graph, rows, size, self.target.root())?;
-        inter.start()?;
-        if !inter.all_stopped() {
-            // Autograd only when the graph reads gradients; otherwise the pass records nothing for it.
-            inter.prepare_gradients()?;
-            let _no_grad = (!inter.wants_gradients()).then(tch::no_grad_guard);
-            match self.target.forward_hooked(&batch, &mut inter) {
-                Ok(()) | Err(Error::Stopped) => {}
-                Err(e) => return Err(e),
-            }
+        if let Some(remote) = self.remote_target() {
+            let inputs = self.target.wire_inputs(&inputs)?;
+            let job =
+                crate::remote::Job::Trace { graph: builder.graph.clone(), inputs, edits: self.target.wire_edits() };
+            return remote.run(job).map(TraceResults::from);
         }
-        Ok(TraceResults::from(inter.finish_all()?))
+        run_trace(self.target, &builder.graph, &inputs, None).map(TraceResults::from)
+    }
+
+    /// Runs this block on a server (`intervene!(model.trace(input).remote(&server) { .. })`) instead of here.
+    pub fn remote(&self, server: &crate::remote::Remote) {
+        *self.remote.borrow_mut() = Some(server.clone());
+    }
+
+    /// Where the block runs remotely, if it does: the block's own server, else the model's (a model connected
+    /// to a server).
+    pub(crate) fn remote_target(&self) -> Option<crate::remote::Remote> {
+        self.remote.borrow().clone().or_else(|| self.target.remote().cloned())
     }
 
     /// A trace of `target` without invokes yet, with a known call order (or none).
     pub(crate) fn bare(target: &'m T, order: Option<Arc<CallOrder>>) -> Self {
-        Trace { target, graph: GraphCell::new(order), inputs: RefCell::new(Vec::new()) }
+        Trace { target, graph: GraphCell::new(order), inputs: RefCell::new(Vec::new()), remote: RefCell::new(None) }
     }
 
     /// The target.
@@ -202,6 +244,12 @@ impl<'m, T: TraceTarget> Trace<'m, T> {
 
     /// The graph's first build error, else the invokes' inputs batched.
     pub(crate) fn prepare(&self, form: &str) -> Result<Prepared<T::Prepared>> {
+        let inputs = self.take_inputs(form)?;
+        self.target.prepare(&inputs)
+    }
+
+    /// The graph's first build error, else the invokes' inputs (at least one).
+    pub(crate) fn take_inputs(&self, form: &str) -> Result<Vec<Option<T::Input>>> {
         if let Some(e) = self.graph.inner.borrow_mut().error.take() {
             return Err(e);
         }
@@ -211,7 +259,61 @@ impl<'m, T: TraceTarget> Trace<'m, T> {
                 message: format!("a {form} needs an input: `model.{form}(input)` or an `invoke(input)`"),
             });
         }
-        self.target.prepare(&inputs)
+        Ok(inputs)
+    }
+}
+
+/// Runs `graph` on `target` over the invokes' `inputs`: the model with the graph interleaved. `watch`, if given, is
+/// called at every hook event; an `Err` from it ends the run with that error (a server's time limit).
+pub fn run_trace<T: TraceTarget>(
+    target: &T,
+    graph: &crate::graph::Graph,
+    inputs: &[Option<T::Input>],
+    watch: Option<&dyn Fn() -> Result<()>>,
+) -> Result<crate::interleave::Finished> {
+    let (batch, rows, size) = target.prepare(inputs)?;
+    let mut inter = Interleaver::new(graph, rows, size, target.root())?;
+    inter.start()?;
+    if !inter.all_stopped() {
+        // Autograd only when the graph reads gradients; otherwise the pass records nothing for it.
+        inter.prepare_gradients()?;
+        let _no_grad = (!inter.wants_gradients()).then(tch::no_grad_guard);
+        let run = match watch {
+            Some(w) => target.forward_hooked(&batch, &mut Watched { inner: &mut inter, watch: w }),
+            None => target.forward_hooked(&batch, &mut inter),
+        };
+        match run {
+            Ok(()) | Err(Error::Stopped) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    inter.finish_all()
+}
+
+/// A hook that calls `watch` at every event before handing it on (see [`run_trace`]).
+pub(crate) struct Watched<'a, 'h> {
+    pub(crate) inner: &'h mut (dyn Hook + 'a),
+    pub(crate) watch: &'h dyn Fn() -> Result<()>,
+}
+
+impl Hook for Watched<'_, '_> {
+    fn input(&mut self, module: &str, x: Tensor) -> Result<Tensor> {
+        (self.watch)()?;
+        self.inner.input(module, x)
+    }
+    fn output(&mut self, module: &str, y: Tensor) -> Result<Tensor> {
+        (self.watch)()?;
+        self.inner.output(module, y)
+    }
+    fn skip(&mut self, module: &str, x: &Tensor) -> Result<Option<Tensor>> {
+        self.inner.skip(module, x)
+    }
+    fn wants_points(&mut self, module: &str, names: &[&str]) -> bool {
+        self.inner.wants_points(module, names)
+    }
+    fn point(&mut self, path: &str, t: Tensor) -> Result<Tensor> {
+        (self.watch)()?;
+        self.inner.point(path, t)
     }
 }
 
@@ -235,7 +337,12 @@ impl<'m, T: TraceTarget> Scan<'m, T> {
         T: ScanTarget,
     {
         let order = target.scan_call_order()?;
-        let trace = Trace { target, graph: GraphCell::new(order), inputs: RefCell::new(Vec::new()) };
+        let trace = Trace {
+            target,
+            graph: GraphCell::new(order),
+            inputs: RefCell::new(Vec::new()),
+            remote: RefCell::new(None),
+        };
         let scan = Scan { trace, scan_root: T::scan_root, forward_scan: T::forward_scan };
         if let Some(i) = input {
             scan.invoke(Some(i))?;

@@ -205,6 +205,10 @@ pub enum Op {
     Cache { modules: Option<Vec<String>>, inputs: bool, device: Option<String> },
     /// Print `label: value` when the value is computed (to standard error locally).
     Log { a: NodeId, label: String },
+    /// Send the value to whoever runs the graph as soon as it is computed (`send!(value)`): a server streams it
+    /// to its client before the job ends; locally it goes to [`crate::interleave::capture_sent`], or is printed
+    /// like `log!` when nothing captures it.
+    Send { a: NodeId, label: String },
     /// End this invoke's part of the forward pass here; once every invoke has stopped or finished, the rest of
     /// the model does not run.
     Stop,
@@ -289,7 +293,8 @@ impl Op {
             | TupleGet { a, .. }
             | Unsqueeze { a, .. }
             | Squeeze { a, .. }
-            | Log { a, .. } => vec![*a],
+            | Log { a, .. }
+            | Send { a, .. } => vec![*a],
         }
     }
 

@@ -180,6 +180,10 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
             super::emit_log(line);
             Ok(Value::Tuple(vec![]))
         }
+        Op::Send { label, .. } => {
+            super::emit_sent(label.clone(), inputs[0].tensor()?.shallow_clone());
+            Ok(Value::Tuple(vec![]))
+        }
         Op::Read { .. }
         | Op::ReadInputs { .. }
         | Op::Write { .. }

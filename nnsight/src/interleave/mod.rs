@@ -14,17 +14,22 @@ use crate::{Error, Result};
 use ahash::AHashSet as HashSet;
 use tch::Tensor;
 
+/// A receiver of `log!` lines.
+type LogSink = Box<dyn FnMut(String)>;
+/// A receiver of `send!` values.
+type SentSink = Box<dyn FnMut(String, Tensor)>;
+
 thread_local! {
-    /// Lines of `log!` being captured on this thread (`None`: print to standard error).
-    static CAPTURED_LOGS: std::cell::RefCell<Option<Vec<String>>> = const { std::cell::RefCell::new(None) };
+    /// Where `log!` lines go on this thread (`None`: standard error).
+    static LOG_SINK: std::cell::RefCell<Option<LogSink>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Where a `log!` line goes: the capture of [`capture_logs`] if one is active on this thread, else standard
-/// error.
+/// Where a `log!` line goes: the receiver of [`capture_logs`] / [`capture_logs_with`] if one is active on this
+/// thread, else standard error.
 pub(crate) fn emit_log(line: String) {
-    let line = CAPTURED_LOGS.with(|c| match c.borrow_mut().as_mut() {
-        Some(lines) => {
-            lines.push(line);
+    let line = LOG_SINK.with(|c| match c.borrow_mut().as_mut() {
+        Some(f) => {
+            f(line);
             None
         }
         None => Some(line),
@@ -34,13 +39,52 @@ pub(crate) fn emit_log(line: String) {
     }
 }
 
-/// Runs `f`, collecting the lines that `log!` nodes print meanwhile on this thread instead of writing them to
-/// standard error (a server sends them to its client this way).
-pub fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
-    let outer = CAPTURED_LOGS.with(|c| c.borrow_mut().replace(Vec::new()));
+/// Runs `f` with `receive` getting every line that `log!` nodes print meanwhile on this thread, as it is printed,
+/// instead of standard error (a server streams them to its client this way).
+pub fn capture_logs_with<T>(receive: impl FnMut(String) + 'static, f: impl FnOnce() -> T) -> T {
+    let outer = LOG_SINK.with(|c| c.borrow_mut().replace(Box::new(receive)));
     let out = f();
-    let lines = CAPTURED_LOGS.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer)).unwrap_or_default();
+    LOG_SINK.with(|c| *c.borrow_mut() = outer);
+    out
+}
+
+/// Runs `f`, collecting the lines that `log!` nodes print meanwhile on this thread instead of writing them to
+/// standard error.
+pub fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    let lines = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let sink = lines.clone();
+    let out = capture_logs_with(move |l| sink.borrow_mut().push(l), f);
+    let lines = std::mem::take(&mut *lines.borrow_mut());
     (out, lines)
+}
+
+thread_local! {
+    /// Where values of `send!` go on this thread (`None`: printed like `log!`).
+    static SENT: std::cell::RefCell<Option<SentSink>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Hands a value a `send!` node computed to this thread's receiver ([`capture_sent`]), or prints it like `log!`.
+pub(crate) fn emit_sent(label: String, t: Tensor) {
+    let left = SENT.with(|c| match c.borrow_mut().as_mut() {
+        Some(f) => {
+            f(label, t);
+            None
+        }
+        None => Some((label, t)),
+    });
+    if let Some((label, t)) = left {
+        let line = if t.numel() == 1 { format!("{label}: {}", t.double_value(&[])) } else { format!("{label}: {t}") };
+        emit_log(line);
+    }
+}
+
+/// Runs `f` with `receive` getting every value a `send!` node computes meanwhile on this thread, as it is computed
+/// (a server streams them to its client this way; a remote run's sent values arrive here too).
+pub fn capture_sent<T>(receive: impl FnMut(String, Tensor) + 'static, f: impl FnOnce() -> T) -> T {
+    let outer = SENT.with(|c| c.borrow_mut().replace(Box::new(receive)));
+    let out = f();
+    SENT.with(|c| *c.borrow_mut() = outer);
+    out
 }
 
 /// A gradient write installed for one backward: its hook, the read it writes, its node, and the gradient it wrote.

@@ -49,7 +49,7 @@ fn pre_tokenizer_split(pre: &str) -> Option<&'static str> {
 }
 
 /// The special token ids and BOS policy a GGUF file states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct SpecialTokens {
     /// Beginning of sequence (`tokenizer.ggml.bos_token_id`).
     pub bos: Option<u32>,

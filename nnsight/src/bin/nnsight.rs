@@ -1,0 +1,181 @@
+//! The `nnsight` command: serve models to remote clients, print a model's module tree, stream a continuation.
+//!
+//! ```text
+//! nnsight serve --model models/SmolLM2-135M-Instruct.Q4_1.gguf=smollm2 --listen 127.0.0.1:8080
+//! nnsight tree models/SmolLM2-135M-Instruct.Q4_1.gguf
+//! nnsight generate models/SmolLM2-135M-Instruct.Q4_1.gguf "The Eiffel Tower is in the city of"
+//! ```
+
+use clap::{Parser, Subcommand};
+use nnsight::models::AutoModel;
+use nnsight::remote::{Limits, ServeOptions, Server};
+use nnsight::{GenerateOptions, LanguageModel, TextStream};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "nnsight", version, about = "Serve, inspect and run models for nnsight")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve models to clients (`intervene!(model.trace(..).remote(&server) { .. })`). Only the graph's ops run
+    /// on this machine, never client code.
+    Serve {
+        /// A model to serve, `PATH` or `PATH=NAME` (a Hugging Face folder or a .gguf file; the name defaults to
+        /// the file's stem). Repeat for several models.
+        #[arg(long = "model", required = true, value_name = "PATH[=NAME]")]
+        models: Vec<String>,
+        /// Address to listen on. A non-loopback address needs API keys.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// A file of API keys, one per line (else the comma-separated keys of NNSIGHT_API_KEYS; none: loopback
+        /// only, no key needed).
+        #[arg(long, value_name = "FILE")]
+        keys: Option<PathBuf>,
+        /// Jobs that may wait per model before the server answers "busy".
+        #[arg(long, default_value_t = 64)]
+        queue: usize,
+        /// Largest request, in MiB.
+        #[arg(long, default_value_t = 64)]
+        max_request_mib: u64,
+        /// Most graph nodes per request.
+        #[arg(long, default_value_t = 100_000)]
+        max_nodes: u64,
+        /// Most saved bytes per request, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        max_saved_mib: u64,
+        /// Longest a job may run, in seconds.
+        #[arg(long, default_value_t = 300.0)]
+        max_seconds: f64,
+    },
+    /// Print a model's module tree (paths, types, parameter shapes).
+    Tree {
+        /// A Hugging Face folder or a .gguf file.
+        model: PathBuf,
+    },
+    /// Stream a continuation of a prompt.
+    Generate {
+        /// A Hugging Face folder or a .gguf file.
+        model: PathBuf,
+        /// The prompt.
+        prompt: String,
+        /// Most new tokens.
+        #[arg(long, default_value_t = 40)]
+        max_new_tokens: usize,
+        /// Sample instead of taking the most likely token.
+        #[arg(long)]
+        sample: bool,
+        /// Sampling temperature.
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Sampling seed.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli.command) {
+        eprintln!("nnsight: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
+    match command {
+        Command::Serve { models, listen, keys, queue, max_request_mib, max_nodes, max_saved_mib, max_seconds } => {
+            let keys = match keys {
+                Some(file) => ServeOptions::keys_from_file(&file)?,
+                None => std::env::var("NNSIGHT_API_KEYS")
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .map(String::from)
+                    .collect(),
+            };
+            if !(max_seconds.is_finite() && max_seconds > 0.0) {
+                return Err(format!("--max-seconds must be a positive number, not {max_seconds}").into());
+            }
+            let limits = Limits {
+                request_bytes: max_request_mib << 20,
+                graph_nodes: max_nodes,
+                saved_bytes: max_saved_mib << 20,
+                wall_time: Duration::from_secs_f64(max_seconds),
+            };
+            // Checked before loading anything.
+            if keys.is_empty() && !listen.ip().is_loopback() {
+                return Err(format!("refusing to serve on {listen} without API keys: give --keys FILE or NNSIGHT_API_KEYS, or listen on a loopback address").into());
+            }
+            let mut loaded = Vec::new();
+            for spec in &models {
+                let (path, name) = match spec.split_once('=') {
+                    Some((p, n)) if !n.is_empty() => (PathBuf::from(p), n.to_string()),
+                    _ => {
+                        let p = PathBuf::from(spec);
+                        let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                        (p, stem)
+                    }
+                };
+                if loaded.iter().any(|(n, _): &(String, _)| n == &name) {
+                    return Err(format!("two models are named `{name}`: name them with PATH=NAME").into());
+                }
+                let model = LanguageModel::<AutoModel>::load(&path)?;
+                eprintln!("loaded `{name}` ({}) from {}", model.model().architecture(), path.display());
+                loaded.push((name, model));
+            }
+            let names: Vec<String> = loaded.iter().map(|(n, _)| n.clone()).collect();
+            let key_count = keys.len();
+            let server = Server::start(loaded, ServeOptions { listen, keys, limits, queue })?;
+            eprintln!(
+                "serving {} at {} ({})",
+                names.join(", "),
+                server.url(),
+                if key_count == 0 {
+                    "no API keys: this machine only".to_string()
+                } else {
+                    format!("{key_count} API key(s)")
+                }
+            );
+            server.wait();
+            Ok(())
+        }
+        Command::Tree { model } => {
+            let model = LanguageModel::<AutoModel>::load(&model)?;
+            println!("{}", model.tree());
+            Ok(())
+        }
+        Command::Generate { model, prompt, max_new_tokens, sample, temperature, seed } => {
+            let model = LanguageModel::<AutoModel>::load(&model)?;
+            let mut options = GenerateOptions::new().max_new_tokens(max_new_tokens);
+            if sample {
+                options = options.do_sample(true);
+            }
+            if let Some(t) = temperature {
+                options = options.temperature(t);
+            }
+            if let Some(s) = seed {
+                options = options.seed(s);
+            }
+            let mut stream = TextStream::new();
+            print!("{prompt}");
+            std::io::stdout().flush()?;
+            model.generate_stream(prompt.as_str(), &options, |step| {
+                if let Some(Some(token)) = step.tokens.first() {
+                    print!("{}", stream.push(&model, *token)?);
+                    let _ = std::io::stdout().flush();
+                }
+                Ok(())
+            })?;
+            println!("{}", stream.finish(&model)?);
+            Ok(())
+        }
+    }
+}
