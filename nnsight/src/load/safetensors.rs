@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
-fn kind_of(path: &Path, name: &str, dtype: Dtype) -> Result<Kind> {
-    Ok(match dtype {
+/// The tch dtype of a safetensors dtype, if tch has it.
+pub(crate) fn kind_of_dtype(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
         Dtype::F32 => Kind::Float,
         Dtype::F16 => Kind::Half,
         Dtype::BF16 => Kind::BFloat16,
@@ -19,9 +20,13 @@ fn kind_of(path: &Path, name: &str, dtype: Dtype) -> Result<Kind> {
         Dtype::I8 => Kind::Int8,
         Dtype::U8 => Kind::Uint8,
         Dtype::BOOL => Kind::Bool,
-        other => {
-            return Err(Error::format(path, format!("tensor `{name}` has dtype {other:?}, which is not supported")))
-        }
+        _ => return None,
+    })
+}
+
+fn kind_of(path: &Path, name: &str, dtype: Dtype) -> Result<Kind> {
+    kind_of_dtype(dtype).ok_or_else(|| {
+        Error::format(path, format!("tensor `{name}` has dtype {dtype:?}, which is not supported"))
     })
 }
 

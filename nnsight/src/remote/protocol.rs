@@ -263,7 +263,7 @@ fn check_view(name: &str, view: &safetensors::tensor::TensorView<'_>, d: &Tensor
 }
 
 fn view_tensor(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<tch::Tensor> {
-    let kind = kind_of(view.dtype()).ok_or_else(|| protocol(format!("tensor `{name}` has an unsupported dtype")))?;
+    let kind = crate::load::safetensors::kind_of_dtype(view.dtype()).ok_or_else(|| protocol(format!("tensor `{name}` has an unsupported dtype")))?;
     let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
     tch::Tensor::f_from_data_size(view.data(), &shape, kind).map_err(|e| protocol(format!("tensor `{name}`: {e}")))
 }
@@ -281,22 +281,5 @@ fn dtype_of(kind: &str) -> Result<Dtype> {
         "Uint8" => Dtype::U8,
         "Bool" => Dtype::BOOL,
         other => return Err(protocol(format!("tensors of dtype `{other}` cannot travel"))),
-    })
-}
-
-fn kind_of(dtype: Dtype) -> Option<tch::Kind> {
-    use tch::Kind;
-    Some(match dtype {
-        Dtype::F32 => Kind::Float,
-        Dtype::F64 => Kind::Double,
-        Dtype::F16 => Kind::Half,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::I64 => Kind::Int64,
-        Dtype::I32 => Kind::Int,
-        Dtype::I16 => Kind::Int16,
-        Dtype::I8 => Kind::Int8,
-        Dtype::U8 => Kind::Uint8,
-        Dtype::BOOL => Kind::Bool,
-        _ => return None,
     })
 }
