@@ -105,6 +105,17 @@ fn a_connected_handle_has_no_weights_and_runs_everything_on_the_server() -> nnsi
     });
     assert!(h.equal(&lh));
     assert!(remote.forward("Hello world")?.equal(&model.forward("Hello world")?));
+    // A plain generation asks the server; a local hook is refused clearly.
+    let opts = GenerateOptions::new().max_new_tokens(3).stop_ids([]);
+    let mut steps = 0;
+    let generation = remote.generate_stream("Hello", &opts, |_| {
+        steps += 1;
+        Ok(())
+    })?;
+    assert_eq!(generation, model.generate("Hello", &opts)?);
+    assert_eq!(steps, 3);
+    let mut rec = common::Recorder::default();
+    assert!(matches!(remote.forward_with_hook(&remote.batch("Hello")?, &mut rec), Err(Error::InvalidInput { .. })));
     // A scan runs here, on the handle's shapes.
     intervene!(remote.scan("Hello world") {
         let shape = remote.transformer.h[1].output.save();

@@ -629,6 +629,9 @@ impl<M: CausalLm> LanguageModel<M> {
         options: &GenerateOptions,
         mut on_token: impl FnMut(&StepTokens) -> Result<()>,
     ) -> Result<Generation> {
+        if let Some(remote) = self.server() {
+            return self.generate_remote(remote, input.into(), options, &mut on_token);
+        }
         let batch = self.batch(input)?;
         let mut decoder = Decoder::new(self, &batch, options)?;
         while let Some(tokens) = self.edited_step(&mut decoder, None)? {
@@ -637,8 +640,65 @@ impl<M: CausalLm> LanguageModel<M> {
         Ok(decoder.generation())
     }
 
+    /// A generation on the server a connected handle names: one job; each step's tokens are handed to the
+    /// callbacks once it is back.
+    fn generate_remote(
+        &self,
+        remote: &crate::remote::Remote,
+        input: Input,
+        options: &GenerateOptions,
+        on_token: &mut dyn FnMut(&StepTokens) -> Result<()>,
+    ) -> Result<Generation> {
+        use crate::envoy::TraceTarget;
+        use crate::graph::{Graph, Op, Point};
+        let prompts = self.rows_of(input)?;
+        let mut graph = Graph::default();
+        let read =
+            graph.push(Op::Read { module: crate::envoy::generate::GENERATED.into(), point: Point::Output, call: 0 }, 0);
+        graph.push(Op::Save { value: read }, 0);
+        let mut sent = options.clone();
+        sent.on_token = None;
+        let job = crate::remote::Job::Generate {
+            graph,
+            inputs: vec![Some(Input::Ids(prompts.clone()))],
+            options: sent,
+            edits: self.wire_edits(),
+        };
+        let mut done = remote.run(job)?;
+        let ids: crate::envoy::Generated = crate::envoy::FromValue::from_value(
+            done.values.remove(&read).ok_or_else(|| Error::Remote { message: "the server sent no tokens".into() })?,
+        )?;
+        let stops: Vec<i64> = match &options.stop_ids {
+            Some(s) => s.clone(),
+            None => self.special_tokens().eos.map(i64::from).into_iter().collect(),
+        };
+        let rows: Vec<GeneratedRow> = prompts
+            .iter()
+            .zip(&ids.rows)
+            .map(|(p, all)| {
+                let new_ids = all.get(p.len()..).unwrap_or_default().to_vec();
+                let stopped = new_ids.last().is_some_and(|t| stops.contains(t));
+                GeneratedRow { prompt_ids: p.clone(), new_ids, stopped }
+            })
+            .collect();
+        let steps = rows.iter().map(|r| r.new_ids.len()).max().unwrap_or(0);
+        for step in 0..steps {
+            let tokens = StepTokens {
+                step,
+                tokens: rows.iter().map(|r| r.new_ids.get(step).copied()).collect(),
+                stopped: rows.iter().map(|r| r.stopped && step + 1 >= r.new_ids.len()).collect(),
+            };
+            if let Some(f) = &options.on_token {
+                f.call(&tokens)?;
+            }
+            on_token(&tokens)?;
+        }
+        Ok(Generation { rows, steps })
+    }
+
     /// The iterator form: each item is one step's tokens.
     pub fn generator(&self, input: impl Into<Input>, options: &GenerateOptions) -> Result<Generator<'_, M>> {
+        self.refuse_if_connected("the step-by-step generator")?;
         let batch = self.batch(input)?;
         Ok(Generator { model: self, decoder: Decoder::new(self, &batch, options)? })
     }
@@ -656,11 +716,25 @@ impl<M: CausalLm> LanguageModel<M> {
         hook: &mut dyn Hook,
         on_token: &mut dyn FnMut(&StepTokens) -> Result<()>,
     ) -> Result<Generation> {
+        self.refuse_if_connected("a generation with a local hook")?;
         let mut decoder = Decoder::new(self, batch, options)?;
         while let Some(tokens) = self.edited_step(&mut decoder, Some(&mut *hook))? {
             on_token(&tokens)?;
         }
         Ok(decoder.generation())
+    }
+
+    /// An error for what a connected handle (no weights here) cannot do.
+    fn refuse_if_connected(&self, what: &str) -> Result<()> {
+        match self.server() {
+            Some(r) => Err(Error::InvalidInput {
+                message: format!(
+                    "{what} cannot run on a handle connected to {} (its weights are there): use `generate`, `generate_stream` or an `intervene!` block",
+                    r.url()
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// One decoding step with the model's in-place edits in front of `hook`.

@@ -453,7 +453,7 @@ impl<M: CausalLm> LanguageModel<M> {
     }
 
     /// Token rows of an input, each checked against the vocabulary.
-    fn rows_of(&self, input: Input) -> Result<Vec<Vec<i64>>> {
+    pub(crate) fn rows_of(&self, input: Input) -> Result<Vec<Vec<i64>>> {
         let rows = match input {
             Input::Text(t) => vec![self.encode(&t)?],
             Input::Texts(ts) => ts.iter().map(|t| self.encode(t)).collect::<Result<_>>()?,
@@ -518,6 +518,11 @@ impl<M: CausalLm> LanguageModel<M> {
 
     /// A forward pass in which `hook` sees (and may replace) every module's input and output.
     pub fn forward_with_hook(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<Tensor> {
+        if let Some(r) = &self.remote {
+            return Err(Error::InvalidInput {
+                message: format!("a local hook cannot run on a handle connected to {} (its weights are there): use an `intervene!` block", r.url()),
+            });
+        }
         let _guard = tch::no_grad_guard();
         with_edits(&self.edits, &self.model, false, Some(hook), |h| {
             self.model.run(&mut Ctx::with_hook(h.expect("a hook was given")), batch)

@@ -25,9 +25,8 @@ pub(crate) fn kind_of_dtype(dtype: Dtype) -> Option<Kind> {
 }
 
 fn kind_of(path: &Path, name: &str, dtype: Dtype) -> Result<Kind> {
-    kind_of_dtype(dtype).ok_or_else(|| {
-        Error::format(path, format!("tensor `{name}` has dtype {dtype:?}, which is not supported"))
-    })
+    kind_of_dtype(dtype)
+        .ok_or_else(|| Error::format(path, format!("tensor `{name}` has dtype {dtype:?}, which is not supported")))
 }
 
 /// Reads every tensor of one `.safetensors` file onto the CPU, in its stored dtype.

@@ -76,9 +76,20 @@ impl Remote {
         serde_json::from_slice(&body).map_err(|e| remote(format!("the server's model description is malformed: {e}")))
     }
 
-    /// Runs `job` and waits for its saved values.
+    /// Runs `job` and waits for its saved values. A busy server (its queue full) is asked again after the
+    /// pause it names (at most 30 s each time, as many times as [`Remote::retries`] allows): a refused job was
+    /// not queued, so it never runs twice.
     pub fn run(&self, job: Job) -> Result<Finished> {
-        let id = self.submit(job)?;
+        let mut tries = 0;
+        let id = loop {
+            match self.submit(job.clone()) {
+                Err(Error::Busy { retry_after_s }) if tries < self.retries => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_secs(retry_after_s.clamp(1, 30)));
+                }
+                other => break other?,
+            }
+        };
         self.wait(&id)
     }
 

@@ -263,7 +263,8 @@ fn check_view(name: &str, view: &safetensors::tensor::TensorView<'_>, d: &Tensor
 }
 
 fn view_tensor(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<tch::Tensor> {
-    let kind = crate::load::safetensors::kind_of_dtype(view.dtype()).ok_or_else(|| protocol(format!("tensor `{name}` has an unsupported dtype")))?;
+    let kind = crate::load::safetensors::kind_of_dtype(view.dtype())
+        .ok_or_else(|| protocol(format!("tensor `{name}` has an unsupported dtype")))?;
     let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
     tch::Tensor::f_from_data_size(view.data(), &shape, kind).map_err(|e| protocol(format!("tensor `{name}`: {e}")))
 }
