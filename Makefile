@@ -7,7 +7,7 @@ VENV_PYTHON := $(CACHE)/venv-torch-2.13.0/bin/python
 # Tests share two cores: two test threads, one libtorch thread each (set in tests/common.rs).
 TEST_THREADS ?= 2
 
-.PHONY: demo test setup setup-peer bench bench-trace bench-generate fmt lint unit gpu-check tiny-models
+.PHONY: demo test setup setup-peer bench bench-trace bench-generate bench-remote fmt lint unit gpu-check tiny-models
 
 ## make demo: load the default model, print its module tree and the top-5 next tokens of the Eiffel prompt.
 demo: setup
@@ -43,6 +43,10 @@ bench-trace: setup setup-peer
 ## (ARGS="ROUNDS_PER_BLOCK BLOCKS MAX_NEW_TOKENS", default "5 6 10").
 bench-generate: setup setup-peer
 	NNSIGHT_PYTHON=$(VENV_PYTHON) cargo run --release --example bench_generate -- $(ARGS)
+
+## make bench-remote: a trace run on a server (in this process, loopback HTTP) against the same trace run here.
+bench-remote: setup
+	cargo run --release --example bench_remote
 
 ## make gpu-check: on a machine with a GPU, prove libtorch_cuda is linked and run the parity tests on CUDA.
 gpu-check: setup
