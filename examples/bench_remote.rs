@@ -50,10 +50,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut local, mut far) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         let t = Instant::now();
-        local_run()?;
+        let _ = local_run()?;
         local.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        remote_run()?;
+        let _ = remote_run()?;
         far.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let (l, r) = (median(local), median(far));
