@@ -75,6 +75,8 @@ pub struct JobRecord {
     result: Mutex<Option<Arc<Vec<u8>>>>,
     changed: tokio::sync::Notify,
     cancel: AtomicBool,
+    /// When it ended (its result is kept for [`RESULT_TTL`] after).
+    ended: Mutex<Option<Instant>>,
 }
 
 impl JobRecord {
@@ -86,6 +88,7 @@ impl JobRecord {
             result: Mutex::new(None),
             changed: tokio::sync::Notify::new(),
             cancel: AtomicBool::new(false),
+            ended: Mutex::new(None),
         }
     }
 
@@ -100,6 +103,7 @@ impl JobRecord {
         let data = json(&JobStatus { id: self.id.clone(), state, error }).unwrap_or_default();
         self.event("status", data);
         if state.is_final() {
+            *self.ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             self.event(
                 "end",
                 format!(r#"{{"state":"{}"}}"#, if state == JobState::Completed { "completed" } else { "error" }),
@@ -186,7 +190,11 @@ impl JobQueue for LocalQueue {
 
     fn push(&self, job: QueuedJob) -> std::result::Result<(), QueueFull> {
         let model = job.request.model.clone();
-        let Some(tx) = self.senders.get(&model) else { return Ok(()) };
+        let Some(tx) = self.senders.get(&model) else {
+            let message = format!("no worker serves model `{model}`");
+            job.record.set_state(JobState::Error, Some(WireError::Other { message }));
+            return Ok(());
+        };
         let waiting = self.waiting.get(&model).map(|w| w.load(Ordering::Relaxed)).unwrap_or(0);
         match tx.try_send(job) {
             Ok(()) => {
@@ -257,6 +265,9 @@ struct AppState {
 
 /// How many jobs the server remembers.
 const KEEP_JOBS: usize = 4096;
+
+/// How long a finished job's result is kept (then fetching it is an error saying so; its state stays).
+pub const RESULT_TTL: Duration = Duration::from_secs(15 * 60);
 
 /// A running server; dropping it (or [`Server::stop`]) shuts it down.
 pub struct Server {
@@ -537,10 +548,17 @@ async fn submit(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
     json_response(StatusCode::ACCEPTED, json(&Submitted { id }).unwrap_or_default())
 }
 
-/// Keeps the record, forgetting the oldest finished jobs past [`KEEP_JOBS`].
+/// Keeps the record, forgetting the oldest finished jobs past [`KEEP_JOBS`] and results older than
+/// [`RESULT_TTL`].
 fn remember(state: &AppState, record: Arc<JobRecord>) {
     let mut jobs = state.jobs.lock().unwrap_or_else(|p| p.into_inner());
     let mut order = state.order.lock().unwrap_or_else(|p| p.into_inner());
+    for job in jobs.values() {
+        let ended = *job.ended.lock().unwrap_or_else(|p| p.into_inner());
+        if ended.is_some_and(|t| t.elapsed() > RESULT_TTL) {
+            job.result.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+    }
     order.push_back(record.id.clone());
     jobs.insert(record.id.clone(), record);
     while order.len() > KEEP_JOBS {
@@ -580,7 +598,10 @@ async fn result(State(state): State<Arc<AppState>>, headers: HeaderMap, UrlPath(
     let status = job.status();
     match status.state {
         JobState::Completed => {
-            let bytes = job.result.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default();
+            let Some(bytes) = job.result.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+                let message = format!("the result of job `{id}` was dropped {} s after it ended", RESULT_TTL.as_secs());
+                return error(StatusCode::GONE, WireError::Other { message });
+            };
             let mut r = Response::new(Body::from(bytes.as_ref().clone()));
             r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/octet-stream"));
             r
