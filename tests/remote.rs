@@ -234,10 +234,7 @@ fn logs_and_sent_values_arrive_while_the_job_runs() -> nnsight::Result<()> {
 fn a_job_can_be_submitted_and_fetched_later() -> nnsight::Result<()> {
     let model = local();
     let r = tiny();
-    let mut graph = nnsight::graph::Graph::default();
-    let read = graph
-        .push(nnsight::graph::Op::Read { module: "lm_head".into(), point: nnsight::graph::Point::Output, call: 0 }, 0);
-    graph.push(nnsight::graph::Op::Save { value: read }, 0);
+    let (graph, read) = nnsight::graph::Graph::saving_read("lm_head", nnsight::graph::Point::Output);
     let id = r.submit(Job::Trace { graph, inputs: vec![Some("Hello".into())], edits: vec![] })?;
     let mut done = r.wait(&id)?;
     assert!(r.status(&id)?.state.is_final());
@@ -297,11 +294,7 @@ fn trace_request(graph: nnsight::graph::Graph, protocol: u32) -> Vec<u8> {
 }
 
 fn saving_graph() -> nnsight::graph::Graph {
-    let mut graph = nnsight::graph::Graph::default();
-    let read = graph
-        .push(nnsight::graph::Op::Read { module: "lm_head".into(), point: nnsight::graph::Point::Output, call: 0 }, 0);
-    graph.push(nnsight::graph::Op::Save { value: read }, 0);
-    graph
+    nnsight::graph::Graph::saving_read("lm_head", nnsight::graph::Point::Output).0
 }
 
 #[test]

@@ -650,12 +650,9 @@ impl<M: CausalLm> LanguageModel<M> {
         on_token: &mut dyn FnMut(&StepTokens) -> Result<()>,
     ) -> Result<Generation> {
         use crate::envoy::TraceTarget;
-        use crate::graph::{Graph, Op, Point};
+        use crate::graph::{Graph, Point};
         let prompts = self.rows_of(input)?;
-        let mut graph = Graph::default();
-        let read =
-            graph.push(Op::Read { module: crate::envoy::generate::GENERATED.into(), point: Point::Output, call: 0 }, 0);
-        graph.push(Op::Save { value: read }, 0);
+        let (graph, read) = Graph::saving_read(crate::envoy::generate::GENERATED, Point::Output);
         let mut sent = options.clone();
         sent.on_token = None;
         let job = crate::remote::Job::Generate {

@@ -496,10 +496,7 @@ impl<M: CausalLm> LanguageModel<M> {
                     Vec::<i64>::try_from(&ids).map_err(|e| Error::torch("forward", e))
                 })
                 .collect::<Result<_>>()?;
-            let mut graph = crate::graph::Graph::default();
-            let read = graph
-                .push(crate::graph::Op::Read { module: String::new(), point: crate::graph::Point::Output, call: 0 }, 0);
-            graph.push(crate::graph::Op::Save { value: read }, 0);
+            let (graph, read) = crate::graph::Graph::saving_read("", crate::graph::Point::Output);
             let job =
                 crate::remote::Job::Trace { graph, inputs: vec![Some(Input::Ids(rows))], edits: self.wire_edits() };
             let mut done = remote.run(job)?;

@@ -6,7 +6,6 @@
 use super::trace::{Trace, TraceResults, TraceTarget};
 use super::{GraphCell, Traceable};
 use crate::graph::{NodeId, Op, Point, Value};
-use crate::interleave::Interleaver;
 use crate::nn::Hook;
 use crate::{Error, Result};
 use tch::Tensor;
@@ -119,17 +118,18 @@ pub fn run_generate<T: GenerateTarget>(
     options: &T::Options,
     watch: Option<&dyn Fn() -> Result<()>>,
 ) -> Result<crate::interleave::Finished> {
-    let (batch, rows, size) = target.prepare(inputs)?;
-    let mut inter = Interleaver::new(graph, rows, size, target.root())?;
-    inter.start()?;
+    let (batch, mut inter) = super::trace::started(target, graph, inputs)?;
     if !inter.all_stopped() {
         let _no_grad = tch::no_grad_guard();
-        let run = match watch {
+        let mut watched;
+        let hook: &mut dyn Hook = match watch {
             Some(w) => {
-                target.generate_hooked(&batch, options, &mut super::trace::Watched { inner: &mut inter, watch: w })
+                watched = super::trace::Watched { inner: &mut inter, watch: w };
+                &mut watched
             }
-            None => target.generate_hooked(&batch, options, &mut inter),
+            None => &mut inter,
         };
+        let run = target.generate_hooked(&batch, options, hook);
         match run {
             Ok(ids) => {
                 // `model.generated()`: the ids as one event, right-padded with -1 (no token has that id).

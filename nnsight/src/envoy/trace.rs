@@ -271,23 +271,38 @@ pub fn run_trace<T: TraceTarget>(
     inputs: &[Option<T::Input>],
     watch: Option<&dyn Fn() -> Result<()>>,
 ) -> Result<crate::interleave::Finished> {
-    let (batch, rows, size) = target.prepare(inputs)?;
-    let mut inter = Interleaver::new(graph, rows, size, target.root())?;
-    inter.start()?;
+    let (batch, mut inter) = started(target, graph, inputs)?;
     if !inter.all_stopped() {
         // Autograd only when the graph reads gradients; otherwise the pass records nothing for it.
         inter.prepare_gradients()?;
         let _no_grad = (!inter.wants_gradients()).then(tch::no_grad_guard);
-        let run = match watch {
-            Some(w) => target.forward_hooked(&batch, &mut Watched { inner: &mut inter, watch: w }),
-            None => target.forward_hooked(&batch, &mut inter),
+        let mut watched;
+        let hook: &mut dyn Hook = match watch {
+            Some(w) => {
+                watched = Watched { inner: &mut inter, watch: w };
+                &mut watched
+            }
+            None => &mut inter,
         };
-        match run {
+        match target.forward_hooked(&batch, hook) {
             Ok(()) | Err(Error::Stopped) => {}
             Err(e) => return Err(e),
         }
     }
     inter.finish_all()
+}
+
+/// The invokes' inputs batched, and an interleaver of `graph` over them that has run what comes before the
+/// forward pass.
+pub(crate) fn started<'g, T: TraceTarget>(
+    target: &'g T,
+    graph: &'g crate::graph::Graph,
+    inputs: &[Option<T::Input>],
+) -> Result<(T::Prepared, Interleaver<'g>)> {
+    let (batch, rows, size) = target.prepare(inputs)?;
+    let mut inter = Interleaver::new(graph, rows, size, target.root())?;
+    inter.start()?;
+    Ok((batch, inter))
 }
 
 /// A hook that calls `watch` at every event before handing it on (see [`run_trace`]).

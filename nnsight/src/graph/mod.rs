@@ -415,6 +415,15 @@ impl Graph {
         (self.nodes.len() - 1) as NodeId
     }
 
+    /// A graph of one invoke that reads `module`'s `point` (its first call) and saves it; returns the graph and
+    /// the read's node (where the saved value is found).
+    pub fn saving_read(module: &str, point: Point) -> (Graph, NodeId) {
+        let mut g = Graph::default();
+        let read = g.push(Op::Read { module: module.to_string(), point, call: 0 }, 0);
+        g.push(Op::Save { value: read }, 0);
+        (g, read)
+    }
+
     /// Checks that every node refers only to earlier nodes (a graph read from JSON may not), that every branch
     /// ends after its condition and inside the graph, and that every function it calls is registered in this
     /// program.
