@@ -123,18 +123,14 @@ impl Remote {
     /// Waits for the job, relaying its log lines and sent values as they come, then fetches its saved values.
     pub fn wait(&self, id: &str) -> Result<Finished> {
         let mut tries = 0;
+        let mut seen = 0;
         loop {
-            match self.follow(id) {
+            match self.follow(id, &mut seen) {
                 Ok(()) => break,
+                // Follow again: the events not relayed yet come, even if the job has ended meanwhile.
                 Err(e @ Error::Remote { .. }) if tries < self.retries && is_transport(&e) => {
                     tries += 1;
-                    std::thread::sleep(Duration::from_millis(200 << tries));
-                    // Before following again: has it ended meanwhile?
-                    if let Ok(s) = self.status(id) {
-                        if s.state.is_final() {
-                            break;
-                        }
-                    }
+                    std::thread::sleep(Duration::from_millis(100 << tries));
                 }
                 Err(e) => return Err(e),
             }
@@ -142,9 +138,9 @@ impl Remote {
         self.fetch(id)
     }
 
-    /// Follows the job's events until its end (events already seen are sent again after a reconnect; log lines
-    /// are relayed from where this call left off).
-    fn follow(&self, id: &str) -> Result<()> {
+    /// Follows the job's events until its end. The server sends every event from the first on each connection;
+    /// `seen` counts those relayed already, so that after a reconnect nothing is relayed twice.
+    fn follow(&self, id: &str, seen: &mut usize) -> Result<()> {
         let response = self.get(&format!("/v1/jobs/{id}/events"));
         let response = match response {
             Ok(r) => r,
@@ -152,6 +148,7 @@ impl Remote {
         };
         let reader = BufReader::new(response.into_reader());
         let mut event = String::new();
+        let mut index = 0;
         for line in reader.lines() {
             let line =
                 line.map_err(|e| transport(format!("the connection dropped while waiting for job {id}: {e}")))?;
@@ -159,6 +156,11 @@ impl Remote {
                 event = name.trim().to_string();
             } else if let Some(data) = line.strip_prefix("data:") {
                 let data = data.trim();
+                index += 1;
+                if index <= *seen {
+                    continue;
+                }
+                *seen = index;
                 match event.as_str() {
                     "log" => {
                         let v: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
