@@ -103,6 +103,41 @@ fn generation(model: &LanguageModel<Llama>) -> nnsight::Result<()> {
     Ok(())
 }
 
+/// Issue 6 and 7 forms: edits, compound gradient writes, sessions, `send!`, remote blocks.
+fn edits_training_remote(model: &LanguageModel<Llama>, server: &nnsight::remote::Remote) -> nnsight::Result<()> {
+    let edited = intervene!(model.edit() {
+        model.model.layers[3].mlp.output = model.model.layers[3].mlp.output * 0.0;
+    });
+    let twice = intervene!(edited.edit() {
+        edited.model.layers[4].output *= 2.0;
+    });
+    intervene!(model.edit_in_place() {
+        model.model.layers[5].output *= 0.5;
+    });
+    intervene!(twice.trace("Hello") {
+        let h = twice.model.layers[5].output;
+        twice.lm_head.output[(.., -1, 7)].sum().backward();
+        h.grad *= 2.0;
+        let g = h.grad.save();
+        send!(twice.model.layers[6].output.norm());
+    });
+    let _: Tensor = g;
+    intervene!(model.trace("Hello").remote(server) {
+        let out = model.lm_head.output.save();
+    });
+    let opts = nnsight::GenerateOptions::new().max_new_tokens(2);
+    intervene!(model.generate("Hello", &opts).remote(server) {
+        let ids = model.generated().save();
+    });
+    intervene!(model.session().remote(server) {
+        trace("Hello") { let h = model.model.layers[1].output; }
+        trace("Hello") { model.model.layers[1].output = &h * 2.0; }
+    });
+    model.clear_edits();
+    let _ = (out, ids);
+    Ok(())
+}
+
 fn main() {
-    let _ = (single, invokes, issue4, conditions_and_functions, generation);
+    let _ = (single, invokes, issue4, conditions_and_functions, generation, edits_training_remote);
 }
