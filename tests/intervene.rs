@@ -58,6 +58,30 @@ fn gpt2() -> LanguageModel<Gpt2> {
 }
 
 #[test]
+fn numbers_write_like_tensors_filled_with_them() -> nnsight::Result<()> {
+    // Python nnsight's `model.layer1.output[:] = 0` and `output[0][:, -1] = 0`.
+    let net = two_layer();
+    let x = Tensor::randn([3, 5], (Kind::Float, Device::Cpu));
+    intervene!(net.trace(x.shallow_clone()) {
+        net.layer1.output = 0.0;
+        let out = net.output.save();
+    });
+    let bias = net.module().layer2.bias.as_ref().unwrap().expand([3, 2], false);
+    assert!(max_abs_diff(&out, &bias) < 1e-6);
+    let model = gpt2();
+    intervene!(model.trace("Hello world") {
+        model.transformer.h[0].output[(.., -1, ..)] = 0;
+        let h0 = model.transformer.h[0].output.save();
+        model.transformer.h[1].output[(.., 0, 3)] = 2.5;
+        let h1 = model.transformer.h[1].output.save();
+    });
+    assert_eq!(h0.select(1, -1).abs().max().double_value(&[]), 0.0);
+    assert!(h0.select(1, 0).abs().max().double_value(&[]) > 0.0);
+    assert_eq!(h1.double_value(&[0, 0, 3]), 2.5);
+    Ok(())
+}
+
+#[test]
 fn reading_a_layer_equals_running_it() -> nnsight::Result<()> {
     let model = gpt2();
     intervene!(model.trace("Hello world") {

@@ -57,7 +57,11 @@ pub fn apply<'g, E: Envoy + ?Sized>(g: &'g GraphCell, module: &E, x: impl IntoTe
 }
 
 /// `E.skip(value)`: do not run the module; `value` is this invoke's rows of its output.
-pub fn skip<'g, E: Envoy + ?Sized>(g: &'g GraphCell, module: &E, value: impl IntoTensorProxy<'g>) -> Result<()> {
+pub fn skip<'g, E: Envoy + ?Sized>(
+    g: &'g GraphCell,
+    module: &E,
+    value: impl crate::envoy::TensorValue<'g>,
+) -> Result<()> {
     let v = value.into_proxy(g);
     g.skip(module.module_path(), v.node())
 }

@@ -14,7 +14,7 @@ pub(crate) mod trace;
 pub use builder::{CallOrder, GraphCell};
 pub use edit::{EditBlock, EditList, Editable, Edited, IntoEditBlock};
 pub use generate::{Generate, GenerateTarget, Generated};
-pub use proxy::{cat, stack, IntoDims, IntoIndex, IntoIndexItem, IntoTensorProxy, NewAxis, Proxy, Saved};
+pub use proxy::{cat, stack, IntoDims, IntoIndex, IntoIndexItem, IntoTensorProxy, NewAxis, Proxy, Saved, TensorValue};
 pub use trace::{
     Cache, CacheOptions, FinishPlain, FinishSaved, FinishUnsaved, FromValue, NNsight, NotSaved, Prepared,
     SavedInsideTheBlock, Scan, ScanTarget, Trace, TraceResults, TraceTarget, UnsavedUse,

@@ -83,10 +83,10 @@ impl<'g, T> Saved<'g, T> {
     }
 }
 
-/// What can stand where a tensor proxy is expected: proxies, saved proxies, tensors (as constants).
+/// What can stand where a tensor proxy is expected: proxies, saved proxies, tensors and numbers (as constants).
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be used as a tensor inside an intervention",
-    label = "expected a tensor proxy (e.g. `model.lm_head.output`), a saved proxy, or a `tch::Tensor`"
+    label = "expected a tensor proxy (e.g. `model.lm_head.output`), a saved proxy, a `tch::Tensor` or a number"
 )]
 pub trait IntoTensorProxy<'g> {
     /// The proxy, adding a constant node to `g` for a plain tensor.
@@ -113,6 +113,30 @@ impl<'g> IntoTensorProxy<'g> for Tensor {
         g.constant_tensor(&self)
     }
 }
+
+/// A tensor (not a number) where one must stand whole, as a skipped module's output.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot stand for a module's output",
+    label = "expected a tensor proxy (e.g. `model.lm_head.output`), a saved proxy, or a `tch::Tensor` of the output's shape"
+)]
+pub trait TensorValue<'g>: IntoTensorProxy<'g> {}
+impl<'g> TensorValue<'g> for Proxy<'g, Tensor> {}
+impl<'g> TensorValue<'g> for Saved<'g, Tensor> {}
+impl<'g> TensorValue<'g> for &Tensor {}
+impl<'g> TensorValue<'g> for Tensor {}
+
+// A number where a tensor is expected is a one-element constant: `model.x.output[(.., -1, ..)] = 0.0` fills the
+// slice, and `model.x.output = 0.0` fills the whole value (a number broadcasts; a tensor must have the shape).
+macro_rules! number_proxy {
+    ($($t:ty),*) => {$(
+        impl<'g> IntoTensorProxy<'g> for $t {
+            fn into_proxy(self, g: &'g GraphCell) -> Proxy<'g, Tensor> {
+                g.constant_tensor(&Tensor::from(self))
+            }
+        }
+    )*};
+}
+number_proxy!(f64, f32, i64, i32);
 
 /// One item of a tch-style index: an integer, a range, `..`, or [`NewAxis`].
 pub trait IntoIndexItem {

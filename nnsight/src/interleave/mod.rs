@@ -783,6 +783,8 @@ impl<'a> Interleaver<'a> {
         let mine = self.my_rows(inv, y)?;
         let v = crate::meta::to_device_like(v, y).map_err(f)?.f_to_kind(y.kind()).map_err(f)?;
         let new_rows = match index {
+            // A single number fills the whole value; a tensor must have its shape.
+            None if v.dim() == 0 => v.f_expand(mine.size(), false).and_then(|e| e.f_contiguous()).map_err(f)?,
             None => {
                 if v.size() != mine.size() {
                     return Err(Error::WriteShape { target: target.into(), expected: mine.size(), given: v.size() });
