@@ -27,6 +27,7 @@ fn server() -> &'static str {
                 request_bytes: 1 << 20,
                 graph_nodes: 2000,
                 saved_bytes: 64 << 20,
+                value_bytes: 16 << 20,
                 wall_time: Duration::from_millis(1500),
             };
             let options =
@@ -363,6 +364,22 @@ fn the_server_refuses_bad_requests_and_keeps_serving() {
     };
     let err = run().unwrap_err();
     assert!(matches!(&err, Error::Limit { what, limit: 2000, .. } if what == "graph nodes"), "{err}");
+    still_serves();
+    // A value too large to compute: refused before it is allocated (a 1 GiB broadcast against a 16 MiB cap).
+    let run = || -> nnsight::Result<()> {
+        intervene!(model.trace("Hello").remote(&tiny()) {
+            let h = model.transformer.h[0].output.reshape([-1]);
+            let outer = h.reshape([-1, 1]) + h.reshape([1, -1]);
+            let huge = outer.reshape([-1, 1]) + outer.reshape([1, -1]);
+            let _ = huge.sum().save();
+        });
+        Ok(())
+    };
+    let err = run().unwrap_err();
+    assert!(
+        matches!(&err, Error::Limit { what, given, .. } if what.contains("bytes of node") && *given >= 1 << 30),
+        "{err}"
+    );
     still_serves();
 }
 

@@ -50,6 +50,9 @@ enum Command {
         /// Most saved bytes per request, in MiB.
         #[arg(long, default_value_t = 1024)]
         max_saved_mib: u64,
+        /// Largest value a job's graph may compute, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        max_value_mib: u64,
         /// Longest a job may run, in seconds.
         #[arg(long, default_value_t = 300.0)]
         max_seconds: f64,
@@ -90,7 +93,17 @@ fn main() {
 
 fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
-        Command::Serve { models, listen, keys, queue, max_request_mib, max_nodes, max_saved_mib, max_seconds } => {
+        Command::Serve {
+            models,
+            listen,
+            keys,
+            queue,
+            max_request_mib,
+            max_nodes,
+            max_saved_mib,
+            max_value_mib,
+            max_seconds,
+        } => {
             let keys = match keys {
                 Some(file) => ServeOptions::keys_from_file(&file)?,
                 None => std::env::var("NNSIGHT_API_KEYS")
@@ -108,6 +121,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 request_bytes: max_request_mib << 20,
                 graph_nodes: max_nodes,
                 saved_bytes: max_saved_mib << 20,
+                value_bytes: max_value_mib << 20,
                 wall_time: Duration::from_secs_f64(max_seconds),
             };
             // Checked before loading anything.

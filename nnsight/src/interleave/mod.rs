@@ -87,6 +87,80 @@ pub fn capture_sent<T>(receive: impl FnMut(String, Tensor) + 'static, f: impl Fn
     out
 }
 
+thread_local! {
+    /// The most bytes one value of a graph may have on this thread (`None`: no cap); see [`with_value_cap`].
+    static VALUE_CAP: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every graph run on this thread (a block's and its edits') refusing to compute a value of more
+/// than `bytes` bytes: an op whose result would be larger (a broadcast, `cat`, `stack`, `matmul`) is an
+/// [`Error::Limit`] before it allocates, and any other result over the cap is one right after. A server caps each
+/// job this way, so a graph cannot exhaust its memory.
+pub fn with_value_cap<T>(bytes: u64, f: impl FnOnce() -> T) -> T {
+    let outer = VALUE_CAP.with(|c| c.replace(Some(bytes)));
+    let out = f();
+    VALUE_CAP.with(|c| c.set(outer));
+    out
+}
+
+/// An error if `op`'s result on `inputs` would be larger than `cap` bytes (known before computing it for the ops
+/// whose result can outgrow their inputs).
+fn check_growth(id: NodeId, op: &Op, inputs: &[&Value], cap: u64) -> Result<()> {
+    let shape = |v: &Value| v.tensor().ok().map(|t| (t.size(), t.kind().elt_size_in_bytes() as u64));
+    let broadcast = |shapes: &[Vec<i64>]| -> Vec<i64> {
+        let n = shapes.iter().map(Vec::len).max().unwrap_or(0);
+        (0..n)
+            .map(|i| shapes.iter().map(|s| if i + s.len() >= n { s[i + s.len() - n] } else { 1 }).max().unwrap_or(1))
+            .collect()
+    };
+    let (dims, elt): (Vec<i64>, u64) = match op {
+        Op::Binary { kind: crate::graph::BinaryOp::Matmul, .. } => {
+            let (Some((a, ea)), Some((b, eb))) = (shape(inputs[0]), shape(inputs[1])) else { return Ok(()) };
+            if a.len() < 2 || b.len() < 2 {
+                return Ok(());
+            }
+            let mut out = broadcast(&[a[..a.len() - 2].to_vec(), b[..b.len() - 2].to_vec()]);
+            out.extend([a[a.len() - 2], b[b.len() - 1]]);
+            (out, ea.max(eb))
+        }
+        Op::Binary { .. } | Op::Where { .. } => {
+            let shapes: Vec<(Vec<i64>, u64)> = inputs.iter().filter_map(|v| shape(v)).collect();
+            let dims: Vec<Vec<i64>> = shapes.iter().map(|s| s.0.clone()).collect();
+            (broadcast(&dims), shapes.iter().map(|s| s.1).max().unwrap_or(4))
+        }
+        Op::Cat { .. } | Op::Stack { .. } => {
+            let shapes: Vec<(Vec<i64>, u64)> = inputs.iter().filter_map(|v| shape(v)).collect();
+            let total: i64 = shapes.iter().map(|s| s.0.iter().product::<i64>()).sum();
+            (vec![total], shapes.iter().map(|s| s.1).max().unwrap_or(4))
+        }
+        _ => return Ok(()),
+    };
+    let bytes = dims.iter().fold(elt, |acc, &d| acc.saturating_mul(d.max(0) as u64));
+    if bytes > cap {
+        return Err(Error::Limit {
+            what: format!("bytes of node {id}'s result ({})", op.describe()),
+            limit: cap,
+            given: bytes,
+        });
+    }
+    Ok(())
+}
+
+/// An error if `v` is larger than `cap` bytes.
+fn check_size(id: NodeId, op: &Op, v: &Value, cap: u64) -> Result<()> {
+    if let Value::Tensor(t) = v {
+        let bytes = (t.numel() as u64).saturating_mul(t.kind().elt_size_in_bytes() as u64);
+        if bytes > cap {
+            return Err(Error::Limit {
+                what: format!("bytes of node {id}'s result ({})", op.describe()),
+                limit: cap,
+                given: bytes,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A gradient write installed for one backward: its hook, the read it writes, its node, and the gradient it wrote.
 struct GradientWrite {
     hook: crate::autograd::HookHandle,
@@ -164,6 +238,8 @@ pub struct Interleaver<'a> {
     params_to_reset: Vec<Tensor>,
     /// A scan: the forward runs on meta tensors, so constants become meta and nothing moves between devices.
     meta: bool,
+    /// The most bytes one value may have (see [`with_value_cap`]).
+    value_cap: Option<u64>,
 }
 
 /// A `cache()` that is recording.
@@ -240,6 +316,7 @@ impl<'a> Interleaver<'a> {
             params: Default::default(),
             params_to_reset: Vec::new(),
             meta: false,
+            value_cap: VALUE_CAP.with(|c| c.get()),
         })
     }
 
@@ -452,7 +529,10 @@ impl<'a> Interleaver<'a> {
                     _ => {
                         let inputs: Vec<&Value> =
                             op.inputs().iter().map(|&j| self.values[j as usize].as_ref().expect("checked")).collect();
-                        match op {
+                        if let Some(cap) = self.value_cap {
+                            check_growth(id, op, &inputs, cap)?;
+                        }
+                        let v = match op {
                             Op::Apply { module, .. } => Some(self.apply(module, inputs[0])?),
                             // A trainable tensor: itself, so that gradients reach it.
                             Op::Const { .. } if !self.meta && !self.graph.live.is_empty() => {
@@ -463,7 +543,11 @@ impl<'a> Interleaver<'a> {
                             }
                             _ if self.meta => Some(eval_meta(op, &inputs).map_err(|e| at_node(e, id, op))?),
                             _ => Some(eval(op, &inputs).map_err(|e| at_node(e, id, op))?),
+                        };
+                        if let (Some(cap), Some(v)) = (self.value_cap, &v) {
+                            check_size(id, op, v, cap)?;
                         }
+                        v
                     }
                 },
             };

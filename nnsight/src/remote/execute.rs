@@ -22,6 +22,9 @@ pub struct Limits {
     pub graph_nodes: u64,
     /// Most bytes of the values it saves (default 1 GiB).
     pub saved_bytes: u64,
+    /// Most bytes of any one value its graphs compute (default 1 GiB): an op whose result would be larger is
+    /// refused before it allocates (see [`crate::interleave::with_value_cap`]).
+    pub value_bytes: u64,
     /// Longest it may run (default 300 s); past it the job is cancelled at the next module call.
     pub wall_time: Duration,
 }
@@ -32,6 +35,7 @@ impl Default for Limits {
             request_bytes: 64 << 20,
             graph_nodes: 100_000,
             saved_bytes: 1 << 30,
+            value_bytes: 1 << 30,
             wall_time: Duration::from_secs(300),
         }
     }
@@ -59,13 +63,23 @@ pub fn execute<M: CausalLm>(
         }
         Ok(())
     };
-    let finished = match job {
+    let finished = crate::interleave::with_value_cap(limits.value_bytes, || run(model, job, &watch))?;
+    let saved: u64 = finished.values.values().map(bytes_of).sum();
+    if saved > limits.saved_bytes {
+        return Err(Error::Limit { what: "saved bytes".into(), limit: limits.saved_bytes, given: saved });
+    }
+    Ok(finished)
+}
+
+/// The job's run, its graphs and edits on `model`, `watch` called at every module event.
+fn run<M: CausalLm>(model: &LanguageModel<M>, job: &Job, watch: &dyn Fn() -> Result<()>) -> Result<Finished> {
+    Ok(match job {
         Job::Trace { graph, inputs, edits } => {
             if edits.is_empty() {
-                run_trace(model, graph, inputs, Some(&watch))?
+                run_trace(model, graph, inputs, Some(watch))?
             } else {
                 let edited = Edited::with_edits(model, edits.iter().cloned().map(Arc::new).collect());
-                run_trace(&edited, graph, inputs, Some(&watch))?
+                run_trace(&edited, graph, inputs, Some(watch))?
             }
         }
         Job::Generate { graph, inputs, options, edits } => {
@@ -73,18 +87,13 @@ pub fn execute<M: CausalLm>(
                 return Err(Error::InvalidInput { message: "a request cannot carry an `on_token` callback".into() });
             }
             if edits.is_empty() {
-                run_generate(model, graph, inputs, options, Some(&watch))?
+                run_generate(model, graph, inputs, options, Some(watch))?
             } else {
                 let edited = Edited::with_edits(model, edits.iter().cloned().map(Arc::new).collect());
-                run_generate(&edited, graph, inputs, options, Some(&watch))?
+                run_generate(&edited, graph, inputs, options, Some(watch))?
             }
         }
-    };
-    let saved: u64 = finished.values.values().map(bytes_of).sum();
-    if saved > limits.saved_bytes {
-        return Err(Error::Limit { what: "saved bytes".into(), limit: limits.saved_bytes, given: saved });
-    }
-    Ok(finished)
+    })
 }
 
 /// Bytes of the tensors in a value.
