@@ -42,10 +42,16 @@ pub(crate) fn emit_log(line: String) {
 /// Runs `f` with `receive` getting every line that `log!` nodes print meanwhile on this thread, as it is printed,
 /// instead of standard error (a server streams them to its client this way).
 pub fn capture_logs_with<T>(receive: impl FnMut(String) + 'static, f: impl FnOnce() -> T) -> T {
-    let outer = LOG_SINK.with(|c| c.borrow_mut().replace(Box::new(receive)));
-    let out = f();
-    LOG_SINK.with(|c| *c.borrow_mut() = outer);
-    out
+    /// Puts the outer receiver back, also when `f` panics.
+    struct Restore(Option<LogSink>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let outer = self.0.take();
+            LOG_SINK.with(|c| *c.borrow_mut() = outer);
+        }
+    }
+    let _restore = Restore(LOG_SINK.with(|c| c.borrow_mut().replace(Box::new(receive))));
+    f()
 }
 
 /// Runs `f`, collecting the lines that `log!` nodes print meanwhile on this thread instead of writing them to
@@ -81,10 +87,16 @@ pub(crate) fn emit_sent(label: String, t: Tensor) {
 /// Runs `f` with `receive` getting every value a `send!` node computes meanwhile on this thread, as it is computed
 /// (a server streams them to its client this way; a remote run's sent values arrive here too).
 pub fn capture_sent<T>(receive: impl FnMut(String, Tensor) + 'static, f: impl FnOnce() -> T) -> T {
-    let outer = SENT.with(|c| c.borrow_mut().replace(Box::new(receive)));
-    let out = f();
-    SENT.with(|c| *c.borrow_mut() = outer);
-    out
+    /// Puts the outer receiver back, also when `f` panics.
+    struct Restore(Option<SentSink>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let outer = self.0.take();
+            SENT.with(|c| *c.borrow_mut() = outer);
+        }
+    }
+    let _restore = Restore(SENT.with(|c| c.borrow_mut().replace(Box::new(receive))));
+    f()
 }
 
 thread_local! {
@@ -97,10 +109,15 @@ thread_local! {
 /// [`Error::Limit`] before it allocates, and any other result over the cap is one right after. A server caps each
 /// job this way, so a graph cannot exhaust its memory.
 pub fn with_value_cap<T>(bytes: u64, f: impl FnOnce() -> T) -> T {
-    let outer = VALUE_CAP.with(|c| c.replace(Some(bytes)));
-    let out = f();
-    VALUE_CAP.with(|c| c.set(outer));
-    out
+    /// Puts the outer cap back, also when `f` panics.
+    struct Restore(Option<u64>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            VALUE_CAP.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(VALUE_CAP.with(|c| c.replace(Some(bytes))));
+    f()
 }
 
 /// An error if `op`'s result on `inputs` would be larger than `cap` bytes (known before computing it for the ops

@@ -145,39 +145,46 @@ pub trait JobQueue: Send + Sync {
 /// its jobs one after another.
 pub struct LocalQueue {
     senders: HashMap<String, SyncSender<QueuedJob>>,
-    waiting: Arc<HashMap<String, AtomicU64>>,
-    /// Mean job time in milliseconds (for "retry after").
-    mean_ms: Arc<AtomicU64>,
+    stats: Arc<HashMap<String, QueueStats>>,
+}
+
+/// A model's queue length and mean job time (for "retry after").
+#[derive(Default)]
+struct QueueStats {
+    waiting: AtomicU64,
+    mean_ms: AtomicU64,
 }
 
 impl LocalQueue {
     /// Starts a worker per model, each with a queue of `capacity` jobs; jobs run within `limits`.
     pub fn start(models: Vec<(String, LanguageModel<AutoModel>)>, capacity: usize, limits: Limits) -> Self {
-        let waiting: Arc<HashMap<String, AtomicU64>> =
-            Arc::new(models.iter().map(|(n, _)| (n.clone(), AtomicU64::new(0))).collect());
-        let mean_ms = Arc::new(AtomicU64::new(1000));
+        let stats: Arc<HashMap<String, QueueStats>> = Arc::new(
+            models
+                .iter()
+                .map(|(n, _)| (n.clone(), QueueStats { waiting: AtomicU64::new(0), mean_ms: AtomicU64::new(1000) }))
+                .collect(),
+        );
         let mut senders = HashMap::new();
         for (name, model) in models {
             let (tx, rx) = sync_channel::<QueuedJob>(capacity.max(1));
-            let (waiting, mean_ms, limits, label) = (waiting.clone(), mean_ms.clone(), limits.clone(), name.clone());
+            let (stats, limits, label) = (stats.clone(), limits.clone(), name.clone());
             std::thread::Builder::new()
                 .name(format!("nnsight-worker-{name}"))
                 .spawn(move || {
+                    let mine = &stats[&label];
                     for job in rx {
-                        if let Some(w) = waiting.get(&label) {
-                            w.fetch_sub(1, Ordering::Relaxed);
-                        }
+                        mine.waiting.fetch_sub(1, Ordering::Relaxed);
                         let started = Instant::now();
                         run_job(&model, &job, &limits);
                         let ms = started.elapsed().as_millis() as u64;
-                        let old = mean_ms.load(Ordering::Relaxed);
-                        mean_ms.store((old * 7 + ms) / 8, Ordering::Relaxed);
+                        let old = mine.mean_ms.load(Ordering::Relaxed);
+                        mine.mean_ms.store((old * 7 + ms) / 8, Ordering::Relaxed);
                     }
                 })
                 .expect("spawn a worker thread");
             senders.insert(name, tx);
         }
-        LocalQueue { senders, waiting, mean_ms }
+        LocalQueue { senders, stats }
     }
 }
 
@@ -195,16 +202,14 @@ impl JobQueue for LocalQueue {
             job.record.set_state(JobState::Error, Some(WireError::Other { message }));
             return Ok(());
         };
-        let waiting = self.waiting.get(&model).map(|w| w.load(Ordering::Relaxed)).unwrap_or(0);
+        let stats = &self.stats[&model];
+        // Counted before the send, so that the worker's decrement never comes first.
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
         match tx.try_send(job) {
-            Ok(()) => {
-                if let Some(w) = self.waiting.get(&model) {
-                    w.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                let ms = self.mean_ms.load(Ordering::Relaxed).saturating_mul(waiting.max(1));
+                let waiting = stats.waiting.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+                let ms = stats.mean_ms.load(Ordering::Relaxed).saturating_mul(waiting.max(1));
                 Err(QueueFull { retry_after: Duration::from_millis(ms.max(1000)) })
             }
         }
