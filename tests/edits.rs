@@ -225,3 +225,25 @@ fn an_edit_refuses_what_it_cannot_keep() {
     assert!(matches!(run().unwrap_err(), Error::NotAnEdit { .. }));
     assert_eq!(model.edit_count(), 0, "a refused edit is not added");
 }
+
+#[test]
+fn a_model_of_your_own_takes_edits_too() -> nnsight::Result<()> {
+    let net = crate::intervene::two_layer();
+    let x = Tensor::randn([3, 5], (Kind::Float, Device::Cpu));
+    let plain = net.forward(&x)?;
+    let edited = intervene!(net.edit() {
+        net.layer1.output = 0.0;
+    });
+    intervene!(edited.trace(x.shallow_clone()) {
+        let out = edited.output.save();
+    });
+    let bias = net.module().layer2.bias.as_ref().unwrap().expand([3, 2], false);
+    assert!(max_abs_diff(&out, &bias) < 1e-6, "layer2 sees zeros");
+    intervene!(net.edit_in_place() {
+        net.layer2.output = net.layer2.output * 2.0;
+    });
+    assert!(max_abs_diff(&net.forward(&x)?, &(&plain * 2.0)) < 1e-5);
+    net.clear_edits();
+    assert!(same(&net.forward(&x)?, &plain));
+    Ok(())
+}

@@ -11,8 +11,8 @@ use nnsight::Error;
 pub struct TwoLayer {
     #[traceable(path)]
     path: String,
-    layer1: Linear,
-    layer2: Linear,
+    pub layer1: Linear,
+    pub layer2: Linear,
 }
 
 impl Forward for TwoLayer {
@@ -22,7 +22,7 @@ impl Forward for TwoLayer {
     }
 }
 
-fn two_layer() -> NNsight<TwoLayer> {
+pub fn two_layer() -> NNsight<TwoLayer> {
     common::init();
     tch::manual_seed(0);
     let lin = |i: i64, o: i64| {
