@@ -38,6 +38,9 @@ enum Command {
         /// only, no key needed).
         #[arg(long, value_name = "FILE")]
         keys: Option<PathBuf>,
+        /// Copies of each model to load: that many of its jobs run at once (each copy takes the model's memory).
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
         /// Jobs that may wait per model before the server answers "busy".
         #[arg(long, default_value_t = 64)]
         queue: usize,
@@ -97,6 +100,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             models,
             listen,
             keys,
+            workers,
             queue,
             max_request_mib,
             max_nodes,
@@ -141,13 +145,22 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 if loaded.iter().any(|(n, _): &(String, _)| n == &name) {
                     return Err(format!("two models are named `{name}`: name them with PATH=NAME").into());
                 }
-                let model = LanguageModel::<AutoModel>::load(&path)?;
-                eprintln!("loaded `{name}` ({}) from {}", model.model().architecture(), path.display());
-                loaded.push((name, model));
+                if workers == 0 {
+                    return Err("--workers must be at least 1".into());
+                }
+                let copies =
+                    (0..workers).map(|_| LanguageModel::<AutoModel>::load(&path)).collect::<Result<Vec<_>, _>>()?;
+                eprintln!(
+                    "loaded `{name}` ({}) from {}{}",
+                    copies[0].model().architecture(),
+                    path.display(),
+                    if workers > 1 { format!(", {workers} copies") } else { String::new() }
+                );
+                loaded.push((name, copies));
             }
             let names: Vec<String> = loaded.iter().map(|(n, _)| n.clone()).collect();
             let key_count = keys.len();
-            let server = Server::start(loaded, ServeOptions { listen, keys, limits, queue })?;
+            let server = Server::start_pools(loaded, ServeOptions { listen, keys, limits, queue })?;
             eprintln!(
                 "serving {} at {} ({})",
                 names.join(", "),

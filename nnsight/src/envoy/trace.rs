@@ -377,6 +377,7 @@ impl<'m, T: TraceTarget> Scan<'m, T> {
         let tr = &self.trace;
         let (batch, rows, size) = tr.prepare("scan")?;
         let builder = tr.graph.inner.borrow();
+        crate::graph::note_run(&builder.graph);
         let mut inter = Interleaver::new(&builder.graph, rows, size, (self.scan_root)(tr.target)?)?.scan();
         inter.start()?;
         if !inter.all_stopped() {

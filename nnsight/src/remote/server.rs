@@ -158,6 +158,12 @@ struct QueueStats {
 impl LocalQueue {
     /// Starts a worker per model, each with a queue of `capacity` jobs; jobs run within `limits`.
     pub fn start(models: Vec<(String, LanguageModel<AutoModel>)>, capacity: usize, limits: Limits) -> Self {
+        Self::start_pools(models.into_iter().map(|(n, m)| (n, vec![m])).collect(), capacity, limits)
+    }
+
+    /// Starts a worker per copy of each model (so that as many of its jobs run at once), the copies of a model
+    /// sharing one queue of `capacity` jobs; jobs run within `limits`.
+    pub fn start_pools(models: Vec<(String, Vec<LanguageModel<AutoModel>>)>, capacity: usize, limits: Limits) -> Self {
         let stats: Arc<HashMap<String, QueueStats>> = Arc::new(
             models
                 .iter()
@@ -165,23 +171,31 @@ impl LocalQueue {
                 .collect(),
         );
         let mut senders = HashMap::new();
-        for (name, model) in models {
+        for (name, copies) in models {
             let (tx, rx) = sync_channel::<QueuedJob>(capacity.max(1));
-            let (stats, limits, label) = (stats.clone(), limits.clone(), name.clone());
-            std::thread::Builder::new()
-                .name(format!("nnsight-worker-{name}"))
-                .spawn(move || {
-                    let mine = &stats[&label];
-                    for job in rx {
-                        mine.waiting.fetch_sub(1, Ordering::Relaxed);
-                        let started = Instant::now();
-                        run_job(&model, &job, &limits);
-                        let ms = started.elapsed().as_millis() as u64;
-                        let old = mine.mean_ms.load(Ordering::Relaxed);
-                        mine.mean_ms.store((old * 7 + ms) / 8, Ordering::Relaxed);
-                    }
-                })
-                .expect("spawn a worker thread");
+            let rx = Arc::new(Mutex::new(rx));
+            let workers = copies.len().max(1) as u64;
+            for (i, model) in copies.into_iter().enumerate() {
+                let (stats, limits, label, rx) = (stats.clone(), limits.clone(), name.clone(), rx.clone());
+                std::thread::Builder::new()
+                    .name(format!("nnsight-worker-{name}-{i}"))
+                    .spawn(move || {
+                        let mine = &stats[&label];
+                        loop {
+                            // One worker waits on the queue at a time; the lock is let go before the job runs.
+                            let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                            let Ok(job) = next else { return };
+                            mine.waiting.fetch_sub(1, Ordering::Relaxed);
+                            let started = Instant::now();
+                            run_job(&model, &job, &limits);
+                            // The mean time between two jobs ending, with every worker busy.
+                            let ms = started.elapsed().as_millis() as u64 / workers;
+                            let old = mine.mean_ms.load(Ordering::Relaxed);
+                            mine.mean_ms.store((old * 7 + ms) / 8, Ordering::Relaxed);
+                        }
+                    })
+                    .expect("spawn a worker thread");
+            }
             senders.insert(name, tx);
         }
         LocalQueue { senders, stats }
@@ -285,6 +299,11 @@ impl Server {
     /// Serves `models` (name, loaded model) as `options` say; returns once it listens. Refuses to listen on a
     /// non-loopback address without keys.
     pub fn start(models: Vec<(String, LanguageModel<AutoModel>)>, options: ServeOptions) -> Result<Server> {
+        Self::start_pools(models.into_iter().map(|(n, m)| (n, vec![m])).collect(), options)
+    }
+
+    /// [`Server::start`] with several copies of a model (loaded once each): that many of its jobs run at once.
+    pub fn start_pools(models: Vec<(String, Vec<LanguageModel<AutoModel>>)>, options: ServeOptions) -> Result<Server> {
         if options.keys.is_empty() && !options.listen.ip().is_loopback() {
             return Err(Error::InvalidInput {
                 message: format!(
@@ -297,10 +316,13 @@ impl Server {
             return Err(Error::InvalidInput { message: "no model to serve".into() });
         }
         let mut infos = HashMap::new();
-        for (name, model) in &models {
+        for (name, copies) in &models {
+            let Some(model) = copies.first() else {
+                return Err(Error::InvalidInput { message: format!("no copy of model `{name}` to serve") });
+            };
             infos.insert(name.clone(), model_info(name, model)?);
         }
-        let queue = LocalQueue::start(models, options.queue, options.limits.clone());
+        let queue = LocalQueue::start_pools(models, options.queue, options.limits.clone());
         Self::start_with(Box::new(queue), infos, options)
     }
 
