@@ -25,6 +25,9 @@ pub struct Remote {
     model: String,
     key: Option<String>,
     retries: u32,
+    /// Connections, with time limits: 10 s to connect, 60 s of silence on a read (the server sends a keep-alive
+    /// on an event stream every 15 s), so a vanished server is an error, not a hang.
+    agent: ureq::Agent,
 }
 
 impl std::fmt::Debug for Remote {
@@ -43,7 +46,11 @@ impl Remote {
     pub fn new(url: impl Into<String>, model: impl Into<String>) -> Self {
         let url = url.into().trim_end_matches('/').to_string();
         let key = std::env::var(KEY_VARIABLE).ok().filter(|k| !k.is_empty());
-        Remote { url, model: model.into(), key, retries: 4 }
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10))
+            .timeout_read(Duration::from_secs(60))
+            .build();
+        Remote { url, model: model.into(), key, retries: 4, agent }
     }
 
     /// This handle with API key `key`.
@@ -98,7 +105,7 @@ impl Remote {
         let request = Request { protocol: PROTOCOL_VERSION, model: self.model.clone(), job };
         let bytes = protocol::encode_request(&request)?;
         let response = self
-            .auth(ureq::post(&format!("{}/v1/jobs", self.url)))
+            .auth(self.agent.post(&format!("{}/v1/jobs", self.url)))
             .set("Content-Type", "application/octet-stream")
             .send_bytes(&bytes)
             .map_err(Box::new);
@@ -182,7 +189,7 @@ impl Remote {
     }
 
     fn get(&self, path: &str) -> std::result::Result<ureq::Response, Box<ureq::Error>> {
-        self.auth(ureq::get(&format!("{}{path}", self.url))).call().map_err(Box::new)
+        self.auth(self.agent.get(&format!("{}{path}", self.url))).call().map_err(Box::new)
     }
 
     fn auth(&self, request: ureq::Request) -> ureq::Request {
