@@ -7,12 +7,13 @@
 
 use nnsight::nn::fast_linear;
 use nnsight::prelude::*;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
+#[path = "support/peer.rs"]
+mod peer;
 #[path = "support/stats.rs"]
 mod stats;
+use peer::Peer;
 use stats::median;
 
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -28,19 +29,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = LanguageModel::<Llama>::load_with(MODEL, LoadOptions::default().progress(false))?;
     let batch = model.batch(PROMPT)?;
 
-    eprintln!("starting the transformers peer ({python})...");
-    let mut peer = Command::new(&python)
-        .args(["scripts/peer/hf_forward.py", "--gguf", MODEL, "--prompt", PROMPT, "--threads", "2", "--warmup", "3"])
-        .arg("--serve")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {python}: {e} (run `scripts/setup.sh peer`)"))?;
-    let mut to_peer = peer.stdin.take().ok_or("no stdin")?;
-    let mut from_peer = BufReader::new(peer.stdout.take().ok_or("no stdout")?);
-    let mut line = String::new();
-    from_peer.read_line(&mut line)?;
-    let hello: serde_json::Value = serde_json::from_str(&line).map_err(|e| format!("peer said {line:?}: {e}"))?;
+    let mut peer = Peer::start(
+        &python,
+        &[
+            "scripts/peer/hf_forward.py",
+            "--gguf",
+            MODEL,
+            "--prompt",
+            PROMPT,
+            "--threads",
+            "2",
+            "--warmup",
+            "3",
+            "--serve",
+        ],
+    )?;
 
     for _ in 0..3 {
         let _ = model.forward_batch(&batch)?;
@@ -65,14 +68,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ours_mkl.push(t.elapsed().as_secs_f64() * 1e3);
         }
         fast_linear::set_onednn_linear(true);
-        writeln!(to_peer, "{per_block}")?;
-        line.clear();
-        from_peer.read_line(&mut line)?;
-        let block: serde_json::Value = serde_json::from_str(&line)?;
-        theirs.extend(block["times_ms"].as_array().ok_or("bad peer reply")?.iter().filter_map(|v| v.as_f64()));
+        let block = peer.block(per_block)?;
+        theirs.extend(peer::times(&block)?);
     }
-    writeln!(to_peer, "0")?;
-    peer.wait()?;
+    let hello = peer.hello.clone();
+    peer.finish()?;
 
     let rounds = ours.len();
     let (o, m, t) = (median(ours), median(ours_mkl), median(theirs));

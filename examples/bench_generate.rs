@@ -14,12 +14,13 @@
 
 use nnsight::nn::fast_linear;
 use nnsight::prelude::*;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
+#[path = "support/peer.rs"]
+mod peer;
 #[path = "support/stats.rs"]
 mod stats;
+use peer::Peer;
 use stats::median;
 
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -36,20 +37,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = LanguageModel::<Llama>::load_with(MODEL, LoadOptions::default().progress(false))?;
     let options = GenerateOptions::new().max_new_tokens(new_tokens).stop_ids([]);
 
-    eprintln!("starting the transformers peer ({python})...");
     let n = new_tokens.to_string();
-    let mut peer = Command::new(&python)
-        .args(["scripts/peer/hf_generate.py", "--gguf", MODEL, "--prompt", PROMPT, "--max-new-tokens", &n])
-        .args(["--threads", "2", "--warmup", "2", "--serve"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {python}: {e} (run `scripts/setup.sh peer`)"))?;
-    let mut to_peer = peer.stdin.take().ok_or("no stdin")?;
-    let mut from_peer = BufReader::new(peer.stdout.take().ok_or("no stdout")?);
-    let mut line = String::new();
-    from_peer.read_line(&mut line)?;
-    let hello: serde_json::Value = serde_json::from_str(&line).map_err(|e| format!("peer said {line:?}: {e}"))?;
+    let mut peer = Peer::start(
+        &python,
+        &[
+            "scripts/peer/hf_generate.py",
+            "--gguf",
+            MODEL,
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            &n,
+            "--threads",
+            "2",
+            "--warmup",
+            "2",
+            "--serve",
+        ],
+    )?;
 
     let mut ours_ids = Vec::new();
     for _ in 0..2 {
@@ -81,15 +86,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         fast_linear::set_onednn_linear(false);
         time_ours(&mut ours_mkl, &mut prefill_mkl)?;
         fast_linear::set_onednn_linear(true);
-        writeln!(to_peer, "{per_block}")?;
-        line.clear();
-        from_peer.read_line(&mut line)?;
-        let block: serde_json::Value = serde_json::from_str(&line)?;
-        theirs.extend(block["times_ms"].as_array().ok_or("bad peer reply")?.iter().filter_map(|v| v.as_f64()));
+        let block = peer.block(per_block)?;
+        theirs.extend(peer::times(&block)?);
         their_ids = block["new_ids"].as_array().ok_or("bad peer reply")?.iter().filter_map(|v| v.as_i64()).collect();
     }
-    writeln!(to_peer, "0")?;
-    peer.wait()?;
+    let hello = peer.hello.clone();
+    peer.finish()?;
 
     let rounds = ours.len();
     let (o, m, t) = (median(ours), median(ours_mkl), median(theirs));

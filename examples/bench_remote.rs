@@ -11,14 +11,13 @@ use nnsight::prelude::*;
 use nnsight::remote::{Remote, ServeOptions, Server};
 use std::time::Instant;
 
+#[path = "support/stats.rs"]
+mod stats;
+use stats::median;
+
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 const PROMPT: &str = "The Eiffel Tower is in the city of";
 const ROUNDS: usize = 15;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tch::set_num_threads(2);
