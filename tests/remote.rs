@@ -237,8 +237,11 @@ fn a_job_can_be_submitted_and_fetched_later() -> nnsight::Result<()> {
     let r = tiny();
     let (graph, read) = nnsight::graph::Graph::saving_read("lm_head", nnsight::graph::Point::Output);
     let id = r.submit(Job::Trace { graph, inputs: vec![Some("Hello".into())], edits: vec![] })?;
-    let mut done = r.wait(&id)?;
+    let mut states = Vec::new();
+    let mut done = r.wait_with(&id, &mut |s| states.push(s.state))?;
     assert!(r.status(&id)?.state.is_final());
+    use nnsight::remote::JobState::{Completed, Queued, Running};
+    assert_eq!(states, [Queued, Running, Completed], "the job's states, as a subscriber sees them");
     let again = r.fetch(&id)?;
     let out = done.values.remove(&read).unwrap();
     assert!(out.tensor()?.equal(&model.forward("Hello")?));

@@ -129,10 +129,16 @@ impl Remote {
 
     /// Waits for the job, relaying its log lines and sent values as they come, then fetches its saved values.
     pub fn wait(&self, id: &str) -> Result<Finished> {
+        self.wait_with(id, &mut |_| {})
+    }
+
+    /// [`Remote::wait`], also handing `on_status` each state the job goes through (queued, running, completed or
+    /// error) as the server reports it: a subscription to the job.
+    pub fn wait_with(&self, id: &str, on_status: &mut dyn FnMut(&JobStatus)) -> Result<Finished> {
         let mut tries = 0;
         let mut seen = 0;
         loop {
-            match self.follow(id, &mut seen) {
+            match self.follow(id, &mut seen, on_status) {
                 Ok(()) => break,
                 // Follow again: the events not relayed yet come, even if the job has ended meanwhile.
                 Err(e @ Error::Remote { .. }) if tries < self.retries && is_transport(&e) => {
@@ -147,7 +153,7 @@ impl Remote {
 
     /// Follows the job's events until its end. The server sends every event from the first on each connection;
     /// `seen` counts those relayed already, so that after a reconnect nothing is relayed twice.
-    fn follow(&self, id: &str, seen: &mut usize) -> Result<()> {
+    fn follow(&self, id: &str, seen: &mut usize, on_status: &mut dyn FnMut(&JobStatus)) -> Result<()> {
         let response = self.get(&format!("/v1/jobs/{id}/events"));
         let response = match response {
             Ok(r) => r,
@@ -169,6 +175,17 @@ impl Remote {
                 }
                 *seen = index;
                 match event.as_str() {
+                    "status" => {
+                        // The first event of a job is its bare state; later ones are whole statuses.
+                        let status = serde_json::from_str::<JobStatus>(data).ok().or_else(|| {
+                            let v: serde_json::Value = serde_json::from_str(data).ok()?;
+                            let state = serde_json::from_value(v.get("state")?.clone()).ok()?;
+                            Some(JobStatus { id: id.to_string(), state, error: None })
+                        });
+                        if let Some(status) = status {
+                            on_status(&status);
+                        }
+                    }
                     "log" => {
                         let v: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
                         if let Some(l) = v.get("line").and_then(|l| l.as_str()) {
