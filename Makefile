@@ -13,7 +13,8 @@ TEST_THREADS ?= 2
 demo: setup
 	cargo run --release --example quickstart
 
-## make test: formatting, lints, then every test of the workspace (unit, integration, ui, doc).
+## make test: formatting, lints (clippy, rustdoc's broken links), then every test of the workspace (unit,
+## integration, ui, doc).
 test: setup fmt lint unit
 
 setup:
@@ -27,6 +28,7 @@ fmt:
 
 lint:
 	cargo clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 unit:
 	cargo test --workspace -- --test-threads=$(TEST_THREADS)

@@ -3,7 +3,7 @@
 //! trace, a generation step, a scan, a plain `forward`) applies the block's writes and skips first.
 //!
 //! An edit is a graph like a trace's, with one invoke that sees every row of whatever batch comes. It runs as a
-//! [`Hook`] in front of the run's own hook ([`EditHook`]): its interleaver sees each module event first, and once
+//! [`Hook`] in front of the run's own hook (`EditHook`): its interleaver sees each module event first, and once
 //! all its nodes have run it starts over, so a generation applies it at every step. The edited model
 //! ([`Edited`]) borrows the model and shares its weights; edits stack (the model's own in-place edits run first,
 //! then each edited layer's, oldest first), and [`Editable::clear_edits`] / dropping the edited model leaves the

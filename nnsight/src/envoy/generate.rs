@@ -190,7 +190,7 @@ impl super::FromValue for Generated {
     }
 }
 
-/// `model.generated()` inside a generation block: the token ids at the end (a read of the [`GENERATED`] event).
+/// `model.generated()` inside a generation block: the token ids at the end (a read of the `__generated` event).
 pub fn generated(g: &GraphCell) -> super::Proxy<'_, Generated> {
     let id: NodeId = g.push(Op::Read { module: GENERATED.into(), point: Point::Output, call: 0 });
     super::Proxy::new(id, g)

@@ -5,7 +5,7 @@
 //! constants travel without their bytes in the JSON; each is the tensor named `c<node>`.
 //!
 //! Decoding is defensive: a server decodes bytes from anyone. Anything malformed is an
-//! [`Error::Protocol`](crate::Error::Protocol) naming what is wrong (a wrong version names both versions, an
+//! [`crate::Error::Protocol`] naming what is wrong (a wrong version names both versions, an
 //! unknown op names it), never a panic.
 
 use crate::graph::{Constant, Graph, NodeId, Op, TensorData, Value};
