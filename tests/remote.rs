@@ -117,6 +117,15 @@ fn a_connected_handle_has_no_weights_and_runs_everything_on_the_server() -> nnsi
     assert_eq!(steps, 3);
     let mut rec = common::Recorder::default();
     assert!(matches!(remote.forward_with_hook(&remote.batch("Hello")?, &mut rec), Err(Error::InvalidInput { .. })));
+    // An edited handle sends its edits along.
+    let ablate = intervene!(remote.edit() {
+        remote.transformer.h[0].mlp.output = 0.0;
+    });
+    let local_ablate = intervene!(model.edit() {
+        model.transformer.h[0].mlp.output = 0.0;
+    });
+    assert!(ablate.forward("Hello world")?.equal(&local_ablate.forward("Hello world")?));
+    assert_eq!(ablate.generate("Hello", &opts)?, local_ablate.generate("Hello", &opts)?);
     // A scan runs here, on the handle's shapes.
     intervene!(remote.scan("Hello world") {
         let shape = remote.transformer.h[1].output.save();

@@ -630,7 +630,8 @@ impl<M: CausalLm> LanguageModel<M> {
         mut on_token: impl FnMut(&StepTokens) -> Result<()>,
     ) -> Result<Generation> {
         if let Some(remote) = self.server() {
-            return self.generate_remote(remote, input.into(), options, &mut on_token);
+            let edits = crate::envoy::TraceTarget::wire_edits(self);
+            return self.generate_remote(remote, input.into(), options, edits, &mut on_token);
         }
         let batch = self.batch(input)?;
         let mut decoder = Decoder::new(self, &batch, options)?;
@@ -640,16 +641,16 @@ impl<M: CausalLm> LanguageModel<M> {
         Ok(decoder.generation())
     }
 
-    /// A generation on the server a connected handle names: one job; each step's tokens are handed to the
-    /// callbacks once it is back.
-    fn generate_remote(
+    /// A generation on the server a connected handle names, with `edits` applied there: one job; each step's
+    /// tokens are handed to the callbacks once it is back.
+    pub(crate) fn generate_remote(
         &self,
         remote: &crate::remote::Remote,
         input: Input,
         options: &GenerateOptions,
+        edits: Vec<crate::graph::Graph>,
         on_token: &mut dyn FnMut(&StepTokens) -> Result<()>,
     ) -> Result<Generation> {
-        use crate::envoy::TraceTarget;
         use crate::graph::{Graph, Point};
         let prompts = self.rows_of(input)?;
         let (graph, read) = Graph::saving_read(crate::envoy::generate::GENERATED, Point::Output);
@@ -659,7 +660,7 @@ impl<M: CausalLm> LanguageModel<M> {
             graph,
             inputs: vec![Some(Input::Ids(prompts.clone()))],
             options: sent,
-            edits: self.wire_edits(),
+            edits,
         };
         let mut done = remote.run(job)?;
         let ids: crate::envoy::Generated = crate::envoy::FromValue::from_value(

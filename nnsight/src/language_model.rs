@@ -341,6 +341,20 @@ impl<M: CausalLm> LanguageModel<M> {
         Ok(lm)
     }
 
+    /// The logits of `rows` from the server, with `edits` applied there: a graph that saves the root's output.
+    pub(crate) fn remote_logits(
+        remote: &crate::remote::Remote,
+        rows: Vec<Vec<i64>>,
+        edits: Vec<crate::graph::Graph>,
+    ) -> Result<Tensor> {
+        let (graph, read) = crate::graph::Graph::saving_read("", crate::graph::Point::Output);
+        let job = crate::remote::Job::Trace { graph, inputs: vec![Some(Input::Ids(rows))], edits };
+        let mut done = remote.run(job)?;
+        let value =
+            done.values.remove(&read).ok_or_else(|| Error::Remote { message: "the server sent no logits".into() })?;
+        value.tensor().map(Tensor::shallow_clone)
+    }
+
     /// The server this handle is connected to, if it is one ([`LanguageModel::connect`]).
     pub fn server(&self) -> Option<&crate::remote::Remote> {
         self.remote.as_ref()
@@ -487,7 +501,6 @@ impl<M: CausalLm> LanguageModel<M> {
     /// A forward pass over a prepared batch.
     pub fn forward_batch(&self, batch: &Batch) -> Result<Tensor> {
         if let Some(remote) = &self.remote {
-            // The logits from the server: a graph that saves the root's output.
             let rows: Vec<Vec<i64>> = (0..batch.lengths.len())
                 .map(|r| {
                     let row = batch.input_ids.get(r as i64);
@@ -496,15 +509,7 @@ impl<M: CausalLm> LanguageModel<M> {
                     Vec::<i64>::try_from(&ids).map_err(|e| Error::torch("forward", e))
                 })
                 .collect::<Result<_>>()?;
-            let (graph, read) = crate::graph::Graph::saving_read("", crate::graph::Point::Output);
-            let job =
-                crate::remote::Job::Trace { graph, inputs: vec![Some(Input::Ids(rows))], edits: self.wire_edits() };
-            let mut done = remote.run(job)?;
-            let value = done
-                .values
-                .remove(&read)
-                .ok_or_else(|| Error::Remote { message: "the server sent no logits".into() })?;
-            return value.tensor().map(Tensor::shallow_clone);
+            return Self::remote_logits(remote, rows, self.wire_edits());
         }
         let _guard = tch::no_grad_guard();
         with_edits(&self.edits, &self.model, false, None, |hook| match hook {

@@ -102,6 +102,10 @@ impl<'m, T: TraceTarget> Edited<'m, T> {
 impl<M: crate::models::CausalLm> Edited<'_, crate::LanguageModel<M>> {
     /// A forward pass with the edits applied: logits `[batch, seq, vocab]`.
     pub fn forward(&self, input: impl Into<crate::Input>) -> Result<Tensor> {
+        if let Some(remote) = self.base.server() {
+            let rows = self.base.rows_of(input.into())?;
+            return crate::LanguageModel::<M>::remote_logits(remote, rows, self.wire_edits());
+        }
         let batch = self.base.batch(input)?;
         let own = self.edits.snapshot();
         let mut pass = PassThrough;
@@ -115,6 +119,9 @@ impl<M: crate::models::CausalLm> Edited<'_, crate::LanguageModel<M>> {
         input: impl Into<crate::Input>,
         options: &crate::GenerateOptions,
     ) -> Result<crate::Generation> {
+        if let Some(remote) = self.base.server() {
+            return self.base.generate_remote(remote, input.into(), options, self.wire_edits(), &mut |_| Ok(()));
+        }
         let batch = self.base.batch(input)?;
         let own = self.edits.snapshot();
         let mut pass = PassThrough;
