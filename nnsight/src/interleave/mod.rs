@@ -42,15 +42,24 @@ pub(crate) fn emit_log(line: String) {
 /// Runs `f` with `receive` getting every line that `log!` nodes print meanwhile on this thread, as it is printed,
 /// instead of standard error (a server streams them to its client this way).
 pub fn capture_logs_with<T>(receive: impl FnMut(String) + 'static, f: impl FnOnce() -> T) -> T {
-    /// Puts the outer receiver back, also when `f` panics.
-    struct Restore(Option<LogSink>);
-    impl Drop for Restore {
+    with_thread_value(&LOG_SINK, Some(Box::new(receive)), f)
+}
+
+/// Runs `f` with this thread's `key` set to `value`, then puts the outer value back (also when `f` panics).
+fn with_thread_value<V: 'static, T>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<V>>,
+    value: V,
+    f: impl FnOnce() -> T,
+) -> T {
+    struct Restore<V: 'static>(&'static std::thread::LocalKey<std::cell::RefCell<V>>, Option<V>);
+    impl<V: 'static> Drop for Restore<V> {
         fn drop(&mut self) {
-            let outer = self.0.take();
-            LOG_SINK.with(|c| *c.borrow_mut() = outer);
+            if let Some(outer) = self.1.take() {
+                self.0.with(|c| *c.borrow_mut() = outer);
+            }
         }
     }
-    let _restore = Restore(LOG_SINK.with(|c| c.borrow_mut().replace(Box::new(receive))));
+    let _restore = Restore(key, Some(key.with(|c| std::mem::replace(&mut *c.borrow_mut(), value))));
     f()
 }
 
@@ -87,21 +96,12 @@ pub(crate) fn emit_sent(label: String, t: Tensor) {
 /// Runs `f` with `receive` getting every value a `send!` node computes meanwhile on this thread, as it is computed
 /// (a server streams them to its client this way; a remote run's sent values arrive here too).
 pub fn capture_sent<T>(receive: impl FnMut(String, Tensor) + 'static, f: impl FnOnce() -> T) -> T {
-    /// Puts the outer receiver back, also when `f` panics.
-    struct Restore(Option<SentSink>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let outer = self.0.take();
-            SENT.with(|c| *c.borrow_mut() = outer);
-        }
-    }
-    let _restore = Restore(SENT.with(|c| c.borrow_mut().replace(Box::new(receive))));
-    f()
+    with_thread_value(&SENT, Some(Box::new(receive)), f)
 }
 
 thread_local! {
     /// The most bytes one value of a graph may have on this thread (`None`: no cap); see [`with_value_cap`].
-    static VALUE_CAP: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    static VALUE_CAP: std::cell::RefCell<Option<u64>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Runs `f` with every graph run on this thread (a block's and its edits') refusing to compute a value of more
@@ -109,15 +109,7 @@ thread_local! {
 /// [`Error::Limit`] before it allocates, and any other result over the cap is one right after. A server caps each
 /// job this way, so a graph cannot exhaust its memory.
 pub fn with_value_cap<T>(bytes: u64, f: impl FnOnce() -> T) -> T {
-    /// Puts the outer cap back, also when `f` panics.
-    struct Restore(Option<u64>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            VALUE_CAP.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(VALUE_CAP.with(|c| c.replace(Some(bytes))));
-    f()
+    with_thread_value(&VALUE_CAP, Some(bytes), f)
 }
 
 /// An error if `op`'s result on `inputs` would be larger than `cap` bytes (known before computing it for the ops
@@ -333,7 +325,7 @@ impl<'a> Interleaver<'a> {
             params: Default::default(),
             params_to_reset: Vec::new(),
             meta: false,
-            value_cap: VALUE_CAP.with(|c| c.get()),
+            value_cap: VALUE_CAP.with(|c| *c.borrow()),
         })
     }
 
