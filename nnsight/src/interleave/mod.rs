@@ -144,28 +144,27 @@ fn check_growth(id: NodeId, op: &Op, inputs: &[&Value], cap: u64) -> Result<()> 
         }
         _ => return Ok(()),
     };
-    let bytes = dims.iter().fold(elt, |acc, &d| acc.saturating_mul(d.max(0) as u64));
+    within_cap(id, op, dims.iter().fold(elt, |acc, &d| acc.saturating_mul(d.max(0) as u64)), cap)
+}
+
+/// An error if `v` is larger than `cap` bytes.
+fn check_size(id: NodeId, op: &Op, v: &Value, cap: u64) -> Result<()> {
+    match v {
+        Value::Tensor(t) => {
+            within_cap(id, op, (t.numel() as u64).saturating_mul(t.kind().elt_size_in_bytes() as u64), cap)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The limit error of node `id`'s result of `bytes` bytes, if that is over `cap`.
+fn within_cap(id: NodeId, op: &Op, bytes: u64, cap: u64) -> Result<()> {
     if bytes > cap {
         return Err(Error::Limit {
             what: format!("bytes of node {id}'s result ({})", op.describe()),
             limit: cap,
             given: bytes,
         });
-    }
-    Ok(())
-}
-
-/// An error if `v` is larger than `cap` bytes.
-fn check_size(id: NodeId, op: &Op, v: &Value, cap: u64) -> Result<()> {
-    if let Value::Tensor(t) = v {
-        let bytes = (t.numel() as u64).saturating_mul(t.kind().elt_size_in_bytes() as u64);
-        if bytes > cap {
-            return Err(Error::Limit {
-                what: format!("bytes of node {id}'s result ({})", op.describe()),
-                limit: cap,
-                given: bytes,
-            });
-        }
     }
     Ok(())
 }
