@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: build, check that tch sees CUDA (libtorch_cuda linked with --no-as-needed by
+# On a machine with an NVIDIA GPU: build, check that tch sees CUDA (libtorch_cuda kept linked by
 # nnsight/build.rs), and run the SmolLM2 and tiny-model parity tests on Device::Cuda(0).
 set -euo pipefail
 cd "$(dirname "$0")/.."

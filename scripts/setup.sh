@@ -9,6 +9,13 @@
 #
 # Environment: NNSIGHT_CACHE overrides the cache folder (default ~/.cache/nnsight-rs).
 # A second run finds everything in place and returns within seconds.
+#
+# What it leaves behind, so that any crate that depends on nnsight builds and runs with nothing exported:
+#   $CACHE/libtorch                  a link to the venv's torch/ folder (libtorch: lib/ and include/)
+#   $CACHE/models/$MODEL_FILE        the default model (`nnsight::default_model()` looks here)
+#   $CARGO_HOME/config.toml          `[env] LIBTORCH = "$CACHE/libtorch"` in a block marked nnsight-rs (an exported
+#                                    LIBTORCH still wins); delete the block to undo
+#   .libtorch, models/$MODEL_FILE    links in this clone to the two above
 set -euo pipefail
 
 TORCH_VERSION=2.13.0
@@ -30,7 +37,8 @@ fail() {
 }
 
 setup_torch() {
-    if [ -f "$VENV/.complete" ] && [ -e "$ROOT/.libtorch/lib" ]; then
+    if [ -f "$VENV/.complete" ] && [ -e "$ROOT/.libtorch/lib" ] && [ -e "$CACHE/libtorch/lib" ]; then
+        register_libtorch
         return 0
     fi
     if [ ! -f "$VENV/.complete" ]; then
@@ -48,8 +56,45 @@ setup_torch() {
     torch_dir=$("$VENV/bin/python" -W ignore -c 'import os, torch; print(os.path.dirname(torch.__file__))') \
         || fail "torch does not import from $VENV" "remove $VENV and rerun this script"
     [ -d "$torch_dir/lib" ] && [ -d "$torch_dir/include" ] || fail "$torch_dir has no lib/ or include/" "remove $VENV and rerun"
+    ln -sfn "$torch_dir" "$CACHE/libtorch"
     ln -sfn "$torch_dir" "$ROOT/.libtorch"
-    say "libtorch: $torch_dir (linked as .libtorch)"
+    say "libtorch: $torch_dir (linked as $CACHE/libtorch and .libtorch)"
+    register_libtorch
+}
+
+# Tells cargo, for every crate of this user, where libtorch is: `LIBTORCH` in the `[env]` table of
+# $CARGO_HOME/config.toml (not forced, so an exported LIBTORCH wins). Leaves a LIBTORCH set there by hand alone.
+register_libtorch() {
+    local config=${CARGO_HOME:-$HOME/.cargo}/config.toml
+    "$PYTHON" - "$config" "$CACHE/libtorch" <<'PY' || fail "could not register libtorch in $config" "add [env] LIBTORCH = \"$CACHE/libtorch\" to it by hand"
+import os, re, sys, tomllib
+path, value = sys.argv[1], sys.argv[2]
+text = open(path).read() if os.path.exists(path) else ""
+try:
+    env = tomllib.loads(text).get("env", {})
+except tomllib.TOMLDecodeError as e:
+    sys.exit(f"{path} is not valid TOML ({e})")
+begin, end = "# >>> nnsight-rs: where libtorch is, for every crate (scripts/setup.sh; delete this block to undo)", "# <<< nnsight-rs"
+line = f'LIBTORCH = "{value}"'
+current = env.get("LIBTORCH")
+current = current.get("value") if isinstance(current, dict) else current
+if current == value:
+    sys.exit(0)
+if begin in text:  # our block, with another value: rewrite it
+    text = re.sub(re.escape(begin) + r".*?" + re.escape(end), f"{begin}\n{line}\n{end}", text, flags=re.S)
+elif current is not None:
+    print(f"[setup] {path} sets LIBTORCH = {current!r} by hand; leaving it", file=sys.stderr)
+    sys.exit(0)
+elif re.search(r"^\[env\]\s*$", text, flags=re.M):  # an [env] table without LIBTORCH: add ours to it
+    text = re.sub(r"^\[env\]\s*$", f"[env]\n{begin}\n{line}\n{end}", text, count=1, flags=re.M)
+else:
+    text = text + ("\n" if text and not text.endswith("\n") else "") + f"\n[env]\n{begin}\n{line}\n{end}\n"
+os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+open(path + ".part", "w").write(text)
+tomllib.loads(open(path + ".part").read())  # never leave a broken config behind
+os.replace(path + ".part", path)
+print(f"[setup] registered LIBTORCH = {value} in {path}", file=sys.stderr)
+PY
 }
 
 setup_peer() {
@@ -65,11 +110,21 @@ setup_peer() {
 sha_of() { sha256sum "$1" | cut -d' ' -f1; }
 
 setup_model() {
-    local dest=$ROOT/models/$MODEL_FILE
-    if [ -f "$dest" ] && [ -f "$dest.sha256-ok" ] && [ "$dest.sha256-ok" -nt "$dest" ]; then
-        return 0
+    local dest=$CACHE/models/$MODEL_FILE
+    if ! { [ -f "$dest" ] && [ -f "$dest.sha256-ok" ] && [ "$dest.sha256-ok" -nt "$dest" ]; }; then
+        fetch_model "$dest"
     fi
     mkdir -p "$ROOT/models"
+    # An older set-up kept the file itself here: replace it by the link.
+    if [ ! -L "$ROOT/models/$MODEL_FILE" ] || [ "$(readlink "$ROOT/models/$MODEL_FILE")" != "$dest" ]; then
+        rm -f "$ROOT/models/$MODEL_FILE" "$ROOT/models/$MODEL_FILE.sha256-ok"
+        ln -s "$dest" "$ROOT/models/$MODEL_FILE"
+    fi
+}
+
+fetch_model() {
+    local dest=$1
+    mkdir -p "$(dirname "$dest")"
     if [ -f "$dest" ] && [ "$(sha_of "$dest")" = "$MODEL_SHA256" ]; then
         touch "$dest.sha256-ok"
         return 0

@@ -97,3 +97,8 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");
     (a - b).abs().max().double_value(&[])
 }
+
+/// The tiny GPT-2 of the test data (2 layers, 4 heads, hidden 64), quiet, on the test device.
+pub fn tiny_gpt2() -> LanguageModel<Gpt2> {
+    LanguageModel::<Gpt2>::load_with(data("tiny-gpt2"), opts()).expect("load tests/data/tiny-gpt2")
+}

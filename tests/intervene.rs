@@ -514,6 +514,47 @@ fn skip_replaces_a_module_without_running_it() -> nnsight::Result<()> {
     })()
     .err()
     .unwrap();
-    assert!(matches!(bad, Error::WriteShape { .. }) && bad.to_string().contains("model.transformer.h.1"), "{bad}");
+    assert!(matches!(bad, Error::BatchRows { .. }) && bad.to_string().contains("model.transformer.h.1"), "{bad}");
+    Ok(())
+}
+
+#[test]
+fn invokes_inside_a_loop_run_as_one_batch_and_equal_separate_traces() -> nnsight::Result<()> {
+    let model = common::tiny_gpt2();
+    // A sweep as users write it: one invoke per layer, each ablating that layer's MLP.
+    let n = model.model().transformer.h.len();
+    intervene!(model.trace() {
+        let mut swept = Vec::new();
+        for layer in 0..n {
+            invoke("Hello world, again") {
+                model.transformer.h[layer].mlp.output[..] = 0.0;
+                swept.push(model.output.save());
+            }
+        }
+    });
+    assert_eq!(swept.len(), n);
+    for (layer, batched) in swept.iter().enumerate() {
+        intervene!(model.trace("Hello world, again") {
+            model.transformer.h[layer].mlp.output[..] = 0.0;
+            let alone = model.output.save();
+        });
+        let d = max_abs_diff(batched, &alone);
+        assert!(d < 1e-5, "layer {layer}: the batched invoke differs from its own trace by {d}");
+    }
+    // Prompts of different lengths from a loop: each invoke's rows equal its solo run at its real positions.
+    let prompts = ["Hello world", "The quick brown fox jumps", "a"];
+    intervene!(model.trace() {
+        let mut outs = Vec::new();
+        for p in prompts {
+            invoke(p) {
+                outs.push(model.output.save());
+            }
+        }
+    });
+    for (p, out) in prompts.iter().zip(&outs) {
+        let solo = model.forward(*p)?;
+        let d = max_abs_diff(&out.i((0, -1)), &solo.i((0, -1)));
+        assert!(d < 1e-4, "{p:?}: last position differs from its solo run by {d}");
+    }
     Ok(())
 }

@@ -34,7 +34,7 @@ fn libtorch_is_found_without_ld_library_path_and_cuda_library_is_loaded() {
     if lib_dir.join("libtorch_cuda.so").exists() {
         assert!(
             libs.iter().any(|l| l.ends_with("/libtorch_cuda.so")),
-            "{} has libtorch_cuda.so but it is not loaded: the -Wl,--no-as-needed in nnsight/build.rs was lost",
+            "{} has libtorch_cuda.so but it is not loaded: the reference to it in csrc/shim.cpp (see nnsight/build.rs) was lost",
             lib_dir.display()
         );
     }

@@ -13,6 +13,10 @@
 
 #include <c10/util/intrusive_ptr.h>
 
+#ifdef NNSIGHT_KEEP_TORCH_CUDA
+#include <ATen/ops/relu_cuda_dispatch.h>
+#endif
+
 #include <memory>
 #include <mutex>
 #include <tuple>
@@ -363,6 +367,22 @@ int nnsight_reset_grad(const at::Tensor *t) {
     } catch (...) {
         return 1;
     }
+}
+
+// The address of one function of libtorch_cuda (never called), or null where this libtorch has none. The linker
+// keeps a shared library only when something references it; this reference, in a section marked `retain` and
+// asked for by the runtime at load, keeps libtorch_cuda (and with it CUDA) in every program built on nnsight.
+#ifdef NNSIGHT_KEEP_TORCH_CUDA
+__attribute__((used, retain)) void *const nnsight_torch_cuda_symbol =
+    reinterpret_cast<void *>(static_cast<at::Tensor (*)(const at::Tensor &)>(&at::cuda::relu));
+#endif
+
+void *nnsight_torch_cuda_anchor() {
+#ifdef NNSIGHT_KEEP_TORCH_CUDA
+    return nnsight_torch_cuda_symbol;
+#else
+    return nullptr;
+#endif
 }
 
 }

@@ -128,15 +128,19 @@ pub enum Error {
         message: String,
     },
 
-    /// A module list was indexed outside its length (found while the graph is built).
-    #[error("index {index} is out of range for `{module}`, which has {len} modules")]
+    /// An index outside a dimension: a module list indexed past its length (found while the graph is built), or a
+    /// value (a module's output, an inner point, a computed value) indexed past a dimension's size (found as soon
+    /// as the value's shape is known: in a scan, or when the value arrives, before libtorch is asked).
+    #[error("{}", index_message(module, *index, *len, *dim))]
     IndexOutOfRange {
-        /// The list's path (`model.model.layers`).
+        /// The list's path (`model.model.layers`), or the value indexed (`` `model.model.layers.0.self_attn.head_output` output ``).
         module: String,
         /// The index given.
         index: i64,
-        /// The list's length.
+        /// The list's length, or the dimension's size.
         len: usize,
+        /// The dimension indexed (`None` for a module list).
+        dim: Option<usize>,
     },
 
     /// Within one invoke, a module was read or written after a module that runs later (found while the graph is
@@ -166,6 +170,18 @@ pub enum Error {
         target: String,
         /// The shape there.
         expected: Vec<i64>,
+        /// The value's shape.
+        given: Vec<i64>,
+    },
+
+    /// A value that stands for an invoke's rows of a module's output (the value of a `skip`) has another number
+    /// of rows.
+    #[error("{target}: the value's first dimension must be {rows} (the invoke's rows), given shape {given:?}")]
+    BatchRows {
+        /// What the value was for (`` skip of `model.model.layers.3` (invoke 1) ``).
+        target: String,
+        /// The rows the value must have.
+        rows: i64,
         /// The value's shape.
         given: Vec<i64>,
     },
@@ -279,21 +295,72 @@ pub enum Error {
     #[error("the forward pass was stopped by `stop()`")]
     Stopped,
 
-    /// A libtorch operation failed inside a module.
-    #[error("in module `{module}`: {source}")]
+    /// A libtorch operation failed inside a module (or while loading a tensor, or in an intervention). The message
+    /// is libtorch's first lines, never its C++ backtrace.
+    #[error("{}: {}", torch_place(module), torch_text(source))]
     Torch {
-        /// Dotted path of the module whose forward failed (empty for the model itself).
+        /// Dotted path of the module whose forward failed (empty for the model itself), or what was running
+        /// (`` `model.model.layers.3` output ``, `constant`, a tensor's name).
         module: String,
-        /// libtorch's error.
+        /// libtorch's error, its message cut before the C++ backtrace.
         #[source]
         source: tch::TchError,
     },
 }
 
+/// `IndexOutOfRange`'s message, for a module list or a value's dimension.
+fn index_message(place: &str, index: i64, len: usize, dim: Option<usize>) -> String {
+    match dim {
+        None => format!("index {index} is out of range for `{place}`, which has {len} modules"),
+        Some(d) => format!(
+            "index {index} is out of range for dimension {d} of {place}, whose size is {len} (valid: {} to {})",
+            -(len as i64),
+            len as i64 - 1
+        ),
+    }
+}
+
+/// Where a libtorch error happened, as a message starts: `` in `model.layers.0.mlp` ``, `in the model`, or the
+/// place as given when it is already worded (it has a space or backticks).
+fn torch_place(module: &str) -> String {
+    if module.is_empty() {
+        "in the model".to_string()
+    } else if module.contains(' ') || module.contains('`') {
+        format!("in {module}")
+    } else {
+        format!("in `{module}`")
+    }
+}
+
+/// libtorch's message without tch's prefix or the C++ backtrace.
+fn torch_text(e: &tch::TchError) -> String {
+    clean_torch_message(&e.to_string())
+}
+
+/// libtorch's message up to its C++ backtrace ("Exception raised from ...", "frame #0: ..."), trimmed.
+pub(crate) fn clean_torch_message(message: &str) -> String {
+    let message = message.strip_prefix("Internal torch error: ").unwrap_or(message);
+    let mut end = message.len();
+    for marker in ["Exception raised from", "\nframe #", "frame #0:"] {
+        if let Some(i) = message.find(marker) {
+            end = end.min(i);
+        }
+    }
+    message[..end].trim().trim_end_matches(['(', ' ']).trim().to_string()
+}
+
+/// A libtorch error with its message cut before the C++ backtrace.
+pub(crate) fn clean_tch_error(e: tch::TchError) -> tch::TchError {
+    match e {
+        tch::TchError::Torch(m) => tch::TchError::Torch(clean_torch_message(&m)),
+        other => other,
+    }
+}
+
 impl Error {
     /// Attaches a module path to a libtorch error.
     pub fn torch(module: impl Into<String>, source: tch::TchError) -> Self {
-        Error::Torch { module: module.into(), source }
+        Error::Torch { module: module.into(), source: clean_tch_error(source) }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
@@ -328,5 +395,27 @@ impl<T> TchResultExt<T> for std::result::Result<T, tch::TchError> {
 impl std::fmt::Debug for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtorch_messages_lose_the_cpp_backtrace_and_the_prefix() {
+        let raw = "Internal torch error: select(): index 9 out of range for tensor of size [1, 9, 9, 64] at dimension 2\nException raised from select_symint at /pytorch/aten/src/ATen/native/TensorShape.cpp:1717 (most recent call first):\nframe #0: c10::Error::Error(c10::SourceLocation, std::string) + 0x9d (0x7f in libc10.so)\nframe #1: ...";
+        assert_eq!(
+            clean_torch_message(raw),
+            "select(): index 9 out of range for tensor of size [1, 9, 9, 64] at dimension 2"
+        );
+        let e = Error::torch("model.layers.0.mlp", tch::TchError::Torch(raw.into()));
+        assert_eq!(
+            e.to_string(),
+            "in `model.layers.0.mlp`: select(): index 9 out of range for tensor of size [1, 9, 9, 64] at dimension 2"
+        );
+        let worded = Error::torch("`model.layers.0` output", tch::TchError::Torch("bad".into()));
+        assert_eq!(worded.to_string(), "in `model.layers.0` output: bad");
+        assert_eq!(Error::torch("", tch::TchError::Torch("bad".into())).to_string(), "in the model: bad");
     }
 }

@@ -29,6 +29,14 @@ unsafe extern "C" {
         err_len: usize,
     ) -> std::ffi::c_int;
     fn nnsight_reset_grad(t: *const torch_sys::C_tensor) -> std::ffi::c_int;
+    fn nnsight_torch_cuda_anchor() -> *mut std::ffi::c_void;
+}
+
+/// Whether this program has libtorch_cuda linked (the libtorch it was built with ships it). Calling it also keeps
+/// the reference that makes the linker keep libtorch_cuda in every program built on nnsight (see `build.rs`).
+pub(crate) fn keep_torch_cuda() -> bool {
+    // SAFETY: returns a constant address (or null); nothing is dereferenced.
+    !std::hint::black_box(unsafe { nnsight_torch_cuda_anchor() }).is_null()
 }
 
 const UNKNOWN: u8 = 0;

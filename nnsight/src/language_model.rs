@@ -206,6 +206,7 @@ impl<M: CausalLm> LanguageModel<M> {
 
     /// Loads with the given dtype, device and progress display.
     pub fn load_with(path: impl AsRef<Path>, options: LoadOptions) -> Result<Self> {
+        crate::ffi::keep_torch_cuda();
         let path = path.as_ref();
         if !path.exists() {
             return Err(Error::FileNotFound {

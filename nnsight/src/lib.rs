@@ -45,7 +45,11 @@ pub use envoy::{Editable, Edited, NNsight, Proxy, Saved, Traceable};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, GeneratedRow, Generation, Generator, OnToken, StepTokens, TextStream};
 pub use language_model::{Batch, Input, LanguageModel, LoadOptions};
+pub use load::{default_model, DEFAULT_MODEL_FILE};
 pub use nnsight_macros::{function, intervene, Traceable};
+/// The `tch` crate this runtime is built on (libtorch 2.13), re-exported so that a crate depending on nnsight alone
+/// can name its types and functions (`nnsight::tch::set_num_threads(1)`) at the matching version.
+pub use tch;
 
 /// What a program using nnsight needs in scope.
 pub mod prelude {

@@ -8,6 +8,10 @@
 //! ITEM := a Rust statement | invoke(INPUT?) { STATEMENT* }
 //! ```
 //!
+//! An `invoke(INPUT?) { .. }` may also stand inside a statement's block (a `for` loop's body, an `if`): it adds one
+//! invoke each time that code runs, so a loop adds one per round, all run as one batch. Such a block becomes
+//! `{ __nn_tr.invoke(INPUT)?; .. }` before the statements are parsed (see [`nested_invokes`]).
+//!
 //! Statements are parsed by syn and left as they are; only the frame (`ROOT.trace(..)`, `invoke(..)`) is ours.
 //! Mistakes in the frame that still leave a usable shape (`tracee`, two inputs) are collected and parsing goes on,
 //! so every one of them is reported in one build.
@@ -178,7 +182,10 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
     let body;
     braced!(body in input);
     let refusal = edit.then_some("an edit has no `invoke` blocks: it applies to every row of every later run");
-    let items = parse_items(&body, refusal, errors)?;
+    let body: TokenStream = body.parse()?;
+    let mut nested = Vec::new();
+    let body = top_level_invokes(body, refusal, &mut nested, errors);
+    let items = (|input: ParseStream| parse_items(input, refusal, errors)).parse2(body)?;
     if input.peek(Token![;]) {
         input.parse::<Token![;]>()?;
     }
@@ -193,10 +200,12 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
             Item::Stmt(_) => None,
         })
         .collect();
+    // An invoke to point at: the first at the top of the body, else the first inside a statement's block.
+    let first_invoke = invokes.first().map(|i| i.keyword.span()).or(nested.first().copied());
     // `generate(input, options?)` without invokes, `generate(options?)` with them.
     let mut options = None;
     if let Some(mut args) = generate_args {
-        if invokes.is_empty() {
+        if first_invoke.is_none() {
             if args.len() == 2 {
                 options = args.pop();
             }
@@ -211,10 +220,10 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
             options = args.pop();
         }
     }
-    match (&input_expr, invokes.first()) {
+    match (&input_expr, first_invoke) {
         _ if edit => {}
         (Some(_), Some(first)) => errors.push(syn::Error::new(
-            first.keyword.span(),
+            first,
             format!("`invoke` blocks need a {form} without input: `{root}.{form}() {{ invoke(input) {{ ... }} }}`"),
         )),
         (None, None) => errors.push(syn::Error::new(
@@ -274,6 +283,116 @@ fn parse_items(input: ParseStream, refusal: Option<&str>, errors: &mut Errors) -
         }
     }
     Ok(items)
+}
+
+/// The body's tokens with every `invoke(..) { .. }` that stands inside a statement's block (not at the top of the
+/// body) turned into `{ __nn_tr.invoke(INPUT)?; .. }`, spanned at the `invoke` token; their spans go to `nested`.
+/// Top-level invoke blocks stay for [`parse_items`], but inside them an invoke is reported: invokes do not nest.
+fn top_level_invokes(
+    tokens: TokenStream,
+    refusal: Option<&str>,
+    nested: &mut Vec<proc_macro2::Span>,
+    errors: &mut Errors,
+) -> TokenStream {
+    let mut out = Vec::new();
+    let mut iter = tokens.into_iter().peekable();
+    while let Some(tt) = iter.next() {
+        match tt {
+            TokenTree::Ident(ref i) if i == "invoke" => {
+                out.push(tt);
+                // `invoke (ARGS) { BODY }`: keep it, and look inside its body for (refused) nested ones.
+                if let Some(TokenTree::Group(args)) = iter.peek().cloned() {
+                    if args.delimiter() == Delimiter::Parenthesis {
+                        out.push(iter.next().expect("peeked"));
+                        if let Some(TokenTree::Group(body)) = iter.peek().cloned() {
+                            if body.delimiter() == Delimiter::Brace {
+                                iter.next();
+                                let inner = nested_invokes(
+                                    body.stream(),
+                                    Some("`invoke` blocks cannot be nested"),
+                                    nested,
+                                    errors,
+                                );
+                                out.push(regroup(&body, inner));
+                            }
+                        }
+                    }
+                }
+            }
+            TokenTree::Group(g) => {
+                let inner = nested_invokes(g.stream(), refusal, nested, errors);
+                out.push(regroup(&g, inner));
+            }
+            other => out.push(other),
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Inside a statement: `invoke(ARGS) { BODY }` becomes `{ __nn_tr.invoke(Some(Into::into(ARGS)))?; BODY }` (or
+/// `None` without input), or is reported with `refusal` (its body kept as a plain block).
+fn nested_invokes(
+    tokens: TokenStream,
+    refusal: Option<&str>,
+    nested: &mut Vec<proc_macro2::Span>,
+    errors: &mut Errors,
+) -> TokenStream {
+    let trees: Vec<TokenTree> = tokens.into_iter().collect();
+    let mut out: Vec<TokenTree> = Vec::new();
+    let mut i = 0;
+    while i < trees.len() {
+        let invoke = match (&trees[i], trees.get(i + 1), trees.get(i + 2)) {
+            (TokenTree::Ident(kw), Some(TokenTree::Group(args)), Some(TokenTree::Group(body)))
+                if kw == "invoke"
+                    && args.delimiter() == Delimiter::Parenthesis
+                    && body.delimiter() == Delimiter::Brace
+                    // Not a method or path segment (`x.invoke(..)`, `a::invoke(..)`).
+                    && !matches!(out.last(), Some(TokenTree::Punct(p)) if p.as_char() == '.' || p.as_char() == ':') =>
+            {
+                Some((kw.clone(), args.clone(), body.clone()))
+            }
+            _ => None,
+        };
+        let Some((kw, args, body)) = invoke else {
+            match &trees[i] {
+                TokenTree::Group(g) => {
+                    let inner = nested_invokes(g.stream(), refusal, nested, errors);
+                    out.push(regroup(g, inner));
+                }
+                other => out.push(other.clone()),
+            }
+            i += 1;
+            continue;
+        };
+        i += 3;
+        let inner = nested_invokes(body.stream(), Some("`invoke` blocks cannot be nested"), nested, errors);
+        let s = super::rewrite::gen(kw.span());
+        let call = if let Some(refusal) = refusal {
+            errors.push(syn::Error::new(kw.span(), refusal));
+            TokenStream::new()
+        } else {
+            nested.push(kw.span());
+            let input = args.stream();
+            let input = if input.is_empty() {
+                quote::quote_spanned!(s=> ::core::option::Option::None)
+            } else {
+                quote::quote_spanned!(s=> ::core::option::Option::Some(::core::convert::Into::into(#input)))
+            };
+            let tr = Ident::new("__nn_tr", s);
+            quote::quote_spanned!(s=> #tr.invoke(#input)?;)
+        };
+        let mut block = Group::new(Delimiter::Brace, quote::quote!(#call #inner));
+        block.set_span(body.span());
+        out.push(TokenTree::Group(block));
+    }
+    out.into_iter().collect()
+}
+
+/// `g`'s delimiter and span around new contents.
+fn regroup(g: &Group, inner: TokenStream) -> TokenTree {
+    let mut group = Group::new(g.delimiter(), inner);
+    group.set_span(g.span());
+    TokenTree::Group(group)
 }
 
 /// `invoke ( .. ) { .. }` at the cursor.
@@ -347,7 +466,7 @@ fn has_top_level_comma(tokens: &TokenStream) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quote::quote;
+    use quote::{quote, ToTokens};
 
     fn parse_ok(tokens: TokenStream) -> Intervene {
         let mut errors = Errors::default();
@@ -362,6 +481,45 @@ mod tests {
             errors.push(e);
         }
         errors.messages()
+    }
+
+    #[test]
+    fn invokes_inside_statements_become_invoke_calls() {
+        let ast = parse_ok(quote!(model.trace() {
+            let mut outs = Vec::new();
+            for p in prompts { invoke(p) { outs.push(model.output.save()); } }
+            if ok { invoke() { let x = 1; } }
+            let y = helper.invoke(3);
+        }));
+        let text: Vec<String> = ast
+            .items
+            .iter()
+            .map(|i| match i {
+                Item::Stmt(s) => s.to_token_stream().to_string().replace(' ', ""),
+                Item::Invoke(_) => "invoke".into(),
+            })
+            .collect();
+        assert!(
+            text[1].contains("__nn_tr.invoke(::core::option::Option::Some(::core::convert::Into::into(p)))?;outs.push"),
+            "{}",
+            text[1]
+        );
+        assert!(text[2].contains("__nn_tr.invoke(::core::option::Option::None)?;letx=1;"), "{}", text[2]);
+        assert_eq!(text[3], "lety=helper.invoke(3);");
+    }
+
+    #[test]
+    fn invokes_inside_statements_follow_the_rules_of_invokes() {
+        let with_input = parse_messages(quote!(model.trace("a") { for p in ps { invoke(p) { } } }));
+        assert_eq!(
+            with_input,
+            ["`invoke` blocks need a trace without input: `model.trace() { invoke(input) { ... } }`"]
+        );
+        let nested = parse_messages(quote!(model.trace() { invoke("a") { for p in ps { invoke(p) { } } } }));
+        assert_eq!(nested.len(), 1);
+        assert!(nested[0].starts_with("`invoke` blocks cannot be nested"), "{nested:?}");
+        let edit = parse_messages(quote!(model.edit() { for p in ps { invoke(p) { } } }));
+        assert_eq!(edit, ["an edit has no `invoke` blocks: it applies to every row of every later run"]);
     }
 
     #[test]
@@ -402,8 +560,9 @@ mod tests {
             msgs,
             [
                 "unknown form `model.tracee(...)`: expected `model.trace(input) { ... }`, `model.scan(input) { ... }` to run it on shapes alone, `model.generate(input, options) { ... }` to decode, or `model.edit() { ... }` for a persistent edit",
-                "`invoke` takes one input, or none for the whole batch",
+                // Invokes inside invokes are found before the statements are parsed.
                 "`invoke` blocks cannot be nested",
+                "`invoke` takes one input, or none for the whole batch",
             ]
         );
     }

@@ -251,7 +251,7 @@ impl<E> ModuleListEnvoy<E> {
         let len = self.items.len();
         let pos = if i < 0 { i + len as i64 } else { i };
         if pos < 0 || pos >= len as i64 {
-            return Err(Error::IndexOutOfRange { module: crate::graph::display(&self.path), index: i, len });
+            return Err(Error::IndexOutOfRange { module: crate::graph::display(&self.path), index: i, len, dim: None });
         }
         Ok(&self.items[pos as usize])
     }

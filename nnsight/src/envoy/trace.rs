@@ -694,6 +694,7 @@ pub struct NNsight<M: Traceable + Forward> {
 impl<M: Traceable + Forward> NNsight<M> {
     /// Wraps `module` as the root (path `""`): every submodule gets its dotted path.
     pub fn new(mut module: M) -> Self {
+        crate::ffi::keep_torch_cuda();
         module.set_path("");
         NNsight { module, envoy: OnceLock::new(), order: OnceLock::new(), edits: super::EditList::new() }
     }
@@ -749,7 +750,10 @@ impl<M: Traceable + Forward> TraceTarget for NNsight<M> {
             return Err(Error::InvalidInput { message: "no invoke has an input".into() });
         }
         let batch = Tensor::f_cat(&given, 0).map_err(|e| Error::InvalidInput {
-            message: format!("the invokes' inputs cannot be batched along the first dimension: {e}"),
+            message: format!(
+                "the invokes' inputs cannot be batched along the first dimension: {}",
+                crate::error::clean_torch_message(&e.to_string())
+            ),
         })?;
         let total = batch.size()[0];
         let mut start = 0;

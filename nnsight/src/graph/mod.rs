@@ -322,8 +322,9 @@ impl Op {
             Op::Call { function, .. } => format!("call of function `{function}`"),
             other => {
                 let json = serde_json::to_value(other).ok();
-                let name = json.as_ref().and_then(|j| j.get("op")).and_then(|o| o.as_str()).unwrap_or("op");
-                name.to_string()
+                let field = |k: &str| json.as_ref().and_then(|j| j.get(k)).and_then(|o| o.as_str());
+                // The kind of a binary, unary or reduction op (`matmul`, `softmax`) says more than its group.
+                field("kind").or(field("op")).unwrap_or("op").to_string()
             }
         }
     }

@@ -130,9 +130,25 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
         Op::Reshape { shape, .. } => tensor(a()?.f_reshape(shape.as_slice())),
         Op::Transpose { dim0, dim1, .. } => tensor(a()?.f_transpose(*dim0, *dim1)),
         Op::Permute { dims, .. } => tensor(a()?.f_permute(dims.as_slice())),
-        Op::Narrow { dim, start, len, .. } => tensor(a()?.f_narrow(*dim, *start, *len)),
-        Op::Select { dim, index, .. } => tensor(a()?.f_select(*dim, *index)),
-        Op::Index { index, .. } => tensor(self::index(a()?, index)),
+        Op::Narrow { dim, start, len, .. } => {
+            let x = a()?;
+            let d = check_dim(x, *dim)?;
+            let size = x.size()[d];
+            let first = if *start < 0 { start + size } else { *start };
+            if first < 0 || first > size {
+                return Err(out_of_range(*start, d, size));
+            }
+            if *len < 0 || first + len > size {
+                return Err(out_of_range(first + len - 1, d, size));
+            }
+            tensor(x.f_narrow(*dim, *start, *len))
+        }
+        Op::Select { dim, index, .. } => {
+            let x = a()?;
+            check_index(x, check_dim(x, *dim)?, *index)?;
+            tensor(x.f_select(*dim, *index))
+        }
+        Op::Index { index, .. } => Ok(Value::Tensor(self::index(a()?, index)?)),
         Op::Cat { dim, .. } | Op::Stack { dim, .. } => {
             let xs: Vec<&Tensor> = inputs.iter().map(|v| v.tensor()).collect::<Result<_>>()?;
             tensor(if matches!(op, Op::Cat { .. }) { Tensor::f_cat(&xs, *dim) } else { Tensor::f_stack(&xs, *dim) })
@@ -201,29 +217,80 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
 
 /// tch-style indexing from serializable items: `Select` removes a dimension, `Slice` keeps it, `NewAxis` adds one.
 /// The result is a view where tch makes one (so it can be written through).
-pub fn index(x: &Tensor, items: &[IndexItem]) -> std::result::Result<Tensor, TchError> {
+///
+/// # Errors
+/// [`Error::IndexOutOfRange`] for a selected index outside its dimension (its place left empty for the caller to
+/// name), before libtorch is asked; [`Error::Torch`] for anything else libtorch refuses.
+pub fn index(x: &Tensor, items: &[IndexItem]) -> Result<Tensor> {
     let mut out = x.shallow_clone();
     let mut dim = 0i64;
+    // The dimension of the value indexed that `dim` of `out` stands for (a new axis has none).
+    let mut source_dim = 0usize;
+    let selects = items.iter().filter(|i| !matches!(i, IndexItem::NewAxis)).count();
+    if selects > x.dim() {
+        return Err(Error::Intervention {
+            message: format!(
+                "{} indexes {selects} dimensions of a value with {}: {:?}",
+                index_text(items),
+                x.dim(),
+                x.size()
+            ),
+        });
+    }
     for item in items {
         match *item {
             IndexItem::Select(i) => {
-                out = out.f_select(dim, i)?;
+                check_index(&out, dim as usize, i).map_err(|e| match e {
+                    Error::IndexOutOfRange { module, index, len, .. } => {
+                        Error::IndexOutOfRange { module, index, len, dim: Some(source_dim) }
+                    }
+                    other => other,
+                })?;
+                out = out.f_select(dim, i).map_err(t)?;
+                source_dim += 1;
             }
             IndexItem::Slice { start, end } => {
                 let size = out.size().get(dim as usize).copied().unwrap_or(0);
                 let norm = |v: i64| if v < 0 { (v + size).max(0) } else { v.min(size) };
                 let s = start.map(norm).unwrap_or(0);
                 let e = end.map(norm).unwrap_or(size);
-                out = out.f_slice(dim, s, e.max(s), 1)?;
+                out = out.f_slice(dim, s, e.max(s), 1).map_err(t)?;
                 dim += 1;
+                source_dim += 1;
             }
             IndexItem::NewAxis => {
-                out = out.f_unsqueeze(dim)?;
+                out = out.f_unsqueeze(dim).map_err(t)?;
                 dim += 1;
             }
         }
     }
     Ok(out)
+}
+
+/// `dim` (negative counts from the end) as a dimension of `x`.
+fn check_dim(x: &Tensor, dim: i64) -> Result<usize> {
+    let n = x.dim() as i64;
+    let d = if dim < 0 { dim + n } else { dim };
+    if d < 0 || d >= n {
+        return Err(Error::Intervention {
+            message: format!("dimension {dim} does not exist in a value of shape {:?} ({n} dimensions)", x.size()),
+        });
+    }
+    Ok(d as usize)
+}
+
+/// An index of dimension `d` of `x` (negative counts from the end) must be inside it.
+fn check_index(x: &Tensor, d: usize, index: i64) -> Result<()> {
+    let size = x.size().get(d).copied().unwrap_or(0);
+    if index >= size || index < -size {
+        return Err(out_of_range(index, d, size));
+    }
+    Ok(())
+}
+
+/// An out-of-range error whose place the caller fills in (see `interleave::at_node`).
+fn out_of_range(index: i64, dim: usize, size: i64) -> Error {
+    Error::IndexOutOfRange { module: String::new(), index, len: size.max(0) as usize, dim: Some(dim) }
 }
 
 /// An index as users write it: `(.., -1, 2..5)`.

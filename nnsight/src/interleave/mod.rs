@@ -477,7 +477,7 @@ impl<'a> Interleaver<'a> {
             if let Op::Choose { cond, a, b } = *op {
                 // The value of the branch that ran (the other one was skipped).
                 let Some(c) = self.values[cond as usize].as_ref() else { return Ok(()) };
-                let pick = if truth(c).map_err(|e| at_node(e, id, op))? { a } else { b };
+                let pick = if truth(c).map_err(|e| at_node(e, id, self.graph))? { a } else { b };
                 let Some(v) = self.values[pick as usize].as_ref().map(Value::shallow_clone) else { return Ok(()) };
                 self.values[id as usize] = Some(v);
                 self.release(id);
@@ -496,8 +496,8 @@ impl<'a> Interleaver<'a> {
                 return Ok(()); // waits for a value of another invoke
             }
             if let Op::Guard { cond, end } = *op {
-                let taken =
-                    truth(self.values[cond as usize].as_ref().expect("checked")).map_err(|e| at_node(e, id, op))?;
+                let taken = truth(self.values[cond as usize].as_ref().expect("checked"))
+                    .map_err(|e| at_node(e, id, self.graph))?;
                 self.release(id);
                 self.cursor[inv] += 1;
                 if !taken {
@@ -546,11 +546,11 @@ impl<'a> Interleaver<'a> {
                             Op::Const { .. } if !self.meta && !self.graph.live.is_empty() => {
                                 match self.graph.live.get(id) {
                                     Some(t) => Some(Value::Tensor(t)),
-                                    None => Some(eval(op, &inputs).map_err(|e| at_node(e, id, op))?),
+                                    None => Some(eval(op, &inputs).map_err(|e| at_node(e, id, self.graph))?),
                                 }
                             }
-                            _ if self.meta => Some(eval_meta(op, &inputs).map_err(|e| at_node(e, id, op))?),
-                            _ => Some(eval(op, &inputs).map_err(|e| at_node(e, id, op))?),
+                            _ if self.meta => Some(eval_meta(op, &inputs).map_err(|e| at_node(e, id, self.graph))?),
+                            _ => Some(eval(op, &inputs).map_err(|e| at_node(e, id, self.graph))?),
                         };
                         if let (Some(cap), Some(v)) = (self.value_cap, &v) {
                             check_size(id, op, v, cap)?;
@@ -615,7 +615,8 @@ impl<'a> Interleaver<'a> {
         } else {
             Tensor::f_run_backward(&[&l], &sources, true, false).map_err(|e| Error::Intervention {
                 message: format!(
-                    "node {id} (backward): {e} (is every value whose gradient is read upstream of the loss in the forward pass?)"
+                    "node {id} (backward): {} (is every value whose gradient is read upstream of the loss in the forward pass?)",
+                    crate::error::clean_torch_message(&e.to_string())
                 ),
             })
         };
@@ -623,7 +624,10 @@ impl<'a> Interleaver<'a> {
         // gradient writes' hooks still on). The parameters made to require grad for a `.grad` read only get none.
         let accumulated = if trains && grads.is_ok() {
             let r = crate::ffi::backward(&l, true).map_err(|e| Error::Intervention {
-                message: format!("node {id} (backward into trainable tensors): {e}"),
+                message: format!(
+                    "node {id} (backward into trainable tensors): {}",
+                    crate::error::clean_torch_message(&e.to_string())
+                ),
             });
             for t in &self.params_to_reset {
                 crate::ffi::reset_grad(t);
@@ -812,7 +816,7 @@ impl<'a> Interleaver<'a> {
                         })
                     })
                     .collect();
-                eval(op, &inputs?).map_err(|e| at_node(e, id, op))?
+                eval(op, &inputs?).map_err(|e| at_node(e, id, self.graph))?
             };
             self.values[id as usize] = Some(value);
         }
@@ -885,7 +889,12 @@ impl<'a> Interleaver<'a> {
             }
             Some(items) => {
                 let copy = eval::copy(&mine).map_err(f)?;
-                let mut slot = eval::index(&copy, items).map_err(f)?;
+                let mut slot = eval::index(&copy, items).map_err(|e| match e {
+                    Error::IndexOutOfRange { module, index, len, dim } if module.is_empty() => {
+                        Error::IndexOutOfRange { module: target.to_string(), index, len, dim }
+                    }
+                    other => other,
+                })?;
                 let (want, given) = (slot.size(), v.size());
                 if v.f_broadcast_to(want.as_slice()).is_err() {
                     return Err(Error::WriteShape {
@@ -939,12 +948,39 @@ fn eval_meta(op: &Op, inputs: &[&Value]) -> Result<Value> {
     }
 }
 
-fn at_node(e: Error, id: NodeId, op: &Op) -> Error {
+/// An error of node `id`, said where it happened: libtorch's as an intervention failure naming the node, an
+/// index out of range naming the value indexed.
+fn at_node(e: Error, id: NodeId, graph: &Graph) -> Error {
+    let op = &graph.nodes[id as usize].op;
     match e {
-        Error::Torch { source, .. } => {
-            Error::Intervention { message: format!("node {id} ({}): {source}", op.describe()) }
+        Error::Torch { source, .. } => Error::Intervention {
+            message: format!(
+                "node {id} ({}): {}",
+                op.describe(),
+                crate::error::clean_torch_message(&source.to_string())
+            ),
+        },
+        Error::IndexOutOfRange { module, index, len, dim } if module.is_empty() => {
+            let place = match op.inputs().first() {
+                Some(&a) => value_place(graph, a),
+                None => format!("node {id}"),
+            };
+            Error::IndexOutOfRange { module: place, index, len, dim }
         }
         other => other,
+    }
+}
+
+/// A value as users wrote it: `` `model.model.layers.0.self_attn.head_output` output ``, or the node computing it.
+fn value_place(graph: &Graph, id: NodeId) -> String {
+    match &graph.nodes[id as usize].op {
+        Op::Read { module, point, call } => {
+            let call = if *call > 0 { format!(" (call {call})") } else { String::new() };
+            let point = if *point == Point::Input { "input" } else { "output" };
+            format!("`{}` {point}{call}", display(module))
+        }
+        Op::ReadInputs { module, .. } => format!("`{}` inputs", display(module)),
+        other => format!("the value of node {id} ({})", other.describe()),
     }
 }
 
@@ -1061,11 +1097,10 @@ impl Interleaver<'_> {
                     ),
                 });
             }
-            let mine = self.my_rows(*inv, x)?;
             if v.size().first() != Some(&len) {
-                return Err(Error::WriteShape {
+                return Err(Error::BatchRows {
                     target: format!("skip of `{}` (invoke {inv})", display(module)),
-                    expected: std::iter::once(len).chain(mine.size().into_iter().skip(1)).collect(),
+                    rows: len,
                     given: v.size(),
                 });
             }
@@ -1074,16 +1109,20 @@ impl Interleaver<'_> {
         parts.sort_by_key(|p| p.0);
         let tensors: Vec<Tensor> = parts.into_iter().map(|p| p.1).collect();
         Tensor::f_cat(&tensors, 0).map(Some).map_err(|e| Error::Intervention {
-            message: format!("skip of `{}`: the invokes' values do not fit together: {e}", display(module)),
+            message: format!(
+                "skip of `{}`: the invokes' values do not fit together: {}",
+                display(module),
+                crate::error::clean_torch_message(&e.to_string())
+            ),
         })
     }
 
     /// A single skip value must have the batch's rows.
     fn check_skip(&self, module: &str, v: &Tensor, x: &Tensor) -> Result<()> {
         if v.size().first() != x.size().first() {
-            return Err(Error::WriteShape {
+            return Err(Error::BatchRows {
                 target: format!("skip of `{}`", display(module)),
-                expected: x.size().into_iter().take(1).collect(),
+                rows: x.size().first().copied().unwrap_or(0),
                 given: v.size(),
             });
         }

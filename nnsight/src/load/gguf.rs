@@ -657,7 +657,12 @@ impl GgufFile {
         let data = self.tensor_data(info)?;
         let shape = info.shape();
         let numel = info.numel() as usize;
-        let torch_err = |e: tch::TchError| Error::format(&self.path, format!("tensor `{}`: {e}", info.name));
+        let torch_err = |e: tch::TchError| {
+            Error::format(
+                &self.path,
+                format!("tensor `{}`: {}", info.name, crate::error::clean_torch_message(&e.to_string())),
+            )
+        };
 
         let tensor = match info.ggml_type {
             // Stored little-endian, like every host libtorch runs on: the bytes are the tensor (copied).

@@ -4,7 +4,10 @@
 //! nnsight serve --model models/SmolLM2-135M-Instruct.Q4_1.gguf=smollm2 --listen 127.0.0.1:8080
 //! nnsight tree models/SmolLM2-135M-Instruct.Q4_1.gguf
 //! nnsight generate models/SmolLM2-135M-Instruct.Q4_1.gguf "The Eiffel Tower is in the city of"
+//! nnsight new ../exp      # a crate of your own that depends on nnsight, ready for `cargo run`
 //! ```
+
+mod new;
 
 use clap::{Parser, Subcommand};
 use nnsight::models::AutoModel;
@@ -24,6 +27,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create a crate of your own that depends on nnsight: a short experiment on the default model in
+    /// `src/main.rs`, a test with one `intervene!` block, and a `build.rs` that puts libtorch on the run path.
+    /// Plain `cargo run` and `cargo test` then work there with nothing exported.
+    New {
+        /// The folder to create (its name becomes the crate's).
+        path: PathBuf,
+        /// Depend on the nnsight crate in this folder (default: the one this command was built from).
+        #[arg(long, value_name = "DIR", conflicts_with = "git")]
+        nnsight_path: Option<PathBuf>,
+        /// Depend on nnsight from this git repository instead.
+        #[arg(long, value_name = "URL")]
+        git: Option<String>,
+        /// With --git: the branch.
+        #[arg(long, requires = "git", conflicts_with = "rev")]
+        branch: Option<String>,
+        /// With --git: the revision.
+        #[arg(long, requires = "git")]
+        rev: Option<String>,
+    },
     /// Serve models to clients (`intervene!(model.trace(..).remote(&server) { .. })`). Only the graph's ops run
     /// on this machine, never client code.
     Serve {
@@ -96,6 +118,17 @@ fn main() {
 
 fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
+        Command::New { path, nnsight_path, git, branch, rev } => {
+            let source = match (git, nnsight_path.or_else(new::built_from)) {
+                (Some(url), _) => new::Source::Git { url, branch, rev },
+                (None, Some(dir)) => new::Source::Path(dir),
+                (None, None) => {
+                    return Err("the nnsight crate this command was built from is gone: give --nnsight-path DIR (the nnsight/ folder of a clone) or --git URL".into())
+                }
+            };
+            print!("{}", new::create(&path, &source)?);
+            Ok(())
+        }
         Command::Serve {
             models,
             listen,
