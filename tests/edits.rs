@@ -6,10 +6,6 @@ use crate::common::{self, max_abs_diff};
 use nnsight::prelude::*;
 use nnsight::Error;
 
-fn gpt2() -> LanguageModel<Gpt2> {
-    LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), common::opts()).unwrap()
-}
-
 /// Bitwise equality (same shape, every element identical).
 fn same(a: &Tensor, b: &Tensor) -> bool {
     a.size() == b.size() && a.equal(b)
@@ -17,7 +13,7 @@ fn same(a: &Tensor, b: &Tensor) -> bool {
 
 #[test]
 fn an_edited_model_applies_its_edit_and_leaves_the_model_as_it_was() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let plain = model.forward("Hello world")?;
     let edited = intervene!(model.edit() {
         model.transformer.h[0].mlp.output = model.transformer.h[0].mlp.output * 0.0;
@@ -48,7 +44,7 @@ fn an_edited_model_applies_its_edit_and_leaves_the_model_as_it_was() -> nnsight:
 
 #[test]
 fn an_edit_applies_to_any_batch() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let edited = intervene!(model.edit() {
         model.transformer.h[1].output[(.., -1, ..)] = model.transformer.h[1].output[(.., -1, ..)] * 3.0;
     });
@@ -74,7 +70,7 @@ fn an_edit_applies_to_any_batch() -> nnsight::Result<()> {
 
 #[test]
 fn in_place_edits_stack_and_clearing_restores_the_outputs_exactly() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let plain = model.forward("Hello world")?;
     intervene!(model.edit_in_place() {
         model.transformer.h[0].output = model.transformer.h[0].output * 2.0;
@@ -120,7 +116,7 @@ fn in_place_edits_stack_and_clearing_restores_the_outputs_exactly() -> nnsight::
 
 #[test]
 fn edited_models_stack_over_the_same_weights() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     intervene!(model.trace("Hello world") {
         let h0 = model.transformer.h[0].output.save();
     });
@@ -186,7 +182,7 @@ fn an_edit_applies_at_every_generation_step() -> nnsight::Result<()> {
 
 #[test]
 fn a_scan_of_an_edited_model_runs_the_edit_on_shapes() {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let wrong = Tensor::zeros([1, 3, 7], (Kind::Float, Device::Cpu));
     let run = || -> nnsight::Result<()> {
         let edited = intervene!(model.edit() {
@@ -206,7 +202,7 @@ fn a_scan_of_an_edited_model_runs_the_edit_on_shapes() {
 
 #[test]
 fn an_edit_refuses_what_it_cannot_keep() {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let run = || -> nnsight::Result<()> {
         let _edited = intervene!(model.edit() {
             let _h = model.transformer.h[0].output.save();

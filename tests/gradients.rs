@@ -6,10 +6,6 @@ use nnsight::models::CausalLm;
 use nnsight::nn::Hook;
 use nnsight::prelude::*;
 
-fn gpt2() -> LanguageModel<Gpt2> {
-    LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), common::opts()).unwrap()
-}
-
 /// Makes layer 0's output a leaf that requires grad, and keeps it and layer 1's output: autograd by hand.
 #[derive(Default)]
 struct ByHand {
@@ -49,7 +45,7 @@ fn loss_of(logits: &Tensor) -> Tensor {
 
 #[test]
 fn gradients_equal_a_plain_autograd_run() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let text = "The quick brown fox";
     intervene!(model.trace(text) {
         let h0 = model.transformer.h[0].output;
@@ -80,7 +76,7 @@ fn gradients_equal_a_plain_autograd_run() -> nnsight::Result<()> {
 
 #[test]
 fn gradients_agree_with_finite_differences() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let text = "Hello world";
     intervene!(model.trace(text) {
         let h0 = model.transformer.h[0].output;
@@ -107,7 +103,7 @@ fn gradients_agree_with_finite_differences() -> nnsight::Result<()> {
 
 #[test]
 fn each_invoke_gets_its_own_gradients() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let (a, b) = ("Hello world", "Goodbye moon");
     let solo = |text: &str| -> nnsight::Result<Tensor> {
         intervene!(model.trace(text) {
@@ -145,7 +141,7 @@ fn each_invoke_gets_its_own_gradients() -> nnsight::Result<()> {
 
 #[test]
 fn gradient_misuse_is_an_error_naming_it() {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     // `.grad` without a loss.
     let run = || -> nnsight::Result<()> {
         intervene!(model.trace("Hello") {
@@ -191,7 +187,7 @@ fn gradient_misuse_is_an_error_naming_it() {
 
 #[test]
 fn gradients_of_parameters_and_of_points_named_directly() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let text = "The quick brown fox";
     intervene!(model.trace(text) {
         let _h = model.transformer.h[0].output;
@@ -232,7 +228,7 @@ fn gradients_of_parameters_and_of_points_named_directly() -> nnsight::Result<()>
 
 #[test]
 fn gradients_are_read_in_backward_order() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     // Later layer first, then the earlier one: the order gradients arrive in.
     intervene!(model.trace("Hello world") {
         let h0 = model.transformer.h[0].output;
@@ -262,7 +258,7 @@ fn gradients_are_read_in_backward_order() -> nnsight::Result<()> {
 
 #[test]
 fn doubling_an_activations_gradient_doubles_the_gradients_upstream() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let text = "The quick brown fox";
     let run = |factor: f64| -> nnsight::Result<(Tensor, Tensor, Tensor)> {
         intervene!(model.trace(text) {
@@ -288,7 +284,7 @@ fn doubling_an_activations_gradient_doubles_the_gradients_upstream() -> nnsight:
 
 #[test]
 fn a_gradient_write_in_one_invoke_leaves_the_other_alone() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let (a, b) = ("Hello world", "Goodbye moon");
     let run = |factor: f64| -> nnsight::Result<(Tensor, Tensor)> {
         intervene!(model.trace() {

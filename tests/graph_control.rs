@@ -6,10 +6,6 @@ use nnsight::graph::{capture_graphs, Graph, Op};
 use nnsight::prelude::*;
 use nnsight::Error;
 
-fn gpt2() -> LanguageModel<Gpt2> {
-    LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), common::opts()).unwrap()
-}
-
 /// Layer outputs of a plain run.
 fn plain(model: &LanguageModel<Gpt2>, text: &str) -> Recorder {
     let mut rec = Recorder::default();
@@ -31,7 +27,7 @@ fn zero_if_norm_above(model: &LanguageModel<Gpt2>, threshold: f64) -> nnsight::R
 
 #[test]
 fn a_condition_on_a_graph_value_edits_only_when_it_holds() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let rec = plain(&model, "Hello world");
     let ln_1_input = &rec.outputs["transformer.h.0"];
     let norm = ln_1_input.norm().double_value(&[]);
@@ -51,7 +47,7 @@ fn a_condition_on_a_graph_value_edits_only_when_it_holds() -> nnsight::Result<()
 
 #[test]
 fn an_if_with_else_has_the_value_of_the_branch_that_ran() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let rec = plain(&model, "Hello world");
     let h0 = &rec.outputs["transformer.h.0"];
     let norm = h0.norm().double_value(&[]);
@@ -69,7 +65,7 @@ fn an_if_with_else_has_the_value_of_the_branch_that_ran() -> nnsight::Result<()>
 
 #[test]
 fn else_if_chains_logic_and_proxy_branches() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let rec = plain(&model, "Hello world");
     let h0 = &rec.outputs["transformer.h.0"];
     let norm = h0.norm().double_value(&[]);
@@ -92,7 +88,7 @@ fn else_if_chains_logic_and_proxy_branches() -> nnsight::Result<()> {
 
 #[test]
 fn branches_each_start_from_the_same_point_in_the_forward_pass() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let rec = plain(&model, "Hello world");
     // The then branch edits layer 1, the else branch layer 0 (earlier): only one of them runs, so this is in
     // order. The condition is known before either layer runs. After the `if`, code comes after both branches.
@@ -118,7 +114,7 @@ fn branches_each_start_from_the_same_point_in_the_forward_pass() -> nnsight::Res
 
 #[test]
 fn a_value_from_a_branch_that_did_not_run_is_an_error_naming_it() {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let run = || -> nnsight::Result<()> {
         intervene!(model.trace("Hello world") {
             let h = model.transformer.h[0].output;
@@ -150,7 +146,7 @@ fn a_value_from_a_branch_that_did_not_run_is_an_error_naming_it() {
 
 #[test]
 fn conditions_per_invoke_decide_for_their_own_rows() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let (a, b) = ("Hello world", "Goodbye moon");
     intervene!(model.trace() {
         invoke(a) {
@@ -189,7 +185,7 @@ fn steer(x: Tensor, direction: &Tensor, k: f64, enabled: bool) -> Result<Tensor,
 
 #[test]
 fn user_functions_run_in_the_graph() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let rec = plain(&model, "Hello world");
     let h0 = &rec.outputs["transformer.h.0"];
     let direction = Tensor::ones([64], (Kind::Float, Device::Cpu));
@@ -210,7 +206,7 @@ fn user_functions_run_in_the_graph() -> nnsight::Result<()> {
 
 #[test]
 fn a_failing_user_function_is_an_error_naming_it() {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let direction = Tensor::ones([64], (Kind::Float, Device::Cpu));
     let run = |k: f64, dir: &Tensor| -> nnsight::Result<()> {
         intervene!(model.trace("Hello world") {
@@ -230,7 +226,7 @@ fn a_failing_user_function_is_an_error_naming_it() {
 
 #[test]
 fn a_graph_calling_an_unregistered_function_is_refused_naming_it() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let (_, graphs) = capture_graphs(|| -> nnsight::Result<()> {
         intervene!(model.trace("Hello world") {
             let h = model.transformer.h[0].output;
@@ -408,7 +404,7 @@ fn the_committed_example_graph_is_what_its_block_builds() -> nnsight::Result<()>
 
 #[test]
 fn a_cache_of_a_module_that_does_not_exist_is_an_error_naming_it() {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let run = || -> nnsight::Result<()> {
         intervene!(model.trace("Hello world") {
             let c = model.cache_with(CacheOptions::default().modules(["model.transformer.h.0", "model.h.7"]));

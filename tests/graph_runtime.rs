@@ -5,13 +5,9 @@ use nnsight::__private as nn;
 use nnsight::prelude::*;
 use nnsight::Error;
 
-fn gpt2() -> LanguageModel<Gpt2> {
-    LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), common::opts()).unwrap()
-}
-
 #[test]
 fn a_saved_read_equals_the_module_output() {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let tr = nn::Trace::new(&model, Some("Hello world".into())).unwrap();
     let (root, g) = (tr.root(), tr.graph());
     let h = nn::read(g, &nn::at(&root.transformer.h, 0).unwrap().output).unwrap().save();
@@ -28,7 +24,7 @@ fn a_saved_read_equals_the_module_output() {
 
 #[test]
 fn a_write_changes_what_follows_and_reads_back() {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let tr = nn::Trace::new(&model, Some("Hello world".into())).unwrap();
     let (root, g) = (tr.root(), tr.graph());
     let mlp = &nn::at(&root.transformer.h, -1).unwrap().mlp;
@@ -46,7 +42,7 @@ fn a_write_changes_what_follows_and_reads_back() {
 
 #[test]
 fn build_time_errors_name_the_module() {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let tr = nn::Trace::new(&model, Some("Hello world".into())).unwrap();
     let (root, g) = (tr.root(), tr.graph());
     let err = nn::at(&root.transformer.h, 7).err().unwrap();
@@ -62,7 +58,7 @@ fn build_time_errors_name_the_module() {
 
 #[test]
 fn a_write_of_the_wrong_shape_is_an_error_and_the_model_stays_usable() {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let tr = nn::Trace::new(&model, Some("Hello world".into())).unwrap();
     let (root, g) = (tr.root(), tr.graph());
     let bad = Tensor::zeros([1, 3, 7], (Kind::Float, Device::Cpu));
@@ -76,7 +72,7 @@ fn a_write_of_the_wrong_shape_is_an_error_and_the_model_stays_usable() {
 
 #[test]
 fn invokes_see_their_own_rows_and_leave_others_bit_identical() {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let run = |edit: bool| {
         let tr = nn::Trace::new(&model, None).unwrap();
         let (root, g) = (tr.root(), tr.graph());

@@ -7,10 +7,6 @@ use crate::common::{self, excess, max_abs_diff};
 use nnsight::prelude::*;
 use nnsight::Error;
 
-fn gpt2() -> LanguageModel<Gpt2> {
-    LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), common::opts()).unwrap()
-}
-
 const PROMPT: &str = "The Eiffel Tower is in the city of";
 
 /// On the CPU in float64, for hand computations.
@@ -43,7 +39,7 @@ fn reading_every_point_leaves_the_output_unchanged() -> nnsight::Result<()> {
     eprintln!("SmolLM2 logits, explicit vs fused attention in all 30 layers: max |diff| {d:.2e}");
     assert!(rel <= 0.0, "explicit attention differs from the fused one by {d}");
 
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let plain = model.forward(PROMPT)?;
     intervene!(model.trace(PROMPT) {
         let q = model.transformer.h[0].attn.query.output.save();
@@ -75,7 +71,7 @@ fn the_points_have_the_documented_shapes() -> nnsight::Result<()> {
     assert_eq!(p.size(), [1, 9, s, s]);
     assert_eq!(z.size(), [1, s, 9, 64]);
 
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let s = model.batch(PROMPT)?.input_ids.size()[1];
     intervene!(model.trace(PROMPT) {
         let attn = &model.transformer.h[1].attn;
@@ -94,7 +90,7 @@ fn the_points_have_the_documented_shapes() -> nnsight::Result<()> {
 
 #[test]
 fn probabilities_are_causal_rows_summing_to_one() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     intervene!(model.trace(PROMPT) {
         let p = model.transformer.h[0].attn.probs.output.save();
     });
@@ -176,7 +172,7 @@ fn zeroing_one_heads_probabilities_removes_that_heads_contribution() -> nnsight:
 
 #[test]
 fn a_write_to_the_queries_changes_the_probabilities_it_should() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     intervene!(model.trace(PROMPT) {
         let q = model.transformer.h[0].attn.query.output.save();
         let k = model.transformer.h[0].attn.key.output.save();
@@ -200,7 +196,7 @@ fn a_write_to_the_queries_changes_the_probabilities_it_should() -> nnsight::Resu
 
 #[test]
 fn two_invokes_each_read_their_own_rows() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let (a, b) = ("Hello world", "The quick brown fox jumps");
     let single = |prompt: &str| -> nnsight::Result<Tensor> {
         intervene!(model.trace(prompt) {
@@ -230,7 +226,7 @@ fn two_invokes_each_read_their_own_rows() -> nnsight::Result<()> {
 
 #[test]
 fn points_follow_the_forward_order() {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     // Queries, probabilities, then the output projection of the same layer: in order.
     let in_order = || -> nnsight::Result<()> {
         intervene!(model.trace(PROMPT) {
@@ -268,7 +264,7 @@ fn points_follow_the_forward_order() {
 
 #[test]
 fn a_cache_records_points_it_lists_and_only_those() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     intervene!(model.trace(PROMPT) {
         let listed = model.cache_with(
             CacheOptions::default().modules(["model.transformer.h.0.attn.probs", "transformer.h.0.attn"]),

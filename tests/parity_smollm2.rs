@@ -138,7 +138,9 @@ fn onednn_linear_agrees_with_at_linear_and_steps_aside_for_gradients() {
     use nnsight::nn::fast_linear;
     let model = common::smollm2();
     if common::device() != Device::Cpu {
-        return; // the oneDNN path is CPU-only; the CUDA run checks at::linear through the parity tests
+        // The oneDNN path is CPU-only; the CUDA run checks at::linear through the parity tests.
+        eprintln!("skipped on {:?}: the oneDNN linear runs on the CPU only", common::device());
+        return;
     }
     let batch = model.batch(EIFFEL).unwrap();
     let fast = model.forward_batch(&batch).unwrap();

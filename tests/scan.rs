@@ -11,10 +11,6 @@ use std::sync::Arc;
 
 const PROMPTS: [&str; 2] = ["The Eiffel Tower is in the city of", "Madrid is"];
 
-fn gpt2() -> LanguageModel<Gpt2> {
-    LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), common::opts()).unwrap()
-}
-
 /// Every module's input and output, traced and scanned on a padded two-prompt batch: the same keys in the same
 /// order, the same shapes and dtypes; every scanned value is meta (holds no data).
 fn assert_scan_matches_trace<M: nnsight::models::CausalLm>(model: &LanguageModel<M>) -> nnsight::Result<usize> {
@@ -63,14 +59,14 @@ fn scanned_shapes_equal_traced_shapes_for_every_module_of_smollm2() -> nnsight::
 
 #[test]
 fn scanned_shapes_equal_traced_shapes_for_every_module_of_gpt2() -> nnsight::Result<()> {
-    let n = assert_scan_matches_trace(&gpt2())?;
+    let n = assert_scan_matches_trace(&common::tiny_gpt2())?;
     assert!(n > 20, "{n} entries");
     Ok(())
 }
 
 #[test]
 fn scan_gives_meta_values_of_the_traced_shapes() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let v = Tensor::ones([64], (Kind::Float, Device::Cpu));
     intervene!(model.scan("Hello world") {
         model.transformer.h[0].mlp.output[(.., -1)] += &v;
@@ -87,7 +83,7 @@ fn scan_gives_meta_values_of_the_traced_shapes() -> nnsight::Result<()> {
 
 #[test]
 fn a_wrong_shape_write_is_found_by_scan() {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let wrong = Tensor::zeros([1, 3, 7], (Kind::Float, Device::Cpu));
     let run = || -> nnsight::Result<()> {
         intervene!(model.scan("Hello world") {
@@ -151,7 +147,7 @@ fn two_invokes_in_a_scan() -> nnsight::Result<()> {
 
 #[test]
 fn scan_logs_shapes() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let (result, lines) = nnsight::interleave::capture_logs(|| -> nnsight::Result<()> {
         intervene!(model.scan("Hello world") {
             log!(model.transformer.h[0].output.norm());
@@ -203,7 +199,7 @@ impl ScanTarget for NoRealRuns {
 
 #[test]
 fn scan_runs_nothing_real() -> nnsight::Result<()> {
-    let model = NoRealRuns(gpt2());
+    let model = NoRealRuns(common::tiny_gpt2());
     let wrong = Tensor::zeros([5], (Kind::Float, Device::Cpu));
     let run = |write: bool| -> nnsight::Result<Tensor> {
         intervene!(model.scan("Hello world") {
@@ -230,7 +226,7 @@ fn scan_runs_nothing_real() -> nnsight::Result<()> {
 
 #[test]
 fn scan_checks_inner_points_and_both_branches_of_a_condition() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     intervene!(model.trace("Hello world") {
         let traced = model.transformer.h[0].attn.probs.output.save();
     });
@@ -265,7 +261,7 @@ fn scan_checks_inner_points_and_both_branches_of_a_condition() -> nnsight::Resul
 
 #[test]
 fn skip_and_stop_in_a_scan() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     intervene!(model.scan("Hello world") {
         model.transformer.h[0].skip(model.transformer.h[0].input * 2.0);
         let h1 = model.transformer.h[1].output.save();

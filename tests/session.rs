@@ -4,13 +4,9 @@
 use crate::common::{self, max_abs_diff, Recorder};
 use nnsight::prelude::*;
 
-fn gpt2() -> LanguageModel<Gpt2> {
-    LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), common::opts()).unwrap()
-}
-
 #[test]
 fn a_value_of_one_trace_is_usable_in_the_next_without_save() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let mut rec = Recorder::default();
     let _ = model.forward_with_hook(&model.batch("Hello world")?, &mut rec)?;
     let plain_h0 = &rec.outputs["transformer.h.0"];
@@ -31,7 +27,7 @@ fn a_value_of_one_trace_is_usable_in_the_next_without_save() -> nnsight::Result<
 
 #[test]
 fn rust_loops_around_traces_and_generations_in_a_session() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let mut norms = Vec::new();
     let options = GenerateOptions::new().max_new_tokens(3).stop_ids([]);
     intervene!(model.session() {

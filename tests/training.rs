@@ -5,13 +5,9 @@
 use crate::common::{self, max_abs_diff};
 use nnsight::prelude::*;
 
-fn gpt2() -> LanguageModel<Gpt2> {
-    LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), common::opts()).unwrap()
-}
-
 #[test]
 fn a_trainable_tensor_gets_the_gradient_of_the_loss() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let v = Tensor::zeros([64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     intervene!(model.trace("Hello world") {
         model.transformer.h[0].output = model.transformer.h[0].output + &v;
@@ -37,7 +33,7 @@ fn a_trainable_tensor_gets_the_gradient_of_the_loss() -> nnsight::Result<()> {
 
 #[test]
 fn an_optimizer_step_between_traces_trains_a_steering_vector() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let v = Tensor::zeros([64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let mut opt =
         tch::COptimizer::adam(0.5, 0.9, 0.999, 0.0, 1e-8, false).map_err(|e| nnsight::Error::torch("adam", e))?;
@@ -67,7 +63,7 @@ fn an_optimizer_step_between_traces_trains_a_steering_vector() -> nnsight::Resul
 
 #[test]
 fn a_model_parameter_made_trainable_trains_and_a_grad_read_leaves_none() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let bias = model.parameter("transformer.h.1.mlp.c_proj.bias")?;
     // A `.grad` read makes the parameter require grad for that run only, and leaves no `.grad` behind.
     intervene!(model.trace("Hello world") {
@@ -95,7 +91,7 @@ fn a_model_parameter_made_trainable_trains_and_a_grad_read_leaves_none() -> nnsi
 
 #[test]
 fn a_gradient_write_changes_what_a_trainable_tensor_receives() -> nnsight::Result<()> {
-    let model = gpt2();
+    let model = common::tiny_gpt2();
     let v = Tensor::zeros([64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let grad_with = |factor: f64| -> nnsight::Result<Tensor> {
         let mut v = v.shallow_clone();

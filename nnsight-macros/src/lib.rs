@@ -3,6 +3,8 @@
 //!
 //! Use them through the `nnsight` crate (`nnsight::prelude::*`), which re-exports them.
 
+#![forbid(unsafe_code)]
+
 mod derive;
 mod function;
 mod intervene;

@@ -148,6 +148,7 @@ pub(crate) fn to_meta(t: &Tensor) -> Result<Tensor, tch::TchError> {
     let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
     // SAFETY: `t` is live for the call; on success `out` is a fresh heap tensor owned by the returned `Tensor`.
     match unsafe { nnsight_to_meta(t.as_ptr(), &mut out) } {
+        // SAFETY: `out` is the non-null fresh tensor the shim allocated with `new`; this `Tensor` is its one owner.
         0 if !out.is_null() => Ok(unsafe { Tensor::from_ptr(out) }),
         _ => Err(tch::TchError::Torch(format!("cannot make a meta tensor of shape {:?}", t.size()))),
     }
@@ -162,6 +163,7 @@ pub(crate) fn empty_meta(shape: &[i64], kind: tch::Kind) -> Result<Tensor, tch::
     let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
     // SAFETY: `shape` is live for the call; on success `out` is a fresh heap tensor owned by the returned `Tensor`.
     match unsafe { nnsight_empty_meta(shape.as_ptr(), shape.len(), scalar_type, &mut out) } {
+        // SAFETY: `out` is the non-null fresh tensor the shim allocated with `new`; this `Tensor` is its one owner.
         0 if !out.is_null() => Ok(unsafe { Tensor::from_ptr(out) }),
         _ => Err(tch::TchError::Torch(format!("cannot make a meta tensor of shape {shape:?}"))),
     }

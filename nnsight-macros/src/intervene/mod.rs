@@ -362,7 +362,8 @@ mod tests {
         assert_eq!(out.matches("compile_error").count(), 2, "{out}");
     }
 
-    /// Prints one expansion (`cargo test -p nnsight-macros print_expansion -- --nocapture`).
+    /// One expansion, printed (`cargo test -p nnsight-macros print_expansion -- --nocapture`) and checked: the
+    /// trace, an invoke per block, the run, and the saved values re-bound after it.
     #[test]
     fn print_expansion() {
         let out = intervene(quote!(model.trace() {
@@ -375,5 +376,16 @@ mod tests {
             }
         }));
         println!("{out}");
+        let text = out.to_string().replace(' ', "");
+        assert_eq!(text.matches("__nn_tr.invoke(").count(), 2, "{out}");
+        assert_eq!(text.matches("__nn_tr.run()?").count(), 1, "{out}");
+        for saved in ["leth5=", "letlogits="] {
+            assert_eq!(
+                text.matches(saved).count(),
+                2,
+                "{saved} is bound in the block and re-bound after the run: {out}"
+            );
+        }
+        assert!(!text.contains("compile_error"), "{out}");
     }
 }
