@@ -60,14 +60,6 @@ fn same(a: &Tensor, b: &Tensor) -> bool {
 }
 
 /// Counts how many times the values it is captured in are dropped.
-struct DropCount(Arc<AtomicUsize>);
-
-impl Drop for DropCount {
-    fn drop(&mut self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
 #[test]
 fn a_hook_sees_the_gradient_autograd_computes() -> nnsight::Result<()> {
     let net = Net::new();
@@ -182,7 +174,7 @@ fn a_removed_hook_no_longer_runs_and_its_closure_is_dropped() -> nnsight::Result
     let (calls, drops) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let h = net.hidden();
     let loss = net.loss(&h);
-    let (c, d) = (Arc::clone(&calls), DropCount(Arc::clone(&drops)));
+    let (c, d) = (Arc::clone(&calls), common::DropCount(Arc::clone(&drops)));
     let hook = register_hook(&h, move |g| {
         let _keep = &d;
         c.fetch_add(1, Ordering::SeqCst);
@@ -207,7 +199,7 @@ fn the_closure_is_dropped_with_the_tensor_and_its_graph() -> nnsight::Result<()>
     // An activation: the hook lives in the tensor and in its grad_fn; it goes when both do.
     let h = net.hidden();
     let loss = net.loss(&h);
-    let d = DropCount(Arc::clone(&drops));
+    let d = common::DropCount(Arc::clone(&drops));
     let hook = register_hook(&h, move |_| {
         let _keep = &d;
         None
@@ -223,7 +215,7 @@ fn the_closure_is_dropped_with_the_tensor_and_its_graph() -> nnsight::Result<()>
 
     // A leaf, after a backward ran through the hook.
     let w = Tensor::randn([3], F).set_requires_grad(true);
-    let d = DropCount(Arc::clone(&drops));
+    let d = common::DropCount(Arc::clone(&drops));
     let hook = register_hook(&w, move |g| {
         let _keep = &d;
         Some(g * 2.0)

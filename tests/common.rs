@@ -102,3 +102,12 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 pub fn tiny_gpt2() -> LanguageModel<Gpt2> {
     LanguageModel::<Gpt2>::load_with(data("tiny-gpt2"), opts()).expect("load tests/data/tiny-gpt2")
 }
+
+/// Counts its drops in the shared counter (to prove a closure or value is dropped exactly once).
+pub struct DropCount(pub std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for DropCount {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}

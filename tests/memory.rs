@@ -44,15 +44,6 @@ fn ten_thousand_traces_keep_resident_memory_flat() -> nnsight::Result<()> {
     Ok(())
 }
 
-/// Counts its drops.
-struct DropCount(Arc<AtomicUsize>);
-
-impl Drop for DropCount {
-    fn drop(&mut self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
 #[test]
 fn ten_thousand_register_remove_cycles_keep_resident_memory_flat() -> nnsight::Result<()> {
     let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
@@ -71,7 +62,7 @@ fn ten_thousand_register_remove_cycles_keep_resident_memory_flat() -> nnsight::R
             fresh = hidden();
             &fresh
         };
-        let (buf, d) = (vec![1u8; 16 << 10], DropCount(Arc::clone(&drops)));
+        let (buf, d) = (vec![1u8; 16 << 10], common::DropCount(Arc::clone(&drops)));
         let hook = register_hook(t, move |_| {
             let _keep = (&buf, &d);
             None
