@@ -13,6 +13,7 @@ mod graph_control;
 mod graph_runtime;
 mod inner_points;
 mod intervene;
+mod layers;
 mod linking;
 mod loading_errors;
 mod parity_smollm2;

@@ -23,7 +23,7 @@
 //!
 //! Inside `intervene!`, `call!(clamp_norm(h, 10.0))` adds a call node whose value is the function's result.
 
-use crate::graph::Value;
+use crate::graph::{Graph, Value};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -142,5 +142,30 @@ pub(crate) fn call(name: &str, args: &[Arg<'_>]) -> Result<Value> {
                 .unwrap_or("a panic");
             Err(Error::Intervention { message: format!("function `{name}` failed: {what}") })
         }
+    }
+}
+
+/// Checks a graph before it runs: its structure ([`Graph::validate`]) and that every function it calls is
+/// registered in this program ([`Error::UnknownFunction`] naming it and listing those registered).
+pub fn validate(graph: &Graph) -> Result<()> {
+    graph.validate()?;
+    for node in &graph.nodes {
+        if let crate::graph::Op::Call { function, .. } = &node.op {
+            if lookup(function).is_none() {
+                return Err(Error::UnknownFunction { name: function.clone(), known: names() });
+            }
+        }
+    }
+    Ok(())
+}
+
+// Reading a graph checks it against this program's functions; the graph layer itself knows no registry.
+impl Graph {
+    /// A graph from JSON, validated: its structure, and that every function it calls is registered in this
+    /// program ([`validate`]).
+    pub fn from_json(text: &str) -> Result<Self> {
+        let g = Graph::from_json_unchecked(text)?;
+        validate(&g)?;
+        Ok(g)
     }
 }

@@ -18,9 +18,10 @@
 //! # }
 //! ```
 
+use crate::models::batch::{Batch, Input};
 use crate::models::{CachedInput, CausalLm};
 use crate::nn::{Ctx, Hook, KvCache};
-use crate::{Batch, Error, Input, LanguageModel, Result};
+use crate::{Error, LanguageModel, Result};
 use tch::{Device, Kind, Tensor};
 
 /// How [`LanguageModel::generate`] decodes: greedy by default; sampling with a temperature, top-k, top-p and a

@@ -26,6 +26,7 @@ pub mod error;
 pub mod function;
 pub mod generate;
 pub mod graph;
+pub mod handle;
 pub mod interleave;
 pub mod load;
 pub mod meta;
@@ -41,11 +42,13 @@ mod progress;
 #[path = "private.rs"]
 pub mod __private;
 
-pub use envoy::{Editable, Edited, NNsight, Proxy, Saved, Traceable};
+pub use envoy::{Editable, Edited, NNsight};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, GeneratedRow, Generation, Generator, OnToken, StepTokens, TextStream};
-pub use language_model::{Batch, Input, LanguageModel, LoadOptions};
+pub use handle::{Proxy, Saved, Traceable};
+pub use language_model::{LanguageModel, LoadOptions};
 pub use load::{default_model, DEFAULT_MODEL_FILE};
+pub use models::batch::{Batch, Input};
 pub use nnsight_macros::{function, intervene, Traceable};
 /// The `tch` crate this runtime is built on (libtorch 2.13), re-exported so that a crate depending on nnsight alone
 /// can name its types and functions (`nnsight::tch::set_num_threads(1)`) at the matching version.

@@ -101,7 +101,7 @@ impl<'m, T: TraceTarget> Edited<'m, T> {
 
 impl<M: crate::models::CausalLm> Edited<'_, crate::LanguageModel<M>> {
     /// A forward pass with the edits applied: logits `[batch, seq, vocab]`.
-    pub fn forward(&self, input: impl Into<crate::Input>) -> Result<Tensor> {
+    pub fn forward(&self, input: impl Into<crate::models::batch::Input>) -> Result<Tensor> {
         if let Some(remote) = self.base.server() {
             let rows = self.base.rows_of(input.into())?;
             return crate::LanguageModel::<M>::remote_logits(remote, rows, self.wire_edits());
@@ -116,7 +116,7 @@ impl<M: crate::models::CausalLm> Edited<'_, crate::LanguageModel<M>> {
     /// A generation with the edits applied at every step (see [`crate::LanguageModel::generate`]).
     pub fn generate(
         &self,
-        input: impl Into<crate::Input>,
+        input: impl Into<crate::models::batch::Input>,
         options: &crate::GenerateOptions,
     ) -> Result<crate::Generation> {
         if let Some(remote) = self.base.server() {
@@ -155,7 +155,7 @@ impl<T: TraceTarget> TraceTarget for Edited<'_, T> {
     fn remote(&self) -> Option<&crate::remote::Remote> {
         self.base.remote()
     }
-    fn wire_inputs(&self, inputs: &[Option<Self::Input>]) -> Result<Vec<Option<crate::Input>>> {
+    fn wire_inputs(&self, inputs: &[Option<Self::Input>]) -> Result<Vec<Option<crate::models::batch::Input>>> {
         self.base.wire_inputs(inputs)
     }
     /// The model's edits, then these.
@@ -283,7 +283,7 @@ impl<'a, 'm, T: TraceTarget> EditBlock<'a, 'm, T> {
         }
         let graph = std::mem::take(&mut b.graph);
         check(&graph)?;
-        graph.validate()?;
+        crate::function::validate(&graph)?;
         Ok(Arc::new(graph))
     }
 }

@@ -212,7 +212,7 @@ impl<M: crate::models::CausalLm> GenerateTarget for crate::LanguageModel<M> {
 
     fn generate_hooked(
         &self,
-        batch: &crate::Batch,
+        batch: &crate::models::batch::Batch,
         options: &crate::GenerateOptions,
         hook: &mut dyn Hook,
     ) -> Result<Vec<Vec<i64>>> {
@@ -223,7 +223,7 @@ impl<M: crate::models::CausalLm> GenerateTarget for crate::LanguageModel<M> {
     fn wire_generate(
         &self,
         graph: crate::graph::Graph,
-        inputs: &[Option<crate::Input>],
+        inputs: &[Option<crate::models::batch::Input>],
         options: &crate::GenerateOptions,
     ) -> Result<crate::remote::Job> {
         if options.on_token.is_some() {

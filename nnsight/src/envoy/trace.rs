@@ -1,9 +1,9 @@
 //! A trace: one `intervene!` block's graph, its invokes, and the model it runs on.
 
-use super::builder::{CallOrder, GraphCell};
-use super::proxy::{Proxy, Saved};
 use super::Traceable;
 use crate::graph::{NodeId, Point, Value};
+use crate::handle::builder::{CallOrder, GraphCell};
+use crate::handle::proxy::{Proxy, Saved};
 use crate::interleave::Interleaver;
 use crate::nn::{Ctx, Forward, Hook};
 use crate::{Error, Result};
@@ -45,7 +45,7 @@ pub trait TraceTarget {
 
     /// The invokes' inputs as a request carries them (for a remote run); by default this model cannot run
     /// remotely.
-    fn wire_inputs(&self, inputs: &[Option<Self::Input>]) -> Result<Vec<Option<crate::Input>>> {
+    fn wire_inputs(&self, inputs: &[Option<Self::Input>]) -> Result<Vec<Option<crate::models::batch::Input>>> {
         let _ = inputs;
         Err(Error::InvalidInput {
             message: "this model cannot run on a server: only a `LanguageModel`'s inputs (texts, ids) travel".into(),
@@ -110,7 +110,7 @@ impl<T: TraceTarget> TraceTarget for &T {
     fn remote(&self) -> Option<&crate::remote::Remote> {
         (**self).remote()
     }
-    fn wire_inputs(&self, inputs: &[Option<Self::Input>]) -> Result<Vec<Option<crate::Input>>> {
+    fn wire_inputs(&self, inputs: &[Option<Self::Input>]) -> Result<Vec<Option<crate::models::batch::Input>>> {
         (**self).wire_inputs(inputs)
     }
     fn wire_edits(&self) -> Vec<crate::graph::Graph> {

@@ -265,7 +265,7 @@ impl<'a> Interleaver<'a> {
     /// Prepares `graph` for a pass over a batch of `batch` rows, invoke `i` owning `rows[i]`; ad-hoc module calls
     /// look modules up under `root`.
     pub fn new(graph: &'a Graph, rows: Vec<(i64, i64)>, batch: i64, root: &'a dyn Module) -> Result<Self> {
-        graph.validate()?;
+        crate::function::validate(graph)?;
         let n = graph.nodes.len();
         let n_invokes = rows.len();
         let mut per_invoke = vec![Vec::new(); n_invokes];

@@ -11,11 +11,12 @@ use super::{
 };
 use crate::error::TchResultExt;
 use crate::load::Weights;
+use crate::models::batch::Batch;
 use crate::nn::{
     join_path, Activation, ActivationFn, Conv1D, Ctx, Embedding, Forward, ForwardState, KvCache, LayerNorm, Linear,
     ModuleList,
 };
-use crate::{Batch, Error, Result, Traceable};
+use crate::{Error, Result, Traceable};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 

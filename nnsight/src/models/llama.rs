@@ -13,11 +13,12 @@ use super::{
 use crate::error::TchResultExt;
 use crate::load::gguf::GgufFile;
 use crate::load::Weights;
+use crate::models::batch::Batch;
 use crate::nn::{
     join_path, Activation, ActivationFn, Ctx, Embedding, Forward, ForwardState, KvCache, Linear, Module, ModuleList,
     RmsNorm,
 };
-use crate::{Batch, Error, Result, Traceable};
+use crate::{Error, Result, Traceable};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 

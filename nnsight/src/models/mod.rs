@@ -4,13 +4,15 @@
 //! a typed load (`LanguageModel::<Llama>::load`) checks that the entry is the one asked for, and [`AutoModel`]
 //! takes whichever it is.
 
+pub mod batch;
 pub mod gpt2;
 pub mod llama;
 
 use crate::load::gguf::GgufFile;
 use crate::load::Weights;
 use crate::nn::{Ctx, Forward, ForwardState, KvCache, Module};
-use crate::{Batch, Error, Result};
+use crate::{Error, Result};
+use batch::Batch;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
@@ -42,7 +44,7 @@ impl RawConfig {
 ///
 /// The root module's input is the `input_ids` tensor and its output the logits, so a hook sees them as
 /// `model.input` and `model.output`.
-pub trait CausalLm: Forward + crate::Traceable + Send + 'static {
+pub trait CausalLm: Forward + crate::handle::Traceable + Send + 'static {
     /// The registry name of the architecture (`"llama"`, `"gpt2"`).
     const ARCHITECTURE: &'static str;
 
@@ -348,23 +350,23 @@ impl Module for AutoModel {
 #[derive(Debug)]
 pub struct AutoEnvoy {
     /// The logits.
-    pub output: crate::envoy::HookPoint<Tensor>,
+    pub output: crate::handle::HookPoint<Tensor>,
     /// The input ids.
-    pub input: crate::envoy::HookPoint<Tensor>,
+    pub input: crate::handle::HookPoint<Tensor>,
     /// All inputs.
-    pub inputs: crate::envoy::InputsPoint,
+    pub inputs: crate::handle::InputsPoint,
 }
 
-impl crate::envoy::Envoy for AutoEnvoy {
+impl crate::handle::Envoy for AutoEnvoy {
     fn module_path(&self) -> &str {
         ""
     }
 }
 
-impl crate::Traceable for AutoModel {
+impl crate::handle::Traceable for AutoModel {
     type Envoy = AutoEnvoy;
     fn envoy(&self) -> AutoEnvoy {
-        let p = crate::envoy::Points::new("");
+        let p = crate::handle::Points::new("");
         AutoEnvoy { output: p.output(), input: p.input(), inputs: p.inputs() }
     }
     fn set_path(&mut self, _: &str) {}

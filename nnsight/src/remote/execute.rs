@@ -53,7 +53,7 @@ pub fn execute<M: CausalLm>(
         return Err(Error::Limit { what: "graph nodes".into(), limit: limits.graph_nodes, given: nodes });
     }
     for g in job.graphs() {
-        g.validate()?;
+        crate::function::validate(g)?;
     }
     let start = Instant::now();
     let seconds = limits.wall_time.as_secs_f64();

@@ -10,7 +10,8 @@
 
 use crate::graph::{Constant, Graph, NodeId, Op, TensorData, Value};
 use crate::interleave::Finished;
-use crate::{Error, GenerateOptions, Input, Result};
+use crate::models::batch::Input;
+use crate::{Error, GenerateOptions, Result};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

@@ -559,7 +559,7 @@ async fn submit(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         );
     }
     for g in request.job.graphs() {
-        if let Err(e) = g.validate() {
+        if let Err(e) = crate::function::validate(g) {
             return error(StatusCode::BAD_REQUEST, WireError::from(&e));
         }
     }
