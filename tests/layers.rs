@@ -73,11 +73,6 @@ const ROOT_REEXPORTS: &[(&str, &str)] = &[
 
 /// Upward imports still to remove (file under `nnsight/src` -> module it uses).
 const KNOWN: &[&str] = &[
-    "envoy/edit.rs -> language_model",
-    "envoy/generate.rs -> language_model",
-    "generate.rs -> envoy",
-    "generate.rs -> language_model",
-    "generate.rs -> remote",
     "interleave/mod.rs -> envoy",
     "remote/execute.rs -> envoy",
     "remote/execute.rs -> language_model",

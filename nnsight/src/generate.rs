@@ -18,13 +18,14 @@
 //! # }
 //! ```
 
-use crate::models::batch::{Batch, Input};
+use crate::load::tokenizer::SpecialTokens;
+use crate::models::batch::Batch;
 use crate::models::{CachedInput, CausalLm};
 use crate::nn::{Ctx, Hook, KvCache};
-use crate::{Error, LanguageModel, Result};
+use crate::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
-/// How [`LanguageModel::generate`] decodes: greedy by default; sampling with a temperature, top-k, top-p and a
+/// How [`crate::LanguageModel::generate`] decodes: greedy by default; sampling with a temperature, top-k, top-p and a
 /// seed.
 ///
 /// ```
@@ -162,7 +163,7 @@ impl GenerateOptions {
     }
 
     /// Checks the options against a vocabulary of `vocab` tokens.
-    fn validate(&self, vocab: i64) -> Result<()> {
+    pub(crate) fn validate(&self, vocab: i64) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidInput { message: format!("generate: {m}") });
         if self.max_new_tokens == 0 {
             return bad("max_new_tokens must be at least 1".into());
@@ -207,7 +208,7 @@ impl GenerateOptions {
     }
 }
 
-/// The tokens one step added: what [`LanguageModel::generate_stream`] and the iterator hand out as they come.
+/// The tokens one step added: what [`crate::LanguageModel::generate_stream`] and the iterator hand out as they come.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepTokens {
     /// The step (forward) that produced them: 0 for the prefill, then 1, 2, ...
@@ -234,14 +235,6 @@ impl GeneratedRow {
     pub fn ids(&self) -> Vec<i64> {
         self.prompt_ids.iter().chain(&self.new_ids).copied().collect()
     }
-    /// The text of prompt and new tokens.
-    pub fn text<M: CausalLm>(&self, model: &LanguageModel<M>) -> Result<String> {
-        model.decode(&self.ids())
-    }
-    /// The text of the new tokens.
-    pub fn new_text<M: CausalLm>(&self, model: &LanguageModel<M>) -> Result<String> {
-        model.decode(&self.new_ids)
-    }
 }
 
 /// What a generation produced, per row of the input.
@@ -251,17 +244,6 @@ pub struct Generation {
     pub rows: Vec<GeneratedRow>,
     /// Forwards run (the prefill included): the length of the longest row's new tokens.
     pub steps: usize,
-}
-
-impl Generation {
-    /// The text (prompt and continuation) of every row.
-    pub fn texts<M: CausalLm>(&self, model: &LanguageModel<M>) -> Result<Vec<String>> {
-        self.rows.iter().map(|r| r.text(model)).collect()
-    }
-    /// The continuation of every row.
-    pub fn new_texts<M: CausalLm>(&self, model: &LanguageModel<M>) -> Result<Vec<String>> {
-        self.rows.iter().map(|r| r.new_text(model)).collect()
-    }
 }
 
 /// Decodes one row's tokens as they come into text pieces that can be printed one after another: a piece is
@@ -293,11 +275,6 @@ impl TextStream {
         Self::default()
     }
 
-    /// Adds `token`; returns the text that became printable (often the token's text, sometimes empty).
-    pub fn push<M: CausalLm>(&mut self, model: &LanguageModel<M>, token: i64) -> Result<String> {
-        self.push_with(|ids| model.decode(ids), token)
-    }
-
     /// [`TextStream::push`] with a decoding function of one's own (e.g. a clone of the model's tokenizer, where
     /// the model itself cannot be borrowed, as in a `'static` [`GenerateOptions::on_token`] callback).
     pub fn push_with(&mut self, decode: impl Fn(&[i64]) -> Result<String>, token: i64) -> Result<String> {
@@ -316,10 +293,9 @@ impl TextStream {
         &self.shown
     }
 
-    /// What is still held back at the end (an unfinished character shows as `\u{FFFD}`): print it once the
-    /// generation is over.
-    pub fn finish<M: CausalLm>(&mut self, model: &LanguageModel<M>) -> Result<String> {
-        let text = model.decode(&self.ids)?;
+    /// [`TextStream::finish`](crate::TextStream::finish) with a decoding function of one's own.
+    pub fn finish_with(&mut self, decode: impl Fn(&[i64]) -> Result<String>) -> Result<String> {
+        let text = decode(&self.ids)?;
         let rest = text.strip_prefix(self.shown.as_str()).unwrap_or_default().to_string();
         self.shown = text;
         Ok(rest)
@@ -407,8 +383,8 @@ fn sample(logits: &[f32], o: &GenerateOptions, rng: &mut Rng) -> i64 {
 }
 
 /// The decoding loop's state between forwards: the cache, the mask over every cached position, each row's
-/// tokens. [`LanguageModel::generate_hooked`] and the [`Generator`] drive it one step at a time.
-struct Decoder {
+/// tokens. [`crate::LanguageModel::generate_hooked`] and the [`crate::Generator`] drive it one step at a time.
+pub(crate) struct Decoder {
     options: GenerateOptions,
     rows: Vec<GeneratedRow>,
     /// Rows still growing.
@@ -431,10 +407,16 @@ struct Decoder {
 }
 
 impl Decoder {
-    fn new<M: CausalLm>(model: &LanguageModel<M>, batch: &Batch, options: &GenerateOptions) -> Result<Self> {
-        let vocab = model.model().vocab_size();
+    /// The state before the prefill of `batch`; `special` gives the default stop id (EOS) and the pad id.
+    pub(crate) fn new<M: CausalLm>(
+        model: &M,
+        special: &SpecialTokens,
+        batch: &Batch,
+        options: &GenerateOptions,
+    ) -> Result<Self> {
+        let vocab = model.vocab_size();
         options.validate(vocab)?;
-        let layers = model.model().cache_layers();
+        let layers = model.cache_layers();
         if layers == 0 {
             return Err(Error::InvalidInput {
                 message: format!("generate: the `{}` architecture has no KV cache", M::ARCHITECTURE),
@@ -457,7 +439,6 @@ impl Decoder {
                 GeneratedRow { prompt_ids: row[row.len() - n..].to_vec(), new_ids: Vec::new(), stopped: false }
             })
             .collect();
-        let special = model.special_tokens();
         let stop_ids = match &options.stop_ids {
             Some(ids) => ids.clone(),
             None => special.eos.map(|e| vec![e as i64]).unwrap_or_default(),
@@ -506,7 +487,8 @@ impl Decoder {
     }
 
     /// Runs the next forward (with `hook`, if any) and picks each active row's token; `None` once done.
-    fn step<M: CausalLm>(&mut self, model: &M, hook: Option<&mut dyn Hook>) -> Result<Option<StepTokens>> {
+    /// One forward: the prefill, or one token per active row; `None` once every row stopped or the steps ran out.
+    pub(crate) fn step<M: CausalLm>(&mut self, model: &M, hook: Option<&mut dyn Hook>) -> Result<Option<StepTokens>> {
         if self.done {
             return Ok(None);
         }
@@ -583,162 +565,8 @@ impl Decoder {
             .collect())
     }
 
-    fn generation(&self) -> Generation {
-        Generation { rows: self.rows.clone(), steps: self.step }
-    }
-}
-
-/// The iterator form of generation ([`LanguageModel::generator`]): each `next` runs one forward and yields its
-/// [`StepTokens`]; an error ends the iteration after it is yielded.
-pub struct Generator<'m, M: CausalLm> {
-    model: &'m LanguageModel<M>,
-    decoder: Decoder,
-}
-
-impl<M: CausalLm> Generator<'_, M> {
     /// What was generated so far.
-    pub fn generation(&self) -> Generation {
-        self.decoder.generation()
-    }
-    /// What was generated, once the iteration is over (or so far, if it is not).
-    pub fn finish(self) -> Generation {
-        self.decoder.generation()
-    }
-}
-
-impl<M: CausalLm> Iterator for Generator<'_, M> {
-    type Item = Result<StepTokens>;
-    fn next(&mut self) -> Option<Result<StepTokens>> {
-        let (model, decoder) = (self.model, &mut self.decoder);
-        model.edited_step(decoder, None).transpose()
-    }
-}
-
-impl<M: CausalLm> LanguageModel<M> {
-    /// Generates a continuation of each prompt of `input` with a KV cache: greedy by default, sampled with
-    /// `options.do_sample`. Several prompts run as one left-padded batch; each row's tokens are those of its solo
-    /// run.
-    pub fn generate(&self, input: impl Into<Input>, options: &GenerateOptions) -> Result<Generation> {
-        self.generate_stream(input, options, |_| Ok(()))
-    }
-
-    /// [`LanguageModel::generate`], calling `on_token` with each step's tokens as they come (an `Err` from it ends
-    /// the generation and is returned).
-    pub fn generate_stream(
-        &self,
-        input: impl Into<Input>,
-        options: &GenerateOptions,
-        mut on_token: impl FnMut(&StepTokens) -> Result<()>,
-    ) -> Result<Generation> {
-        if let Some(remote) = self.server() {
-            let edits = crate::envoy::TraceTarget::wire_edits(self);
-            return self.generate_remote(remote, input.into(), options, edits, &mut on_token);
-        }
-        let batch = self.batch(input)?;
-        let mut decoder = Decoder::new(self, &batch, options)?;
-        while let Some(tokens) = self.edited_step(&mut decoder, None)? {
-            on_token(&tokens)?;
-        }
-        Ok(decoder.generation())
-    }
-
-    /// A generation on the server a connected handle names, with `edits` applied there: one job; each step's
-    /// tokens are handed to the callbacks once it is back.
-    pub(crate) fn generate_remote(
-        &self,
-        remote: &crate::remote::Remote,
-        input: Input,
-        options: &GenerateOptions,
-        edits: Vec<crate::graph::Graph>,
-        on_token: &mut dyn FnMut(&StepTokens) -> Result<()>,
-    ) -> Result<Generation> {
-        use crate::graph::{Graph, Point};
-        let prompts = self.rows_of(input)?;
-        let (graph, read) = Graph::saving_read(crate::envoy::generate::GENERATED, Point::Output);
-        let mut sent = options.clone();
-        sent.on_token = None;
-        let job = crate::remote::Job::Generate {
-            graph,
-            inputs: vec![Some(Input::Ids(prompts.clone()))],
-            options: sent,
-            edits,
-        };
-        let mut done = remote.run(job)?;
-        let ids: crate::envoy::Generated = crate::envoy::FromValue::from_value(
-            done.values.remove(&read).ok_or_else(|| Error::Remote { message: "the server sent no tokens".into() })?,
-        )?;
-        let stops: Vec<i64> = match &options.stop_ids {
-            Some(s) => s.clone(),
-            None => self.special_tokens().eos.map(i64::from).into_iter().collect(),
-        };
-        let rows: Vec<GeneratedRow> = prompts
-            .iter()
-            .zip(&ids.rows)
-            .map(|(p, all)| {
-                let new_ids = all.get(p.len()..).unwrap_or_default().to_vec();
-                let stopped = new_ids.last().is_some_and(|t| stops.contains(t));
-                GeneratedRow { prompt_ids: p.clone(), new_ids, stopped }
-            })
-            .collect();
-        let steps = rows.iter().map(|r| r.new_ids.len()).max().unwrap_or(0);
-        for step in 0..steps {
-            let tokens = StepTokens {
-                step,
-                tokens: rows.iter().map(|r| r.new_ids.get(step).copied()).collect(),
-                stopped: rows.iter().map(|r| r.stopped && step + 1 >= r.new_ids.len()).collect(),
-            };
-            if let Some(f) = &options.on_token {
-                f.call(&tokens)?;
-            }
-            on_token(&tokens)?;
-        }
-        Ok(Generation { rows, steps })
-    }
-
-    /// The iterator form: each item is one step's tokens.
-    pub fn generator(&self, input: impl Into<Input>, options: &GenerateOptions) -> Result<Generator<'_, M>> {
-        self.refuse_if_connected("the step-by-step generator")?;
-        let batch = self.batch(input)?;
-        Ok(Generator { model: self, decoder: Decoder::new(self, &batch, options)? })
-    }
-
-    /// Generation over a prepared `batch` in which `hook` sees every module call of every forward: the prefill is
-    /// step 0, each later one-token forward step 1, 2, ...; every module is called once per forward, so the n-th
-    /// call of a module is step n. Each step's token is picked from the last position of the logits the root
-    /// returns, after the hook could change them (`lm_head`'s and the root's outputs). `on_token` sees each step's
-    /// tokens. An `Err` from the hook or from `on_token` ends generation and is returned unchanged (e.g.
-    /// [`Error::Stopped`]).
-    pub fn generate_hooked(
-        &self,
-        batch: &Batch,
-        options: &GenerateOptions,
-        hook: &mut dyn Hook,
-        on_token: &mut dyn FnMut(&StepTokens) -> Result<()>,
-    ) -> Result<Generation> {
-        self.refuse_if_connected("a generation with a local hook")?;
-        let mut decoder = Decoder::new(self, batch, options)?;
-        while let Some(tokens) = self.edited_step(&mut decoder, Some(&mut *hook))? {
-            on_token(&tokens)?;
-        }
-        Ok(decoder.generation())
-    }
-
-    /// An error for what a connected handle (no weights here) cannot do.
-    fn refuse_if_connected(&self, what: &str) -> Result<()> {
-        match self.server() {
-            Some(r) => Err(Error::InvalidInput {
-                message: format!(
-                    "{what} cannot run on a handle connected to {} (its weights are there): use `generate`, `generate_stream` or an `intervene!` block",
-                    r.url()
-                ),
-            }),
-            None => Ok(()),
-        }
-    }
-
-    /// One decoding step with the model's in-place edits in front of `hook`.
-    fn edited_step(&self, decoder: &mut Decoder, hook: Option<&mut dyn Hook>) -> Result<Option<StepTokens>> {
-        use crate::envoy::Editable;
-        crate::envoy::edit::with_edits(self.edit_list(), self.model(), false, hook, |h| decoder.step(self.model(), h))
+    pub(crate) fn generation(&self) -> Generation {
+        Generation { rows: self.rows.clone(), steps: self.step }
     }
 }

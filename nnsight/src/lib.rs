@@ -44,9 +44,9 @@ pub mod __private;
 
 pub use envoy::{Editable, Edited, NNsight};
 pub use error::{Error, Result};
-pub use generate::{GenerateOptions, GeneratedRow, Generation, Generator, OnToken, StepTokens, TextStream};
+pub use generate::{GenerateOptions, GeneratedRow, Generation, OnToken, StepTokens, TextStream};
 pub use handle::{Proxy, Saved, Traceable};
-pub use language_model::{LanguageModel, LoadOptions};
+pub use language_model::{Generator, LanguageModel, LoadOptions};
 pub use load::{default_model, DEFAULT_MODEL_FILE};
 pub use models::batch::{Batch, Input};
 pub use nnsight_macros::{function, intervene, Traceable};

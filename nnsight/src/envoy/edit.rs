@@ -69,8 +69,8 @@ pub trait Editable: TraceTarget {
 /// module tree, and every trace, generation or scan of it applies the model's own edits, then these. Trace it as
 /// the model itself; edit it again to stack more edits; drop it (or [`Edited::clear_edits`]) to be rid of them.
 pub struct Edited<'m, T: TraceTarget> {
-    base: &'m T,
-    edits: EditList,
+    pub(crate) base: &'m T,
+    pub(crate) edits: EditList,
 }
 
 impl<'m, T: TraceTarget> Edited<'m, T> {
@@ -96,37 +96,6 @@ impl<'m, T: TraceTarget> Edited<'m, T> {
     /// Removes this layer's edits (the model's own in-place edits stay).
     pub fn clear_edits(&self) {
         self.edits.clear();
-    }
-}
-
-impl<M: crate::models::CausalLm> Edited<'_, crate::LanguageModel<M>> {
-    /// A forward pass with the edits applied: logits `[batch, seq, vocab]`.
-    pub fn forward(&self, input: impl Into<crate::models::batch::Input>) -> Result<Tensor> {
-        if let Some(remote) = self.base.server() {
-            let rows = self.base.rows_of(input.into())?;
-            return crate::LanguageModel::<M>::remote_logits(remote, rows, self.wire_edits());
-        }
-        let batch = self.base.batch(input)?;
-        let own = self.edits.snapshot();
-        let mut pass = PassThrough;
-        let mut hook = EditHook::new(&own, self.base.model(), false, &mut pass)?;
-        self.base.forward_with_hook(&batch, &mut hook)
-    }
-
-    /// A generation with the edits applied at every step (see [`crate::LanguageModel::generate`]).
-    pub fn generate(
-        &self,
-        input: impl Into<crate::models::batch::Input>,
-        options: &crate::GenerateOptions,
-    ) -> Result<crate::Generation> {
-        if let Some(remote) = self.base.server() {
-            return self.base.generate_remote(remote, input.into(), options, self.wire_edits(), &mut |_| Ok(()));
-        }
-        let batch = self.base.batch(input)?;
-        let own = self.edits.snapshot();
-        let mut pass = PassThrough;
-        let mut hook = EditHook::new(&own, self.base.model(), false, &mut pass)?;
-        self.base.generate_hooked(&batch, options, &mut hook, &mut |_| Ok(()))
     }
 }
 

@@ -164,11 +164,6 @@ pub struct Generated {
 }
 
 impl Generated {
-    /// Each row decoded to text (prompt and continuation).
-    pub fn texts<M: crate::models::CausalLm>(&self, model: &crate::LanguageModel<M>) -> Result<Vec<String>> {
-        self.rows.iter().map(|r| model.decode(r)).collect()
-    }
-
     /// The only row (an invoke of one prompt); an error naming the count otherwise.
     pub fn row(&self) -> Result<&[i64]> {
         match self.rows.as_slice() {
@@ -200,43 +195,5 @@ impl<'m, T: GenerateTarget> Generate<'m, T> {
     /// The root envoy: `model` inside the block.
     pub fn root(&self) -> &'m <T::Root as Traceable>::Envoy {
         self.trace.root()
-    }
-}
-
-impl<M: crate::models::CausalLm> GenerateTarget for crate::LanguageModel<M> {
-    type Options = crate::GenerateOptions;
-
-    fn max_steps(options: &crate::GenerateOptions) -> usize {
-        options.max_new_tokens
-    }
-
-    fn generate_hooked(
-        &self,
-        batch: &crate::models::batch::Batch,
-        options: &crate::GenerateOptions,
-        hook: &mut dyn Hook,
-    ) -> Result<Vec<Vec<i64>>> {
-        let generation = crate::LanguageModel::generate_hooked(self, batch, options, hook, &mut |_| Ok(()))?;
-        Ok(generation.rows.iter().map(|r| r.ids()).collect())
-    }
-
-    fn wire_generate(
-        &self,
-        graph: crate::graph::Graph,
-        inputs: &[Option<crate::models::batch::Input>],
-        options: &crate::GenerateOptions,
-    ) -> Result<crate::remote::Job> {
-        if options.on_token.is_some() {
-            return Err(Error::InvalidInput {
-                message: "`on_token` cannot run on a server: a remote generation streams what the block sends instead"
-                    .into(),
-            });
-        }
-        Ok(crate::remote::Job::Generate {
-            graph,
-            inputs: self.wire_inputs(inputs)?,
-            options: options.clone(),
-            edits: crate::envoy::TraceTarget::wire_edits(self),
-        })
     }
 }

@@ -1,12 +1,16 @@
 //! `LanguageModel<M>`: a tokenizer and a model on a device, loaded from a Hugging Face folder or a GGUF file.
 
 use crate::envoy::edit::with_edits;
-use crate::envoy::trace::OrderRecorder;
-use crate::envoy::{CallOrder, EditList, Editable, ScanTarget, TraceTarget};
+
+use crate::envoy::{CallOrder, EditList, TraceTarget};
 use crate::load::gguf::GgufFile;
 use crate::load::tokenizer::{self, SpecialTokens};
 use crate::load::{safetensors, Weights};
 pub use crate::models::batch::{Batch, Input};
+pub use generate::Generator;
+
+mod generate;
+mod targets;
 use crate::models::{self, Architecture, AutoModel, CausalLm, RawConfig};
 use crate::nn::{Ctx, Hook, ModuleTree};
 use crate::progress::Progress;
@@ -422,99 +426,6 @@ impl<M: CausalLm> LanguageModel<M> {
     }
 }
 
-impl<M: CausalLm> TraceTarget for LanguageModel<M> {
-    type Root = M;
-    type Input = Input;
-    type Prepared = Batch;
-
-    fn root(&self) -> &M {
-        &self.model
-    }
-
-    fn envoy(&self) -> &M::Envoy {
-        self.envoy.get_or_init(|| self.model.envoy())
-    }
-
-    fn call_order(&self, _sample: Option<&Input>) -> Result<Option<Arc<CallOrder>>> {
-        // The order of module calls does not depend on the tokens: record it once on a one-token pass (on shapes
-        // alone for a handle without weights).
-        Ok(OrderRecorder::record_once(&self.order, |hook| {
-            let mut batch = Batch::from_rows(&[vec![0]], 0, self.device)?;
-            if self.remote.is_some() {
-                batch = batch.to_meta()?;
-            }
-            self.model.run(&mut Ctx::with_hook(hook), &batch).map(|_| ())
-        }))
-    }
-
-    fn prepare(&self, inputs: &[Option<Input>]) -> Result<crate::envoy::trace::Prepared<Batch>> {
-        let mut all: Vec<Vec<i64>> = Vec::new();
-        let mut spans = Vec::with_capacity(inputs.len());
-        for input in inputs {
-            match input {
-                Some(i) => {
-                    let rows = self.rows_of(i.clone())?;
-                    spans.push(Some((all.len() as i64, rows.len() as i64)));
-                    all.extend(rows);
-                }
-                None => spans.push(None),
-            }
-        }
-        let total = all.len() as i64;
-        let pad = self.special.pad.or(self.special.eos).unwrap_or(0) as i64;
-        let batch = Batch::from_rows(&all, pad, self.device)?;
-        Ok((batch, spans.into_iter().map(|s| s.unwrap_or((0, total))).collect(), total))
-    }
-
-    fn remote(&self) -> Option<&crate::remote::Remote> {
-        self.remote.as_ref()
-    }
-
-    fn wire_inputs(&self, inputs: &[Option<Input>]) -> Result<Vec<Option<Input>>> {
-        Ok(inputs.to_vec())
-    }
-
-    fn wire_edits(&self) -> Vec<crate::graph::Graph> {
-        self.edits.snapshot().iter().map(|g| crate::graph::Graph::clone(g)).collect()
-    }
-
-    fn forward_hooked(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<()> {
-        with_edits(&self.edits, &self.model, false, Some(hook), |h| {
-            self.model.run(&mut Ctx::with_hook(h.expect("a hook was given")), batch).map(|_| ())
-        })
-    }
-}
-
-impl<M: CausalLm> ScanTarget for LanguageModel<M> {
-    fn scan_root(&self) -> Result<&M> {
-        self.meta_model()
-    }
-
-    fn scan_call_order(&self) -> Result<Option<Arc<CallOrder>>> {
-        // Recorded on the twin (the order is the architecture's): a scan runs nothing real.
-        let twin = self.meta_model()?;
-        Ok(OrderRecorder::record_once(&self.order, |hook| {
-            let batch = Batch::from_rows(&[vec![0]], 0, Device::Cpu)?.to_meta()?;
-            twin.run(&mut Ctx::with_hook(hook), &batch).map(|_| ())
-        }))
-    }
-
-    fn forward_scan(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<()> {
-        let twin = self.meta_model()?;
-        let batch = batch.to_meta()?;
-        with_edits(&self.edits, twin, true, Some(hook), |h| {
-            twin.run(&mut Ctx::with_hook(h.expect("a hook was given")), &batch).map(|_| ())
-        })
-    }
-}
-
-impl<M: CausalLm> Editable for LanguageModel<M> {
-    fn edit_list(&self) -> &EditList {
-        &self.edits
-    }
-}
-
-/// BOS, EOS and padding ids from a `config.json` (an `eos_token_id` list gives its first id).
 fn special_from_config(json: &serde_json::Value) -> SpecialTokens {
     let id = |key: &str| {
         let v = json.get(key)?;

@@ -1,0 +1,182 @@
+//! What makes a [`LanguageModel`] a target of every block: a trace and a scan ([`TraceTarget`], [`ScanTarget`]),
+//! a generation ([`GenerateTarget`]), edits ([`Editable`], and an edited model's `forward` and `generate`).
+
+use super::LanguageModel;
+use crate::envoy::edit::{with_edits, EditHook, PassThrough};
+use crate::envoy::trace::OrderRecorder;
+use crate::envoy::{CallOrder, EditList, Editable, Edited, GenerateTarget, Generated, ScanTarget, TraceTarget};
+use crate::models::batch::{Batch, Input};
+use crate::models::CausalLm;
+use crate::nn::{Ctx, Hook};
+use crate::{Error, Result};
+use std::sync::Arc;
+use tch::{Device, Tensor};
+
+impl Generated {
+    /// Each row decoded to text (prompt and continuation).
+    pub fn texts<M: CausalLm>(&self, model: &LanguageModel<M>) -> Result<Vec<String>> {
+        self.rows.iter().map(|r| model.decode(r)).collect()
+    }
+}
+
+impl<M: CausalLm> TraceTarget for LanguageModel<M> {
+    type Root = M;
+    type Input = Input;
+    type Prepared = Batch;
+
+    fn root(&self) -> &M {
+        &self.model
+    }
+
+    fn envoy(&self) -> &M::Envoy {
+        self.envoy.get_or_init(|| self.model.envoy())
+    }
+
+    fn call_order(&self, _sample: Option<&Input>) -> Result<Option<Arc<CallOrder>>> {
+        // The order of module calls does not depend on the tokens: record it once on a one-token pass (on shapes
+        // alone for a handle without weights).
+        Ok(OrderRecorder::record_once(&self.order, |hook| {
+            let mut batch = Batch::from_rows(&[vec![0]], 0, self.device)?;
+            if self.remote.is_some() {
+                batch = batch.to_meta()?;
+            }
+            self.model.run(&mut Ctx::with_hook(hook), &batch).map(|_| ())
+        }))
+    }
+
+    fn prepare(&self, inputs: &[Option<Input>]) -> Result<crate::envoy::trace::Prepared<Batch>> {
+        let mut all: Vec<Vec<i64>> = Vec::new();
+        let mut spans = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            match input {
+                Some(i) => {
+                    let rows = self.rows_of(i.clone())?;
+                    spans.push(Some((all.len() as i64, rows.len() as i64)));
+                    all.extend(rows);
+                }
+                None => spans.push(None),
+            }
+        }
+        let total = all.len() as i64;
+        let pad = self.special.pad.or(self.special.eos).unwrap_or(0) as i64;
+        let batch = Batch::from_rows(&all, pad, self.device)?;
+        Ok((batch, spans.into_iter().map(|s| s.unwrap_or((0, total))).collect(), total))
+    }
+
+    fn remote(&self) -> Option<&crate::remote::Remote> {
+        self.remote.as_ref()
+    }
+
+    fn wire_inputs(&self, inputs: &[Option<Input>]) -> Result<Vec<Option<Input>>> {
+        Ok(inputs.to_vec())
+    }
+
+    fn wire_edits(&self) -> Vec<crate::graph::Graph> {
+        self.edits.snapshot().iter().map(|g| crate::graph::Graph::clone(g)).collect()
+    }
+
+    fn forward_hooked(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<()> {
+        with_edits(&self.edits, &self.model, false, Some(hook), |h| {
+            self.model.run(&mut Ctx::with_hook(h.expect("a hook was given")), batch).map(|_| ())
+        })
+    }
+}
+
+impl<M: CausalLm> ScanTarget for LanguageModel<M> {
+    fn scan_root(&self) -> Result<&M> {
+        self.meta_model()
+    }
+
+    fn scan_call_order(&self) -> Result<Option<Arc<CallOrder>>> {
+        // Recorded on the twin (the order is the architecture's): a scan runs nothing real.
+        let twin = self.meta_model()?;
+        Ok(OrderRecorder::record_once(&self.order, |hook| {
+            let batch = Batch::from_rows(&[vec![0]], 0, Device::Cpu)?.to_meta()?;
+            twin.run(&mut Ctx::with_hook(hook), &batch).map(|_| ())
+        }))
+    }
+
+    fn forward_scan(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<()> {
+        let twin = self.meta_model()?;
+        let batch = batch.to_meta()?;
+        with_edits(&self.edits, twin, true, Some(hook), |h| {
+            twin.run(&mut Ctx::with_hook(h.expect("a hook was given")), &batch).map(|_| ())
+        })
+    }
+}
+
+impl<M: CausalLm> Editable for LanguageModel<M> {
+    fn edit_list(&self) -> &EditList {
+        &self.edits
+    }
+}
+
+/// BOS, EOS and padding ids from a `config.json` (an `eos_token_id` list gives its first id).
+impl<M: crate::models::CausalLm> Edited<'_, crate::LanguageModel<M>> {
+    /// A forward pass with the edits applied: logits `[batch, seq, vocab]`.
+    pub fn forward(&self, input: impl Into<crate::models::batch::Input>) -> Result<Tensor> {
+        if let Some(remote) = self.base.server() {
+            let rows = self.base.rows_of(input.into())?;
+            return crate::LanguageModel::<M>::remote_logits(remote, rows, self.wire_edits());
+        }
+        let batch = self.base.batch(input)?;
+        let own = self.edits.snapshot();
+        let mut pass = PassThrough;
+        let mut hook = EditHook::new(&own, self.base.model(), false, &mut pass)?;
+        self.base.forward_with_hook(&batch, &mut hook)
+    }
+
+    /// A generation with the edits applied at every step (see [`crate::LanguageModel::generate`]).
+    pub fn generate(
+        &self,
+        input: impl Into<crate::models::batch::Input>,
+        options: &crate::GenerateOptions,
+    ) -> Result<crate::Generation> {
+        if let Some(remote) = self.base.server() {
+            return self.base.generate_remote(remote, input.into(), options, self.wire_edits(), &mut |_| Ok(()));
+        }
+        let batch = self.base.batch(input)?;
+        let own = self.edits.snapshot();
+        let mut pass = PassThrough;
+        let mut hook = EditHook::new(&own, self.base.model(), false, &mut pass)?;
+        self.base.generate_hooked(&batch, options, &mut hook, &mut |_| Ok(()))
+    }
+}
+
+impl<M: crate::models::CausalLm> GenerateTarget for crate::LanguageModel<M> {
+    type Options = crate::GenerateOptions;
+
+    fn max_steps(options: &crate::GenerateOptions) -> usize {
+        options.max_new_tokens
+    }
+
+    fn generate_hooked(
+        &self,
+        batch: &crate::models::batch::Batch,
+        options: &crate::GenerateOptions,
+        hook: &mut dyn Hook,
+    ) -> Result<Vec<Vec<i64>>> {
+        let generation = crate::LanguageModel::generate_hooked(self, batch, options, hook, &mut |_| Ok(()))?;
+        Ok(generation.rows.iter().map(|r| r.ids()).collect())
+    }
+
+    fn wire_generate(
+        &self,
+        graph: crate::graph::Graph,
+        inputs: &[Option<crate::models::batch::Input>],
+        options: &crate::GenerateOptions,
+    ) -> Result<crate::remote::Job> {
+        if options.on_token.is_some() {
+            return Err(Error::InvalidInput {
+                message: "`on_token` cannot run on a server: a remote generation streams what the block sends instead"
+                    .into(),
+            });
+        }
+        Ok(crate::remote::Job::Generate {
+            graph,
+            inputs: self.wire_inputs(inputs)?,
+            options: options.clone(),
+            edits: crate::envoy::TraceTarget::wire_edits(self),
+        })
+    }
+}
