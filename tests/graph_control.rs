@@ -294,9 +294,10 @@ fn kind_index(op: &Op) -> usize {
         Op::ParamGrad { .. } => 39,
         Op::GradWrite { .. } => 40,
         Op::Send { .. } => 41,
+        Op::Generated => 42,
     }
 }
-const KINDS: usize = 42;
+const KINDS: usize = 43;
 
 #[test]
 fn every_node_kind_round_trips_through_json() -> nnsight::Result<()> {
@@ -353,6 +354,7 @@ fn every_node_kind_round_trips_through_json() -> nnsight::Result<()> {
         Op::ParamGrad { module: "lm_head".into(), param: "weight".into(), backward: 38 },
         Op::GradWrite { a: 2, value: 39, backward: 38 },
         Op::Send { a: 0, label: "h".into() },
+        Op::Generated,
     ];
     let mut seen = [false; KINDS];
     for op in &ops {

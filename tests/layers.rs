@@ -72,12 +72,8 @@ const ROOT_REEXPORTS: &[(&str, &str)] = &[
 ];
 
 /// Upward imports still to remove (file under `nnsight/src` -> module it uses).
-const KNOWN: &[&str] = &[
-    "interleave/mod.rs -> envoy",
-    "remote/execute.rs -> envoy",
-    "remote/execute.rs -> language_model",
-    "remote/server.rs -> language_model",
-];
+const KNOWN: &[&str] =
+    &["remote/execute.rs -> envoy", "remote/execute.rs -> language_model", "remote/server.rs -> language_model"];
 
 fn layer(module: &str) -> Option<usize> {
     LAYERS.iter().find(|(m, _)| *m == module).map(|(_, l)| *l)

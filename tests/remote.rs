@@ -334,7 +334,9 @@ fn the_server_refuses_bad_requests_and_keeps_serving() {
     assert!(matches!(err, Error::ProtocolVersion { server: PROTOCOL_VERSION, client: 99 }), "{err}");
     still_serves();
     // An unknown op, named.
-    let json = r#"{"protocol":1,"model":"tiny","job":{"kind":"trace","inputs":[{"text":"Hi"}],"graph":{"nodes":[{"op":"frobnicate","a":0,"invoke":0}]}}}"#;
+    let json = format!(
+        r#"{{"protocol":{PROTOCOL_VERSION},"model":"tiny","job":{{"kind":"trace","inputs":[{{"text":"Hi"}}],"graph":{{"nodes":[{{"op":"frobnicate","a":0,"invoke":0}}]}}}}}}"#
+    );
     let bytes = safetensors::serialize(
         Vec::<(String, safetensors::tensor::TensorView<'_>)>::new(),
         Some(std::collections::HashMap::from([("nnsight".to_string(), json.to_string())])),

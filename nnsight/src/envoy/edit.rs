@@ -271,9 +271,7 @@ fn check(graph: &Graph) -> Result<()> {
             Op::Backward { .. } | Op::Grad { .. } | Op::ParamGrad { .. } | Op::GradWrite { .. } => {
                 return refuse("take gradients", "`.backward()` and `.grad` belong in a trace")
             }
-            Op::Read { module, .. } if module == super::generate::GENERATED => {
-                return refuse("read the generated ids", "`generated()` belongs in a generation block")
-            }
+            Op::Generated => return refuse("read the generated ids", "`generated()` belongs in a generation block"),
             _ => {}
         }
     }

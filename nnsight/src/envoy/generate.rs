@@ -5,13 +5,10 @@
 
 use super::trace::{Trace, TraceResults, TraceTarget};
 use super::{GraphCell, Traceable};
-use crate::graph::{NodeId, Op, Point, Value};
+use crate::graph::{NodeId, Op, Value};
 use crate::nn::Hook;
 use crate::{Error, Result};
 use tch::Tensor;
-
-/// The pseudo-module whose output event carries the generated ids at the end of a generation.
-pub const GENERATED: &str = "__generated";
 
 /// What can generate inside a block: a [`TraceTarget`] with a decoding loop.
 #[diagnostic::on_unimplemented(
@@ -185,9 +182,9 @@ impl super::FromValue for Generated {
     }
 }
 
-/// `model.generated()` inside a generation block: the token ids at the end (a read of the `__generated` event).
+/// `model.generated()` inside a generation block: the token ids at the end ([`Op::Generated`]).
 pub fn generated(g: &GraphCell) -> super::Proxy<'_, Generated> {
-    let id: NodeId = g.push(Op::Read { module: GENERATED.into(), point: Point::Output, call: 0 });
+    let id: NodeId = g.push(Op::Generated);
     super::Proxy::new(id, g)
 }
 

@@ -141,6 +141,10 @@ pub enum Op {
     Read { module: String, point: Point, call: u32 },
     /// Read all inputs of a module (a tuple).
     ReadInputs { module: String, call: u32 },
+    /// The token ids a generation produced (`model.generated()` in a generation block), `[rows, len]` (this
+    /// invoke's rows), right-padded with -1: known only once the generation has ended, so the nodes that use it
+    /// run then.
+    Generated,
     /// Replace a module's input or output (this invoke's rows) by `value`; with `index`, only that slice.
     Write { module: String, point: Point, call: u32, value: NodeId, index: Option<Vec<IndexItem>> },
     /// Do not run `module` at its `call`-th call: this invoke's rows of its output are `value` (every invoke must
@@ -253,7 +257,7 @@ impl Op {
     pub fn inputs(&self) -> Vec<NodeId> {
         use Op::*;
         match self {
-            Read { .. } | ReadInputs { .. } | Const { .. } | Stop | Cache { .. } => vec![],
+            Read { .. } | ReadInputs { .. } | Generated | Const { .. } | Stop | Cache { .. } => vec![],
             Write { value, .. } | Skip { value, .. } => vec![*value],
             Apply { input, .. } => vec![*input],
             Guard { cond, .. } => vec![*cond],
@@ -314,6 +318,7 @@ impl Op {
                 format!("read of `{}` {} (call {call})", display(module), point_name(*point))
             }
             Op::ReadInputs { module, call } => format!("read of `{}` inputs (call {call})", display(module)),
+            Op::Generated => "`model.generated()`".to_string(),
             Op::Write { module, point, call, .. } => {
                 format!("write of `{}` {} (call {call})", display(module), point_name(*point))
             }

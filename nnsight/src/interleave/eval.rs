@@ -202,6 +202,7 @@ pub fn eval(op: &Op, inputs: &[&Value]) -> Result<Value> {
         }
         Op::Read { .. }
         | Op::ReadInputs { .. }
+        | Op::Generated
         | Op::Write { .. }
         | Op::Apply { .. }
         | Op::Skip { .. }

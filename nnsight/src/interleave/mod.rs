@@ -436,11 +436,9 @@ impl<'a> Interleaver<'a> {
             }
             let Some(&id) = self.per_invoke[inv].get(self.cursor[inv]) else { return Ok(()) };
             let op = &self.graph.nodes[id as usize].op;
-            if let Op::Read { module, .. } = op {
-                if module == crate::envoy::generate::GENERATED {
-                    self.defer(id);
-                    continue;
-                }
+            if matches!(op, Op::Generated) {
+                self.defer(id);
+                continue;
             }
             if !self.deferred_set.is_empty() && op.inputs().iter().any(|j| self.deferred_set.contains(j)) {
                 if op.hook_point().is_some() {
@@ -804,7 +802,7 @@ impl<'a> Interleaver<'a> {
         for id in std::mem::take(&mut self.deferred) {
             let node = &self.graph.nodes[id as usize];
             let op = &node.op;
-            let value = if matches!(op, Op::Read { .. }) {
+            let value = if matches!(op, Op::Generated) {
                 Value::Tensor(self.my_rows(node.invoke as usize, ids)?)
             } else {
                 let inputs: Result<Vec<&Value>> = op

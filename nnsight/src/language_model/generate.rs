@@ -108,9 +108,11 @@ impl<M: CausalLm> LanguageModel<M> {
         edits: Vec<crate::graph::Graph>,
         on_token: &mut dyn FnMut(&StepTokens) -> Result<()>,
     ) -> Result<Generation> {
-        use crate::graph::{Graph, Point};
+        use crate::graph::{Graph, Op};
         let prompts = self.rows_of(input)?;
-        let (graph, read) = Graph::saving_read(crate::envoy::generate::GENERATED, Point::Output);
+        let mut graph = Graph::default();
+        let read = graph.push(Op::Generated, 0);
+        graph.push(Op::Save { value: read }, 0);
         let mut sent = options.clone();
         sent.on_token = None;
         let job = crate::remote::Job::Generate {
