@@ -11,31 +11,29 @@
 //! let h5 = { use ...; (&&&::nnsight::__private::finish(h5)).__nn_finish(&mut __nn_results)? };
 //! ```
 
-use super::parse::{is_edit, is_generate, is_scan, Item};
+use super::form::Form;
+use super::parse::Item;
 use super::rewrite::{gen, Export, Rewritten};
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
-use syn::{Expr, Stmt};
+use syn::{Expr, Ident, Stmt};
 
 /// The statements that replace the `intervene!` call.
 pub fn expand(r: Rewritten) -> TokenStream {
-    if is_edit(&r.trace) {
-        return expand_edit(r);
-    }
     let s = gen(r.trace.span());
+    // The runtime type that builds and runs the block. A scan runs the same graph on the model's meta twin;
+    // everything else is the same code. A generation runs it over one forward pass per new token, with options.
+    let kind = match r.form {
+        Form::Trace => quote_spanned!(s=> Trace),
+        Form::Scan => quote_spanned!(s=> Scan),
+        Form::Generate => quote_spanned!(s=> Generate),
+        Form::Edit => return expand_edit(r, "finish"),
+        Form::EditInPlace => return expand_edit(r, "in_place"),
+    };
     let root = &r.root;
     let input = option_input(r.input.as_ref(), s);
-    // A scan runs the same graph on the model's meta twin; everything else is the same code.
-    // A generation runs it over one forward pass per new token, with options.
-    let kind = if is_scan(&r.trace) {
-        quote_spanned!(s=> Scan)
-    } else if is_generate(&r.trace) {
-        quote_spanned!(s=> Generate)
-    } else {
-        quote_spanned!(s=> Trace)
-    };
-    let extra = if is_generate(&r.trace) {
+    let extra = if r.form.takes_options() {
         match &r.options {
             Some(o) => {
                 let so = gen(o.span());
@@ -77,16 +75,16 @@ pub fn expand(r: Rewritten) -> TokenStream {
     out
 }
 
-/// An edit block: one expression, the edited model (`edit`) or `()` after adding the edit to the model
-/// (`edit_in_place`). Its bindings stay inside (an edit keeps no values).
+/// An edit block: one expression, the edited model (`edit`, `end` is `finish`) or `()` after adding the edit to the
+/// model (`edit_in_place`, `end` is `in_place`). Its bindings stay inside (an edit keeps no values).
 ///
 /// ```text
-/// { let __nn_tr = model.__nn_edit()?; ...; BODY; __nn_tr.finish()? }
+/// { let __nn_tr = model.__nn_edit()?; ...; BODY; __nn_tr.END()? }
 /// ```
-fn expand_edit(r: Rewritten) -> TokenStream {
+fn expand_edit(r: Rewritten, end: &str) -> TokenStream {
     let s = gen(r.trace.span());
     let root = &r.root;
-    let end = if r.trace == "edit_in_place" { quote_spanned!(s=> in_place) } else { quote_spanned!(s=> finish) };
+    let end = Ident::new(end, s);
     let mut body = TokenStream::new();
     for item in r.items {
         match item {

@@ -1,12 +1,19 @@
 //! `intervene!`: a trace block over a model, compiled into graph-construction code.
 //!
-//! Three phases, one file each: [`parse`] reads the frame (`model.trace(..) { invoke(..) { .. } }`, or `scan`
-//! for the same block on shapes alone), [`rewrite`]
-//! turns expressions rooted at the model into typed graph calls (reads, writes, list indexing, ad-hoc module calls)
-//! and decides which bindings are handed on, [`expand`] emits the trace, the flat body, the run and the
-//! re-bindings. Errors from every phase are collected and reported together.
+//! Three phases, one file (or folder) each: [`parse`] reads the frame (`model.trace(..) { invoke(..) { .. } }`,
+//! or another [`Form`](form::Form)), [`rewrite`] turns expressions rooted at the model into typed graph calls
+//! (reads, writes, list indexing, ad-hoc module calls) and decides which bindings are handed on, [`expand`] emits
+//! the block's runtime type, the flat body, the run and the re-bindings. Errors from every phase are collected and
+//! reported together. [`session`] turns `model.session() { .. }` into one `intervene!` per block inside it.
+//!
+//! The block kinds (`trace`, `scan`, `generate`, `edit`, `edit_in_place`) are one enum, [`Form`](form::Form) in
+//! [`form`]; the phases ask it questions (runs on shapes? takes options? may be `.remote`?) rather than compare
+//! names. A new block kind is one `Form` variant and the arms the compiler asks for (its name, its answers, its
+//! runtime type in [`expand`]), plus its runtime type in the `nnsight` crate (re-exported from `nnsight::__private`,
+//! like `Trace`, `Scan` and `Generate`).
 
 mod expand;
+mod form;
 mod parse;
 mod rewrite;
 mod session;
@@ -26,7 +33,7 @@ pub fn intervene(input: TokenStream) -> TokenStream {
             return errors.to_compile_errors();
         }
     };
-    let edit = parse::is_edit(&ast.trace);
+    let edit = ast.form.is_edit();
     let rewritten = rewrite::rewrite(ast, &mut errors);
     let mut out = errors.to_compile_errors();
     out.extend(expand::expand(rewritten));

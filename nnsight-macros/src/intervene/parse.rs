@@ -5,6 +5,7 @@
 //! intervene!(ROOT.scan(INPUT?) { ITEM* })     (the same block, run on shapes alone)
 //! intervene!(ROOT.generate(INPUT, OPTIONS?) { ITEM* })   (several forward passes: decoding)
 //! intervene!(ROOT.generate(OPTIONS?) { invoke(INPUT) { .. } ... })
+//! intervene!(ROOT.edit() { STATEMENT* })      (a persistent edit; `edit_in_place` adds it to the model itself)
 //! ITEM := a Rust statement | invoke(INPUT?) { STATEMENT* }
 //! ```
 //!
@@ -16,6 +17,7 @@
 //! Mistakes in the frame that still leave a usable shape (`tracee`, two inputs) are collected and parsing goes on,
 //! so every one of them is reported in one build.
 
+use super::form::Form;
 use super::Errors;
 use proc_macro2::{Delimiter, Group, TokenStream, TokenTree};
 use syn::buffer::Cursor;
@@ -27,11 +29,13 @@ use syn::{braced, parenthesized, Expr, Ident, Stmt, Token};
 /// Hook points of a module: `.output`, `.input`, `.inputs`.
 pub const HOOK_POINTS: [&str; 3] = ["output", "input", "inputs"];
 
-/// `ROOT.trace(INPUT?) { ITEMS }` or `ROOT.scan(INPUT?) { ITEMS }`.
+/// `ROOT.FORM(INPUT?) { ITEMS }`: `ROOT.trace(..) { .. }`, `ROOT.scan(..) { .. }`, ...
 pub struct Intervene {
     /// The model's identifier: the root of every module path in the body.
     pub root: Ident,
-    /// The `trace` or `scan` token (errors about the trace target point at it; [`is_scan`] tells which).
+    /// Which block it is (`trace` for an unknown one, which is reported).
+    pub form: Form,
+    /// The form's token, as written (errors about the trace target point at it).
     pub trace: Ident,
     /// The input of `ROOT.trace(INPUT)`, or none for `ROOT.trace()`.
     pub input: Option<Expr>,
@@ -61,24 +65,6 @@ pub struct Invoke {
     pub stmts: Vec<Stmt>,
 }
 
-/// The forms of `ROOT.FORM(..) { .. }`.
-const FORMS: [&str; 5] = ["trace", "scan", "generate", "edit", "edit_in_place"];
-
-/// Whether the form token is `scan` (a run on shapes alone).
-pub fn is_scan(form: &Ident) -> bool {
-    form == "scan"
-}
-
-/// Whether the form token is `edit` or `edit_in_place` (a persistent edit: no input, applied to every later run).
-pub fn is_edit(form: &Ident) -> bool {
-    form == "edit" || form == "edit_in_place"
-}
-
-/// Whether the form token is `generate` (decoding: one forward pass per new token).
-pub fn is_generate(form: &Ident) -> bool {
-    form == "generate"
-}
-
 /// Parses an `intervene!` call; frame errors that leave a usable shape go to `errors`, others are returned.
 pub fn parse(tokens: TokenStream, errors: &mut Errors) -> syn::Result<Intervene> {
     let tokens = tuple_indices(tokens);
@@ -100,33 +86,25 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
     input.parse::<Token![.]>()?;
     let trace: Ident =
         input.parse().map_err(|e| syn::Error::new(e.span(), format!("expected `trace` after `{root}.`")))?;
-    if !FORMS.iter().any(|f| trace == f) {
+    // An unknown form is reported, and the block read as a trace.
+    let kind = Form::from_ident(&trace).unwrap_or_else(|| {
         errors.push(syn::Error::new(
             trace.span(),
             format!(
                 "unknown form `{root}.{trace}(...)`: expected `{root}.trace(input) {{ ... }}`, `{root}.scan(input) {{ ... }}` to run it on shapes alone, `{root}.generate(input, options) {{ ... }}` to decode, or `{root}.edit() {{ ... }}` for a persistent edit"
             ),
         ));
-    }
-    // Messages name the form written (`scan` or `trace`; `trace` for an unknown one).
-    let form = if is_scan(&trace) {
-        "scan"
-    } else if trace == "edit" {
-        "edit"
-    } else if trace == "edit_in_place" {
-        "edit_in_place"
-    } else if is_generate(&trace) {
-        "generate"
-    } else {
-        "trace"
-    };
+        Form::Trace
+    });
+    // Messages name the form written (`trace` for an unknown one).
+    let form = kind.name();
     if !input.peek(syn::token::Paren) {
         return Err(input
             .error(format!("expected `(...)` after `{root}.{trace}`: `{root}.{form}(input)` or `{root}.{form}()`")));
     }
     let args;
     parenthesized!(args in input);
-    let generate_args = if form == "generate" {
+    let generate_args = if kind.takes_options() {
         let all = Punctuated::<Expr, Token![,]>::parse_terminated(&args)?;
         if all.len() > 2 {
             errors.push(syn::Error::new(
@@ -138,10 +116,9 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
     } else {
         None
     };
-    let edit = is_edit(&trace);
     let mut input_expr = match &generate_args {
         Some(_) => None,
-        None if edit => {
+        None if kind.is_edit() => {
             let all = Punctuated::<Expr, Token![,]>::parse_terminated(&args)?;
             if let Some(first) = all.first() {
                 errors.push(syn::Error::new(
@@ -167,7 +144,7 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
         let server;
         parenthesized!(server in input);
         let e: Expr = server.parse()?;
-        if is_scan(&trace) || edit {
+        if !kind.may_be_remote() {
             errors.push(syn::Error::new(
                 word.span(),
                 format!("a {form} runs here (on shapes, or as an edit of the model): it cannot be `.remote(..)`"),
@@ -181,7 +158,8 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
     }
     let body;
     braced!(body in input);
-    let refusal = edit.then_some("an edit has no `invoke` blocks: it applies to every row of every later run");
+    let refusal = (!kind.may_have_invokes())
+        .then_some("an edit has no `invoke` blocks: it applies to every row of every later run");
     let body: TokenStream = body.parse()?;
     let mut nested = Vec::new();
     let body = top_level_invokes(body, refusal, &mut nested, errors);
@@ -221,7 +199,7 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
         }
     }
     match (&input_expr, first_invoke) {
-        _ if edit => {}
+        _ if kind.is_edit() => {}
         (Some(_), Some(first)) => errors.push(syn::Error::new(
             first,
             format!("`invoke` blocks need a {form} without input: `{root}.{form}() {{ invoke(input) {{ ... }} }}`"),
@@ -234,7 +212,7 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
         )),
         _ => {}
     }
-    Ok(Intervene { root, trace, input: input_expr, options, remote, items })
+    Ok(Intervene { root, form: kind, trace, input: input_expr, options, remote, items })
 }
 
 /// The one optional input of `trace(..)` / `invoke(..)`; a second one is reported and dropped.
@@ -570,7 +548,7 @@ mod tests {
     #[test]
     fn generate_takes_input_and_options_or_options_with_invokes() {
         let ast = parse_ok(quote!(model.generate("hi") { }));
-        assert!(is_generate(&ast.trace) && ast.input.is_some() && ast.options.is_none());
+        assert!(ast.form == Form::Generate && ast.input.is_some() && ast.options.is_none());
         let ast = parse_ok(quote!(model.generate("hi", &opts) { }));
         assert!(ast.input.is_some() && ast.options.is_some());
         let ast = parse_ok(quote!(model.generate(opts) { invoke("a") { } invoke("b") { } }));
@@ -590,9 +568,9 @@ mod tests {
     #[test]
     fn edit_forms_take_no_input_and_no_invokes() {
         let ast = parse_ok(quote!(model.edit() { model.x.output = model.x.output * 2.0; }));
-        assert!(is_edit(&ast.trace) && ast.input.is_none() && ast.items.len() == 1);
+        assert!(ast.form == Form::Edit && ast.input.is_none() && ast.items.len() == 1);
         let ast = parse_ok(quote!(model.edit_in_place() { model.x.output = model.x.output * 2.0; }));
-        assert!(is_edit(&ast.trace) && ast.trace == "edit_in_place");
+        assert!(ast.form == Form::EditInPlace && ast.trace == "edit_in_place");
         assert_eq!(
             parse_messages(quote!(model.edit(x) { invoke(y) { } })),
             [
@@ -605,9 +583,9 @@ mod tests {
     #[test]
     fn scan_is_a_form_with_the_same_body() {
         let ast = parse_ok(quote!(model.scan("hello") { let h = model.lm_head.output.save(); }));
-        assert!(is_scan(&ast.trace) && ast.input.is_some());
+        assert!(ast.form == Form::Scan && ast.input.is_some());
         let ast = parse_ok(quote!(model.scan() { invoke("a") { } invoke("b") { } }));
-        assert!(is_scan(&ast.trace) && ast.input.is_none() && ast.items.len() == 2);
+        assert!(ast.form == Form::Scan && ast.input.is_none() && ast.items.len() == 2);
         assert_eq!(
             parse_messages(quote!(model.scan() { let x = 1; })),
             ["`model.scan()` without input needs `invoke(input) { ... }` blocks, or write `model.scan(input)`"]

@@ -16,14 +16,12 @@
 //! expands to the statements, with each block replaced by
 //! `::nnsight::intervene!(model.trace("a") { let h = ..; let h = ::nnsight::__private::keep(__nn_g, h); })`.
 
+use super::form::Form;
 use super::Errors;
 use proc_macro2::{Delimiter, Group, Ident, Span, TokenStream, TokenTree};
 use quote::{quote, quote_spanned};
 
 use syn::parse::Parser;
-
-/// The forms a session body may hold.
-const FORMS: [&str; 3] = ["trace", "scan", "generate"];
 
 /// Whether `tokens` is `ROOT.session(..) { .. }`; returns the root, the `session` token and the body.
 pub fn split(tokens: &TokenStream) -> Option<(Ident, Ident, TokenStream, TokenStream)> {
@@ -102,13 +100,11 @@ fn rewrite(
             (&tts[i], tts.get(i + 1), tts.get(i + 2))
         {
             let after_dot = i > 0 && matches!(&tts[i - 1], TokenTree::Punct(p) if p.as_char() == '.');
-            if FORMS.iter().any(|f| form == f)
-                && !after_dot
-                && args.delimiter() == Delimiter::Parenthesis
-                && body.delimiter() == Delimiter::Brace
-            {
+            let shape =
+                !after_dot && args.delimiter() == Delimiter::Parenthesis && body.delimiter() == Delimiter::Brace;
+            if let Some(kind) = Form::from_ident(form).filter(|kind| kind.in_session() && shape) {
                 *count += 1;
-                out.extend(block(form, args, body, root, server, errors));
+                out.extend(block(form, kind, args, body, root, server, errors));
                 i += 3;
                 // The block is a statement: a `;` after it is optional.
                 if matches!(tts.get(i), Some(TokenTree::Punct(p)) if p.as_char() == ';') {
@@ -131,9 +127,10 @@ fn rewrite(
     out.into_iter().collect()
 }
 
-/// One block of the session: `::nnsight::intervene!(ROOT.FORM(ARGS) { BODY KEEPS });`.
+/// One block of the session: `::nnsight::intervene!(ROOT.FORM(ARGS) { BODY KEEPS });` (`form` is `kind`'s token).
 fn block(
     form: &Ident,
+    kind: Form,
     args: &Group,
     body: &Group,
     root: &Ident,
@@ -168,8 +165,8 @@ fn block(
     let inner = body.stream();
     let macro_path = quote_spanned!(s=> ::nnsight::intervene!);
     let semi = (!lets.is_empty()).then(|| quote_spanned!(s=> ;));
-    // On a server, every block but a scan (which runs here, on shapes) runs there.
-    let remote = server.filter(|_| form != "scan").map(|s| quote!(.remote(#s)));
+    // On a server, every block that may run there does (not a scan, which runs here, on shapes).
+    let remote = server.filter(|_| kind.may_be_remote()).map(|s| quote!(.remote(#s)));
     quote! {
         #macro_path(#root.#form(#args) #remote { #inner #semi #(#keeps)* });
     }

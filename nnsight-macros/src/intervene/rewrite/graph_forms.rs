@@ -1,7 +1,9 @@
 //! The forms of the block that become graph control and calls rather than build-time Rust: `if cond!(..)` (a
 //! branch that the graph decides when it runs) and `call!(f(..))` (a registered `#[nnsight::function]`).
 
-use super::{first_span, gen, unit, Rewriter};
+use super::gen;
+use super::paths::Rewriter;
+use super::syntax::{first_span, unit};
 use proc_macro2::TokenStream;
 use quote::{quote_spanned, ToTokens};
 use syn::fold::Fold;
