@@ -1,7 +1,10 @@
-//! One arm per graph op: what each node computes from its inputs' values.
+//! One arm per graph op: what each node computes from its inputs' values (`eval`, and `eval_meta` in a scan on
+//! shapes alone), and how a failing node is named in its error (`at_node`).
 
 use crate::graph::value::{device_from_name, kind_from_name};
-use crate::graph::{BinaryOp, CallArg, Constant, IndexItem, Op, ReduceOp, UnaryOp, Value};
+use crate::graph::{
+    display, BinaryOp, CallArg, Constant, Graph, IndexItem, NodeId, Op, Point, ReduceOp, UnaryOp, Value,
+};
 use crate::{Error, Result};
 use tch::{Kind, TchError, Tensor};
 
@@ -335,4 +338,62 @@ pub(crate) fn truth(v: &Value) -> Result<bool> {
     }
     let x = t.f_reshape([-1]).and_then(|f| f.f_to_kind(tch::Kind::Double)).and_then(|f| f.f_double_value(&[0]));
     Ok(x.map_err(|e| Error::torch("condition", e))? != 0.0)
+}
+
+/// [`eval`] in a scan: tensor constants are meta tensors of their shape and dtype, a move to a device keeps the
+/// value meta, `log!` prints the shape; every other op runs as it is, on meta tensors.
+pub(super) fn eval_meta(op: &Op, inputs: &[&Value]) -> Result<Value> {
+    let t = |e| Error::torch("intervention", e);
+    match op {
+        Op::Const { value: crate::graph::Constant::Tensor(d) } => {
+            let kind = crate::graph::value::kind_from_name(&d.kind)?;
+            Ok(Value::Tensor(crate::meta::empty(&d.shape, kind).map_err(t)?))
+        }
+        Op::ToDevice { .. } => Ok(Value::Tensor(crate::meta::to_meta(inputs[0].tensor()?).map_err(t)?)),
+        Op::Log { label, .. } => {
+            let line = match inputs[0] {
+                Value::Tensor(x) => format!("{label}: Tensor[{:?}, {:?}] (scan: shape only)", x.size(), x.kind()),
+                other => format!("{label}: {other:?}"),
+            };
+            super::emit_log(line);
+            Ok(Value::Tuple(vec![]))
+        }
+        _ => eval(op, inputs),
+    }
+}
+
+/// An error of node `id`, said where it happened: libtorch's as an intervention failure naming the node, an
+/// index out of range naming the value indexed.
+pub(super) fn at_node(e: Error, id: NodeId, graph: &Graph) -> Error {
+    let op = &graph.nodes[id as usize].op;
+    match e {
+        Error::Torch { source, .. } => Error::Intervention {
+            message: format!(
+                "node {id} ({}): {}",
+                op.describe(),
+                crate::error::clean_torch_message(&source.to_string())
+            ),
+        },
+        Error::IndexOutOfRange { module, index, len, dim } if module.is_empty() => {
+            let place = match op.inputs().first() {
+                Some(&a) => value_place(graph, a),
+                None => format!("node {id}"),
+            };
+            Error::IndexOutOfRange { module: place, index, len, dim }
+        }
+        other => other,
+    }
+}
+
+/// A value as users wrote it: `` `model.model.layers.0.self_attn.head_output` output ``, or the node computing it.
+fn value_place(graph: &Graph, id: NodeId) -> String {
+    match &graph.nodes[id as usize].op {
+        Op::Read { module, point, call } => {
+            let call = if *call > 0 { format!(" (call {call})") } else { String::new() };
+            let point = if *point == Point::Input { "input" } else { "output" };
+            format!("`{}` {point}{call}", display(module))
+        }
+        Op::ReadInputs { module, .. } => format!("`{}` inputs", display(module)),
+        other => format!("the value of node {id} ({})", other.describe()),
+    }
 }
