@@ -9,7 +9,8 @@
 //! then each edited layer's, oldest first), and [`Editable::clear_edits`] / dropping the edited model leaves the
 //! model exactly as it was, since an edit never touches weights.
 
-use super::trace::{Prepared, Trace, TraceTarget};
+use super::target::{Prepared, TraceTarget};
+use super::trace::Trace;
 use super::{GenerateTarget, GraphCell, ScanTarget, Traceable};
 use crate::graph::{Graph, Op};
 use crate::interleave::Interleaver;

@@ -3,7 +3,9 @@
 //! which gives the first new token); `for step in iter(0..3) { .. }` and `for step in all() { .. }` in the block
 //! address steps, and `model.generated()` is the token ids (prompt and new tokens, per row) at the end.
 
-use super::trace::{Trace, TraceResults, TraceTarget};
+use super::results::TraceResults;
+use super::target::TraceTarget;
+use super::trace::Trace;
 use super::{GraphCell, Traceable};
 use crate::graph::{NodeId, Op, Value};
 use crate::nn::Hook;

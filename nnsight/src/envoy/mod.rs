@@ -4,12 +4,18 @@
 
 pub mod edit;
 pub(crate) mod generate;
+mod nnsight;
+pub(crate) mod results;
+pub(crate) mod target;
 pub(crate) mod trace;
 
 pub use crate::handle::*;
 pub use edit::{EditBlock, EditList, Editable, Edited, IntoEditBlock};
 pub use generate::{Generate, GenerateTarget, Generated};
-pub use trace::{
-    Cache, CacheOptions, FinishPlain, FinishSaved, FinishUnsaved, FromValue, NNsight, NotSaved, Prepared,
-    SavedInsideTheBlock, Scan, ScanTarget, Trace, TraceResults, TraceTarget, UnsavedUse,
+pub use nnsight::NNsight;
+pub use results::{
+    Cache, CacheOptions, FinishPlain, FinishSaved, FinishUnsaved, FromValue, NotSaved, SavedInsideTheBlock,
+    TraceResults, UnsavedUse,
 };
+pub use target::{Prepared, ScanTarget, TraceTarget};
+pub use trace::{Scan, Trace};

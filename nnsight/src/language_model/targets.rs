@@ -3,7 +3,7 @@
 
 use super::LanguageModel;
 use crate::envoy::edit::{with_edits, EditHook, PassThrough};
-use crate::envoy::trace::OrderRecorder;
+use crate::envoy::target::OrderRecorder;
 use crate::envoy::{CallOrder, EditList, Editable, Edited, GenerateTarget, Generated, ScanTarget, TraceTarget};
 use crate::models::batch::{Batch, Input};
 use crate::models::CausalLm;
@@ -44,7 +44,7 @@ impl<M: CausalLm> TraceTarget for LanguageModel<M> {
         }))
     }
 
-    fn prepare(&self, inputs: &[Option<Input>]) -> Result<crate::envoy::trace::Prepared<Batch>> {
+    fn prepare(&self, inputs: &[Option<Input>]) -> Result<crate::envoy::target::Prepared<Batch>> {
         let mut all: Vec<Vec<i64>> = Vec::new();
         let mut spans = Vec::with_capacity(inputs.len());
         for input in inputs {

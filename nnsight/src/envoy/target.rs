@@ -1,0 +1,157 @@
+//! What a block runs on: [`TraceTarget`] (a model with a typed module tree and a way to run a batch of invokes'
+//! inputs), [`ScanTarget`] (one that can also run on shapes alone), and the recorder of a forward's call order.
+
+use super::Traceable;
+use crate::graph::Point;
+use crate::handle::builder::CallOrder;
+use crate::nn::{Forward, Hook};
+use crate::{Error, Result};
+use std::sync::{Arc, OnceLock};
+use tch::Tensor;
+
+/// What can be traced: a model with a typed module tree and a way to run a batch of invokes' inputs.
+pub trait TraceTarget {
+    /// The root module.
+    type Root: Traceable + Forward;
+    /// What one invoke takes (a text, texts or ids for a language model; a tensor for a plain module).
+    type Input;
+    /// A batch ready to run.
+    type Prepared;
+
+    /// The root module.
+    fn root(&self) -> &Self::Root;
+    /// The root's envoy (built once).
+    fn envoy(&self) -> &<Self::Root as Traceable>::Envoy;
+    /// The order of hook events in one forward pass (recorded once; `sample` is an input it may use).
+    fn call_order(&self, sample: Option<&Self::Input>) -> Result<Option<Arc<CallOrder>>>;
+    /// Batches the invokes' inputs; returns the batch, each invoke's rows `(start, len)` and the batch size.
+    /// An invoke without input sees every row.
+    fn prepare(&self, inputs: &[Option<Self::Input>]) -> Result<Prepared<Self::Prepared>>;
+    /// Runs the forward pass with `hook` seeing every module call.
+    fn forward_hooked(&self, batch: &Self::Prepared, hook: &mut dyn Hook) -> Result<()>;
+
+    /// The server this model is connected to ([`crate::LanguageModel::connect`]): its blocks run there.
+    fn remote(&self) -> Option<&crate::remote::Remote> {
+        None
+    }
+
+    /// The persistent edits a remote run carries (the model's in-place ones), oldest first.
+    fn wire_edits(&self) -> Vec<crate::graph::Graph> {
+        Vec::new()
+    }
+
+    /// The invokes' inputs as a request carries them (for a remote run); by default this model cannot run
+    /// remotely.
+    fn wire_inputs(&self, inputs: &[Option<Self::Input>]) -> Result<Vec<Option<crate::models::batch::Input>>> {
+        let _ = inputs;
+        Err(Error::InvalidInput {
+            message: "this model cannot run on a server: only a `LanguageModel`'s inputs (texts, ids) travel".into(),
+        })
+    }
+}
+
+/// A batch ready to run, each invoke's rows `(start, len)`, and the batch size.
+pub type Prepared<B> = (B, Vec<(i64, i64)>, i64);
+
+/// A trace target that can also be scanned (`intervene!(model.scan(input) { .. })`): the same block runs on shapes
+/// alone, through a meta twin of the model (the same module tree and paths, every parameter a meta tensor; see
+/// [`crate::meta`]), on meta inputs. Nothing real runs and nothing is allocated for data.
+///
+/// [`crate::LanguageModel`] implements it for every registered architecture: it builds the twin the way it loaded
+/// the model. A model of your own wrapped in [`NNsight`] has no such build path, so it cannot be scanned.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be scanned: a scan needs a model of a registered architecture",
+    label = "`scan` runs a meta twin of the model, which only `LanguageModel<M>` knows how to build",
+    note = "trace it instead (`intervene!(model.trace(input) {{ ... }})`), or load the model as a `LanguageModel`"
+)]
+pub trait ScanTarget: TraceTarget {
+    /// The root of the meta twin (built once), where a scan's ad-hoc module calls look modules up.
+    fn scan_root(&self) -> Result<&Self::Root>;
+    /// The order of hook events, recorded on the meta twin when it is not known yet.
+    fn scan_call_order(&self) -> Result<Option<Arc<CallOrder>>>;
+    /// Runs the meta twin on `batch`, made meta, with `hook` seeing every module call.
+    fn forward_scan(&self, batch: &Self::Prepared, hook: &mut dyn Hook) -> Result<()>;
+}
+
+impl<T: ScanTarget> ScanTarget for &T {
+    fn scan_root(&self) -> Result<&Self::Root> {
+        (**self).scan_root()
+    }
+    fn scan_call_order(&self) -> Result<Option<Arc<CallOrder>>> {
+        (**self).scan_call_order()
+    }
+    fn forward_scan(&self, batch: &Self::Prepared, hook: &mut dyn Hook) -> Result<()> {
+        (**self).forward_scan(batch, hook)
+    }
+}
+
+impl<T: TraceTarget> TraceTarget for &T {
+    type Root = T::Root;
+    type Input = T::Input;
+    type Prepared = T::Prepared;
+    fn root(&self) -> &Self::Root {
+        (**self).root()
+    }
+    fn envoy(&self) -> &<Self::Root as Traceable>::Envoy {
+        (**self).envoy()
+    }
+    fn call_order(&self, sample: Option<&Self::Input>) -> Result<Option<Arc<CallOrder>>> {
+        (**self).call_order(sample)
+    }
+    fn prepare(&self, inputs: &[Option<Self::Input>]) -> Result<Prepared<Self::Prepared>> {
+        (**self).prepare(inputs)
+    }
+    fn forward_hooked(&self, batch: &Self::Prepared, hook: &mut dyn Hook) -> Result<()> {
+        (**self).forward_hooked(batch, hook)
+    }
+    fn remote(&self) -> Option<&crate::remote::Remote> {
+        (**self).remote()
+    }
+    fn wire_inputs(&self, inputs: &[Option<Self::Input>]) -> Result<Vec<Option<crate::models::batch::Input>>> {
+        (**self).wire_inputs(inputs)
+    }
+    fn wire_edits(&self) -> Vec<crate::graph::Graph> {
+        (**self).wire_edits()
+    }
+}
+
+/// Records the order of hook events of a forward pass.
+#[derive(Default)]
+pub(crate) struct OrderRecorder {
+    pub(crate) events: Vec<(String, Point)>,
+}
+
+impl OrderRecorder {
+    /// The call order of the forward pass `run` makes with the given hook (without gradients), stored once in
+    /// `cell`. A pass that fails gives no order (the trace then checks the order while it runs, and reports the
+    /// failure itself if it recurs).
+    pub(crate) fn record_once(
+        cell: &OnceLock<Arc<CallOrder>>,
+        run: impl FnOnce(&mut dyn Hook) -> Result<()>,
+    ) -> Option<Arc<CallOrder>> {
+        if let Some(o) = cell.get() {
+            return Some(o.clone());
+        }
+        let mut rec = OrderRecorder::default();
+        let ok = {
+            let _g = tch::no_grad_guard();
+            run(&mut rec).is_ok()
+        };
+        ok.then(|| cell.get_or_init(|| Arc::new(CallOrder::from_events(&rec.events))).clone())
+    }
+}
+
+impl Hook for OrderRecorder {
+    fn input(&mut self, module: &str, x: Tensor) -> Result<Tensor> {
+        self.events.push((module.to_string(), Point::Input));
+        Ok(x)
+    }
+    fn output(&mut self, module: &str, y: Tensor) -> Result<Tensor> {
+        self.events.push((module.to_string(), Point::Output));
+        Ok(y)
+    }
+    /// Inner points are part of the order (an output event each, where the forward reaches them).
+    fn wants_points(&mut self, _module: &str, _names: &[&str]) -> bool {
+        true
+    }
+}
