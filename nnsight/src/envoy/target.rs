@@ -58,7 +58,7 @@ pub type Prepared<B> = (B, Vec<(i64, i64)>, i64);
 /// [`crate::meta`]), on meta inputs. Nothing real runs and nothing is allocated for data.
 ///
 /// [`crate::LanguageModel`] implements it for every registered architecture: it builds the twin the way it loaded
-/// the model. A model of your own wrapped in [`NNsight`] has no such build path, so it cannot be scanned.
+/// the model. A model of your own wrapped in [`NNsight`](super::NNsight) has no such build path, so it cannot be scanned.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be scanned: a scan needs a model of a registered architecture",
     label = "`scan` runs a meta twin of the model, which only `LanguageModel<M>` knows how to build",

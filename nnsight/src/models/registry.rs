@@ -1,0 +1,83 @@
+//! The registry of architectures: each file of `models/` submits an [`Architecture`] through `inventory`, found by
+//! a checkpoint's `model_type` (config.json) or `general.architecture` (GGUF); and reading `config.json`.
+
+use super::{CausalLm, DynCausalLm, RawConfig};
+use crate::load::gguf::GgufFile;
+use crate::load::Weights;
+use crate::{Error, Result};
+use std::path::Path;
+use tch::Tensor;
+
+/// How an architecture reads GGUF files.
+pub struct GgufSupport {
+    /// `general.architecture` values it reads (`"llama"`).
+    pub architectures: &'static [&'static str],
+    /// Builds a Hugging Face `config.json` equivalent from the metadata.
+    pub config: fn(&GgufFile) -> Result<serde_json::Value>,
+    /// Maps a llama.cpp tensor name to its Hugging Face name (`None`: not a known tensor).
+    pub tensor_name: fn(&str) -> Option<String>,
+    /// Undoes converter-side changes to a tensor (e.g. Llama's q/k row permutation), given its Hugging Face
+    /// name and the config.
+    pub fix_tensor: fn(&str, Tensor, &serde_json::Value) -> Result<Tensor>,
+}
+
+/// A registered architecture.
+pub struct Architecture {
+    /// Registry name (`"llama"`).
+    pub name: &'static str,
+    /// `model_type` values of config.json that select it (`["llama", "mistral"]`).
+    pub model_types: &'static [&'static str],
+    /// The Hugging Face class it mirrors (`"LlamaForCausalLM"`).
+    pub hf_class: &'static str,
+    /// Builds the model behind a trait object.
+    pub build: fn(&RawConfig, &mut Weights) -> Result<Box<dyn DynCausalLm>>,
+    /// GGUF support, if any.
+    pub gguf: Option<GgufSupport>,
+}
+
+inventory::collect!(Architecture);
+
+/// All registered architectures.
+pub fn architectures() -> impl Iterator<Item = &'static Architecture> {
+    inventory::iter::<Architecture>.into_iter()
+}
+
+fn supported_list() -> String {
+    let mut names: Vec<String> =
+        architectures().map(|a| format!("{} (model_type {})", a.name, a.model_types.join("/"))).collect();
+    names.sort();
+    names.join(", ")
+}
+
+/// The entry whose `model_types` contain `model_type`.
+pub fn by_model_type(model_type: &str) -> Result<&'static Architecture> {
+    architectures()
+        .find(|a| a.model_types.contains(&model_type))
+        .ok_or_else(|| Error::UnsupportedArchitecture { found: model_type.to_string(), supported: supported_list() })
+}
+
+/// The entry that reads GGUF files of `general.architecture = arch`.
+pub fn by_gguf_architecture(arch: &str) -> Result<&'static Architecture> {
+    architectures().find(|a| a.gguf.as_ref().is_some_and(|g| g.architectures.contains(&arch))).ok_or_else(|| {
+        let mut gguf: Vec<&str> =
+            architectures().filter_map(|a| a.gguf.as_ref()).flat_map(|g| g.architectures.iter().copied()).collect();
+        gguf.sort();
+        Error::UnsupportedArchitecture {
+            found: arch.to_string(),
+            supported: format!("{} (GGUF: {})", supported_list(), gguf.join(", ")),
+        }
+    })
+}
+
+/// Builds a boxed model of type `M` (the `build` function of a registry entry).
+pub fn build_boxed<M: CausalLm>(config: &RawConfig, weights: &mut Weights) -> Result<Box<dyn DynCausalLm>> {
+    Ok(Box::new(M::from_config(config, weights)?))
+}
+
+/// Reads `config.json` in `dir`.
+pub fn read_config(dir: &Path) -> Result<RawConfig> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let json = serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?;
+    Ok(RawConfig { source: path, json })
+}
