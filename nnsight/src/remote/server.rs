@@ -8,29 +8,35 @@
 //! | `GET /v1/models` | the models' names and architectures, and the protocol version |
 //! | `GET /v1/models/NAME` | a model's configuration, tokenizer and parameter shapes ([`ModelInfo`]) |
 //! | `POST /v1/jobs` | a request (safetensors bytes, see [`super::protocol`]): `202 {"id"}`, or an error |
-//! | `GET /v1/jobs/ID` | the job's state ([`JobStatus`]) |
+//! | `GET /v1/jobs/ID` | the job's state ([`JobStatus`](super::JobStatus)) |
 //! | `GET /v1/jobs/ID/events` | server-sent events: `status`, `log` (a `log!` line), `value` (a `send!`), `end` |
 //! | `GET /v1/jobs/ID/result` | the saved values (safetensors bytes), once completed |
 //!
 //! Errors are JSON [`WireError`]s with a fitting status: 401 (key), 400 (malformed, unknown op or function,
 //! another protocol version), 404 (model, job), 413 (request bytes), 422 (over a limit, or the job failed), 503
 //! (queue full, with `Retry-After`).
+//!
+//! This file holds what touches the loaded models: starting and stopping a server, and the in-process queue
+//! ([`LocalQueue`], whose worker threads own the models and run their jobs). The rest is one thing per file:
+//! `server/routes.rs` (the route table, the handlers and the jobs they remember), `server/auth.rs` (the key check,
+//! one layer over the routes) and `server/jobs.rs` (a job's record and the [`JobQueue`] interface).
+
+mod auth;
+mod jobs;
+mod routes;
+
+pub use jobs::{JobQueue, JobRecord, QueueFull, QueuedJob};
+pub use routes::RESULT_TTL;
 
 use super::execute::{execute, Limits};
-use super::protocol::{self, decode_request};
-use super::wire::{json, JobState, JobStatus, ModelInfo, SentValue, Submitted, WireError};
+use super::protocol;
+use super::wire::{json, JobState, ModelInfo, SentValue, WireError};
 use crate::graph::TensorData;
 use crate::models::AutoModel;
 use crate::{Error, LanguageModel, Result};
-use axum::body::Body;
-use axum::extract::{Path as UrlPath, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -65,80 +71,6 @@ impl ServeOptions {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect())
     }
-}
-
-/// One job: its state, events and result, shared by the worker running it and the requests asking about it.
-pub struct JobRecord {
-    id: String,
-    state: Mutex<(JobState, Option<WireError>)>,
-    events: Mutex<Vec<(&'static str, String)>>,
-    result: Mutex<Option<Arc<Vec<u8>>>>,
-    changed: tokio::sync::Notify,
-    cancel: AtomicBool,
-    /// When it ended (its result is kept for [`RESULT_TTL`] after).
-    ended: Mutex<Option<Instant>>,
-}
-
-impl JobRecord {
-    fn new(id: String) -> Self {
-        JobRecord {
-            id,
-            state: Mutex::new((JobState::Queued, None)),
-            events: Mutex::new(vec![("status", r#"{"state":"queued"}"#.to_string())]),
-            result: Mutex::new(None),
-            changed: tokio::sync::Notify::new(),
-            cancel: AtomicBool::new(false),
-            ended: Mutex::new(None),
-        }
-    }
-
-    /// Adds an event and wakes whoever follows the job.
-    fn event(&self, name: &'static str, data: String) {
-        self.events.lock().unwrap_or_else(|p| p.into_inner()).push((name, data));
-        self.changed.notify_waiters();
-    }
-
-    fn set_state(&self, state: JobState, error: Option<WireError>) {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = (state, error.clone());
-        let data = json(&JobStatus { id: self.id.clone(), state, error }).unwrap_or_default();
-        self.event("status", data);
-        if state.is_final() {
-            *self.ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-            self.event(
-                "end",
-                format!(r#"{{"state":"{}"}}"#, if state == JobState::Completed { "completed" } else { "error" }),
-            );
-        }
-    }
-
-    fn status(&self) -> JobStatus {
-        let (state, error) = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        JobStatus { id: self.id.clone(), state, error }
-    }
-}
-
-/// A job waiting for a worker of its model.
-pub struct QueuedJob {
-    /// Its record.
-    pub record: Arc<JobRecord>,
-    /// What to run.
-    pub request: protocol::Request,
-}
-
-/// The queue is full: retry after this long.
-#[derive(Debug, Clone, Copy)]
-pub struct QueueFull {
-    /// When to retry.
-    pub retry_after: Duration,
-}
-
-/// Where submitted jobs wait for a worker. [`LocalQueue`] keeps them in this process, one worker thread per
-/// model; a broker spreading jobs over many machines would implement this too.
-pub trait JobQueue: Send + Sync {
-    /// The names of the models jobs can be queued for.
-    fn models(&self) -> Vec<String>;
-    /// Hands `job` to a worker of its model (`Err`: the queue is full).
-    fn push(&self, job: QueuedJob) -> std::result::Result<(), QueueFull>;
 }
 
 /// The in-process queue: a bounded channel and one worker thread per model; the thread owns the model and runs
@@ -270,24 +202,6 @@ fn run_job(model: &LanguageModel<AutoModel>, job: &QueuedJob, limits: &Limits) {
     }
 }
 
-/// What the HTTP handlers share.
-struct AppState {
-    queue: Box<dyn JobQueue>,
-    infos: HashMap<String, ModelInfo>,
-    keys: Vec<String>,
-    limits: Limits,
-    jobs: Mutex<HashMap<String, Arc<JobRecord>>>,
-    /// Job ids in submission order (the oldest finished ones are forgotten past [`KEEP_JOBS`]).
-    order: Mutex<std::collections::VecDeque<String>>,
-    next: AtomicU64,
-}
-
-/// How many jobs the server remembers.
-const KEEP_JOBS: usize = 4096;
-
-/// How long a finished job's result is kept (then fetching it is an error saying so; its state stays).
-pub const RESULT_TTL: Duration = Duration::from_secs(15 * 60);
-
 /// A running server; dropping it (or [`Server::stop`]) shuts it down.
 pub struct Server {
     addr: SocketAddr,
@@ -332,15 +246,6 @@ impl Server {
         infos: HashMap<String, ModelInfo>,
         options: ServeOptions,
     ) -> Result<Server> {
-        let state = Arc::new(AppState {
-            queue,
-            infos,
-            keys: options.keys,
-            limits: options.limits,
-            jobs: Mutex::new(HashMap::new()),
-            order: Mutex::new(Default::default()),
-            next: AtomicU64::new(1),
-        });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -350,15 +255,7 @@ impl Server {
             .block_on(tokio::net::TcpListener::bind(options.listen))
             .map_err(|e| Error::Remote { message: format!("cannot listen on {}: {e}", options.listen) })?;
         let addr = listener.local_addr().map_err(|e| Error::Remote { message: e.to_string() })?;
-        let app = Router::new()
-            .route("/v1/models", get(list_models))
-            .route("/v1/models/{name}", get(describe_model))
-            .route("/v1/jobs", post(submit))
-            .route("/v1/jobs/{id}", get(status))
-            .route("/v1/jobs/{id}/events", get(events))
-            .route("/v1/jobs/{id}/result", get(result))
-            .layer(axum::extract::DefaultBodyLimit::disable())
-            .with_state(state);
+        let app = routes::router(queue, infos, options.keys, options.limits);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("nnsight-server".into())
@@ -430,255 +327,4 @@ pub fn model_info(name: &str, model: &LanguageModel<AutoModel>) -> Result<ModelI
         special: *model.special_tokens(),
         parameters,
     })
-}
-
-/// An error response.
-fn error(status: StatusCode, e: WireError) -> Response {
-    let mut r = (status, json(&e).unwrap_or_default()).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
-    if let WireError::Busy { retry_after_s } = e {
-        if let Ok(v) = header::HeaderValue::from_str(&retry_after_s.to_string()) {
-            r.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-    }
-    r
-}
-
-fn json_response(status: StatusCode, body: String) -> Response {
-    let mut r = (status, body).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
-    r
-}
-
-/// The key check: none configured lets everyone in (loopback only); otherwise the bearer key must be one of them.
-/// Keys are compared in constant time and never logged.
-fn authorize(state: &AppState, headers: &HeaderMap) -> std::result::Result<(), Box<Response>> {
-    if state.keys.is_empty() {
-        return Ok(());
-    }
-    let given =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let Some(given) = given else {
-        return Err(Box::new(error(
-            StatusCode::UNAUTHORIZED,
-            WireError::Unauthorized { message: "no API key (set NNSIGHT_API_KEY)".into() },
-        )));
-    };
-    if state.keys.iter().any(|k| same(k.as_bytes(), given.as_bytes())) {
-        Ok(())
-    } else {
-        Err(Box::new(error(
-            StatusCode::UNAUTHORIZED,
-            WireError::Unauthorized { message: "the API key is not valid".into() },
-        )))
-    }
-}
-
-/// Equality without an early exit on the first difference.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn list_models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return *r;
-    }
-    let models: Vec<serde_json::Value> = state
-        .queue
-        .models()
-        .iter()
-        .filter_map(|n| state.infos.get(n))
-        .map(|i| serde_json::json!({ "name": i.name, "architecture": i.architecture }))
-        .collect();
-    json_response(
-        StatusCode::OK,
-        serde_json::json!({ "protocol": protocol::PROTOCOL_VERSION, "models": models }).to_string(),
-    )
-}
-
-async fn describe_model(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return *r;
-    }
-    match state.infos.get(&name) {
-        Some(info) => json_response(StatusCode::OK, json(info).unwrap_or_default()),
-        None => error(StatusCode::NOT_FOUND, WireError::Other { message: format!("no model `{name}` on this server") }),
-    }
-}
-
-async fn submit(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return *r;
-    }
-    let limit = state.limits.request_bytes;
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    let over = |given: u64| {
-        error(StatusCode::PAYLOAD_TOO_LARGE, WireError::Limit { what: "request bytes".into(), limit, given })
-    };
-    // Read up to the limit; past it, read on without keeping (so that the client, still sending, gets the
-    // answer rather than a broken connection), up to a bound, then refuse.
-    let mut bytes = Vec::new();
-    let mut total: u64 = 0;
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
-        let Ok(chunk) = chunk else {
-            return error(StatusCode::BAD_REQUEST, WireError::Other { message: "the request body broke off".into() });
-        };
-        total += chunk.len() as u64;
-        if total <= limit {
-            bytes.extend_from_slice(&chunk);
-        } else if total > limit.saturating_mul(16) {
-            break;
-        }
-    }
-    if total > limit || declared.is_some_and(|n| n > limit) {
-        return over(declared.unwrap_or(total).max(total));
-    }
-    let request = match decode_request(&bytes) {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, WireError::from(&e)),
-    };
-    if !state.infos.contains_key(&request.model) {
-        let known = state.queue.models().join(", ");
-        return error(
-            StatusCode::NOT_FOUND,
-            WireError::Other { message: format!("no model `{}` on this server (it serves: {known})", request.model) },
-        );
-    }
-    // Refused before anything runs: too many nodes, a malformed graph, a function this program lacks.
-    let nodes: u64 = request.job.graphs().map(|g| g.nodes.len() as u64).sum();
-    if nodes > state.limits.graph_nodes {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            WireError::Limit { what: "graph nodes".into(), limit: state.limits.graph_nodes, given: nodes },
-        );
-    }
-    for g in request.job.graphs() {
-        if let Err(e) = crate::function::validate(g) {
-            return error(StatusCode::BAD_REQUEST, WireError::from(&e));
-        }
-    }
-    let id = format!("job-{}", state.next.fetch_add(1, Ordering::Relaxed));
-    let record = Arc::new(JobRecord::new(id.clone()));
-    if let Err(full) = state.queue.push(QueuedJob { record: record.clone(), request }) {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            WireError::Busy { retry_after_s: full.retry_after.as_secs_f64().ceil() as u64 },
-        );
-    }
-    remember(&state, record);
-    json_response(StatusCode::ACCEPTED, json(&Submitted { id }).unwrap_or_default())
-}
-
-/// Keeps the record, forgetting the oldest finished jobs past [`KEEP_JOBS`] and results older than
-/// [`RESULT_TTL`].
-fn remember(state: &AppState, record: Arc<JobRecord>) {
-    let mut jobs = state.jobs.lock().unwrap_or_else(|p| p.into_inner());
-    let mut order = state.order.lock().unwrap_or_else(|p| p.into_inner());
-    for job in jobs.values() {
-        let ended = *job.ended.lock().unwrap_or_else(|p| p.into_inner());
-        if ended.is_some_and(|t| t.elapsed() > RESULT_TTL) {
-            job.result.lock().unwrap_or_else(|p| p.into_inner()).take();
-        }
-    }
-    order.push_back(record.id.clone());
-    jobs.insert(record.id.clone(), record);
-    while order.len() > KEEP_JOBS {
-        let Some(oldest) = order.front().cloned() else { break };
-        if !jobs.get(&oldest).is_none_or(|j| j.status().state.is_final()) {
-            break;
-        }
-        order.pop_front();
-        jobs.remove(&oldest);
-    }
-}
-
-fn find(state: &AppState, id: &str) -> std::result::Result<Arc<JobRecord>, Box<Response>> {
-    state.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned().ok_or_else(|| {
-        Box::new(error(StatusCode::NOT_FOUND, WireError::Other { message: format!("no job `{id}` on this server") }))
-    })
-}
-
-async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return *r;
-    }
-    match find(&state, &id) {
-        Ok(job) => json_response(StatusCode::OK, json(&job.status()).unwrap_or_default()),
-        Err(r) => *r,
-    }
-}
-
-async fn result(State(state): State<Arc<AppState>>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return *r;
-    }
-    let job = match find(&state, &id) {
-        Ok(j) => j,
-        Err(r) => return *r,
-    };
-    let status = job.status();
-    match status.state {
-        JobState::Completed => {
-            let Some(bytes) = job.result.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
-                let message = format!("the result of job `{id}` was dropped {} s after it ended", RESULT_TTL.as_secs());
-                return error(StatusCode::GONE, WireError::Other { message });
-            };
-            let mut r = Response::new(Body::from(bytes.as_ref().clone()));
-            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/octet-stream"));
-            r
-        }
-        JobState::Error => {
-            let e = status.error.unwrap_or(WireError::Other { message: "the job failed".into() });
-            error(StatusCode::UNPROCESSABLE_ENTITY, e)
-        }
-        _ => error(StatusCode::CONFLICT, WireError::Other { message: format!("job `{id}` has not finished yet") }),
-    }
-}
-
-/// Server-sent events of a job: every event so far, then each new one as it comes, until `end`.
-async fn events(State(state): State<Arc<AppState>>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return *r;
-    }
-    let job = match find(&state, &id) {
-        Ok(j) => j,
-        Err(r) => return *r,
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<String, std::io::Error>>(64);
-    tokio::spawn(async move {
-        let mut next = 0;
-        loop {
-            let notified = job.changed.notified();
-            let batch: Vec<(&'static str, String)> = {
-                let events = job.events.lock().unwrap_or_else(|p| p.into_inner());
-                events[next..].to_vec()
-            };
-            next += batch.len();
-            for (name, data) in batch {
-                if tx.send(Ok(format!("event: {name}\ndata: {data}\n\n"))).await.is_err() {
-                    return; // the client went away
-                }
-                if name == "end" {
-                    return;
-                }
-            }
-            // Woken by the next event; a timeout also wakes it, as a keep-alive.
-            if tokio::time::timeout(Duration::from_secs(15), notified).await.is_err()
-                && tx.send(Ok(": keep-alive\n\n".into())).await.is_err()
-            {
-                return;
-            }
-        }
-    });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-    let mut r = Response::new(Body::from_stream(stream));
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
-    r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
-    r
 }
