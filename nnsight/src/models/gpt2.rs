@@ -365,7 +365,7 @@ impl CausalLm for Gpt2 {
     }
 
     fn to_device(&mut self, device: Device, kind: Kind) -> Result<()> {
-        super::llama::move_params(self, device, kind)
+        super::move_params(self, device, kind)
     }
 }
 

@@ -120,3 +120,14 @@ pub trait CausalLm: Forward + crate::handle::Traceable + Send + 'static {
         Ok((logits, kv))
     }
 }
+
+/// Moves every parameter of `m` to `device`/`kind` in place (shared tensors stay shared).
+pub(crate) fn move_params(m: &dyn crate::nn::Module, device: tch::Device, kind: Kind) -> Result<()> {
+    let _g = tch::no_grad_guard();
+    for (name, t) in crate::nn::named_parameters(m) {
+        let moved = t.f_to_device(device).and_then(|x| x.f_to_kind(kind)).map_err(|e| Error::torch(&name, e))?;
+        let mut t = t;
+        t.f_set_data(&moved).map_err(|e| Error::torch(&name, e))?;
+    }
+    Ok(())
+}

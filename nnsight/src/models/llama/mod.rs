@@ -6,17 +6,17 @@
 //! `models/llama/modeling_llama.py`, whose module names and nesting this file mirrors, so that
 //! `model.layers.5.mlp.down_proj` here is the same module as there.
 
+mod gguf;
+
 use super::{
     append_kv, cached_attention_mask, causal_padding_mask, explicit_attention, head_positions, CachedInput, CausalLm,
     GgufSupport, RawConfig, ATTENTION_POINTS,
 };
 use crate::error::TchResultExt;
-use crate::load::gguf::GgufFile;
 use crate::load::Weights;
 use crate::models::batch::Batch;
 use crate::nn::{
-    join_path, Activation, ActivationFn, Ctx, Embedding, Forward, ForwardState, KvCache, Linear, Module, ModuleList,
-    RmsNorm,
+    join_path, Activation, ActivationFn, Ctx, Embedding, Forward, ForwardState, KvCache, Linear, ModuleList, RmsNorm,
 };
 use crate::{Error, Result, Traceable};
 use serde::{Deserialize, Serialize};
@@ -539,133 +539,10 @@ impl CausalLm for Llama {
     }
 
     fn to_device(&mut self, device: Device, kind: Kind) -> Result<()> {
-        move_params(self, device, kind)?;
+        super::move_params(self, device, kind)?;
         self.inv_freq = self.inv_freq.f_to_device(device).at("model.rotary_emb")?;
         Ok(())
     }
-}
-
-/// Moves every parameter of `m` to `device`/`kind` in place (shared tensors stay shared).
-pub(crate) fn move_params(m: &dyn Module, device: Device, kind: Kind) -> Result<()> {
-    let _g = tch::no_grad_guard();
-    for (name, t) in crate::nn::named_parameters(m) {
-        let moved = t.f_to_device(device).and_then(|x| x.f_to_kind(kind)).map_err(|e| Error::torch(&name, e))?;
-        let mut t = t;
-        t.f_set_data(&moved).map_err(|e| Error::torch(&name, e))?;
-    }
-    Ok(())
-}
-
-// ---- GGUF ------------------------------------------------------------------------------------------------------
-
-fn gguf_config(f: &GgufFile) -> Result<serde_json::Value> {
-    let a = f.architecture()?.to_string();
-    let key = |k: &str| format!("{a}.{k}");
-    let heads = f.get_u64(&key("attention.head_count"))?;
-    let hidden = f.get_u64(&key("embedding_length"))?;
-    let vocab = match f.get_u64(&key("vocab_size")) {
-        Ok(v) => v,
-        Err(_) => f
-            .get("tokenizer.ggml.tokens")
-            .and_then(|t| t.as_array())
-            .map(|t| t.len() as u64)
-            .ok_or_else(|| Error::config(&f.path, "neither llama.vocab_size nor tokenizer.ggml.tokens"))?,
-    };
-    let tied = !f.tensors.iter().any(|t| t.name == "output.weight");
-    if f.tensors.iter().any(|t| t.name == "rope_freqs.weight") {
-        return Err(Error::config(&f.path, "GGUF files with a `rope_freqs` tensor (Llama 3.1 rope scaling) are not supported yet; load the Hugging Face folder instead"));
-    }
-    let mut c = serde_json::json!({
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": f.get_u64(&key("feed_forward_length"))?,
-        "num_hidden_layers": f.get_u64(&key("block_count"))?,
-        "num_attention_heads": heads,
-        "num_key_value_heads": f.get_u64(&key("attention.head_count_kv")).unwrap_or(heads),
-        "rms_norm_eps": f.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
-        "rope_theta": f.get_f64(&key("rope.freq_base")).unwrap_or(10000.0),
-        "tie_word_embeddings": tied,
-        "hidden_act": "silu",
-    });
-    if let Ok(ctx) = f.get_u64(&key("context_length")) {
-        c["max_position_embeddings"] = ctx.into();
-    }
-    if let Ok(kl) = f.get_u64(&key("attention.key_length")) {
-        c["head_dim"] = kl.into();
-    }
-    if let Ok(t) = f.get_str(&key("rope.scaling.type")) {
-        if t == "linear" {
-            c["rope_scaling"] =
-                serde_json::json!({"rope_type": "linear", "factor": f.get_f64(&key("rope.scaling.factor"))?});
-        } else if t != "none" {
-            return Err(Error::config(&f.path, format!("rope scaling type `{t}` in GGUF is not supported")));
-        }
-    }
-    for (gguf_key, hf) in [
-        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
-        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
-        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
-    ] {
-        if let Ok(v) = f.get_u64(gguf_key) {
-            c[hf] = v.into();
-        }
-    }
-    Ok(c)
-}
-
-fn gguf_tensor_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (idx, rest) = rest.split_once('.')?;
-    let idx: usize = idx.parse().ok()?;
-    let (part, suffix) = rest.rsplit_once('.')?;
-    let hf = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{idx}.{hf}.{suffix}"))
-}
-
-/// llama.cpp's converter permuted the rows of q and k for its rotary layout; undo it per block of `n` heads:
-/// reshape to `[n, rows / n / 2, 2, ...]`, swap axes 1 and 2, reshape back.
-fn gguf_fix_tensor(name: &str, t: Tensor, c: &serde_json::Value) -> Result<Tensor> {
-    let n = if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") {
-        c["num_attention_heads"].as_i64()
-    } else if name.ends_with("self_attn.k_proj.weight") || name.ends_with("self_attn.k_proj.bias") {
-        c["num_key_value_heads"].as_i64()
-    } else {
-        None
-    };
-    let Some(n) = n else { return Ok(t) };
-    let shape = t.size();
-    let rows = shape[0];
-    if n <= 0 || rows % (2 * n) != 0 {
-        return Err(Error::ShapeMismatch { name: name.into(), expected: vec![2 * n], found: shape });
-    }
-    let mut split = vec![n, rows / n / 2, 2];
-    split.extend_from_slice(&shape[1..]);
-    t.f_reshape(split.as_slice())
-        .and_then(|t| t.f_transpose(1, 2))
-        .and_then(|t| t.f_reshape(shape.as_slice()))
-        .map_err(|e| Error::torch(name, e))
 }
 
 inventory::submit! {
@@ -676,9 +553,9 @@ inventory::submit! {
         build: super::build_boxed::<Llama>,
         gguf: Some(GgufSupport {
             architectures: &["llama"],
-            config: gguf_config,
-            tensor_name: gguf_tensor_name,
-            fix_tensor: gguf_fix_tensor,
+            config: gguf::gguf_config,
+            tensor_name: gguf::gguf_tensor_name,
+            fix_tensor: gguf::gguf_fix_tensor,
         }),
     }
 }
