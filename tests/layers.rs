@@ -1,5 +1,6 @@
-//! The runtime's layers, held against its imports: a module may use the ones below it (or beside it), never one
-//! above. Run alone with `cargo test --test integration layers`. The layers, from the bottom:
+//! The runtime's shape, held against its code: files one can hold in mind (about 600 lines, each opening with
+//! what it holds), and layers: a module may use the ones below it (or beside it), never one above. Run alone with
+//! `cargo test --test integration layers`. The layers, from the bottom:
 //!
 //! | layer | modules |
 //! |---|---|
@@ -279,4 +280,29 @@ fn modules_of_one_layer_form_no_cycle() {
         assert!(cycle.is_none(), "modules of one layer import each other in a circle: {}", cycle.unwrap().join(" -> "));
     }
     eprintln!("imports within layers: {edges:?}");
+}
+
+#[test]
+fn every_source_file_is_one_a_person_can_hold_in_mind() {
+    // About 600 lines (tests included): past that, split the file along the architecture.
+    const MOST: usize = 600;
+    let mut files = Vec::new();
+    for dir in ["src", "../nnsight-macros/src"] {
+        rust_files(&PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/")).join(dir), &mut files);
+    }
+    let long: Vec<String> = files
+        .iter()
+        .filter_map(|f| {
+            let n = std::fs::read_to_string(f).unwrap().lines().count();
+            (n > MOST).then(|| format!("{} ({n} lines)", f.display()))
+        })
+        .collect();
+    assert!(long.is_empty(), "files over {MOST} lines: {long:#?}");
+    // Each opens with a comment saying what it holds.
+    let silent: Vec<String> = files
+        .iter()
+        .filter(|f| !std::fs::read_to_string(f).unwrap().trim_start().starts_with("//"))
+        .map(|f| f.display().to_string())
+        .collect();
+    assert!(silent.is_empty(), "files without an opening comment: {silent:#?}");
 }

@@ -7,10 +7,12 @@
 //! nodes. Because the envoy tree is ordinary Rust structs, a typo in a path is a compile error under the typo.
 
 pub(crate) mod builder;
+pub(crate) mod index;
 pub(crate) mod proxy;
 
 pub use builder::{CallOrder, GraphCell};
-pub use proxy::{cat, stack, IntoDims, IntoIndex, IntoIndexItem, IntoTensorProxy, NewAxis, Proxy, Saved, TensorValue};
+pub use index::{IntoDims, IntoIndex, IntoIndexItem, NewAxis};
+pub use proxy::{cat, stack, IntoTensorProxy, Proxy, Saved, TensorValue};
 
 use crate::graph::Point;
 use crate::nn::Module;
