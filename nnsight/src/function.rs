@@ -169,3 +169,78 @@ impl Graph {
         Ok(g)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::{CallArg, Constant, Op};
+
+    /// Doubles its argument (registered for these tests).
+    #[crate::function]
+    fn double_it(x: &Tensor) -> Tensor {
+        x * 2
+    }
+
+    /// A constant and a call of `function` on it.
+    fn calling(function: &str) -> Graph {
+        let mut g = Graph::default();
+        let c = g.push(Op::Const { value: Constant::Scalar(1.0) }, 0);
+        g.push(Op::Call { function: function.to_string(), args: vec![CallArg::Node(c), CallArg::Float(2.0)] }, 0);
+        g
+    }
+
+    #[test]
+    fn a_call_of_a_registered_function_passes() {
+        assert!(lookup(double_it::NAME).is_some());
+        assert!(names().contains(&double_it::NAME.to_string()));
+        validate(&calling(double_it::NAME)).unwrap();
+    }
+
+    #[test]
+    fn a_call_of_an_unregistered_function_is_refused_naming_it() {
+        match validate(&calling("no_such_crate::missing")) {
+            Err(e @ Error::UnknownFunction { .. }) => {
+                let Error::UnknownFunction { name, known } = &e else { unreachable!() };
+                assert_eq!(name, "no_such_crate::missing");
+                assert!(known.contains(&double_it::NAME.to_string()), "{known:?}");
+                let text = e.to_string();
+                assert!(text.starts_with("unknown function `no_such_crate::missing`"), "{text}");
+                assert!(text.contains(double_it::NAME), "{text}");
+            }
+            other => panic!("expected UnknownFunction, got {other:?}"),
+        }
+        // Only a full name counts: the bare name of a registered function is not it.
+        assert!(
+            matches!(validate(&calling("double_it")), Err(Error::UnknownFunction { name, .. }) if name == "double_it")
+        );
+    }
+
+    #[test]
+    fn structure_is_checked_before_functions() {
+        let mut g = calling("no_such_crate::missing");
+        // The call now refers to itself: an invalid graph, whatever the function.
+        g.nodes[1].op = Op::Call { function: "no_such_crate::missing".into(), args: vec![CallArg::Node(1)] };
+        assert!(matches!(validate(&g), Err(Error::InvalidGraph { .. })));
+    }
+
+    #[test]
+    fn from_json_checks_functions_and_from_json_unchecked_does_not() {
+        let text = calling("no_such_crate::missing").to_json();
+        assert!(Graph::from_json_unchecked(&text).is_ok());
+        assert!(
+            matches!(Graph::from_json(&text), Err(Error::UnknownFunction { name, .. }) if name == "no_such_crate::missing")
+        );
+        assert_eq!(Graph::from_json(&calling(double_it::NAME).to_json()).unwrap(), calling(double_it::NAME));
+    }
+
+    #[test]
+    fn a_registered_function_runs_and_its_arity_is_checked() {
+        let x = Tensor::from_slice(&[1.0f32, -2.0]);
+        let out = call(double_it::NAME, &[Arg::Tensor(&x)]).unwrap();
+        assert_eq!(Vec::<f32>::try_from(out.tensor().unwrap()).unwrap(), vec![2.0, -4.0]);
+        let err = call(double_it::NAME, &[Arg::Tensor(&x), Arg::Float(1.0)]).unwrap_err();
+        assert!(err.to_string().contains("takes 1 argument(s), the graph gives 2"), "{err}");
+        let err = call(double_it::NAME, &[Arg::Float(1.0)]).unwrap_err();
+        assert!(err.to_string().contains("argument 0 of function"), "{err}");
+    }
+}

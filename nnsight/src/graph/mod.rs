@@ -9,6 +9,9 @@
 
 pub(crate) mod value;
 
+#[cfg(test)]
+mod tests;
+
 pub use value::{Constant, IndexItem, TensorData, Value};
 
 use serde::{Deserialize, Serialize};

@@ -7,6 +7,8 @@ mod eval;
 mod gradients;
 mod limits;
 mod sinks;
+#[cfg(test)]
+mod tests;
 mod writes;
 
 pub use eval::eval;

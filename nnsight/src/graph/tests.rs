@@ -1,0 +1,128 @@
+//! `Graph::validate` and `Graph::from_json_unchecked` on hand-built graphs: structure only (whether the functions
+//! a graph calls exist is `function::validate`'s, tested in `function.rs`).
+
+use super::*;
+use crate::Error;
+
+fn read(module: &str) -> Op {
+    Op::Read { module: module.to_string(), point: Point::Output, call: 0 }
+}
+
+/// The message of an `InvalidGraph` error (a panic naming anything else).
+fn invalid(r: crate::Result<()>) -> String {
+    match r {
+        Err(Error::InvalidGraph { message }) => message,
+        Err(other) => panic!("expected InvalidGraph, got {other}"),
+        Ok(()) => panic!("expected InvalidGraph, the graph passed"),
+    }
+}
+
+/// A read, a number, a condition on it guarding a write, a save: every reference backwards, the branch ending at
+/// the end of the graph.
+fn well_formed() -> Graph {
+    let mut g = Graph::default();
+    let h = g.push(read("layer1"), 0);
+    let sum = g.push(Op::Reduce { kind: ReduceOp::Sum, a: h, dims: vec![], keepdim: false }, 0);
+    let cond = g.push(Op::BinaryScalar { kind: BinaryOp::Gt, a: sum, scalar: 0.0, scalar_first: false }, 0);
+    let guard = g.push(Op::Guard { cond, end: 0 }, 0);
+    let zero = g.push(Op::Unary { kind: UnaryOp::ZerosLike, a: h }, 0);
+    g.push(Op::Write { module: "layer1".into(), point: Point::Output, call: 0, value: zero, index: None }, 0);
+    let out = g.push(read(""), 0);
+    g.push(Op::Save { value: out }, 0);
+    // The branch runs to the end of the graph (`end == len` is allowed).
+    let len = g.nodes.len() as NodeId;
+    g.nodes[guard as usize].op = Op::Guard { cond, end: len };
+    g
+}
+
+#[test]
+fn a_well_formed_graph_passes_and_survives_json() {
+    let g = well_formed();
+    g.validate().unwrap();
+    let back = Graph::from_json_unchecked(&g.to_json()).unwrap();
+    assert_eq!(back, g);
+    Graph::default().validate().unwrap();
+}
+
+#[test]
+fn a_node_referring_to_itself_is_refused_naming_it() {
+    let mut g = Graph::default();
+    g.push(read("layer1"), 0);
+    g.push(Op::Unary { kind: UnaryOp::Neg, a: 1 }, 0);
+    let m = invalid(g.validate());
+    assert_eq!(m, "node 1 (neg) refers to node 1, which does not come before it");
+}
+
+#[test]
+fn a_node_referring_to_a_later_node_is_refused_naming_it() {
+    let mut g = Graph::default();
+    let h = g.push(read("layer1"), 0);
+    g.push(Op::Binary { kind: BinaryOp::Add, a: h, b: 3 }, 0);
+    g.push(Op::Save { value: h }, 0);
+    g.push(Op::Const { value: Constant::Scalar(1.0) }, 0);
+    let m = invalid(g.validate());
+    assert_eq!(m, "node 1 (add) refers to node 3, which does not come before it");
+
+    // A write's value, and a reference past the end of the graph, likewise.
+    let mut g = Graph::default();
+    g.push(Op::Write { module: "layer2".into(), point: Point::Input, call: 0, value: 7, index: None }, 0);
+    let m = invalid(g.validate());
+    assert!(m.starts_with("node 0 (write of `model.layer2` input (call 0)) refers to node 7"), "{m}");
+}
+
+#[test]
+fn a_guard_ending_at_or_before_itself_or_past_the_graph_is_refused() {
+    let build = |end: NodeId| {
+        let mut g = Graph::default();
+        let c = g.push(Op::Const { value: Constant::Scalar(1.0) }, 0);
+        g.push(Op::Guard { cond: c, end }, 0); // node 1
+        g.push(Op::Stop, 0);
+        g
+    };
+    // 2 and 3 (= the number of nodes) are inside; 0, 1 and 4 are not.
+    build(2).validate().unwrap();
+    build(3).validate().unwrap();
+    for end in [0, 1, 4, NodeId::MAX] {
+        let m = invalid(build(end).validate());
+        assert_eq!(m, format!("node 1 (guard) ends its branch at node {end}, outside nodes 2..=3"));
+    }
+}
+
+#[test]
+fn a_guard_on_a_later_condition_is_refused() {
+    let mut g = Graph::default();
+    g.push(Op::Guard { cond: 1, end: 2 }, 0);
+    g.push(Op::Const { value: Constant::Scalar(1.0) }, 0);
+    let m = invalid(g.validate());
+    assert_eq!(m, "node 0 (guard) refers to node 1, which does not come before it");
+}
+
+#[test]
+fn malformed_json_is_an_invalid_graph() {
+    for text in [
+        "",
+        "not json",
+        "[1, 2]",
+        r#"{"nodes": 3}"#,
+        r#"{"nodes": [{"op": "no_such_op", "invoke": 0}]}"#,
+        r#"{"nodes": [{"op": "read", "module": "layer1", "point": "sideways", "call": 0, "invoke": 0}]}"#,
+        r#"{"nodes": [{"op": "save", "value": 0}]}"#,
+    ] {
+        match Graph::from_json_unchecked(text) {
+            Err(Error::InvalidGraph { message }) => assert!(message.starts_with("not a graph: "), "{text}: {message}"),
+            other => panic!("{text}: expected InvalidGraph, got {other:?}"),
+        }
+    }
+    // Well-formed JSON of a graph whose structure is wrong: refused by `validate`, naming the node.
+    let text = r#"{"nodes": [{"op": "save", "value": 0, "invoke": 0}]}"#;
+    match Graph::from_json_unchecked(text) {
+        Err(Error::InvalidGraph { message }) => {
+            assert_eq!(message, "node 0 (save) refers to node 0, which does not come before it")
+        }
+        other => panic!("expected InvalidGraph, got {other:?}"),
+    }
+    let text = r#"{"nodes": [{"op": "read", "module": "layer1", "point": "output", "call": 0, "invoke": 0},
+                             {"op": "save", "value": 0, "invoke": 0}]}"#;
+    let g = Graph::from_json_unchecked(text).unwrap();
+    assert_eq!(g.nodes[0].op, read("layer1"));
+}
