@@ -448,6 +448,22 @@ impl Graph {
                         ),
                     });
                 }
+                // A gradient write names the read it writes (before it) and the backward it belongs to (usually
+                // after it), neither of which is an input.
+                Op::GradWrite { a, backward, .. } => {
+                    if *a as usize >= i || !matches!(self.nodes[*a as usize].op, Op::Read { .. }) {
+                        return Err(crate::Error::InvalidGraph {
+                            message: format!("node {i} (gradient write) writes the gradient of node {a}, which is not a read before it"),
+                        });
+                    }
+                    if !matches!(self.nodes.get(*backward as usize).map(|b| &b.op), Some(Op::Backward { .. })) {
+                        return Err(crate::Error::InvalidGraph {
+                            message: format!(
+                                "node {i} (gradient write) belongs to node {backward}, which is not a backward"
+                            ),
+                        });
+                    }
+                }
                 _ => {}
             }
             if let Some(bad) = n.op.inputs().into_iter().find(|&j| j as usize >= i) {

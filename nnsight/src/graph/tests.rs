@@ -126,3 +126,31 @@ fn malformed_json_is_an_invalid_graph() {
     let g = Graph::from_json_unchecked(text).unwrap();
     assert_eq!(g.nodes[0].op, read("layer1"));
 }
+
+#[test]
+fn a_gradient_write_must_name_an_earlier_read_and_a_backward() {
+    use crate::graph::Point;
+    let read = |g: &mut Graph| g.push(Op::Read { module: "layer1".into(), point: Point::Output, call: 0 }, 0);
+    // Well formed: read, value, the write, then the backward of a loss.
+    let mut g = Graph::default();
+    let r = read(&mut g);
+    let v = g.push(Op::Unary { kind: crate::graph::UnaryOp::Neg, a: r }, 0);
+    g.push(Op::GradWrite { a: r, value: v, backward: 3 }, 0);
+    g.push(Op::Backward { a: v }, 0);
+    assert!(g.validate().is_ok());
+    // Its `a` must be a read that comes before it.
+    let mut bad = g.clone();
+    bad.nodes[2].op = Op::GradWrite { a: 1, value: v, backward: 3 };
+    let e = bad.validate().unwrap_err();
+    assert!(
+        e.to_string().contains("node 2 (gradient write) writes the gradient of node 1, which is not a read"),
+        "{e}"
+    );
+    // Its `backward` must be a backward node of the graph.
+    for backward in [1, 9] {
+        let mut bad = g.clone();
+        bad.nodes[2].op = Op::GradWrite { a: r, value: v, backward };
+        let e = bad.validate().unwrap_err();
+        assert!(e.to_string().contains(&format!("belongs to node {backward}, which is not a backward")), "{e}");
+    }
+}

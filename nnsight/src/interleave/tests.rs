@@ -245,16 +245,23 @@ fn a_write_of_one_number_fills_the_whole_value() {
 }
 
 #[test]
-fn a_write_of_a_scalar_constant_is_refused_as_not_a_tensor() {
-    // Pins the current behaviour: `Constant::Scalar` evaluates to `Value::Scalar`, and a write wants a tensor
-    // (`intervene!` never writes one: it writes numbers as tensor constants of no dimensions). The error does not
-    // name the write.
+fn a_write_of_a_scalar_constant_fills_like_a_number() {
+    // `Constant::Scalar` (a hand-built or JSON graph; `intervene!` writes numbers as tensors of no dimensions)
+    // fills the value it is written to.
     let (net, x) = (toy(), input());
     let mut g = Graph::default();
     let c = g.push(Op::Const { value: Constant::Scalar(0.5) }, 0);
     g.push(write("layer1", c, None), 0);
+    let h = save_output(&mut g, "layer1", 0);
+    let r = run(&net, &g, one_invoke(), &x).unwrap();
+    assert_eq!(max_diff(r.saved(h), &Tensor::full([2, 4], 0.5, (Kind::Float, Device::Cpu))), 0.0);
+    // A skip needs the invoke's rows: a number is refused, naming the node and the module.
+    let mut g = Graph::default();
+    let c = g.push(Op::Const { value: Constant::Scalar(0.5) }, 0);
+    g.push(Op::Skip { module: "layer1".into(), call: 0, value: c }, 0);
     let err = run(&net, &g, one_invoke(), &x).err().expect("refused");
-    assert!(matches!(&err, Error::Intervention { message } if message == "expected a tensor, found scalar"), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("node 1 (skip of `model.layer1`)") && text.contains("found a scalar"), "{text}");
 }
 
 #[test]

@@ -21,15 +21,38 @@ impl Interleaver<'_> {
             }
             Op::Read { .. } => Ok(Some(Value::Tensor(self.my_rows(inv, y)?))),
             Op::ReadInputs { .. } => Ok(Some(Value::Tuple(vec![Value::Tensor(self.my_rows(inv, y)?)]))),
-            Op::Skip { value, .. } => {
-                let v = self.values[*value as usize].as_ref().expect("checked").tensor()?.shallow_clone();
+            Op::Skip { module, value, .. } => {
+                let v = match self.values[*value as usize].as_ref().expect("checked") {
+                    Value::Tensor(t) => t.shallow_clone(),
+                    other => {
+                        return Err(Error::Intervention {
+                            message: format!(
+                            "node {id} (skip of `{}`): the value must be a tensor with the invoke's rows, found a {}",
+                            display(module),
+                            other.kind_name()
+                        ),
+                        })
+                    }
+                };
                 self.skips.push((inv, v, id));
                 Ok(None)
             }
             Op::Write { module, point, value, index, .. } => {
-                let v = self.values[*value as usize].as_ref().expect("checked").tensor()?.shallow_clone();
                 let target =
                     format!("`{}` {}", display(module), if *point == Point::Input { "input" } else { "output" });
+                // A number fills what it is written to, as a tensor of no dimensions does.
+                let v = match self.values[*value as usize].as_ref().expect("checked") {
+                    Value::Tensor(t) => t.shallow_clone(),
+                    Value::Scalar(s) => Tensor::from(*s),
+                    other => {
+                        return Err(Error::Intervention {
+                            message: format!(
+                                "node {id} (write of {target}): expected a tensor or a number, found a {}",
+                                other.kind_name()
+                            ),
+                        })
+                    }
+                };
                 *y = self.write(inv, y, &v, index.as_deref(), &target)?;
                 Ok(None)
             }
