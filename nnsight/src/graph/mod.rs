@@ -331,8 +331,12 @@ impl Op {
             other => {
                 let json = serde_json::to_value(other).ok();
                 let field = |k: &str| json.as_ref().and_then(|j| j.get(k)).and_then(|o| o.as_str());
-                // The kind of a binary, unary or reduction op (`matmul`, `softmax`) says more than its group.
-                field("kind").or(field("op")).unwrap_or("op").to_string()
+                // The kind of a binary, unary or reduction op (`matmul`, `neg`, `mean`) says more than its group.
+                let name = field("op").unwrap_or("op");
+                match name {
+                    "binary" | "binary_scalar" | "unary" | "reduce" => field("kind").unwrap_or(name).to_string(),
+                    _ => name.to_string(),
+                }
             }
         }
     }

@@ -358,7 +358,48 @@ pub(super) fn eval_meta(op: &Op, inputs: &[&Value]) -> Result<Value> {
             super::emit_log(line);
             Ok(Value::Tuple(vec![]))
         }
-        _ => eval(op, inputs),
+        // Every other op runs as it is, on meta tensors (named one by one, so a new op is placed here too).
+        Op::Const { value: crate::graph::Constant::Scalar(_) }
+        | Op::Save { .. }
+        | Op::Binary { .. }
+        | Op::BinaryScalar { .. }
+        | Op::Unary { .. }
+        | Op::Reduce { .. }
+        | Op::MaxMinDim { .. }
+        | Op::Norm { .. }
+        | Op::Softmax { .. }
+        | Op::Argmax { .. }
+        | Op::Topk { .. }
+        | Op::Reshape { .. }
+        | Op::Transpose { .. }
+        | Op::Permute { .. }
+        | Op::Narrow { .. }
+        | Op::Select { .. }
+        | Op::Index { .. }
+        | Op::Cat { .. }
+        | Op::Stack { .. }
+        | Op::ToKind { .. }
+        | Op::Where { .. }
+        | Op::Gather { .. }
+        | Op::TupleGet { .. }
+        | Op::Unsqueeze { .. }
+        | Op::Squeeze { .. }
+        | Op::Send { .. }
+        | Op::Choose { .. }
+        | Op::Call { .. }
+        | Op::Read { .. }
+        | Op::ReadInputs { .. }
+        | Op::Generated
+        | Op::Write { .. }
+        | Op::Skip { .. }
+        | Op::Apply { .. }
+        | Op::Cache { .. }
+        | Op::Stop
+        | Op::Guard { .. }
+        | Op::Backward { .. }
+        | Op::Grad { .. }
+        | Op::ParamGrad { .. }
+        | Op::GradWrite { .. } => eval(op, inputs),
     }
 }
 

@@ -24,7 +24,7 @@ pub fn with_value_cap<T>(bytes: u64, f: impl FnOnce() -> T) -> T {
 }
 
 /// An error if `op`'s result on `inputs` would be larger than `cap` bytes (known before computing it for the ops
-/// whose result can outgrow their inputs).
+/// whose result can outgrow their inputs). Every op is named here, so a new one must say whether it grows.
 pub(super) fn check_growth(id: NodeId, op: &Op, inputs: &[&Value], cap: u64) -> Result<()> {
     let shape = |v: &Value| v.tensor().ok().map(|t| (t.size(), t.kind().elt_size_in_bytes() as u64));
     let broadcast = |shapes: &[Vec<i64>]| -> Vec<i64> {
@@ -53,7 +53,51 @@ pub(super) fn check_growth(id: NodeId, op: &Op, inputs: &[&Value], cap: u64) -> 
             let total: i64 = shapes.iter().map(|s| s.0.iter().product::<i64>()).sum();
             (vec![total], shapes.iter().map(|s| s.1).max().unwrap_or(4))
         }
-        _ => return Ok(()),
+        // A dtype change keeps the shape and may widen each element.
+        Op::ToKind { kind, .. } => {
+            let Some((dims, _)) = shape(inputs[0]) else { return Ok(()) };
+            (dims, crate::graph::value::kind_from_name(kind)?.elt_size_in_bytes() as u64)
+        }
+        // No larger than an input (the same shape, a view, a part, a reduction), or of a size known only by
+        // computing it (a module call, a registered function: `check_size` takes it right after), or no tensor.
+        Op::BinaryScalar { .. }
+        | Op::Unary { .. }
+        | Op::Reduce { .. }
+        | Op::MaxMinDim { .. }
+        | Op::Norm { .. }
+        | Op::Softmax { .. }
+        | Op::Argmax { .. }
+        | Op::Topk { .. }
+        | Op::Reshape { .. }
+        | Op::Transpose { .. }
+        | Op::Permute { .. }
+        | Op::Narrow { .. }
+        | Op::Select { .. }
+        | Op::Index { .. }
+        | Op::ToDevice { .. }
+        | Op::Gather { .. }
+        | Op::TupleGet { .. }
+        | Op::Unsqueeze { .. }
+        | Op::Squeeze { .. }
+        | Op::Choose { .. }
+        | Op::Save { .. }
+        | Op::Const { .. }
+        | Op::Apply { .. }
+        | Op::Call { .. }
+        | Op::Log { .. }
+        | Op::Send { .. }
+        | Op::Read { .. }
+        | Op::ReadInputs { .. }
+        | Op::Generated
+        | Op::Write { .. }
+        | Op::Skip { .. }
+        | Op::Cache { .. }
+        | Op::Stop
+        | Op::Guard { .. }
+        | Op::Backward { .. }
+        | Op::Grad { .. }
+        | Op::ParamGrad { .. }
+        | Op::GradWrite { .. } => return Ok(()),
     };
     within_cap(id, op, dims.iter().fold(elt, |acc, &d| acc.saturating_mul(d.max(0) as u64)), cap)
 }

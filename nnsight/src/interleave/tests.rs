@@ -529,3 +529,20 @@ fn the_value_cap_refuses_a_cat_over_it_and_allows_one_at_it() {
     // The cap is this thread's, for the duration of the closure.
     assert!(run(&net, &g, one_invoke(), &x).is_ok());
 }
+
+#[test]
+fn the_value_cap_refuses_a_widening_dtype_change_before_it_allocates() {
+    let (net, x) = (toy(), input());
+    // layer1's output is [2, 4] float32 (32 bytes); as float64 it would be 64 bytes.
+    let mut g = Graph::default();
+    let h = g.push(read("layer1", Point::Output), 0);
+    let d = g.push(Op::ToKind { a: h, kind: "Double".into() }, 0);
+    g.push(Op::Save { value: d }, 0);
+    match with_value_cap(48, || run(&net, &g, one_invoke(), &x)) {
+        Err(Error::Limit { what, limit, given }) => {
+            assert_eq!((what.as_str(), limit, given), ("bytes of node 1's result (to_kind)", 48, 64));
+        }
+        other => panic!("expected Limit, got {:?}", other.err()),
+    }
+    assert!(with_value_cap(64, || run(&net, &g, one_invoke(), &x)).is_ok());
+}
