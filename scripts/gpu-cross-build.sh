@@ -35,7 +35,8 @@ open(p, "w").write(re.sub(r"(void atg_[a-z0-9_]+\([^)]*\) \{\n)(  PROTECT\(.*?\n
 PY
 printf '\n[patch.crates-io]\ntorch-sys = { path = "../torch-sys" }\n' >> "$W/repo/Cargo.toml"
 ln -sfn "$T/torch" "$W/repo/.libtorch"
-(cd "$W/repo" && CARGO_TARGET_DIR="$W/target" RUSTFLAGS="-C link-arg=-Wl,--allow-shlib-undefined" \
+# LIBTORCH exported: it wins over the block the set-up registers with cargo (which names torch 2.13).
+(cd "$W/repo" && LIBTORCH="$W/repo/.libtorch" CARGO_TARGET_DIR="$W/target" RUSTFLAGS="-C link-arg=-Wl,--allow-shlib-undefined" \
     cargo build --release --tests --example device_info -p nnsight)
 rm -rf "$ROOT/.gpu" && mkdir -p "$ROOT/.gpu/bin"
 cp "$(ls "$W"/target/release/deps/integration-* | grep -v '\.d$' | head -n1)" "$ROOT/.gpu/bin/integration"
