@@ -415,14 +415,10 @@ pub(super) fn at_node(e: Error, id: NodeId, graph: &Graph) -> Error {
                 crate::error::clean_torch_message(&source.to_string())
             ),
         },
-        Error::IndexOutOfRange { module, index, len, dim } if module.is_empty() => {
-            let place = match op.inputs().first() {
-                Some(&a) => value_place(graph, a),
-                None => format!("node {id}"),
-            };
-            Error::IndexOutOfRange { module: place, index, len, dim }
-        }
-        other => other,
+        other => placed(other, || match op.inputs().first() {
+            Some(&a) => value_place(graph, a),
+            None => format!("node {id}"),
+        }),
     }
 }
 
@@ -436,5 +432,15 @@ fn value_place(graph: &Graph, id: NodeId) -> String {
         }
         Op::ReadInputs { module, .. } => format!("`{}` inputs", display(module)),
         other => format!("the value of node {id} ({})", other.describe()),
+    }
+}
+
+/// `e` with the place of an index error filled in, where the op that found it left it empty (see `index`).
+pub(super) fn placed(e: Error, place: impl FnOnce() -> String) -> Error {
+    match e {
+        Error::IndexOutOfRange { module, index, len, dim } if module.is_empty() => {
+            Error::IndexOutOfRange { module: place(), index, len, dim }
+        }
+        other => other,
     }
 }

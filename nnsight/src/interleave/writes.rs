@@ -82,12 +82,7 @@ impl Interleaver<'_> {
             }
             Some(items) => {
                 let copy = eval::copy(&mine).map_err(f)?;
-                let mut slot = eval::index(&copy, items).map_err(|e| match e {
-                    Error::IndexOutOfRange { module, index, len, dim } if module.is_empty() => {
-                        Error::IndexOutOfRange { module: target.to_string(), index, len, dim }
-                    }
-                    other => other,
-                })?;
+                let mut slot = eval::index(&copy, items).map_err(|e| eval::placed(e, || target.to_string()))?;
                 let (want, given) = (slot.size(), v.size());
                 if v.f_broadcast_to(want.as_slice()).is_err() {
                     return Err(Error::WriteShape {
