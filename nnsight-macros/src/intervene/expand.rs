@@ -13,7 +13,7 @@
 
 use super::form::Form;
 use super::parse::Item;
-use super::rewrite::{gen, Export, Rewritten};
+use super::rewrite::{gen, option_input, Export, Rewritten};
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
@@ -106,17 +106,6 @@ fn expand_edit(r: Rewritten, end: &str) -> TokenStream {
             #body
             __nn_tr.#end()?
         }
-    }
-}
-
-/// `Some(Into::into(INPUT))` or `None`.
-fn option_input(input: Option<&Expr>, s: Span) -> TokenStream {
-    match input {
-        Some(e) => {
-            let s = gen(e.span());
-            quote_spanned!(s=> ::core::option::Option::Some(::core::convert::Into::into(#e)))
-        }
-        None => quote_spanned!(s=> ::core::option::Option::None),
     }
 }
 

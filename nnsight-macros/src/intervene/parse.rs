@@ -162,7 +162,7 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
         .then_some("an edit has no `invoke` blocks: it applies to every row of every later run");
     let body: TokenStream = body.parse()?;
     let mut nested = Vec::new();
-    let body = top_level_invokes(body, refusal, &mut nested, errors);
+    let body = nested_invokes(body, true, refusal, &mut nested, errors)?;
     let items = (|input: ParseStream| parse_items(input, refusal, errors)).parse2(body)?;
     if input.peek(Token![;]) {
         input.parse::<Token![;]>()?;
@@ -263,58 +263,18 @@ fn parse_items(input: ParseStream, refusal: Option<&str>, errors: &mut Errors) -
     Ok(items)
 }
 
-/// The body's tokens with every `invoke(..) { .. }` that stands inside a statement's block (not at the top of the
-/// body) turned into `{ __nn_tr.invoke(INPUT)?; .. }`, spanned at the `invoke` token; their spans go to `nested`.
-/// Top-level invoke blocks stay for [`parse_items`], but inside them an invoke is reported: invokes do not nest.
-fn top_level_invokes(
-    tokens: TokenStream,
-    refusal: Option<&str>,
-    nested: &mut Vec<proc_macro2::Span>,
-    errors: &mut Errors,
-) -> TokenStream {
-    let mut out = Vec::new();
-    let mut iter = tokens.into_iter().peekable();
-    while let Some(tt) = iter.next() {
-        match tt {
-            TokenTree::Ident(ref i) if i == "invoke" => {
-                out.push(tt);
-                // `invoke (ARGS) { BODY }`: keep it, and look inside its body for (refused) nested ones.
-                if let Some(TokenTree::Group(args)) = iter.peek().cloned() {
-                    if args.delimiter() == Delimiter::Parenthesis {
-                        out.push(iter.next().expect("peeked"));
-                        if let Some(TokenTree::Group(body)) = iter.peek().cloned() {
-                            if body.delimiter() == Delimiter::Brace {
-                                iter.next();
-                                let inner = nested_invokes(
-                                    body.stream(),
-                                    Some("`invoke` blocks cannot be nested"),
-                                    nested,
-                                    errors,
-                                );
-                                out.push(regroup(&body, inner));
-                            }
-                        }
-                    }
-                }
-            }
-            TokenTree::Group(g) => {
-                let inner = nested_invokes(g.stream(), refusal, nested, errors);
-                out.push(regroup(&g, inner));
-            }
-            other => out.push(other),
-        }
-    }
-    out.into_iter().collect()
-}
-
-/// Inside a statement: `invoke(ARGS) { BODY }` becomes `{ __nn_tr.invoke(Some(Into::into(ARGS)))?; BODY }` (or
-/// `None` without input), or is reported with `refusal` (its body kept as a plain block).
+/// The body's tokens with every `invoke(INPUT?) { BODY }` that stands inside a statement's block turned into
+/// `{ __nn_tr.invoke(INPUT)?; BODY }`, spanned at the `invoke` token, its span pushed to `nested` (or, with a
+/// `refusal`, reported and its body kept as a plain block). At the `top` of the body an invoke block stays as it is
+/// for [`parse_items`]; inside any invoke block another one is reported: invokes do not nest.
 fn nested_invokes(
     tokens: TokenStream,
+    top: bool,
     refusal: Option<&str>,
     nested: &mut Vec<proc_macro2::Span>,
     errors: &mut Errors,
-) -> TokenStream {
+) -> syn::Result<TokenStream> {
+    const NESTED: Option<&str> = Some("`invoke` blocks cannot be nested");
     let trees: Vec<TokenTree> = tokens.into_iter().collect();
     let mut out: Vec<TokenTree> = Vec::new();
     let mut i = 0;
@@ -334,7 +294,7 @@ fn nested_invokes(
         let Some((kw, args, body)) = invoke else {
             match &trees[i] {
                 TokenTree::Group(g) => {
-                    let inner = nested_invokes(g.stream(), refusal, nested, errors);
+                    let inner = nested_invokes(g.stream(), false, refusal, nested, errors)?;
                     out.push(regroup(g, inner));
                 }
                 other => out.push(other.clone()),
@@ -343,19 +303,21 @@ fn nested_invokes(
             continue;
         };
         i += 3;
-        let inner = nested_invokes(body.stream(), Some("`invoke` blocks cannot be nested"), nested, errors);
-        let s = super::rewrite::gen(kw.span());
+        let inner = nested_invokes(body.stream(), false, NESTED, nested, errors)?;
+        if top {
+            out.extend([TokenTree::Ident(kw), TokenTree::Group(args), regroup(&body, inner)]);
+            continue;
+        }
         let call = if let Some(refusal) = refusal {
             errors.push(syn::Error::new(kw.span(), refusal));
             TokenStream::new()
         } else {
             nested.push(kw.span());
-            let input = args.stream();
-            let input = if input.is_empty() {
-                quote::quote_spanned!(s=> ::core::option::Option::None)
-            } else {
-                quote::quote_spanned!(s=> ::core::option::Option::Some(::core::convert::Into::into(#input)))
-            };
+            // The input as a top-level invoke takes it: one expression, or none for the whole batch.
+            let message = "`invoke` takes one input, or none for the whole batch";
+            let input = (|args: ParseStream| single_input(args, message, errors)).parse2(args.stream())?;
+            let s = super::rewrite::gen(kw.span());
+            let input = super::rewrite::option_input(input.as_ref(), s);
             let tr = Ident::new("__nn_tr", s);
             quote::quote_spanned!(s=> #tr.invoke(#input)?;)
         };
@@ -363,7 +325,7 @@ fn nested_invokes(
         block.set_span(body.span());
         out.push(TokenTree::Group(block));
     }
-    out.into_iter().collect()
+    Ok(out.into_iter().collect())
 }
 
 /// `g`'s delimiter and span around new contents.

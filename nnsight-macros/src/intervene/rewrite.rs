@@ -87,3 +87,14 @@ pub fn rewrite(ast: Intervene, errors: &mut Errors) -> Rewritten {
 pub fn gen(at: Span) -> Span {
     Span::call_site().located_at(at)
 }
+
+/// `Some(Into::into(INPUT))` or `None`.
+pub fn option_input(input: Option<&Expr>, s: Span) -> proc_macro2::TokenStream {
+    match input {
+        Some(e) => {
+            let s = gen(syn::spanned::Spanned::span(e));
+            quote::quote_spanned!(s=> ::core::option::Option::Some(::core::convert::Into::into(#e)))
+        }
+        None => quote::quote_spanned!(s=> ::core::option::Option::None),
+    }
+}

@@ -244,12 +244,8 @@ pub fn index(x: &Tensor, items: &[IndexItem]) -> Result<Tensor> {
     for item in items {
         match *item {
             IndexItem::Select(i) => {
-                check_index(&out, dim as usize, i).map_err(|e| match e {
-                    Error::IndexOutOfRange { module, index, len, .. } => {
-                        Error::IndexOutOfRange { module, index, len, dim: Some(source_dim) }
-                    }
-                    other => other,
-                })?;
+                // Each item but a new axis takes one dimension of `x` in turn, of the size it has in `x`.
+                check_index(x, source_dim, i)?;
                 out = out.f_select(dim, i).map_err(t)?;
                 source_dim += 1;
             }

@@ -50,6 +50,8 @@ fn invokes_inside_statements_follow_the_rules_of_invokes() {
     let nested = parse_messages(quote!(model.trace() { invoke("a") { for p in ps { invoke(p) { } } } }));
     assert_eq!(nested.len(), 1);
     assert!(nested[0].starts_with("`invoke` blocks cannot be nested"), "{nested:?}");
+    let two = parse_messages(quote!(model.trace() { for p in ps { invoke(p, q) { } } }));
+    assert_eq!(two, ["`invoke` takes one input, or none for the whole batch"]);
     let edit = parse_messages(quote!(model.edit() { for p in ps { invoke(p) { } } }));
     assert_eq!(edit, ["an edit has no `invoke` blocks: it applies to every row of every later run"]);
 }
