@@ -23,6 +23,7 @@ extern crate self as nnsight;
 pub mod autograd;
 pub mod envoy;
 pub mod error;
+pub mod exec;
 pub mod function;
 pub mod generate;
 pub mod graph;

@@ -1,7 +1,7 @@
 //! [`NNsight`]: any `Traceable` module of your own as a trace target, on tensor inputs.
 
-use super::target::{OrderRecorder, Prepared, TraceTarget};
 use super::Traceable;
+use crate::exec::{OrderRecorder, Prepared, TraceTarget};
 use crate::handle::builder::CallOrder;
 use crate::nn::{Ctx, Forward, Hook};
 use crate::{Error, Result};
@@ -15,7 +15,7 @@ pub struct NNsight<M: Traceable + Forward> {
     envoy: OnceLock<M::Envoy>,
     order: OnceLock<Arc<CallOrder>>,
     /// In-place edits, applied before every run.
-    edits: super::EditList,
+    edits: crate::exec::EditList,
 }
 
 impl<M: Traceable + Forward> NNsight<M> {
@@ -23,7 +23,7 @@ impl<M: Traceable + Forward> NNsight<M> {
     pub fn new(mut module: M) -> Self {
         crate::ffi::keep_torch_cuda();
         module.set_path("");
-        NNsight { module, envoy: OnceLock::new(), order: OnceLock::new(), edits: super::EditList::new() }
+        NNsight { module, envoy: OnceLock::new(), order: OnceLock::new(), edits: crate::exec::EditList::new() }
     }
 
     /// The module.
@@ -34,7 +34,7 @@ impl<M: Traceable + Forward> NNsight<M> {
     /// A plain forward pass.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
-        super::edit::with_edits(&self.edits, &self.module, false, None, |hook| match hook {
+        crate::exec::edits::with_edits(&self.edits, &self.module, false, None, |hook| match hook {
             Some(h) => Ctx::with_hook(h).call(&self.module, x),
             None => Ctx::new().call(&self.module, x),
         })
@@ -98,14 +98,15 @@ impl<M: Traceable + Forward> TraceTarget for NNsight<M> {
         Ok((batch, rows, total))
     }
     fn forward_hooked(&self, batch: &Tensor, hook: &mut dyn Hook) -> Result<()> {
-        super::edit::with_edits(&self.edits, &self.module, false, Some(hook), |h| {
-            Ctx::with_hook(h.expect("a hook was given")).call(&self.module, batch).map(|_| ())
-        })
+        Ctx::with_hook(hook).call(&self.module, batch).map(|_| ())
+    }
+    fn edits(&self) -> Vec<Arc<crate::graph::Graph>> {
+        self.edits.snapshot()
     }
 }
 
 impl<M: Traceable + Forward> super::Editable for NNsight<M> {
-    fn edit_list(&self) -> &super::EditList {
+    fn edit_list(&self) -> &crate::exec::EditList {
         &self.edits
     }
 }

@@ -87,7 +87,7 @@ impl<M: CausalLm> LanguageModel<M> {
         mut on_token: impl FnMut(&StepTokens) -> Result<()>,
     ) -> Result<Generation> {
         if let Some(remote) = self.server() {
-            let edits = crate::envoy::TraceTarget::wire_edits(self);
+            let edits = super::targets::wire(&self.edits.snapshot());
             return self.generate_remote(remote, input.into(), options, edits, &mut on_token);
         }
         let batch = self.batch(input)?;
@@ -181,6 +181,20 @@ impl<M: CausalLm> LanguageModel<M> {
         Ok(decoder.generation())
     }
 
+    /// [`LanguageModel::generate_hooked`] without the model's in-place edits (a block's executor puts the edits
+    /// in front of `hook` itself).
+    pub(crate) fn decode_hooked(
+        &self,
+        batch: &Batch,
+        options: &GenerateOptions,
+        hook: &mut dyn Hook,
+    ) -> Result<Generation> {
+        self.refuse_if_connected("a generation with a local hook")?;
+        let mut decoder = Decoder::new(self.model(), self.special_tokens(), batch, options)?;
+        while decoder.step(self.model(), Some(&mut *hook))?.is_some() {}
+        Ok(decoder.generation())
+    }
+
     /// An error for what a connected handle (no weights here) cannot do.
     fn refuse_if_connected(&self, what: &str) -> Result<()> {
         match self.server() {
@@ -196,7 +210,6 @@ impl<M: CausalLm> LanguageModel<M> {
 
     /// One decoding step with the model's in-place edits in front of `hook`.
     fn edited_step(&self, decoder: &mut Decoder, hook: Option<&mut dyn Hook>) -> Result<Option<StepTokens>> {
-        use crate::envoy::Editable;
-        crate::envoy::edit::with_edits(self.edit_list(), self.model(), false, hook, |h| decoder.step(self.model(), h))
+        crate::exec::edits::with_edits(&self.edits, self.model(), false, hook, |h| decoder.step(self.model(), h))
     }
 }

@@ -1,8 +1,9 @@
 //! `LanguageModel<M>`: a tokenizer and a model on a device, loaded from a Hugging Face folder or a GGUF file.
 
-use crate::envoy::edit::with_edits;
+use crate::exec::edits::with_edits;
 
-use crate::envoy::{CallOrder, EditList, TraceTarget};
+use crate::envoy::CallOrder;
+use crate::exec::EditList;
 use crate::load::gguf::GgufFile;
 use crate::load::tokenizer::{self, SpecialTokens};
 use crate::load::{safetensors, Weights};
@@ -10,6 +11,7 @@ pub use crate::models::batch::{Batch, Input};
 pub use generate::Generator;
 
 mod generate;
+mod hosted;
 mod targets;
 use crate::models::{self, Architecture, AutoModel, CausalLm, RawConfig};
 use crate::nn::{Ctx, Hook, ModuleTree};
@@ -392,7 +394,7 @@ impl<M: CausalLm> LanguageModel<M> {
                     Vec::<i64>::try_from(&ids).map_err(|e| Error::torch("forward", e))
                 })
                 .collect::<Result<_>>()?;
-            return Self::remote_logits(remote, rows, self.wire_edits());
+            return Self::remote_logits(remote, rows, targets::wire(&self.edits.snapshot()));
         }
         let _guard = tch::no_grad_guard();
         with_edits(&self.edits, &self.model, false, None, |hook| match hook {

@@ -2,13 +2,17 @@
 //! a generation ([`GenerateTarget`]), edits ([`Editable`], and an edited model's `forward` and `generate`).
 
 use super::LanguageModel;
-use crate::envoy::edit::{with_edits, EditHook, PassThrough};
-use crate::envoy::target::OrderRecorder;
-use crate::envoy::{CallOrder, EditList, Editable, Edited, GenerateTarget, Generated, ScanTarget, TraceTarget};
+use crate::envoy::{CallOrder, Editable, Edited, Generated};
+use crate::exec::{
+    Backend, EditHook, EditList, GenerateBackend, GenerateTarget, Here, OrderRecorder, PassThrough, ScanTarget,
+    TraceTarget,
+};
+use crate::graph::Graph;
 use crate::models::batch::{Batch, Input};
 use crate::models::CausalLm;
 use crate::nn::{Ctx, Hook};
-use crate::{Error, Result};
+use crate::GenerateOptions;
+use crate::Result;
 use std::sync::Arc;
 use tch::{Device, Tensor};
 
@@ -44,7 +48,7 @@ impl<M: CausalLm> TraceTarget for LanguageModel<M> {
         }))
     }
 
-    fn prepare(&self, inputs: &[Option<Input>]) -> Result<crate::envoy::target::Prepared<Batch>> {
+    fn prepare(&self, inputs: &[Option<Input>]) -> Result<crate::exec::Prepared<Batch>> {
         let mut all: Vec<Vec<i64>> = Vec::new();
         let mut spans = Vec::with_capacity(inputs.len());
         for input in inputs {
@@ -63,22 +67,20 @@ impl<M: CausalLm> TraceTarget for LanguageModel<M> {
         Ok((batch, spans.into_iter().map(|s| s.unwrap_or((0, total))).collect(), total))
     }
 
-    fn remote(&self) -> Option<&crate::remote::Remote> {
-        self.remote.as_ref()
-    }
-
-    fn wire_inputs(&self, inputs: &[Option<Input>]) -> Result<Vec<Option<Input>>> {
-        Ok(inputs.to_vec())
-    }
-
-    fn wire_edits(&self) -> Vec<crate::graph::Graph> {
-        self.edits.snapshot().iter().map(|g| crate::graph::Graph::clone(g)).collect()
-    }
-
     fn forward_hooked(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<()> {
-        with_edits(&self.edits, &self.model, false, Some(hook), |h| {
-            self.model.run(&mut Ctx::with_hook(h.expect("a hook was given")), batch).map(|_| ())
-        })
+        self.model.run(&mut Ctx::with_hook(hook), batch).map(|_| ())
+    }
+
+    fn edits(&self) -> Vec<Arc<Graph>> {
+        self.edits.snapshot()
+    }
+
+    /// The server of a connected handle, else here.
+    fn backend(&self) -> &dyn Backend<Input> {
+        match &self.remote {
+            Some(r) => r,
+            None => &Here,
+        }
     }
 }
 
@@ -99,9 +101,7 @@ impl<M: CausalLm> ScanTarget for LanguageModel<M> {
     fn forward_scan(&self, batch: &Batch, hook: &mut dyn Hook) -> Result<()> {
         let twin = self.meta_model()?;
         let batch = batch.to_meta()?;
-        with_edits(&self.edits, twin, true, Some(hook), |h| {
-            twin.run(&mut Ctx::with_hook(h.expect("a hook was given")), &batch).map(|_| ())
-        })
+        twin.run(&mut Ctx::with_hook(hook), &batch).map(|_| ())
     }
 }
 
@@ -117,7 +117,7 @@ impl<M: crate::models::CausalLm> Edited<'_, crate::LanguageModel<M>> {
     pub fn forward(&self, input: impl Into<crate::models::batch::Input>) -> Result<Tensor> {
         if let Some(remote) = self.base.server() {
             let rows = self.base.rows_of(input.into())?;
-            return crate::LanguageModel::<M>::remote_logits(remote, rows, self.wire_edits());
+            return crate::LanguageModel::<M>::remote_logits(remote, rows, wire(&self.edits()));
         }
         let batch = self.base.batch(input)?;
         let own = self.edits.snapshot();
@@ -133,7 +133,7 @@ impl<M: crate::models::CausalLm> Edited<'_, crate::LanguageModel<M>> {
         options: &crate::GenerateOptions,
     ) -> Result<crate::Generation> {
         if let Some(remote) = self.base.server() {
-            return self.base.generate_remote(remote, input.into(), options, self.wire_edits(), &mut |_| Ok(()));
+            return self.base.generate_remote(remote, input.into(), options, wire(&self.edits()), &mut |_| Ok(()));
         }
         let batch = self.base.batch(input)?;
         let own = self.edits.snapshot();
@@ -143,40 +143,28 @@ impl<M: crate::models::CausalLm> Edited<'_, crate::LanguageModel<M>> {
     }
 }
 
-impl<M: crate::models::CausalLm> GenerateTarget for crate::LanguageModel<M> {
-    type Options = crate::GenerateOptions;
+impl<M: CausalLm> GenerateTarget for LanguageModel<M> {
+    type Options = GenerateOptions;
 
-    fn max_steps(options: &crate::GenerateOptions) -> usize {
+    fn max_steps(options: &GenerateOptions) -> usize {
         options.max_new_tokens
     }
 
-    fn generate_hooked(
-        &self,
-        batch: &crate::models::batch::Batch,
-        options: &crate::GenerateOptions,
-        hook: &mut dyn Hook,
-    ) -> Result<Vec<Vec<i64>>> {
-        let generation = crate::LanguageModel::generate_hooked(self, batch, options, hook, &mut |_| Ok(()))?;
+    fn generate_hooked(&self, batch: &Batch, options: &GenerateOptions, hook: &mut dyn Hook) -> Result<Vec<Vec<i64>>> {
+        let generation = self.decode_hooked(batch, options, hook)?;
         Ok(generation.rows.iter().map(|r| r.ids()).collect())
     }
 
-    fn wire_generate(
-        &self,
-        graph: crate::graph::Graph,
-        inputs: &[Option<crate::models::batch::Input>],
-        options: &crate::GenerateOptions,
-    ) -> Result<crate::remote::Job> {
-        if options.on_token.is_some() {
-            return Err(Error::InvalidInput {
-                message: "`on_token` cannot run on a server: a remote generation streams what the block sends instead"
-                    .into(),
-            });
+    /// The server of a connected handle, else here.
+    fn generate_backend(&self) -> &dyn GenerateBackend<Input, GenerateOptions> {
+        match &self.remote {
+            Some(r) => r,
+            None => &Here,
         }
-        Ok(crate::remote::Job::Generate {
-            graph,
-            inputs: self.wire_inputs(inputs)?,
-            options: options.clone(),
-            edits: crate::envoy::TraceTarget::wire_edits(self),
-        })
     }
+}
+
+/// Edits as a request carries them.
+pub(crate) fn wire(edits: &[Arc<Graph>]) -> Vec<Graph> {
+    edits.iter().map(|g| Graph::clone(g)).collect()
 }

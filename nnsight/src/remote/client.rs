@@ -3,8 +3,11 @@
 
 use super::protocol::{self, Job, Request, PROTOCOL_VERSION};
 use super::wire::{JobStatus, ModelInfo, Submitted, WireError};
+use crate::exec::{LocalGenerateTarget, LocalTarget};
+use crate::graph::Graph;
 use crate::interleave::Finished;
-use crate::{Error, Result};
+use crate::models::batch::Input;
+use crate::{Error, GenerateOptions, Result};
 use std::io::{BufRead, BufReader, Read};
 use std::time::Duration;
 
@@ -255,4 +258,32 @@ const TRANSPORT: &str = "connection: ";
 
 fn is_transport(e: &Error) -> bool {
     matches!(e, Error::Remote { message } if message.starts_with(TRANSPORT))
+}
+
+/// A block on a `LanguageModel` runs on the server: its graph, inputs and the model's edits travel as a job.
+impl crate::exec::Backend<Input> for Remote {
+    fn trace(&self, target: &dyn LocalTarget<Input>, graph: &Graph, inputs: &[Option<Input>]) -> Result<Finished> {
+        let edits = target.run_edits().iter().map(|g| Graph::clone(g)).collect();
+        self.run(Job::Trace { graph: graph.clone(), inputs: inputs.to_vec(), edits })
+    }
+}
+
+/// A generation block runs on the server; `on_token` cannot travel (the block's `send!`s stream instead).
+impl crate::exec::GenerateBackend<Input, GenerateOptions> for Remote {
+    fn generate(
+        &self,
+        target: &dyn LocalGenerateTarget<Input, GenerateOptions>,
+        graph: &Graph,
+        inputs: &[Option<Input>],
+        options: &GenerateOptions,
+    ) -> Result<Finished> {
+        if options.on_token.is_some() {
+            return Err(Error::InvalidInput {
+                message: "`on_token` cannot run on a server: a remote generation streams what the block sends instead"
+                    .into(),
+            });
+        }
+        let edits = target.run_edits().iter().map(|g| Graph::clone(g)).collect();
+        self.run(Job::Generate { graph: graph.clone(), inputs: inputs.to_vec(), options: options.clone(), edits })
+    }
 }

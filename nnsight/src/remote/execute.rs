@@ -1,16 +1,12 @@
 //! Running a request's job on a model, within limits: what a server's worker does with each job. Only the graph's
 //! ops run (each one this program knows); no code of the client's runs.
 
-use super::protocol::Job;
-use crate::envoy::generate::run_generate;
-use crate::envoy::trace::run_trace;
-use crate::envoy::Edited;
+use super::wire::ModelInfo;
+use crate::exec::{Job, Watch};
 use crate::graph::Value;
 use crate::interleave::Finished;
-use crate::models::CausalLm;
-use crate::{Error, LanguageModel, Result};
+use crate::{Error, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What one request may ask for.
@@ -41,13 +37,17 @@ impl Default for Limits {
     }
 }
 
+/// A model a server hosts: it runs jobs here and describes itself to clients. [`crate::LanguageModel`] is one
+/// (a worker thread owns it, hence `Send`).
+pub trait Hosted: Send + 'static {
+    /// Runs `job` on this model, `watch` called at every hook event (see [`crate::exec::run_job`]).
+    fn run_job(&self, job: &Job, watch: Watch<'_>) -> Result<Finished>;
+    /// What a client needs to build a handle of it, under the name `name` ([`ModelInfo`]).
+    fn describe(&self, name: &str) -> Result<ModelInfo>;
+}
+
 /// Runs `job` on `model` within `limits`; `cancel` set from elsewhere stops it at the next module call.
-pub fn execute<M: CausalLm>(
-    model: &LanguageModel<M>,
-    job: &Job,
-    limits: &Limits,
-    cancel: &AtomicBool,
-) -> Result<Finished> {
+pub fn execute<H: Hosted + ?Sized>(model: &H, job: &Job, limits: &Limits, cancel: &AtomicBool) -> Result<Finished> {
     let nodes: u64 = job.graphs().map(|g| g.nodes.len() as u64).sum();
     if nodes > limits.graph_nodes {
         return Err(Error::Limit { what: "graph nodes".into(), limit: limits.graph_nodes, given: nodes });
@@ -63,37 +63,12 @@ pub fn execute<M: CausalLm>(
         }
         Ok(())
     };
-    let finished = crate::interleave::with_value_cap(limits.value_bytes, || run(model, job, &watch))?;
+    let finished = crate::interleave::with_value_cap(limits.value_bytes, || model.run_job(job, &watch))?;
     let saved: u64 = finished.values.values().map(bytes_of).sum();
     if saved > limits.saved_bytes {
         return Err(Error::Limit { what: "saved bytes".into(), limit: limits.saved_bytes, given: saved });
     }
     Ok(finished)
-}
-
-/// The job's run, its graphs and edits on `model`, `watch` called at every module event.
-fn run<M: CausalLm>(model: &LanguageModel<M>, job: &Job, watch: &dyn Fn() -> Result<()>) -> Result<Finished> {
-    Ok(match job {
-        Job::Trace { graph, inputs, edits } => {
-            if edits.is_empty() {
-                run_trace(model, graph, inputs, Some(watch))?
-            } else {
-                let edited = Edited::with_edits(model, edits.iter().cloned().map(Arc::new).collect());
-                run_trace(&edited, graph, inputs, Some(watch))?
-            }
-        }
-        Job::Generate { graph, inputs, options, edits } => {
-            if options.on_token.is_some() {
-                return Err(Error::InvalidInput { message: "a request cannot carry an `on_token` callback".into() });
-            }
-            if edits.is_empty() {
-                run_generate(model, graph, inputs, options, Some(watch))?
-            } else {
-                let edited = Edited::with_edits(model, edits.iter().cloned().map(Arc::new).collect());
-                run_generate(&edited, graph, inputs, options, Some(watch))?
-            }
-        }
-    })
 }
 
 /// Bytes of the tensors in a value.

@@ -8,10 +8,11 @@
 //! [`crate::Error::Protocol`] naming what is wrong (a wrong version names both versions, an
 //! unknown op names it), never a panic.
 
-use crate::graph::{Constant, Graph, NodeId, Op, TensorData, Value};
+use crate::graph::{Constant, NodeId, Op, TensorData, Value};
 use crate::interleave::Finished;
-use crate::models::batch::Input;
-use crate::{Error, GenerateOptions, Result};
+use crate::{Error, Result};
+
+pub use crate::exec::Job;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -21,51 +22,6 @@ pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The metadata key holding the JSON part.
 const KEY: &str = "nnsight";
-
-/// What a request asks the server to run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Job {
-    /// One forward pass with the graph interleaved.
-    Trace {
-        /// The block's graph.
-        graph: Graph,
-        /// Each invoke's input (`None`: the whole batch).
-        inputs: Vec<Option<Input>>,
-        /// Persistent edits to apply first, oldest first (the client model's).
-        #[serde(default)]
-        edits: Vec<Graph>,
-    },
-    /// A generation with the graph interleaved in every step.
-    Generate {
-        /// The block's graph.
-        graph: Graph,
-        /// Each invoke's input.
-        inputs: Vec<Option<Input>>,
-        /// Decoding options.
-        options: GenerateOptions,
-        /// Persistent edits to apply first.
-        #[serde(default)]
-        edits: Vec<Graph>,
-    },
-}
-
-impl Job {
-    /// The graphs of the job (the block's, then the edits').
-    pub fn graphs(&self) -> impl Iterator<Item = &Graph> {
-        let (graph, edits) = match self {
-            Job::Trace { graph, edits, .. } | Job::Generate { graph, edits, .. } => (graph, edits),
-        };
-        std::iter::once(graph).chain(edits.iter())
-    }
-
-    fn graphs_mut(&mut self) -> impl Iterator<Item = &mut Graph> {
-        let (graph, edits) = match self {
-            Job::Trace { graph, edits, .. } | Job::Generate { graph, edits, .. } => (graph, edits),
-        };
-        std::iter::once(graph).chain(edits.iter_mut())
-    }
-}
 
 /// A request: a job on one of the server's models.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

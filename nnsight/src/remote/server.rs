@@ -16,8 +16,8 @@
 //! another protocol version), 404 (model, job), 413 (request bytes), 422 (over a limit, or the job failed), 503
 //! (queue full, with `Retry-After`).
 //!
-//! This file holds what touches the loaded models: starting and stopping a server, and the in-process queue
-//! ([`LocalQueue`], whose worker threads own the models and run their jobs). The rest is one thing per file:
+//! This file holds what touches the hosted models ([`Hosted`]: a `LanguageModel` is one): starting and stopping a
+//! server, and the in-process queue ([`LocalQueue`], whose worker threads own the models and run their jobs). The rest is one thing per file:
 //! `server/routes.rs` (the route table, the handlers and the jobs they remember), `server/auth.rs` (the key check,
 //! one layer over the routes) and `server/jobs.rs` (a job's record and the [`JobQueue`] interface).
 
@@ -28,12 +28,11 @@ mod routes;
 pub use jobs::{JobQueue, JobRecord, QueueFull, QueuedJob};
 pub use routes::RESULT_TTL;
 
-use super::execute::{execute, Limits};
+use super::execute::{execute, Hosted, Limits};
 use super::protocol;
 use super::wire::{json, JobState, ModelInfo, SentValue, WireError};
 use crate::graph::TensorData;
-use crate::models::AutoModel;
-use crate::{Error, LanguageModel, Result};
+use crate::{Error, Result};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,13 +88,13 @@ struct QueueStats {
 
 impl LocalQueue {
     /// Starts a worker per model, each with a queue of `capacity` jobs; jobs run within `limits`.
-    pub fn start(models: Vec<(String, LanguageModel<AutoModel>)>, capacity: usize, limits: Limits) -> Self {
+    pub fn start<H: Hosted>(models: Vec<(String, H)>, capacity: usize, limits: Limits) -> Self {
         Self::start_pools(models.into_iter().map(|(n, m)| (n, vec![m])).collect(), capacity, limits)
     }
 
     /// Starts a worker per copy of each model (so that as many of its jobs run at once), the copies of a model
     /// sharing one queue of `capacity` jobs; jobs run within `limits`.
-    pub fn start_pools(models: Vec<(String, Vec<LanguageModel<AutoModel>>)>, capacity: usize, limits: Limits) -> Self {
+    pub fn start_pools<H: Hosted>(models: Vec<(String, Vec<H>)>, capacity: usize, limits: Limits) -> Self {
         let stats: Arc<HashMap<String, QueueStats>> = Arc::new(
             models
                 .iter()
@@ -163,7 +162,7 @@ impl JobQueue for LocalQueue {
 }
 
 /// Runs one job on the worker's thread: events stream as it runs, and a panic in it fails only the job.
-fn run_job(model: &LanguageModel<AutoModel>, job: &QueuedJob, limits: &Limits) {
+fn run_job<H: Hosted>(model: &H, job: &QueuedJob, limits: &Limits) {
     let record = job.record.clone();
     record.set_state(JobState::Running, None);
     let (for_logs, for_values) = (record.clone(), record.clone());
@@ -212,12 +211,12 @@ pub struct Server {
 impl Server {
     /// Serves `models` (name, loaded model) as `options` say; returns once it listens. Refuses to listen on a
     /// non-loopback address without keys.
-    pub fn start(models: Vec<(String, LanguageModel<AutoModel>)>, options: ServeOptions) -> Result<Server> {
+    pub fn start<H: Hosted>(models: Vec<(String, H)>, options: ServeOptions) -> Result<Server> {
         Self::start_pools(models.into_iter().map(|(n, m)| (n, vec![m])).collect(), options)
     }
 
     /// [`Server::start`] with several copies of a model (loaded once each): that many of its jobs run at once.
-    pub fn start_pools(models: Vec<(String, Vec<LanguageModel<AutoModel>>)>, options: ServeOptions) -> Result<Server> {
+    pub fn start_pools<H: Hosted>(models: Vec<(String, Vec<H>)>, options: ServeOptions) -> Result<Server> {
         if options.keys.is_empty() && !options.listen.ip().is_loopback() {
             return Err(Error::InvalidInput {
                 message: format!(
@@ -310,21 +309,7 @@ impl Drop for Server {
     }
 }
 
-/// A model's description for clients.
-pub fn model_info(name: &str, model: &LanguageModel<AutoModel>) -> Result<ModelInfo> {
-    let parameters = crate::nn::named_parameters(model.model())
-        .into_iter()
-        .map(|(n, t)| (n, t.size(), crate::graph::value::kind_name(t.kind()).to_string()))
-        .collect();
-    Ok(ModelInfo {
-        name: name.to_string(),
-        architecture: model.model().architecture().to_string(),
-        config: model.config_json().clone(),
-        tokenizer: model
-            .tokenizer()
-            .to_string(false)
-            .map_err(|e| Error::Tokenizer { message: format!("cannot describe the tokenizer: {e}") })?,
-        special: *model.special_tokens(),
-        parameters,
-    })
+/// A model's description for clients ([`Hosted::describe`]).
+pub fn model_info<H: Hosted>(name: &str, model: &H) -> Result<ModelInfo> {
+    model.describe(name)
 }

@@ -1,11 +1,13 @@
 //! What a block runs on: [`TraceTarget`] (a model with a typed module tree and a way to run a batch of invokes'
-//! inputs), [`ScanTarget`] (one that can also run on shapes alone), and the recorder of a forward's call order.
+//! inputs), [`ScanTarget`] (one that can also run on shapes alone), [`GenerateTarget`] (one with a decoding loop),
+//! and the recorder of a forward's call order.
 
-use super::Traceable;
-use crate::graph::Point;
+use super::backend::{Backend, GenerateBackend, Here};
+use crate::graph::{Graph, Point};
 use crate::handle::builder::CallOrder;
+use crate::handle::Traceable;
 use crate::nn::{Forward, Hook};
-use crate::{Error, Result};
+use crate::Result;
 use std::sync::{Arc, OnceLock};
 use tch::Tensor;
 
@@ -27,26 +29,20 @@ pub trait TraceTarget {
     /// Batches the invokes' inputs; returns the batch, each invoke's rows `(start, len)` and the batch size.
     /// An invoke without input sees every row.
     fn prepare(&self, inputs: &[Option<Self::Input>]) -> Result<Prepared<Self::Prepared>>;
-    /// Runs the forward pass with `hook` seeing every module call.
+    /// Runs the forward pass with `hook` seeing every module call. The target's edits ([`TraceTarget::edits`]) are
+    /// not applied here: the executor puts them in front of `hook`.
     fn forward_hooked(&self, batch: &Self::Prepared, hook: &mut dyn Hook) -> Result<()>;
 
-    /// The server this model is connected to ([`crate::LanguageModel::connect`]): its blocks run there.
-    fn remote(&self) -> Option<&crate::remote::Remote> {
-        None
-    }
-
-    /// The persistent edits a remote run carries (the model's in-place ones), oldest first.
-    fn wire_edits(&self) -> Vec<crate::graph::Graph> {
+    /// The persistent edits every run of this target applies, oldest first (a model's in-place edits, then those
+    /// of each edited layer over it; see [`crate::envoy::Edited`]). None by default.
+    fn edits(&self) -> Vec<Arc<Graph>> {
         Vec::new()
     }
 
-    /// The invokes' inputs as a request carries them (for a remote run); by default this model cannot run
-    /// remotely.
-    fn wire_inputs(&self, inputs: &[Option<Self::Input>]) -> Result<Vec<Option<crate::models::batch::Input>>> {
-        let _ = inputs;
-        Err(Error::InvalidInput {
-            message: "this model cannot run on a server: only a `LanguageModel`'s inputs (texts, ids) travel".into(),
-        })
+    /// Where this target's blocks run: here by default; on a server for a handle connected to one
+    /// ([`crate::LanguageModel::connect`]). A block's own `.remote(..)` overrides it.
+    fn backend(&self) -> &dyn Backend<Self::Input> {
+        &Here
     }
 }
 
@@ -58,7 +54,7 @@ pub type Prepared<B> = (B, Vec<(i64, i64)>, i64);
 /// [`crate::meta`]), on meta inputs. Nothing real runs and nothing is allocated for data.
 ///
 /// [`crate::LanguageModel`] implements it for every registered architecture: it builds the twin the way it loaded
-/// the model. A model of your own wrapped in [`NNsight`](super::NNsight) has no such build path, so it cannot be scanned.
+/// the model. A model of your own wrapped in [`NNsight`](crate::NNsight) has no such build path, so it cannot be scanned.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be scanned: a scan needs a model of a registered architecture",
     label = "`scan` runs a meta twin of the model, which only `LanguageModel<M>` knows how to build",
@@ -69,7 +65,8 @@ pub trait ScanTarget: TraceTarget {
     fn scan_root(&self) -> Result<&Self::Root>;
     /// The order of hook events, recorded on the meta twin when it is not known yet.
     fn scan_call_order(&self) -> Result<Option<Arc<CallOrder>>>;
-    /// Runs the meta twin on `batch`, made meta, with `hook` seeing every module call.
+    /// Runs the meta twin on `batch`, made meta, with `hook` seeing every module call (edits, as in
+    /// [`TraceTarget::forward_hooked`], are the executor's).
     fn forward_scan(&self, batch: &Self::Prepared, hook: &mut dyn Hook) -> Result<()>;
 }
 
@@ -104,14 +101,55 @@ impl<T: TraceTarget> TraceTarget for &T {
     fn forward_hooked(&self, batch: &Self::Prepared, hook: &mut dyn Hook) -> Result<()> {
         (**self).forward_hooked(batch, hook)
     }
-    fn remote(&self) -> Option<&crate::remote::Remote> {
-        (**self).remote()
+    fn edits(&self) -> Vec<Arc<Graph>> {
+        (**self).edits()
     }
-    fn wire_inputs(&self, inputs: &[Option<Self::Input>]) -> Result<Vec<Option<crate::models::batch::Input>>> {
-        (**self).wire_inputs(inputs)
+    fn backend(&self) -> &dyn Backend<Self::Input> {
+        (**self).backend()
     }
-    fn wire_edits(&self) -> Vec<crate::graph::Graph> {
-        (**self).wire_edits()
+}
+
+/// What can generate inside a block: a [`TraceTarget`] with a decoding loop.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot generate",
+    label = "`generate` runs a decoding loop, which `LanguageModel<M>` has",
+    note = "trace it instead (`intervene!(model.trace(input) {{ ... }})`), or load the model as a `LanguageModel`"
+)]
+pub trait GenerateTarget: TraceTarget {
+    /// Decoding options (`GenerateOptions` for a language model).
+    type Options: Default + Clone;
+    /// The most forward passes a generation with `options` makes (what `all()` visits).
+    fn max_steps(options: &Self::Options) -> usize;
+    /// Decodes `batch` with `hook` seeing every module call of every forward pass; returns each row's ids
+    /// (prompt and new tokens, without padding). Edits are the executor's, as in [`TraceTarget::forward_hooked`].
+    fn generate_hooked(
+        &self,
+        batch: &Self::Prepared,
+        options: &Self::Options,
+        hook: &mut dyn Hook,
+    ) -> Result<Vec<Vec<i64>>>;
+
+    /// Where this target's generations run (see [`TraceTarget::backend`]).
+    fn generate_backend(&self) -> &dyn GenerateBackend<Self::Input, Self::Options> {
+        &Here
+    }
+}
+
+impl<T: GenerateTarget> GenerateTarget for &T {
+    type Options = T::Options;
+    fn max_steps(options: &Self::Options) -> usize {
+        T::max_steps(options)
+    }
+    fn generate_hooked(
+        &self,
+        batch: &Self::Prepared,
+        options: &Self::Options,
+        hook: &mut dyn Hook,
+    ) -> Result<Vec<Vec<i64>>> {
+        (**self).generate_hooked(batch, options, hook)
+    }
+    fn generate_backend(&self) -> &dyn GenerateBackend<Self::Input, Self::Options> {
+        (**self).generate_backend()
     }
 }
 

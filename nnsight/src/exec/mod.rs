@@ -1,0 +1,20 @@
+//! Execution: what runs a block's graph, below the blocks that build it and the server that receives it.
+//!
+//! - [`target`]: what a graph runs on ([`TraceTarget`], [`ScanTarget`], [`GenerateTarget`]).
+//! - [`run`]: local execution, a graph interleaved with a forward pass, a decoding loop or a meta twin.
+//! - [`edits`]: persistent edits at run time ([`EditList`], the [`EditHook`] chain).
+//! - [`backend`]: where a block runs ([`Backend`]): [`Here`], or a server's client, which implements it too.
+//! - [`job`]: a [`Job`] (what a request carries) and its local execution on a server's model ([`run_job`]).
+
+pub mod backend;
+pub mod edits;
+pub mod job;
+pub mod run;
+pub mod target;
+
+pub use backend::{Backend, GenerateBackend, Here, LocalGenerateTarget, LocalTarget};
+pub use edits::{EditHook, EditList, PassThrough};
+pub use job::{run_job, Job};
+pub use run::{run_generate, run_scan, run_trace, Watch};
+pub(crate) use target::OrderRecorder;
+pub use target::{GenerateTarget, Prepared, ScanTarget, TraceTarget};
