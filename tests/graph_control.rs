@@ -363,7 +363,6 @@ fn every_node_kind_round_trips_through_json() -> nnsight::Result<()> {
     assert!(seen.iter().all(|&s| s), "kinds missing from the test graph: {seen:?}");
     let graph = Graph {
         nodes: ops.into_iter().enumerate().map(|(i, op)| nnsight::graph::Node { op, invoke: (i % 2) as u32 }).collect(),
-        ..Graph::default()
     };
     let json = graph.to_json();
     assert_eq!(Graph::from_json(&json)?, graph);

@@ -6,7 +6,7 @@
 use super::results::TraceResults;
 use super::trace::Trace;
 use super::{GraphCell, Traceable};
-use crate::exec::{GenerateBackend, GenerateTarget, TraceTarget};
+use crate::exec::{GenerateBackend, GenerateTarget, Program, TraceTarget};
 use crate::graph::{NodeId, Op, Value};
 use crate::{Error, Result};
 
@@ -44,7 +44,8 @@ impl<'m, T: GenerateTarget> Generate<'m, T> {
         crate::graph::note_run(&builder.graph);
         let own = self.backend.borrow();
         let backend = own.as_deref().unwrap_or_else(|| tr.target().generate_backend());
-        backend.generate(tr.target(), &builder.graph, &inputs, &self.options).map(TraceResults::from)
+        let program = Program { graph: &builder.graph, live: Some(&builder.live) };
+        backend.generate(tr.target(), program, &inputs, &self.options).map(TraceResults::from)
     }
 
     /// Runs this block on a server instead of here.

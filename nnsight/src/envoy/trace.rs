@@ -3,7 +3,7 @@
 
 use super::results::TraceResults;
 use super::Traceable;
-use crate::exec::{run_scan, Backend, ScanTarget, TraceTarget};
+use crate::exec::{run_scan, Backend, Program, ScanTarget, TraceTarget};
 use crate::handle::builder::{CallOrder, GraphCell};
 use crate::nn::Hook;
 use crate::{Error, Result};
@@ -65,7 +65,8 @@ impl<'m, T: TraceTarget> Trace<'m, T> {
         crate::graph::note_run(&builder.graph);
         let own = self.backend.borrow();
         let backend = own.as_deref().unwrap_or_else(|| self.target.backend());
-        backend.trace(self.target, &builder.graph, &inputs).map(TraceResults::from)
+        let program = Program { graph: &builder.graph, live: Some(&builder.live) };
+        backend.trace(self.target, program, &inputs).map(TraceResults::from)
     }
 
     /// Runs this block on a server (`intervene!(model.trace(input).remote(&server) { .. })`) instead of here.
@@ -149,7 +150,8 @@ impl<'m, T: TraceTarget> Scan<'m, T> {
         crate::graph::note_run(&builder.graph);
         let root = (self.scan_root)(tr.target)?;
         let edits = tr.target.edits();
-        run_scan(tr.target, root, self.forward_scan, &builder.graph, &inputs, &edits).map(TraceResults::from)
+        let program = Program { graph: &builder.graph, live: None };
+        run_scan(tr.target, root, self.forward_scan, program, &inputs, &edits).map(TraceResults::from)
     }
 }
 

@@ -3,7 +3,7 @@
 //! target for the backend ([`TraceTarget::backend`]) unless it names one itself
 //! (`.remote(&server)`), and runs through it: the block never asks where it runs.
 
-use super::run::{run_generate, run_trace};
+use super::run::{run_generate, run_trace, Program};
 use super::target::{GenerateTarget, TraceTarget};
 use crate::graph::Graph;
 use crate::interleave::Finished;
@@ -14,14 +14,14 @@ use std::sync::Arc;
 /// run of it applies. Every [`TraceTarget`] is one.
 pub trait LocalTarget<I> {
     /// Runs `graph` here over the invokes' `inputs`, the target's edits first.
-    fn run_trace_here(&self, graph: &Graph, inputs: &[Option<I>]) -> Result<Finished>;
+    fn run_trace_here(&self, program: Program<'_>, inputs: &[Option<I>]) -> Result<Finished>;
     /// The target's persistent edits, oldest first ([`TraceTarget::edits`]).
     fn run_edits(&self) -> Vec<Arc<Graph>>;
 }
 
 impl<T: TraceTarget> LocalTarget<T::Input> for T {
-    fn run_trace_here(&self, graph: &Graph, inputs: &[Option<T::Input>]) -> Result<Finished> {
-        run_trace(self, graph, inputs, &self.edits(), None)
+    fn run_trace_here(&self, program: Program<'_>, inputs: &[Option<T::Input>]) -> Result<Finished> {
+        run_trace(self, program, inputs, &self.edits(), None)
     }
     fn run_edits(&self) -> Vec<Arc<Graph>> {
         self.edits()
@@ -31,12 +31,17 @@ impl<T: TraceTarget> LocalTarget<T::Input> for T {
 /// A generating target as a backend sees it (see [`LocalTarget`]); every [`GenerateTarget`] is one.
 pub trait LocalGenerateTarget<I, O>: LocalTarget<I> {
     /// Runs `graph` here over a decoding loop with `options`, the target's edits at every step.
-    fn run_generate_here(&self, graph: &Graph, inputs: &[Option<I>], options: &O) -> Result<Finished>;
+    fn run_generate_here(&self, program: Program<'_>, inputs: &[Option<I>], options: &O) -> Result<Finished>;
 }
 
 impl<T: GenerateTarget> LocalGenerateTarget<T::Input, T::Options> for T {
-    fn run_generate_here(&self, graph: &Graph, inputs: &[Option<T::Input>], options: &T::Options) -> Result<Finished> {
-        run_generate(self, graph, inputs, options, &self.edits(), None)
+    fn run_generate_here(
+        &self,
+        program: Program<'_>,
+        inputs: &[Option<T::Input>],
+        options: &T::Options,
+    ) -> Result<Finished> {
+        run_generate(self, program, inputs, options, &self.edits(), None)
     }
 }
 
@@ -48,9 +53,9 @@ impl<T: GenerateTarget> LocalGenerateTarget<T::Input, T::Options> for T {
     note = "run the block here (without `.remote(..)`), or serve the model and trace a `LanguageModel`"
 )]
 pub trait Backend<I> {
-    /// Runs `graph` over the invokes' `inputs` on `target` (or on the server's copy of it, with its edits), and
+    /// Runs `program` over the invokes' `inputs` on `target` (or on the server's copy of it, with its edits), and
     /// returns what it saved.
-    fn trace(&self, target: &dyn LocalTarget<I>, graph: &Graph, inputs: &[Option<I>]) -> Result<Finished>;
+    fn trace(&self, target: &dyn LocalTarget<I>, program: Program<'_>, inputs: &[Option<I>]) -> Result<Finished>;
 }
 
 /// Where a generation block runs (see [`Backend`]); `O` is the decoding options.
@@ -63,7 +68,7 @@ pub trait GenerateBackend<I, O>: Backend<I> {
     fn generate(
         &self,
         target: &dyn LocalGenerateTarget<I, O>,
-        graph: &Graph,
+        program: Program<'_>,
         inputs: &[Option<I>],
         options: &O,
     ) -> Result<Finished>;
@@ -74,8 +79,8 @@ pub trait GenerateBackend<I, O>: Backend<I> {
 pub struct Here;
 
 impl<I> Backend<I> for Here {
-    fn trace(&self, target: &dyn LocalTarget<I>, graph: &Graph, inputs: &[Option<I>]) -> Result<Finished> {
-        target.run_trace_here(graph, inputs)
+    fn trace(&self, target: &dyn LocalTarget<I>, program: Program<'_>, inputs: &[Option<I>]) -> Result<Finished> {
+        target.run_trace_here(program, inputs)
     }
 }
 
@@ -83,10 +88,10 @@ impl<I, O> GenerateBackend<I, O> for Here {
     fn generate(
         &self,
         target: &dyn LocalGenerateTarget<I, O>,
-        graph: &Graph,
+        program: Program<'_>,
         inputs: &[Option<I>],
         options: &O,
     ) -> Result<Finished> {
-        target.run_generate_here(graph, inputs, options)
+        target.run_generate_here(program, inputs, options)
     }
 }

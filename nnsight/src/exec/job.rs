@@ -70,12 +70,12 @@ where
         all
     };
     match job {
-        Job::Trace { graph, inputs, edits: extra } => run_trace(target, graph, inputs, &edits(extra), watch),
+        Job::Trace { graph, inputs, edits: extra } => run_trace(target, graph.into(), inputs, &edits(extra), watch),
         Job::Generate { graph, inputs, options, edits: extra } => {
             if options.on_token.is_some() {
                 return Err(Error::InvalidInput { message: "a request cannot carry an `on_token` callback".into() });
             }
-            run_generate(target, graph, inputs, options, &edits(extra), watch)
+            run_generate(target, graph.into(), inputs, options, &edits(extra), watch)
         }
     }
 }

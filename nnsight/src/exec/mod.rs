@@ -15,6 +15,6 @@ pub mod target;
 pub use backend::{Backend, GenerateBackend, Here, LocalGenerateTarget, LocalTarget};
 pub use edits::{EditHook, EditList, PassThrough};
 pub use job::{run_job, Job};
-pub use run::{run_generate, run_scan, run_trace, Watch};
+pub use run::{run_generate, run_scan, run_trace, Program, Watch};
 pub(crate) use target::OrderRecorder;
 pub use target::{GenerateTarget, Prepared, ScanTarget, TraceTarget};

@@ -4,26 +4,44 @@
 use super::edits::chained;
 use super::target::{GenerateTarget, TraceTarget};
 use crate::graph::Graph;
+use crate::handle::builder::LiveTensors;
 use crate::interleave::{Finished, Interleaver};
 use crate::nn::Hook;
 use crate::{Error, Result};
 use std::sync::Arc;
 use tch::Tensor;
 
+/// A block's graph as a run takes it: the IR, and the tensors of this process some of its constants stand for
+/// (see [`LiveTensors`]; none for a graph that came over the wire).
+#[derive(Debug, Clone, Copy)]
+pub struct Program<'a> {
+    /// The graph.
+    pub graph: &'a Graph,
+    /// Its live tensors, if it has any.
+    pub live: Option<&'a LiveTensors>,
+}
+
+impl<'a> From<&'a Graph> for Program<'a> {
+    /// A graph without live tensors.
+    fn from(graph: &'a Graph) -> Self {
+        Program { graph, live: None }
+    }
+}
+
 /// A check called at every hook event of a run; an `Err` from it ends the run with that error (a server's time
 /// limit, a cancelled job).
 pub type Watch<'a> = &'a dyn Fn() -> Result<()>;
 
-/// Runs `graph` on `target` over the invokes' `inputs`: the model with `edits` (oldest first) and then the graph
+/// Runs `program` on `target` over the invokes' `inputs`: the model with `edits` (oldest first) and then the graph
 /// interleaved. `watch`, if given, is called at every hook event.
 pub fn run_trace<T: TraceTarget>(
     target: &T,
-    graph: &Graph,
+    program: Program<'_>,
     inputs: &[Option<T::Input>],
     edits: &[Arc<Graph>],
     watch: Option<Watch<'_>>,
 ) -> Result<Finished> {
-    let (batch, mut inter) = started(target, graph, inputs)?;
+    let (batch, mut inter) = started(target, program, inputs)?;
     if !inter.all_stopped() {
         // Autograd only when the graph reads gradients; otherwise the pass records nothing for it.
         inter.prepare_gradients()?;
@@ -39,17 +57,17 @@ pub fn run_trace<T: TraceTarget>(
     inter.finish_all()
 }
 
-/// Runs `graph` over a decoding loop of `target` on the invokes' `inputs`, `edits` applied at every step; `watch`
+/// Runs `program` over a decoding loop of `target` on the invokes' `inputs`, `edits` applied at every step; `watch`
 /// as in [`run_trace`]. `model.generated()` ([`crate::graph::Op::Generated`]) is given the ids at the end.
 pub fn run_generate<T: GenerateTarget>(
     target: &T,
-    graph: &Graph,
+    program: Program<'_>,
     inputs: &[Option<T::Input>],
     options: &T::Options,
     edits: &[Arc<Graph>],
     watch: Option<Watch<'_>>,
 ) -> Result<Finished> {
-    let (batch, mut inter) = started(target, graph, inputs)?;
+    let (batch, mut inter) = started(target, program, inputs)?;
     if !inter.all_stopped() {
         let _no_grad = tch::no_grad_guard();
         let run = watched(&mut inter, watch, |hook| {
@@ -73,18 +91,18 @@ pub fn run_generate<T: GenerateTarget>(
     inter.finish_all()
 }
 
-/// Runs `graph` over `target`'s meta twin (`scan_root`, run by `forward_scan`) on the invokes' `inputs` made meta,
+/// Runs `program` over `target`'s meta twin (`scan_root`, run by `forward_scan`) on the invokes' `inputs` made meta,
 /// `edits` in front: shapes and dtypes only, nothing real allocated.
 pub fn run_scan<T: TraceTarget>(
     target: &T,
     scan_root: &T::Root,
     forward_scan: fn(&T, &T::Prepared, &mut dyn Hook) -> Result<()>,
-    graph: &Graph,
+    program: Program<'_>,
     inputs: &[Option<T::Input>],
     edits: &[Arc<Graph>],
 ) -> Result<Finished> {
     let (batch, rows, size) = target.prepare(inputs)?;
-    let mut inter = Interleaver::new(graph, rows, size, scan_root)?.scan();
+    let mut inter = Interleaver::new(program.graph, rows, size, scan_root)?.scan();
     inter.start()?;
     if !inter.all_stopped() {
         let _no_grad = tch::no_grad_guard();
@@ -96,15 +114,18 @@ pub fn run_scan<T: TraceTarget>(
     inter.finish_all()
 }
 
-/// The invokes' inputs batched, and an interleaver of `graph` over them that has run what comes before the
+/// The invokes' inputs batched, and an interleaver of `program` over them that has run what comes before the
 /// forward pass.
 fn started<'g, T: TraceTarget>(
     target: &'g T,
-    graph: &'g Graph,
+    program: Program<'g>,
     inputs: &[Option<T::Input>],
 ) -> Result<(T::Prepared, Interleaver<'g>)> {
     let (batch, rows, size) = target.prepare(inputs)?;
-    let mut inter = Interleaver::new(graph, rows, size, target.root())?;
+    let mut inter = Interleaver::new(program.graph, rows, size, target.root())?;
+    if let Some(live) = program.live {
+        inter = inter.with_live(live);
+    }
     inter.start()?;
     Ok((batch, inter))
 }

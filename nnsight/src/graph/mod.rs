@@ -373,52 +373,6 @@ pub struct Node {
 pub struct Graph {
     /// The nodes; a node refers only to earlier ones.
     pub nodes: Vec<Node>,
-    /// Constants that are live tensors of this program (tensors that require grad: trainable parameters of a
-    /// session), used as they are instead of their copies, so that gradients reach them. Not serialized: a graph
-    /// read from JSON has plain copies.
-    #[serde(skip)]
-    pub live: LiveTensors,
-}
-
-/// The live tensors of a graph's constants (see [`Graph::live`]), by node. (Behind a mutex so that a graph can be
-/// shared between threads: a tch tensor may move between threads but not be shared.)
-#[derive(Debug, Default)]
-pub struct LiveTensors(std::sync::Mutex<Vec<(NodeId, tch::Tensor)>>);
-
-impl LiveTensors {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(NodeId, tch::Tensor)>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Adds the live tensor of constant node `id`.
-    pub fn insert(&mut self, id: NodeId, t: &tch::Tensor) {
-        self.lock().push((id, t.shallow_clone()));
-    }
-
-    /// A handle on the live tensor of node `id`, if it has one.
-    pub fn get(&self, id: NodeId) -> Option<tch::Tensor> {
-        self.lock().iter().find(|(i, _)| *i == id).map(|(_, t)| t.shallow_clone())
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
-}
-
-impl Clone for LiveTensors {
-    /// Handles on the same tensors.
-    fn clone(&self) -> Self {
-        LiveTensors(std::sync::Mutex::new(self.lock().iter().map(|(i, t)| (*i, t.shallow_clone())).collect()))
-    }
-}
-
-impl PartialEq for LiveTensors {
-    /// The same nodes have live tensors, and they are the same tensors.
-    fn eq(&self, other: &Self) -> bool {
-        let (a, b) = (self.lock(), other.lock());
-        a.len() == b.len() && a.iter().zip(b.iter()).all(|((i, x), (j, y))| i == j && crate::ffi::same_tensor(x, y))
-    }
 }
 
 impl Graph {

@@ -7,6 +7,7 @@ use crate::{Error, Result};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
+use tch::Tensor;
 
 /// The order in which a model's hook points fire in one forward pass: for each module, the positions of its input
 /// events and of its output events (one per call, for a module called several times in a pass). Recorded once per
@@ -60,9 +61,36 @@ impl CallOrder {
     }
 }
 
+/// The tensors of this process that some constants of a block's graph stand for: tensors that require grad
+/// (trainable parameters of a session). A run uses them themselves instead of the graph's copies, so that
+/// gradients reach them (their `.grad` accumulates) and an optimizer step between runs is seen by the next one.
+/// They belong to the block, not to the graph: the graph is data (what a server gets holds the copies), and an edit
+/// keeps the copies too (a tensor is fixed when the edit is made).
+#[derive(Debug, Default)]
+pub struct LiveTensors(Vec<(NodeId, Tensor)>);
+
+impl LiveTensors {
+    /// Adds the live tensor of constant node `id`.
+    pub fn insert(&mut self, id: NodeId, t: &Tensor) {
+        self.0.push((id, t.shallow_clone()));
+    }
+
+    /// A handle on the live tensor of node `id`, if it has one.
+    pub fn get(&self, id: NodeId) -> Option<Tensor> {
+        self.0.iter().find(|(i, _)| *i == id).map(|(_, t)| t.shallow_clone())
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Builder {
     pub(crate) graph: Graph,
+    /// The tensors some constants stand for in this process (see [`LiveTensors`]).
+    pub(crate) live: LiveTensors,
     pub(crate) invoke: u32,
     pub(crate) n_invokes: u32,
     /// Per invoke, the latest hook event used so far: its position across passes (see [`CallOrder::position`]).
@@ -90,6 +118,7 @@ impl GraphCell {
         GraphCell {
             inner: RefCell::new(Builder {
                 graph: Graph::default(),
+                live: LiveTensors::default(),
                 invoke: 0,
                 n_invokes: 0,
                 last_event: Vec::new(),

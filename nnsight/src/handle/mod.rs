@@ -10,7 +10,7 @@ pub(crate) mod builder;
 pub(crate) mod index;
 pub(crate) mod proxy;
 
-pub use builder::{CallOrder, GraphCell};
+pub use builder::{CallOrder, GraphCell, LiveTensors};
 pub use index::{IntoDims, IntoIndex, IntoIndexItem, NewAxis};
 pub use proxy::{cat, stack, IntoTensorProxy, Proxy, Saved, TensorValue};
 

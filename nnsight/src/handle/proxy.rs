@@ -496,7 +496,7 @@ impl GraphCell {
             Ok(d) => {
                 let id = self.push(Op::Const { value: Constant::Tensor(d) });
                 if t.requires_grad() {
-                    self.inner.borrow_mut().graph.live.insert(id, t);
+                    self.inner.borrow_mut().live.insert(id, t);
                 }
                 Proxy::new(id, self)
             }

@@ -198,7 +198,7 @@ impl Interleaver<'_> {
     /// Whether a backward trains something: the graph uses a tensor that requires grad, or some parameter of the
     /// model requires grad (other than those made to for a `.grad` read of this run).
     pub(super) fn trains(&self) -> bool {
-        !self.graph.live.is_empty()
+        self.live.is_some()
             || crate::nn::named_parameters(self.root)
                 .iter()
                 .any(|(_, t)| t.requires_grad() && !self.params_to_reset.iter().any(|r| crate::ffi::same_tensor(r, t)))

@@ -19,6 +19,7 @@ pub use sinks::{capture_logs, capture_logs_with, capture_sent};
 pub(crate) use sinks::{emit_log, emit_sent};
 
 use crate::graph::{display, Graph, NodeId, Op, Point, Value};
+use crate::handle::builder::LiveTensors;
 use crate::nn::{Hook, Module};
 use crate::{Error, Result};
 use ahash::AHashSet as HashSet;
@@ -95,6 +96,8 @@ pub struct Interleaver<'a> {
     meta: bool,
     /// The most bytes one value may have (see [`with_value_cap`]).
     value_cap: Option<u64>,
+    /// The tensors of this process some constants stand for (see [`Interleaver::with_live`]).
+    live: Option<&'a LiveTensors>,
 }
 
 /// A `cache()` that is recording.
@@ -172,6 +175,7 @@ impl<'a> Interleaver<'a> {
             params_to_reset: Vec::new(),
             meta: false,
             value_cap: limits::current_cap(),
+            live: None,
         })
     }
 
@@ -191,6 +195,13 @@ impl<'a> Interleaver<'a> {
     /// the forward pass hands over are meta already.
     pub fn scan(mut self) -> Self {
         self.meta = true;
+        self
+    }
+
+    /// Uses `live` for the constants it names (trainable tensors of this process; see [`LiveTensors`]) instead of
+    /// the graph's copies.
+    pub fn with_live(mut self, live: &'a LiveTensors) -> Self {
+        self.live = (!live.is_empty()).then_some(live);
         self
     }
 
@@ -388,8 +399,8 @@ impl<'a> Interleaver<'a> {
                         let v = match op {
                             Op::Apply { module, .. } => Some(self.apply(module, inputs[0])?),
                             // A trainable tensor: itself, so that gradients reach it.
-                            Op::Const { .. } if !self.meta && !self.graph.live.is_empty() => {
-                                match self.graph.live.get(id) {
+                            Op::Const { .. } if !self.meta && self.live.is_some() => {
+                                match self.live.and_then(|l| l.get(id)) {
                                     Some(t) => Some(Value::Tensor(t)),
                                     None => Some(eval(op, &inputs).map_err(|e| at_node(e, id, self.graph))?),
                                 }

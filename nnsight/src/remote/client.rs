@@ -3,7 +3,7 @@
 
 use super::protocol::{self, Job, Request, PROTOCOL_VERSION};
 use super::wire::{JobStatus, ModelInfo, Submitted, WireError};
-use crate::exec::{LocalGenerateTarget, LocalTarget};
+use crate::exec::{LocalGenerateTarget, LocalTarget, Program};
 use crate::graph::Graph;
 use crate::interleave::Finished;
 use crate::models::batch::Input;
@@ -262,9 +262,14 @@ fn is_transport(e: &Error) -> bool {
 
 /// A block on a `LanguageModel` runs on the server: its graph, inputs and the model's edits travel as a job.
 impl crate::exec::Backend<Input> for Remote {
-    fn trace(&self, target: &dyn LocalTarget<Input>, graph: &Graph, inputs: &[Option<Input>]) -> Result<Finished> {
+    fn trace(
+        &self,
+        target: &dyn LocalTarget<Input>,
+        program: Program<'_>,
+        inputs: &[Option<Input>],
+    ) -> Result<Finished> {
         let edits = target.run_edits().iter().map(|g| Graph::clone(g)).collect();
-        self.run(Job::Trace { graph: graph.clone(), inputs: inputs.to_vec(), edits })
+        self.run(Job::Trace { graph: program.graph.clone(), inputs: inputs.to_vec(), edits })
     }
 }
 
@@ -273,7 +278,7 @@ impl crate::exec::GenerateBackend<Input, GenerateOptions> for Remote {
     fn generate(
         &self,
         target: &dyn LocalGenerateTarget<Input, GenerateOptions>,
-        graph: &Graph,
+        program: Program<'_>,
         inputs: &[Option<Input>],
         options: &GenerateOptions,
     ) -> Result<Finished> {
@@ -284,6 +289,7 @@ impl crate::exec::GenerateBackend<Input, GenerateOptions> for Remote {
             });
         }
         let edits = target.run_edits().iter().map(|g| Graph::clone(g)).collect();
-        self.run(Job::Generate { graph: graph.clone(), inputs: inputs.to_vec(), options: options.clone(), edits })
+        let graph = program.graph.clone();
+        self.run(Job::Generate { graph, inputs: inputs.to_vec(), options: options.clone(), edits })
     }
 }
