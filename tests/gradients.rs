@@ -309,3 +309,21 @@ fn a_gradient_write_in_one_invoke_leaves_the_other_alone() -> nnsight::Result<()
     assert_eq!(max_abs_diff(&gbx, &gb), 0.0);
     Ok(())
 }
+
+#[test]
+fn a_gradient_write_of_the_wrong_shape_is_an_error_after_the_backward() {
+    let model = common::tiny_gpt2();
+    let run = || -> nnsight::Result<Tensor> {
+        intervene!(model.trace("The quick brown fox") {
+            let h0 = model.transformer.h[0].output;
+            let h1 = model.transformer.h[1].output;
+            model.output[(.., -1, ..)].max().backward();
+            h1.grad = h1.grad.sum();
+            let g0 = h0.grad.save();
+        });
+        Ok(g0)
+    };
+    let err = run().unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("gradient write") && text.contains("shape"), "{text}");
+}

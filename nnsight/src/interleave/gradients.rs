@@ -12,6 +12,8 @@ pub(super) struct GradientWrite {
     read: NodeId,
     node: NodeId,
     written: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
+    /// What went wrong computing the new gradient, if something did (reported after the backward).
+    failed: std::sync::Arc<std::sync::Mutex<Option<Error>>>,
 }
 
 impl Interleaver<'_> {
@@ -90,6 +92,7 @@ impl Interleaver<'_> {
         let mut written: Vec<(NodeId, NodeId, Option<Tensor>)> = Vec::new();
         for h in hooks {
             hook_errors.extend(h.hook.take_errors());
+            hook_errors.extend(h.failed.lock().unwrap_or_else(|p| p.into_inner()).take());
             h.hook.remove();
             let t = h.written.lock().unwrap_or_else(|p| p.into_inner()).take();
             written.push((h.read, h.node, t));
@@ -161,28 +164,55 @@ impl Interleaver<'_> {
             let whole = start == 0 && len == self.batch;
             let written = std::sync::Arc::new(std::sync::Mutex::new(None::<Tensor>));
             let keep = written.clone();
+            let failed = std::sync::Arc::new(std::sync::Mutex::new(None::<Error>));
+            let report = failed.clone();
             let hook = crate::autograd::register_hook(&src, move |g: &Tensor| {
-                let mut vals: ahash::AHashMap<NodeId, Value> =
-                    outside.iter().map(|(j, v)| (*j, v.shallow_clone())).collect();
                 let mine = if whole { g.shallow_clone() } else { g.narrow(0, start, len) };
-                for (j, op) in &ops {
-                    let v = match op {
-                        Op::Grad { .. } => Value::Tensor(mine.shallow_clone()),
-                        op => {
-                            let inputs: Vec<&Value> = op.inputs().iter().map(|k| &vals[k]).collect();
-                            eval(op, &inputs).unwrap_or_else(|e| panic!("gradient write: node {j}: {e}"))
-                        }
-                    };
-                    vals.insert(*j, v);
+                let computed = (|| -> Result<Tensor> {
+                    let mut vals: ahash::AHashMap<NodeId, Value> =
+                        outside.iter().map(|(j, v)| (*j, v.shallow_clone())).collect();
+                    for (j, op) in &ops {
+                        let v = match op {
+                            Op::Grad { .. } => Value::Tensor(mine.shallow_clone()),
+                            op => {
+                                let inputs: Vec<&Value> = op.inputs().iter().map(|k| &vals[k]).collect();
+                                eval(op, &inputs).map_err(|e| Error::Intervention {
+                                    message: format!(
+                                        "the gradient write to node {a}: node {j} ({}): {e}",
+                                        op.describe()
+                                    ),
+                                })?
+                            }
+                        };
+                        vals.insert(*j, v);
+                    }
+                    let new = vals[&value].tensor()?.shallow_clone();
+                    if new.size() != mine.size() {
+                        return Err(Error::Intervention {
+                            message: format!(
+                                "the gradient write to node {a}: the new gradient has shape {:?}, the gradient it replaces {:?}",
+                                new.size(),
+                                mine.size()
+                            ),
+                        });
+                    }
+                    Ok(new)
+                })();
+                match computed {
+                    Ok(new) => {
+                        let new = new.to_kind(g.kind());
+                        let full = if whole { new } else { g.slice_scatter(&new, 0, start, start + len, 1) };
+                        *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(full.shallow_clone());
+                        Some(full)
+                    }
+                    Err(e) => {
+                        // The gradient flows on unchanged; the run reports the error once the backward is over.
+                        report.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                        None
+                    }
                 }
-                let new = vals[&value].tensor().unwrap_or_else(|e| panic!("gradient write: {e}")).shallow_clone();
-                assert_eq!(new.size(), mine.size(), "gradient write: the new gradient must have the shape of the old");
-                let new = new.to_kind(g.kind());
-                let full = if whole { new } else { g.slice_scatter(&new, 0, start, start + len, 1) };
-                *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(full.shallow_clone());
-                Some(full)
             })?;
-            hooks.push(GradientWrite { hook, read: a, node: w as NodeId, written });
+            hooks.push(GradientWrite { hook, read: a, node: w as NodeId, written, failed });
         }
         Ok(hooks)
     }
