@@ -10,6 +10,7 @@ pub mod batch;
 pub mod gpt2;
 pub mod llama;
 mod registry;
+pub mod rope;
 
 pub(crate) use attention::{append_kv, explicit_attention, head_positions, ATTENTION_POINTS};
 pub use attention::{cached_attention_mask, causal_padding_mask, CachedInput};

@@ -8,6 +8,8 @@
 
 mod gguf;
 
+pub use super::rope::RopeScaling;
+use super::rope::{apply_rotary, inv_freq, rotary_tables};
 use super::{
     append_kv, cached_attention_mask, causal_padding_mask, explicit_attention, head_positions, CachedInput, CausalLm,
     GgufSupport, RawConfig, ATTENTION_POINTS,
@@ -21,29 +23,6 @@ use crate::nn::{
 use crate::{Error, Result, Traceable};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
-
-/// Rotary scaling settings (`rope_scaling` / `rope_parameters` of config.json).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RopeScaling {
-    /// `"default"`, `"linear"` or `"llama3"`.
-    #[serde(default, alias = "type")]
-    pub rope_type: Option<String>,
-    /// Scaling factor.
-    #[serde(default)]
-    pub factor: Option<f64>,
-    /// Llama 3: low-frequency factor.
-    #[serde(default)]
-    pub low_freq_factor: Option<f64>,
-    /// Llama 3: high-frequency factor.
-    #[serde(default)]
-    pub high_freq_factor: Option<f64>,
-    /// Llama 3: context length the model was trained with before scaling.
-    #[serde(default)]
-    pub original_max_position_embeddings: Option<f64>,
-    /// Base of the rotary frequencies (transformers 5 writes it here).
-    #[serde(default)]
-    pub rope_theta: Option<f64>,
-}
 
 /// A Llama-family `config.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,71 +131,9 @@ impl LlamaConfig {
             ));
         }
         if let Some(s) = self.scaling() {
-            match s.rope_type.as_deref() {
-                None | Some("default") | Some("linear") | Some("llama3") => {}
-                Some(other) => return bad(format!("rope type `{other}` is not supported (default, linear, llama3)")),
-            }
+            s.validate(source)?;
         }
         Ok(())
-    }
-}
-
-/// Inverse rotary frequencies `[head_dim / 2]` (float32), with the configured scaling applied, computed with
-/// the same operations as transformers so that the tables match bit for bit.
-fn inv_freq(c: &LlamaConfig) -> Result<Tensor> {
-    let p = "model.rotary_emb";
-    let dim = c.head_dim();
-    let exps = Tensor::f_arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))
-        .at(p)?
-        .f_to_kind(Kind::Float)
-        .at(p)?
-        .f_div_scalar(dim as f64)
-        .at(p)?;
-    let base = Tensor::f_pow_scalar(c.theta(), &exps).at(p)?;
-    let inv = base.f_reciprocal().at(p)?;
-    let Some(s) = c.scaling() else { return Ok(inv) };
-    match s.rope_type.as_deref() {
-        Some("linear") => inv.f_div_scalar(s.factor.unwrap_or(1.0)).at(p),
-        Some("llama3") => {
-            let missing = |k: &str| Error::config("config.json", format!("llama3 rope scaling needs `{k}`"));
-            let factor = s.factor.ok_or_else(|| missing("factor"))?;
-            let low = s.low_freq_factor.ok_or_else(|| missing("low_freq_factor"))?;
-            let high = s.high_freq_factor.ok_or_else(|| missing("high_freq_factor"))?;
-            let old = s.original_max_position_embeddings.ok_or_else(|| missing("original_max_position_embeddings"))?;
-            let low_wavelen = old / low;
-            let high_wavelen = old / high;
-            let wavelen = inv.f_reciprocal().at(p)?.f_mul_scalar(2.0 * std::f64::consts::PI).at(p)?;
-            let scaled = inv.f_div_scalar(factor).at(p)?;
-            let long = wavelen.f_gt(low_wavelen).at(p)?;
-            let inv_llama = scaled.f_where_self(&long, &inv).at(p)?;
-            // smooth = (old / wavelen - low) / (high - low)
-            let smooth = wavelen
-                .f_reciprocal()
-                .at(p)?
-                .f_mul_scalar(old)
-                .at(p)?
-                .f_sub_scalar(low)
-                .at(p)?
-                .f_div_scalar(high - low)
-                .at(p)?;
-            let one_minus = smooth.f_neg().at(p)?.f_add_scalar(1.0).at(p)?;
-            let smoothed = one_minus
-                .f_mul(&inv_llama)
-                .at(p)?
-                .f_div_scalar(factor)
-                .at(p)?
-                .f_add(&smooth.f_mul(&inv_llama).at(p)?)
-                .at(p)?;
-            let medium = wavelen
-                .f_lt(high_wavelen)
-                .at(p)?
-                .f_logical_not()
-                .at(p)?
-                .f_logical_and(&long.f_logical_not().at(p)?)
-                .at(p)?;
-            smoothed.f_where_self(&medium, &inv_llama).at(p)
-        }
-        _ => Ok(inv),
     }
 }
 
@@ -313,19 +230,6 @@ impl LlamaAttention {
             layer,
         })
     }
-}
-
-/// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = cat(-x2, x1)`.
-fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> std::result::Result<Tensor, tch::TchError> {
-    if crate::meta::is_meta(x) {
-        // A scan: `x * cos` has the shape and dtype of the whole (and checks that the tables broadcast), in one op.
-        return x.f_mul(cos);
-    }
-    let half = x.size()[3] / 2;
-    let x1 = x.f_narrow(3, 0, half)?;
-    let x2 = x.f_narrow(3, half, half)?;
-    let rotated = Tensor::f_cat(&[x2.f_neg()?, x1], 3)?;
-    x.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)
 }
 
 impl Forward for LlamaAttention {
@@ -452,15 +356,7 @@ impl Llama {
 
     /// Rotary tables `(cos, sin)` `[batch, seq, head_dim]` of the positions `position_ids` `[batch, seq]`.
     fn rotary(&self, position_ids: &Tensor) -> Result<(Tensor, Tensor)> {
-        let p = "model.rotary_emb";
-        let kind = self.lm_head.weight.kind();
-        // freqs[b, s, d/2] = position[b, s] * inv_freq[d/2], then cat(freqs, freqs).
-        let pos = position_ids.f_to_kind(Kind::Float).at(p)?.f_unsqueeze(-1).at(p)?;
-        let freqs = pos.f_mul(&self.inv_freq.f_view([1, 1, -1]).at(p)?).at(p)?;
-        let emb = Tensor::f_cat(&[&freqs, &freqs], -1).at(p)?;
-        let cos = emb.f_cos().at(p)?.f_to_kind(kind).at(p)?;
-        let sin = emb.f_sin().at(p)?.f_to_kind(kind).at(p)?;
-        Ok((cos, sin))
+        rotary_tables(&self.inv_freq, position_ids, self.lm_head.weight.kind())
     }
 }
 
@@ -490,7 +386,7 @@ impl CausalLm for Llama {
         } else {
             Linear::load(w, "lm_head", c.hidden_size, c.vocab_size, false)?
         };
-        let inv_freq = w.place("model.rotary_emb", inv_freq(&c)?)?;
+        let inv_freq = w.place("model.rotary_emb", inv_freq(c.head_dim(), c.theta(), c.scaling())?)?;
         Ok(Llama {
             path: String::new(),
             model: LlamaModel {
