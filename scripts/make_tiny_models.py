@@ -25,7 +25,14 @@ reference.safetensors holds, for the prompts P1 and P2 below (tokenizer adds no 
     p{k}_layer_outputs  f32 [n_layers, n, h]    output of each decoder block (residual stream
                                                 after it, before any final norm), via hooks
     p{k}_final_norm_output f32 [n, h]           output of the final norm (ln_f / model.norm)
-reference.json describes the same and records versions and max |logit|.
+    p{k}_attn_probs     f32 [n_layers, heads, n, n]  each layer's attention probabilities (eager
+                                                attention, output_attentions=True)
+    p{k}_greedy         i64 [24]                greedy continuation (argmax of a full forward at each
+                                                step, no cache, no stop token)
+reference.json describes the same and records versions, max |logit| and each greedy step's margin
+between the first and second logit (a tiny margin would make a parity test fragile).
+
+A family is one `make_*` function: a config, `tiny(...)` to build, initialise, save and describe it.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ PROMPTS = {
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<s>", "</s>"]  # ids 0, 1, 2
 VOCAB_TARGET = 512
+GREEDY_TOKENS = 24
 INIT_STD = 0.2
 
 TEXT = """\
@@ -142,9 +150,20 @@ def reference(model, tok: Tokenizer, out_dir: Path, extra: dict) -> None:
             hooks.append(block.register_forward_hook(hook))
         hooks.append(final_norm.register_forward_hook(
             lambda _m, _i, out: captured.__setitem__("norm", out.detach().clone())))
-        out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
+        out = model(input_ids=input_ids, output_hidden_states=True, output_attentions=True, use_cache=False)
         for h in hooks:
             h.remove()
+        tensors[f"{key}_attn_probs"] = torch.stack([a[0] for a in out.attentions]).float().contiguous()
+        greedy, margins = [], []
+        seq = input_ids
+        for _ in range(GREEDY_TOKENS):
+            last = model(input_ids=seq, use_cache=False).logits[0, -1].float()
+            top2 = last.topk(2)
+            margins.append(float(top2.values[0] - top2.values[1]))
+            nxt = int(top2.indices[0])
+            greedy.append(nxt)
+            seq = torch.cat([seq, torch.tensor([[nxt]], dtype=torch.long)], dim=1)
+        tensors[f"{key}_greedy"] = torch.tensor(greedy, dtype=torch.long)
         logits = out.logits[0].float().contiguous()
         hs = torch.stack(out.hidden_states)[:, 0].float().contiguous()
         layers = torch.stack([captured[f"layer{i}"][0] for i in range(len(blocks))]).float().contiguous()
@@ -170,6 +189,8 @@ def reference(model, tok: Tokenizer, out_dir: Path, extra: dict) -> None:
                 for p, i in zip(top.values, top.indices)
             ],
             "hidden_states_last_is_final_norm_output": bool(last_is_normed),
+            "greedy_ids": greedy,
+            "greedy_min_top2_margin": min(margins),
         }
     meta = {
         "transformers": transformers.__version__,
@@ -183,7 +204,9 @@ def reference(model, tok: Tokenizer, out_dir: Path, extra: dict) -> None:
             "pK_hidden_states f32 [n_layers+1,n,hidden]: output_hidden_states tuple stacked "
             "(entry 0 = embeddings; see reference.json for whether the last entry is after the final norm); "
             "pK_layer_outputs f32 [n_layers,n,hidden]: output of each decoder block via forward hooks; "
-            "pK_final_norm_output f32 [n,hidden]: output of the final norm"
+            "pK_final_norm_output f32 [n,hidden]: output of the final norm; "
+            "pK_attn_probs f32 [n_layers,heads,n,n]: eager attention probabilities of each layer; "
+            f"pK_greedy i64 [{GREEDY_TOKENS}]: greedy continuation (full forward per step, no stop token)"
         ),
     }
     save_safetensors_sorted(tensors, out_dir / "reference.safetensors", meta)
@@ -330,10 +353,27 @@ def make_llama(tok: Tokenizer) -> None:
     report(out)
 
 
+def tiny(name: str, tok: Tokenizer, model_cls, config, seed: int, extra: dict | None = None):
+    """Builds `model_cls` from `config` (eager attention, float32), initialises it with `seed`, saves it with the
+    shared tokenizer into tests/data/<name>/ and writes its reference. Returns the model."""
+    out = fresh_dir(DATA / name)
+    torch.manual_seed(0)
+    model = model_cls._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    big_init(model, seed=seed)
+    model.eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    (out / "generation_config.json").unlink(missing_ok=True)
+    shutil.copyfile(DATA / "tiny-gpt2" / "tokenizer.json", out / "tokenizer.json")
+    keys = state_dict_keys(out)
+    reference(model, tok, out, {"state_dict_keys": keys, **(extra or {})})
+    print(f"{name}: vocab {config.vocab_size}, {sum(p.numel() for p in model.parameters()):,} params, "
+          f"{len(keys)} state-dict keys")
+    report(out)
+    return model
+
+
 def make_mistral(tok: Tokenizer) -> None:
     """A tiny Mistral: Llama's layout plus a sliding attention window (4 keys) shorter than prompt P1."""
-    out = fresh_dir(DATA / "tiny-mistral")
-    torch.manual_seed(0)
     config = MistralConfig(
         vocab_size=tok.get_vocab_size(),
         hidden_size=64,
@@ -351,16 +391,7 @@ def make_mistral(tok: Tokenizer) -> None:
         eos_token_id=tok.token_to_id("</s>"),
         pad_token_id=None,
     )
-    model = MistralForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
-    big_init(model, seed=9012)
-    model.eval()
-    model.save_pretrained(str(out), safe_serialization=True)
-    (out / "generation_config.json").unlink(missing_ok=True)
-    shutil.copyfile(DATA / "tiny-gpt2" / "tokenizer.json", out / "tokenizer.json")
-    keys = state_dict_keys(out)
-    reference(model, tok, out, {"state_dict_keys": keys, "sliding_window": 4})
-    print(f"tiny-mistral: {len(keys)} state-dict keys, sliding_window 4")
-    report(out)
+    tiny("tiny-mistral", tok, MistralForCausalLM, config, seed=9012, extra={"sliding_window": 4})
 
 
 def main() -> None:

@@ -64,11 +64,13 @@ pub fn read_reference(path: &std::path::Path) -> BTreeMap<String, Tensor> {
     Tensor::read_safetensors(path).expect("read reference").into_iter().collect()
 }
 
-/// A hook that records every module's output (by path, in call order) and the call order itself.
+/// A hook that records every module's output (by path, in call order) and the call order itself; with `points`,
+/// also every inner point (`model.layers.0.self_attn.probs`), which makes attention take its explicit path.
 #[derive(Default)]
 pub struct Recorder {
     pub outputs: BTreeMap<String, Tensor>,
     pub order: Vec<String>,
+    pub points: bool,
 }
 
 impl Hook for Recorder {
@@ -79,6 +81,9 @@ impl Hook for Recorder {
         self.order.push(module.to_string());
         self.outputs.insert(module.to_string(), y.to_device(Device::Cpu));
         Ok(y)
+    }
+    fn wants_points(&mut self, _module: &str, _names: &[&str]) -> bool {
+        self.points
     }
 }
 

@@ -1,5 +1,6 @@
 //! Tiny random GPT-2 and Llama checkpoints made with Hugging Face transformers by `scripts/make_tiny_models.py`
-//! (fixed seeds; tests/data/tiny-*), against the logits and hidden states transformers computed for them.
+//! (fixed seeds; tests/data/tiny-*), against the logits, hidden states, attention probabilities and greedy
+//! continuations transformers computed for them ([`check_against_reference`], the parity every family shows).
 //! tiny-llama exercises the family's options: grouped-query attention, llama3 rope scaling, attention and MLP
 //! biases, an untied head and a sharded checkpoint.
 
@@ -9,10 +10,17 @@ use nnsight::prelude::*;
 const P1: &str = "The quick brown fox jumps over the lazy dog";
 const P2: &str = "Hello world";
 
-fn check_against_reference<M: nnsight::models::CausalLm>(dir: &str, layer_prefix: &str, n_layers: usize) {
+/// The parity a family's tiny checkpoint must show against what transformers computed for it
+/// (`scripts/make_tiny_models.py`): for each prompt, the token ids; the logits within 1e-4; each block's output
+/// (`{layers}.{i}`) within 1e-4 + 1e-5 relative; each layer's attention probabilities (the `probs` point of
+/// `{layers}.{i}.{attn}`, the ones the explicit path uses) within 1e-5 of the eager ones; the greedy continuation
+/// of 24 tokens equal to transformers', solo and with both prompts in one left-padded batch; and each row of a
+/// batched forward within 1e-4 of its solo run.
+pub fn check_against_reference<M: nnsight::models::CausalLm>(dir: &str, layers: &str, attn: &str, n_layers: usize) {
     common::init();
     let model = LanguageModel::<M>::load_with(common::data(dir), common::opts()).unwrap();
     let reference = read_reference(&common::data(&format!("{dir}/reference.safetensors")));
+    let greedy = GenerateOptions::new().max_new_tokens(24).stop_ids(vec![]);
     for (key, prompt) in [("p1", P1), ("p2", P2)] {
         let ids: Vec<i64> = Vec::<i64>::try_from(&reference[&format!("{key}_input_ids")]).unwrap();
         assert_eq!(model.encode(prompt).unwrap(), ids, "{dir}: token ids of {prompt:?}");
@@ -23,28 +31,56 @@ fn check_against_reference<M: nnsight::models::CausalLm>(dir: &str, layer_prefix
         let d = max_abs_diff(&logits, want);
         eprintln!("{dir} {key}: max |logits - HF| = {d:.3e}");
         assert!(d < 1e-4, "{dir} {key}: logits differ from transformers' by {d}");
-        let layers = &reference[&format!("{key}_layer_outputs")];
+        let outputs = &reference[&format!("{key}_layer_outputs")];
         for i in 0..n_layers {
-            let ours = rec.outputs[&format!("{layer_prefix}.{i}")].squeeze_dim(0);
-            let e = excess(&ours, &layers.get(i as i64), 1e-4, 1e-5);
+            let ours = rec.outputs[&format!("{layers}.{i}")].squeeze_dim(0);
+            let e = excess(&ours, &outputs.get(i as i64), 1e-4, 1e-5);
             assert!(e <= 0.0, "{dir} {key}: layer {i} output beyond tolerance by {e}");
         }
+        let mut rec = Recorder { points: true, ..Recorder::default() };
+        let explicit = model.forward_with_hook(&batch, &mut rec).unwrap().squeeze_dim(0);
+        let d = max_abs_diff(&explicit, want);
+        assert!(d < 1e-4, "{dir} {key}: logits of the explicit attention path differ from transformers' by {d}");
+        let probs = &reference[&format!("{key}_attn_probs")];
+        for i in 0..n_layers {
+            let path = format!("{layers}.{i}.{attn}.probs");
+            let ours = rec.outputs.get(&path).unwrap_or_else(|| panic!("{dir}: no `{path}` point was seen"));
+            let d = max_abs_diff(&ours.squeeze_dim(0), &probs.get(i as i64));
+            assert!(d < 1e-5, "{dir} {key}: layer {i} attention probabilities differ from transformers' by {d}");
+        }
+        let want: Vec<i64> = Vec::<i64>::try_from(&reference[&format!("{key}_greedy")]).unwrap();
+        let solo = model.generate(prompt, &greedy).unwrap();
+        assert_eq!(solo.rows[0].new_ids, want, "{dir} {key}: greedy continuation (solo)");
+    }
+    let both = model.generate([P1, P2], &greedy).unwrap();
+    for (row, key) in ["p1", "p2"].iter().enumerate() {
+        let want: Vec<i64> = Vec::<i64>::try_from(&reference[&format!("{key}_greedy")]).unwrap();
+        assert_eq!(both.rows[row].new_ids, want, "{dir} {key}: greedy continuation (batched with the other prompt)");
+    }
+    let batch = model.batch([P1, P2]).unwrap();
+    let logits = model.forward_batch(&batch).unwrap();
+    let seq = logits.size()[1];
+    for (row, prompt) in [P1, P2].iter().enumerate() {
+        let solo = model.forward(*prompt).unwrap().get(0);
+        let n = batch.lengths[row] as i64;
+        let d = max_abs_diff(&logits.get(row as i64).narrow(0, seq - n, n), &solo);
+        assert!(d < 1e-4, "{dir} row {row}: batched differs from solo by {d}");
     }
 }
 
 #[test]
 fn tiny_gpt2_logits_match_transformers() {
-    check_against_reference::<Gpt2>("tiny-gpt2", "transformer.h", 2);
+    check_against_reference::<Gpt2>("tiny-gpt2", "transformer.h", "attn", 2);
 }
 
 #[test]
 fn tiny_llama_with_gqa_llama3_rope_biases_untied_sharded_matches_transformers() {
-    check_against_reference::<Llama>("tiny-llama", "model.layers", 2);
+    check_against_reference::<Llama>("tiny-llama", "model.layers", "self_attn", 2);
 }
 
 #[test]
 fn tiny_mistral_with_sliding_window_matches_transformers() {
-    check_against_reference::<Llama>("tiny-mistral", "model.layers", 2);
+    check_against_reference::<Llama>("tiny-mistral", "model.layers", "self_attn", 2);
     // The window matters at P1's 20 tokens: without it the logits are far from transformers'.
     let tmp = tempfile::tempdir().unwrap();
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
