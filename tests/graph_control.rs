@@ -2,7 +2,7 @@
 //! the graph's JSON form: every node kind round-trips, and the committed example graph stays what a block builds.
 
 use crate::common::{self, max_abs_diff, Recorder};
-use nnsight::graph::{capture_graphs, Graph, Op};
+use nnsight::graph::{capture_graphs, Graph, Op, TensorOp};
 use nnsight::prelude::*;
 use nnsight::Error;
 
@@ -248,8 +248,8 @@ fn a_graph_calling_an_unregistered_function_is_refused_naming_it() -> nnsight::R
     Ok(())
 }
 
-/// Which [`Op`] variant `op` is. No wildcard arm: a new node kind fails to compile here until the round-trip test
-/// below covers it.
+/// Which op `op` is (a [`TensorOp`] counting as its own kind). No wildcard arm: a new node kind fails to compile
+/// here until the round-trip test below covers it.
 fn kind_index(op: &Op) -> usize {
     match op {
         Op::Read { .. } => 0,
@@ -259,30 +259,32 @@ fn kind_index(op: &Op) -> usize {
         Op::Apply { .. } => 4,
         Op::Const { .. } => 5,
         Op::Save { .. } => 6,
-        Op::Binary { .. } => 7,
-        Op::BinaryScalar { .. } => 8,
-        Op::Unary { .. } => 9,
-        Op::Reduce { .. } => 10,
-        Op::MaxMinDim { .. } => 11,
-        Op::Norm { .. } => 12,
-        Op::Softmax { .. } => 13,
-        Op::Argmax { .. } => 14,
-        Op::Topk { .. } => 15,
-        Op::Reshape { .. } => 16,
-        Op::Transpose { .. } => 17,
-        Op::Permute { .. } => 18,
-        Op::Narrow { .. } => 19,
-        Op::Select { .. } => 20,
-        Op::Index { .. } => 21,
-        Op::Cat { .. } => 22,
-        Op::Stack { .. } => 23,
-        Op::ToKind { .. } => 24,
-        Op::ToDevice { .. } => 25,
-        Op::Where { .. } => 26,
-        Op::Gather { .. } => 27,
-        Op::TupleGet { .. } => 28,
-        Op::Unsqueeze { .. } => 29,
-        Op::Squeeze { .. } => 30,
+        Op::Tensor(t) => match t {
+            TensorOp::Binary { .. } => 7,
+            TensorOp::BinaryScalar { .. } => 8,
+            TensorOp::Unary { .. } => 9,
+            TensorOp::Reduce { .. } => 10,
+            TensorOp::MaxMinDim { .. } => 11,
+            TensorOp::Norm { .. } => 12,
+            TensorOp::Softmax { .. } => 13,
+            TensorOp::Argmax { .. } => 14,
+            TensorOp::Topk { .. } => 15,
+            TensorOp::Reshape { .. } => 16,
+            TensorOp::Transpose { .. } => 17,
+            TensorOp::Permute { .. } => 18,
+            TensorOp::Narrow { .. } => 19,
+            TensorOp::Select { .. } => 20,
+            TensorOp::Index { .. } => 21,
+            TensorOp::Cat { .. } => 22,
+            TensorOp::Stack { .. } => 23,
+            TensorOp::ToKind { .. } => 24,
+            TensorOp::ToDevice { .. } => 25,
+            TensorOp::Where { .. } => 26,
+            TensorOp::Gather { .. } => 27,
+            TensorOp::TupleGet { .. } => 28,
+            TensorOp::Unsqueeze { .. } => 29,
+            TensorOp::Squeeze { .. } => 30,
+        },
         Op::Cache { .. } => 31,
         Op::Log { .. } => 32,
         Op::Stop => 33,
@@ -304,7 +306,7 @@ fn every_node_kind_round_trips_through_json() -> nnsight::Result<()> {
     use nnsight::graph::{BinaryOp, CallArg, Constant, IndexItem, Point, ReduceOp, TensorData, UnaryOp};
     let t = TensorData::from_tensor(&Tensor::from_slice(&[1.5f32, -2.0, 0.25]).reshape([1, 3]))?;
     let m = || "model.layers.0.mlp".to_string();
-    let ops = vec![
+    let ops: Vec<Op> = vec![
         Op::Const { value: Constant::Tensor(t) },
         Op::Const { value: Constant::Scalar(0.5) },
         Op::Read { module: m(), point: Point::Output, call: 0 },
@@ -313,33 +315,34 @@ fn every_node_kind_round_trips_through_json() -> nnsight::Result<()> {
         Op::Skip { module: m(), call: 0, value: 0 },
         Op::Apply { module: "lm_head".into(), input: 0 },
         Op::Save { value: 0 },
-        Op::Binary { kind: BinaryOp::Matmul, a: 0, b: 0 },
-        Op::BinaryScalar { kind: BinaryOp::Ge, a: 0, scalar: 2.0, scalar_first: true },
-        Op::Unary { kind: UnaryOp::Not, a: 0 },
-        Op::Reduce { kind: ReduceOp::Mean, a: 0, dims: vec![-1], keepdim: true },
-        Op::MaxMinDim { a: 0, dim: 1, keepdim: false, max: true },
-        Op::Norm { a: 0, p: 2.0, dims: vec![], keepdim: false },
-        Op::Softmax { a: 0, dim: -1, log: true },
-        Op::Argmax { a: 0, dim: None, keepdim: false },
-        Op::Topk { a: 0, k: 2, dim: -1, largest: false },
-        Op::Reshape { a: 0, shape: vec![3, -1] },
-        Op::Transpose { a: 0, dim0: 0, dim1: 1 },
-        Op::Permute { a: 0, dims: vec![1, 0] },
-        Op::Narrow { a: 0, dim: 1, start: 1, len: 2 },
-        Op::Select { a: 0, dim: 0, index: 0 },
-        Op::Index {
+        TensorOp::Binary { kind: BinaryOp::Matmul, a: 0, b: 0 }.into(),
+        TensorOp::BinaryScalar { kind: BinaryOp::Ge, a: 0, scalar: 2.0, scalar_first: true }.into(),
+        TensorOp::Unary { kind: UnaryOp::Not, a: 0 }.into(),
+        TensorOp::Reduce { kind: ReduceOp::Mean, a: 0, dims: vec![-1], keepdim: true }.into(),
+        TensorOp::MaxMinDim { a: 0, dim: 1, keepdim: false, max: true }.into(),
+        TensorOp::Norm { a: 0, p: 2.0, dims: vec![], keepdim: false }.into(),
+        TensorOp::Softmax { a: 0, dim: -1, log: true }.into(),
+        TensorOp::Argmax { a: 0, dim: None, keepdim: false }.into(),
+        TensorOp::Topk { a: 0, k: 2, dim: -1, largest: false }.into(),
+        TensorOp::Reshape { a: 0, shape: vec![3, -1] }.into(),
+        TensorOp::Transpose { a: 0, dim0: 0, dim1: 1 }.into(),
+        TensorOp::Permute { a: 0, dims: vec![1, 0] }.into(),
+        TensorOp::Narrow { a: 0, dim: 1, start: 1, len: 2 }.into(),
+        TensorOp::Select { a: 0, dim: 0, index: 0 }.into(),
+        TensorOp::Index {
             a: 0,
             index: vec![IndexItem::Slice { start: Some(1), end: None }, IndexItem::NewAxis, IndexItem::Select(2)],
-        },
-        Op::Cat { xs: vec![0, 0], dim: 0 },
-        Op::Stack { xs: vec![0, 0], dim: 1 },
-        Op::ToKind { a: 0, kind: "Half".into() },
-        Op::ToDevice { a: 0, device: "cpu".into() },
-        Op::Where { cond: 10, a: 0, b: 1 },
-        Op::Gather { a: 0, dim: 1, index: 15 },
-        Op::TupleGet { a: 16, index: 1 },
-        Op::Unsqueeze { a: 0, dim: 0 },
-        Op::Squeeze { a: 0, dim: Some(0) },
+        }
+        .into(),
+        TensorOp::Cat { xs: vec![0, 0], dim: 0 }.into(),
+        TensorOp::Stack { xs: vec![0, 0], dim: 1 }.into(),
+        TensorOp::ToKind { a: 0, kind: "Half".into() }.into(),
+        TensorOp::ToDevice { a: 0, device: "cpu".into() }.into(),
+        TensorOp::Where { cond: 10, a: 0, b: 1 }.into(),
+        TensorOp::Gather { a: 0, dim: 1, index: 15 }.into(),
+        TensorOp::TupleGet { a: 16, index: 1 }.into(),
+        TensorOp::Unsqueeze { a: 0, dim: 0 }.into(),
+        TensorOp::Squeeze { a: 0, dim: Some(0) }.into(),
         Op::Cache { modules: Some(vec![m()]), inputs: true, device: Some("cpu".into()) },
         Op::Log { a: 0, label: "h.norm()".into() },
         Op::Stop,

@@ -171,16 +171,15 @@ num_operand!(f64, f32, i64, i32, u32, usize);
 
 /// `a OP b` inside `cond!(..)` (`>`, `<`, `>=`, `<=`, `==`, `!=`, `&&`, `||`): a bool node.
 pub fn compare<'g>(g: &'g GraphCell, kind: BinaryOp, a: impl CondOperand<'g>, b: impl CondOperand<'g>) -> Operand<'g> {
-    use crate::graph::Op;
+    use crate::graph::TensorOp;
+    let node = |op: TensorOp| Operand::Node(Proxy::new(g.push(op.into()), g));
     match (a.operand(g), b.operand(g)) {
-        (Operand::Node(x), Operand::Node(y)) => {
-            Operand::Node(Proxy::new(g.push(Op::Binary { kind, a: x.node(), b: y.node() }), g))
-        }
+        (Operand::Node(x), Operand::Node(y)) => node(TensorOp::Binary { kind, a: x.node(), b: y.node() }),
         (Operand::Node(x), Operand::Num(s)) => {
-            Operand::Node(Proxy::new(g.push(Op::BinaryScalar { kind, a: x.node(), scalar: s, scalar_first: false }), g))
+            node(TensorOp::BinaryScalar { kind, a: x.node(), scalar: s, scalar_first: false })
         }
         (Operand::Num(s), Operand::Node(y)) => {
-            Operand::Node(Proxy::new(g.push(Op::BinaryScalar { kind, a: y.node(), scalar: s, scalar_first: true }), g))
+            node(TensorOp::BinaryScalar { kind, a: y.node(), scalar: s, scalar_first: true })
         }
         (Operand::Num(x), Operand::Num(y)) => Operand::Num(f64::from(u8::from(match kind {
             BinaryOp::Gt => x > y,
@@ -200,7 +199,7 @@ pub fn compare<'g>(g: &'g GraphCell, kind: BinaryOp, a: impl CondOperand<'g>, b:
 pub fn not<'g>(g: &'g GraphCell, a: impl CondOperand<'g>) -> Operand<'g> {
     match a.operand(g) {
         Operand::Node(x) => Operand::Node(Proxy::new(
-            g.push(crate::graph::Op::Unary { kind: crate::graph::UnaryOp::Not, a: x.node() }),
+            g.push(crate::graph::TensorOp::Unary { kind: crate::graph::UnaryOp::Not, a: x.node() }.into()),
             g,
         )),
         Operand::Num(x) => Operand::Num(if x == 0.0 { 1.0 } else { 0.0 }),
@@ -238,7 +237,7 @@ impl<'g> Branch<'g> {
         // Only one branch runs: the `else` branch may use modules that come before those the `then` branch used.
         *self.after_then.borrow_mut() = self.g.order_mark();
         self.g.set_order_mark(self.before.borrow().clone());
-        let not = self.g.push(crate::graph::Op::Unary { kind: crate::graph::UnaryOp::Not, a: self.cond });
+        let not = self.g.push(crate::graph::TensorOp::Unary { kind: crate::graph::UnaryOp::Not, a: self.cond }.into());
         self.g.push(crate::graph::Op::Guard { cond: not, end: NodeId::MAX })
     }
 

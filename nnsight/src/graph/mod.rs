@@ -5,13 +5,18 @@
 //! a save. Nodes refer to earlier nodes by [`NodeId`]. The whole graph is plain data (serde), so it can be written
 //! out as JSON and sent to a server that runs only the ops it knows: no closures, no user code.
 //!
-//! Adding a node kind is one [`Op`] variant here and one arm in `interleave::eval`.
+//! The ops are grouped by kind: hooks, values and control, and gradients are [`Op`]'s own variants, which the
+//! interleaver handles where it meets them; the pure tensor operations are [`TensorOp`]s (`tensor_op.rs`), each
+//! evaluated, evaluated on shapes alone and checked for growth side by side in `interleave::tensor_ops`.
 
+mod decode;
+mod tensor_op;
 pub(crate) mod value;
 
 #[cfg(test)]
 mod tests;
 
+pub use tensor_op::{BinaryOp, ReduceOp, TensorOp, UnaryOp};
 pub use value::{Constant, IndexItem, TensorData, Value};
 
 use serde::{Deserialize, Serialize};
@@ -52,94 +57,19 @@ pub enum Point {
     Output,
 }
 
-/// Binary tensor operators.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BinaryOp {
-    /// `a + b`
-    Add,
-    /// `a - b`
-    Sub,
-    /// `a * b`
-    Mul,
-    /// `a / b`
-    Div,
-    /// `a.pow(b)`
-    Pow,
-    /// Matrix product.
-    Matmul,
-    /// Elementwise maximum.
-    Maximum,
-    /// Elementwise minimum.
-    Minimum,
-    /// `a == b` (bool tensor).
-    Eq,
-    /// `a > b`
-    Gt,
-    /// `a < b`
-    Lt,
-    /// `a >= b`
-    Ge,
-    /// `a <= b`
-    Le,
-    /// `a != b`
-    Ne,
-    /// Logical and (nonzero is true).
-    And,
-    /// Logical or (nonzero is true).
-    Or,
-}
-
-/// Unary tensor operators.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UnaryOp {
-    /// `-a`
-    Neg,
-    /// `exp(a)`
-    Exp,
-    /// `ln(a)`
-    Log,
-    /// `|a|`
-    Abs,
-    /// `sqrt(a)`
-    Sqrt,
-    /// A copy.
-    Clone,
-    /// Cut from autograd.
-    Detach,
-    /// Zeros of the same shape and dtype.
-    ZerosLike,
-    /// Ones of the same shape and dtype.
-    OnesLike,
-    /// Standard normal noise of the same shape and dtype.
-    RandnLike,
-    /// Contiguous layout.
-    Contiguous,
-    /// Logical not (nonzero is true): a bool tensor.
-    Not,
-}
-
-/// Reductions over dimensions (all dimensions when `dims` is empty).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReduceOp {
-    /// Sum.
-    Sum,
-    /// Mean.
-    Mean,
-    /// Maximum values (one dimension: values only; see `MaxDim` for indices).
-    Max,
-    /// Minimum values.
-    Min,
-}
-
-/// One operation of the graph. Operands are earlier nodes (`a`, `b`, `xs`, ...); each variant's doc says what
-/// it computes, and its field names follow PyTorch's arguments.
+/// One operation of the graph, grouped by kind: hooks (reads and writes of a module's inputs and outputs,
+/// calls of a module, caches), values and control (constants, saves, conditions, registered functions), gradients,
+/// and the pure tensor operations ([`TensorOp`], one variant here). Operands are earlier nodes (`a`, `b`, `xs`,
+/// ...); each variant's doc says what it computes, and its field names follow PyTorch's arguments.
+///
+/// In JSON a node is an object tagged by `op` (`{"op": "read", "module": "layers.0", ...}`), a tensor op like any
+/// other (`{"op": "cat", "xs": [1], "dim": 0}`, no wrapper); reading one that names no op known here is an error
+/// naming it.
 #[allow(missing_docs)]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
+    // Hooks: what a node reads or changes of a module's run, or asks of a module.
     /// Read a module's input or output (this invoke's rows) at its `call`-th call.
     Read { module: String, point: Point, call: u32 },
     /// Read all inputs of a module (a tuple).
@@ -155,61 +85,15 @@ pub enum Op {
     Skip { module: String, call: u32, value: NodeId },
     /// Run a module on `input` outside the forward pass (an ad-hoc call, no hooks).
     Apply { module: String, input: NodeId },
+    /// Record, from here on, the outputs (and with `inputs`, the inputs) of every module (or of `modules`), after
+    /// interventions, this invoke's rows, moved to `device` if given; the value is the whole record at the end.
+    Cache { modules: Option<Vec<String>>, inputs: bool, device: Option<String> },
+
+    // Values and control: constants, what leaves the run, and what decides which nodes run.
     /// A constant.
     Const { value: Constant },
     /// Keep the value of `value` for after the run.
     Save { value: NodeId },
-    /// `a op b`, both nodes.
-    Binary { kind: BinaryOp, a: NodeId, b: NodeId },
-    /// `a op s` (or `s op a` when `scalar_first`).
-    BinaryScalar { kind: BinaryOp, a: NodeId, scalar: f64, scalar_first: bool },
-    /// `op(a)`.
-    Unary { kind: UnaryOp, a: NodeId },
-    /// A reduction over `dims` (all when empty).
-    Reduce { kind: ReduceOp, a: NodeId, dims: Vec<i64>, keepdim: bool },
-    /// Maximum or minimum along `dim` with indices: a (values, indices) tuple.
-    MaxMinDim { a: NodeId, dim: i64, keepdim: bool, max: bool },
-    /// `p`-norm over `dims` (all when empty).
-    Norm { a: NodeId, p: f64, dims: Vec<i64>, keepdim: bool },
-    /// Softmax (or log-softmax) along `dim`.
-    Softmax { a: NodeId, dim: i64, log: bool },
-    /// Index of the maximum along `dim` (over all elements when `None`).
-    Argmax { a: NodeId, dim: Option<i64>, keepdim: bool },
-    /// The `k` largest (or smallest) values along `dim`: a (values, indices) tuple.
-    Topk { a: NodeId, k: i64, dim: i64, largest: bool },
-    /// New shape (one `-1` allowed).
-    Reshape { a: NodeId, shape: Vec<i64> },
-    /// Swap two dimensions.
-    Transpose { a: NodeId, dim0: i64, dim1: i64 },
-    /// Reorder dimensions.
-    Permute { a: NodeId, dims: Vec<i64> },
-    /// `len` entries from `start` along `dim`.
-    Narrow { a: NodeId, dim: i64, start: i64, len: i64 },
-    /// Entry `index` along `dim` (that dimension removed).
-    Select { a: NodeId, dim: i64, index: i64 },
-    /// tch-style indexing (`t.i((.., -1, ..))`).
-    Index { a: NodeId, index: Vec<IndexItem> },
-    /// Concatenate along `dim`.
-    Cat { xs: Vec<NodeId>, dim: i64 },
-    /// Stack along a new `dim`.
-    Stack { xs: Vec<NodeId>, dim: i64 },
-    /// Convert the dtype (a tch `Kind` name, e.g. `"Float"`).
-    ToKind { a: NodeId, kind: String },
-    /// Move to a device (`"cpu"`, `"cuda:0"`).
-    ToDevice { a: NodeId, device: String },
-    /// `cond ? a : b` elementwise.
-    Where { cond: NodeId, a: NodeId, b: NodeId },
-    /// Gather along `dim` at `index`.
-    Gather { a: NodeId, dim: i64, index: NodeId },
-    /// Element `index` of a tuple value.
-    TupleGet { a: NodeId, index: u32 },
-    /// Unsqueeze at `dim`.
-    Unsqueeze { a: NodeId, dim: i64 },
-    /// Squeeze `dim` (all size-1 dimensions when `None`).
-    Squeeze { a: NodeId, dim: Option<i64> },
-    /// Record, from here on, the outputs (and with `inputs`, the inputs) of every module (or of `modules`), after
-    /// interventions, this invoke's rows, moved to `device` if given; the value is the whole record at the end.
-    Cache { modules: Option<Vec<String>>, inputs: bool, device: Option<String> },
     /// Print `label: value` when the value is computed (to standard error locally).
     Log { a: NodeId, label: String },
     /// Send the value to whoever runs the graph as soon as it is computed (`send!(value)`): a server streams it
@@ -225,6 +109,10 @@ pub enum Op {
     /// `a` when `cond` holds, else `b` (only the chosen one need have been computed): the value of an
     /// `if cond!(c) { a } else { b }`.
     Choose { cond: NodeId, a: NodeId, b: NodeId },
+    /// A function registered with `#[nnsight::function]`, by its full name (`my_crate::clamp_norm`).
+    Call { function: String, args: Vec<CallArg> },
+
+    // Gradients: a backward pass and what it computes or changes.
     /// Backpropagate from `a` (one value): computes the gradients that the [`Op::Grad`] nodes naming this node
     /// read.
     Backward { a: NodeId },
@@ -237,8 +125,18 @@ pub enum Op {
     /// During `backward`, the gradient flowing back through `a` (a read of a module's input or output) becomes
     /// `value`, computed from it (`h.grad = h.grad * 2.0`): every gradient upstream of `a` changes accordingly.
     GradWrite { a: NodeId, value: NodeId, backward: NodeId },
-    /// A function registered with `#[nnsight::function]`, by its full name (`my_crate::clamp_norm`).
-    Call { function: String, args: Vec<CallArg> },
+
+    // Tensor operations: a result computed from the operands' values alone.
+    /// A pure tensor operation (see [`TensorOp`]). Its JSON is the tensor op's own, tag and fields, with no
+    /// wrapper.
+    #[serde(untagged)]
+    Tensor(TensorOp),
+}
+
+impl From<TensorOp> for Op {
+    fn from(op: TensorOp) -> Self {
+        Op::Tensor(op)
+    }
 }
 
 /// One argument of a [`Op::Call`]: a node's value or a number written into the graph.
@@ -263,11 +161,9 @@ impl Op {
             Read { .. } | ReadInputs { .. } | Generated | Const { .. } | Stop | Cache { .. } => vec![],
             Write { value, .. } | Skip { value, .. } => vec![*value],
             Apply { input, .. } => vec![*input],
+            Save { value } => vec![*value],
+            Log { a, .. } | Send { a, .. } => vec![*a],
             Guard { cond, .. } => vec![*cond],
-            Backward { a } => vec![*a],
-            Grad { a, backward } => vec![*a, *backward],
-            ParamGrad { backward, .. } => vec![*backward],
-            GradWrite { value, .. } => vec![*value],
             Choose { cond, a, b } => vec![*cond, *a, *b],
             Call { args, .. } => args
                 .iter()
@@ -276,32 +172,11 @@ impl Op {
                     _ => None,
                 })
                 .collect(),
-            Save { value } => vec![*value],
-            Binary { a, b, .. } => vec![*a, *b],
-            Where { cond, a, b } => vec![*cond, *a, *b],
-            Gather { a, index, .. } => vec![*a, *index],
-            Cat { xs, .. } | Stack { xs, .. } => xs.clone(),
-            BinaryScalar { a, .. }
-            | Unary { a, .. }
-            | Reduce { a, .. }
-            | MaxMinDim { a, .. }
-            | Norm { a, .. }
-            | Softmax { a, .. }
-            | Argmax { a, .. }
-            | Topk { a, .. }
-            | Reshape { a, .. }
-            | Transpose { a, .. }
-            | Permute { a, .. }
-            | Narrow { a, .. }
-            | Select { a, .. }
-            | Index { a, .. }
-            | ToKind { a, .. }
-            | ToDevice { a, .. }
-            | TupleGet { a, .. }
-            | Unsqueeze { a, .. }
-            | Squeeze { a, .. }
-            | Log { a, .. }
-            | Send { a, .. } => vec![*a],
+            Backward { a } => vec![*a],
+            Grad { a, backward } => vec![*a, *backward],
+            ParamGrad { backward, .. } => vec![*backward],
+            GradWrite { value, .. } => vec![*value],
+            Tensor(op) => op.inputs(),
         }
     }
 

@@ -22,10 +22,11 @@ fn invalid(r: crate::Result<()>) -> String {
 fn well_formed() -> Graph {
     let mut g = Graph::default();
     let h = g.push(read("layer1"), 0);
-    let sum = g.push(Op::Reduce { kind: ReduceOp::Sum, a: h, dims: vec![], keepdim: false }, 0);
-    let cond = g.push(Op::BinaryScalar { kind: BinaryOp::Gt, a: sum, scalar: 0.0, scalar_first: false }, 0);
+    let sum = g.push(TensorOp::Reduce { kind: ReduceOp::Sum, a: h, dims: vec![], keepdim: false }.into(), 0);
+    let cond =
+        g.push(TensorOp::BinaryScalar { kind: BinaryOp::Gt, a: sum, scalar: 0.0, scalar_first: false }.into(), 0);
     let guard = g.push(Op::Guard { cond, end: 0 }, 0);
-    let zero = g.push(Op::Unary { kind: UnaryOp::ZerosLike, a: h }, 0);
+    let zero = g.push(TensorOp::Unary { kind: UnaryOp::ZerosLike, a: h }.into(), 0);
     g.push(Op::Write { module: "layer1".into(), point: Point::Output, call: 0, value: zero, index: None }, 0);
     let out = g.push(read(""), 0);
     g.push(Op::Save { value: out }, 0);
@@ -48,7 +49,7 @@ fn a_well_formed_graph_passes_and_survives_json() {
 fn a_node_referring_to_itself_is_refused_naming_it() {
     let mut g = Graph::default();
     g.push(read("layer1"), 0);
-    g.push(Op::Unary { kind: UnaryOp::Neg, a: 1 }, 0);
+    g.push(TensorOp::Unary { kind: UnaryOp::Neg, a: 1 }.into(), 0);
     let m = invalid(g.validate());
     assert_eq!(m, "node 1 (neg) refers to node 1, which does not come before it");
 }
@@ -57,7 +58,7 @@ fn a_node_referring_to_itself_is_refused_naming_it() {
 fn a_node_referring_to_a_later_node_is_refused_naming_it() {
     let mut g = Graph::default();
     let h = g.push(read("layer1"), 0);
-    g.push(Op::Binary { kind: BinaryOp::Add, a: h, b: 3 }, 0);
+    g.push(TensorOp::Binary { kind: BinaryOp::Add, a: h, b: 3 }.into(), 0);
     g.push(Op::Save { value: h }, 0);
     g.push(Op::Const { value: Constant::Scalar(1.0) }, 0);
     let m = invalid(g.validate());
@@ -134,7 +135,7 @@ fn a_gradient_write_must_name_an_earlier_read_and_a_backward() {
     // Well formed: read, value, the write, then the backward of a loss.
     let mut g = Graph::default();
     let r = read(&mut g);
-    let v = g.push(Op::Unary { kind: crate::graph::UnaryOp::Neg, a: r }, 0);
+    let v = g.push(TensorOp::Unary { kind: crate::graph::UnaryOp::Neg, a: r }.into(), 0);
     g.push(Op::GradWrite { a: r, value: v, backward: 3 }, 0);
     g.push(Op::Backward { a: v }, 0);
     assert!(g.validate().is_ok());
@@ -153,4 +154,67 @@ fn a_gradient_write_must_name_an_earlier_read_and_a_backward() {
         let e = bad.validate().unwrap_err();
         assert!(e.to_string().contains(&format!("belongs to node {backward}, which is not a backward")), "{e}");
     }
+}
+
+#[test]
+fn a_tensor_op_is_written_and_read_as_before_the_grouping() {
+    // `Op::Tensor` adds no wrapper: the wire format is the tensor op's own tag and fields, next to `invoke`.
+    let node = Node { op: TensorOp::Cat { xs: vec![1], dim: 0 }.into(), invoke: 0 };
+    let text = serde_json::to_string(&node).unwrap();
+    assert_eq!(text, r#"{"op":"cat","xs":[1],"dim":0,"invoke":0}"#);
+    assert_eq!(serde_json::from_str::<Node>(&text).unwrap(), node);
+    let op = Op::Read { module: "layer1".into(), point: Point::Output, call: 2 };
+    let text = serde_json::to_string(&Node { op: op.clone(), invoke: 1 }).unwrap();
+    assert_eq!(text, r#"{"op":"read","module":"layer1","point":"output","call":2,"invoke":1}"#);
+    assert_eq!(serde_json::from_str::<Op>(r#"{"op":"read","module":"layer1","point":"output","call":2}"#).unwrap(), op);
+    // An op read on its own (not flattened into a node) likewise.
+    let op: Op = serde_json::from_str(r#"{"op":"unary","kind":"neg","a":3}"#).unwrap();
+    assert_eq!(op, TensorOp::Unary { kind: UnaryOp::Neg, a: 3 }.into());
+}
+
+/// The tags serde knows for a type read by its internally tagged derive: those its error on an unknown tag lists.
+fn serde_tags(error: impl std::fmt::Display) -> Vec<String> {
+    let message = error.to_string();
+    let list = message.split("expected one of ").nth(1).unwrap_or_else(|| panic!("no list of tags: {message}"));
+    let list = list.split(" at line ").next().unwrap_or(list);
+    list.split(", ").map(|t| t.trim_matches('`').to_string()).collect()
+}
+
+#[test]
+fn the_tags_dispatched_on_are_serdes() {
+    use strum::VariantNames;
+    // strum's names of the tensor ops (what `Op`'s reading dispatches on) are serde's tags, in order.
+    let err = serde_json::from_str::<TensorOp>(r#"{"op": "?"}"#).unwrap_err();
+    assert_eq!(serde_tags(err), TensorOp::VARIANTS);
+    // An unknown tag lists every op, the others' then the tensor ops', each once.
+    let err = serde_json::from_str::<Op>(r#"{"op": "?"}"#).unwrap_err();
+    let tags = serde_tags(&err);
+    assert_eq!(tags, decode::op_names());
+    assert!(decode::op_names().ends_with(TensorOp::VARIANTS) && tags.contains(&"read".to_string()), "{err}");
+    let unique: std::collections::BTreeSet<&String> = tags.iter().collect();
+    assert_eq!(unique.len(), tags.len(), "{tags:?}");
+    // Every tag reads as its own kind of op: a missing field is the error, not an unknown op.
+    for tag in decode::op_names() {
+        let err = serde_json::from_str::<Op>(&format!(r#"{{"op": "{tag}", "zzz": 0}}"#)).err();
+        let message = err.map(|e| e.to_string()).unwrap_or_default();
+        assert!(!message.contains("unknown variant"), "{tag}: {message}");
+    }
+}
+
+#[test]
+fn a_malformed_op_says_what_is_wrong() {
+    let message = |text: &str| serde_json::from_str::<Op>(text).unwrap_err().to_string();
+    // Unknown, named.
+    let m = message(r#"{"op": "frobnicate", "a": 0}"#);
+    assert!(m.starts_with("unknown variant `frobnicate`, expected one of `read`, "), "{m}");
+    assert!(m.contains("`cat`") && m.contains("`grad_write`"), "{m}");
+    // A tensor op and another op, each with what is wrong with it.
+    assert!(message(r#"{"op": "cat", "dim": 0}"#).starts_with("missing field `xs`"));
+    assert!(message(r#"{"op": "unary", "kind": "twice", "a": 0}"#).starts_with("unknown variant `twice`"));
+    assert!(message(r#"{"op": "read", "module": "m", "point": "sideways", "call": 0}"#)
+        .starts_with("unknown variant `sideways`, expected `input` or `output`"));
+    assert!(message(r#"{"op": "save"}"#).starts_with("missing field `value`"));
+    // No tag, or not a name.
+    assert!(message(r#"{"value": 0}"#).starts_with("missing field `op`"));
+    assert!(!message(r#"{"op": 3}"#).is_empty());
 }

@@ -3,7 +3,7 @@
 
 use super::builder::GraphCell;
 use super::index::{IntoDims, IntoIndex};
-use crate::graph::{BinaryOp, Constant, NodeId, Op, ReduceOp, TensorData, UnaryOp};
+use crate::graph::{BinaryOp, Constant, NodeId, Op, ReduceOp, TensorData, TensorOp, UnaryOp};
 use std::marker::PhantomData;
 use tch::{Device, Kind, Tensor};
 
@@ -60,8 +60,8 @@ impl<'g, T> Proxy<'g, T> {
         self.id
     }
 
-    fn derive<U>(&self, op: Op) -> Proxy<'g, U> {
-        Proxy::new(self.g.push(op), self.g)
+    fn derive<U>(&self, op: impl Into<Op>) -> Proxy<'g, U> {
+        Proxy::new(self.g.push(op.into()), self.g)
     }
 
     /// Keeps the value for after the block, where the binding holding it becomes a plain `T`.
@@ -140,12 +140,12 @@ number_proxy!(f64, f32, i64, i32);
 
 impl<'g> Proxy<'g, Tensor> {
     fn unary(&self, kind: UnaryOp) -> Self {
-        self.derive(Op::Unary { kind, a: self.id })
+        self.derive(TensorOp::Unary { kind, a: self.id })
     }
 
     fn binary(&self, kind: BinaryOp, other: impl IntoTensorProxy<'g>) -> Self {
         let b = other.into_proxy(self.g);
-        self.derive(Op::Binary { kind, a: self.id, b: b.id })
+        self.derive(TensorOp::Binary { kind, a: self.id, b: b.id })
     }
 
     /// Matrix product (`torch.matmul`).
@@ -158,7 +158,7 @@ impl<'g> Proxy<'g, Tensor> {
     }
     /// Elementwise power.
     pub fn pow(&self, exponent: f64) -> Self {
-        self.derive(Op::BinaryScalar { kind: BinaryOp::Pow, a: self.id, scalar: exponent, scalar_first: false })
+        self.derive(TensorOp::BinaryScalar { kind: BinaryOp::Pow, a: self.id, scalar: exponent, scalar_first: false })
     }
     /// Elementwise maximum with another tensor.
     pub fn maximum(&self, other: impl IntoTensorProxy<'g>) -> Self {
@@ -182,11 +182,11 @@ impl<'g> Proxy<'g, Tensor> {
     }
     /// `self > s` elementwise (bool).
     pub fn gt_scalar(&self, s: f64) -> Self {
-        self.derive(Op::BinaryScalar { kind: BinaryOp::Gt, a: self.id, scalar: s, scalar_first: false })
+        self.derive(TensorOp::BinaryScalar { kind: BinaryOp::Gt, a: self.id, scalar: s, scalar_first: false })
     }
     /// `self < s` elementwise (bool).
     pub fn lt_scalar(&self, s: f64) -> Self {
-        self.derive(Op::BinaryScalar { kind: BinaryOp::Lt, a: self.id, scalar: s, scalar_first: false })
+        self.derive(TensorOp::BinaryScalar { kind: BinaryOp::Lt, a: self.id, scalar: s, scalar_first: false })
     }
 
     /// `e^x`.
@@ -231,7 +231,7 @@ impl<'g> Proxy<'g, Tensor> {
     }
 
     fn reduce(&self, kind: ReduceOp, dims: Vec<i64>, keepdim: bool) -> Self {
-        self.derive(Op::Reduce { kind, a: self.id, dims, keepdim })
+        self.derive(TensorOp::Reduce { kind, a: self.id, dims, keepdim })
     }
     /// Sum of all elements.
     pub fn sum(&self) -> Self {
@@ -259,43 +259,43 @@ impl<'g> Proxy<'g, Tensor> {
     }
     /// Largest values and their indices along `dim`.
     pub fn max_dim(&self, dim: i64, keepdim: bool) -> (Self, Self) {
-        let t: Proxy<'g, ()> = self.derive(Op::MaxMinDim { a: self.id, dim, keepdim, max: true });
-        (t.derive(Op::TupleGet { a: t.id, index: 0 }), t.derive(Op::TupleGet { a: t.id, index: 1 }))
+        let t: Proxy<'g, ()> = self.derive(TensorOp::MaxMinDim { a: self.id, dim, keepdim, max: true });
+        (t.derive(TensorOp::TupleGet { a: t.id, index: 0 }), t.derive(TensorOp::TupleGet { a: t.id, index: 1 }))
     }
     /// Smallest values and their indices along `dim`.
     pub fn min_dim(&self, dim: i64, keepdim: bool) -> (Self, Self) {
-        let t: Proxy<'g, ()> = self.derive(Op::MaxMinDim { a: self.id, dim, keepdim, max: false });
-        (t.derive(Op::TupleGet { a: t.id, index: 0 }), t.derive(Op::TupleGet { a: t.id, index: 1 }))
+        let t: Proxy<'g, ()> = self.derive(TensorOp::MaxMinDim { a: self.id, dim, keepdim, max: false });
+        (t.derive(TensorOp::TupleGet { a: t.id, index: 0 }), t.derive(TensorOp::TupleGet { a: t.id, index: 1 }))
     }
     /// Euclidean norm of all elements.
     pub fn norm(&self) -> Self {
-        self.derive(Op::Norm { a: self.id, p: 2.0, dims: vec![], keepdim: false })
+        self.derive(TensorOp::Norm { a: self.id, p: 2.0, dims: vec![], keepdim: false })
     }
     /// `p`-norm over `dims`.
     pub fn norm_dim(&self, p: f64, dims: impl IntoDims, keepdim: bool) -> Self {
-        self.derive(Op::Norm { a: self.id, p, dims: dims.dims(), keepdim })
+        self.derive(TensorOp::Norm { a: self.id, p, dims: dims.dims(), keepdim })
     }
     /// Softmax along `dim` (computed in float32 or wider).
     pub fn softmax(&self, dim: i64) -> Self {
-        self.derive(Op::Softmax { a: self.id, dim, log: false })
+        self.derive(TensorOp::Softmax { a: self.id, dim, log: false })
     }
     /// Log-softmax along `dim`.
     pub fn log_softmax(&self, dim: i64) -> Self {
-        self.derive(Op::Softmax { a: self.id, dim, log: true })
+        self.derive(TensorOp::Softmax { a: self.id, dim, log: true })
     }
     /// Index of the largest element along `dim` (int64).
     pub fn argmax(&self, dim: i64, keepdim: bool) -> Self {
-        self.derive(Op::Argmax { a: self.id, dim: Some(dim), keepdim })
+        self.derive(TensorOp::Argmax { a: self.id, dim: Some(dim), keepdim })
     }
     /// The `k` largest values along `dim` and their indices.
     pub fn topk(&self, k: i64, dim: i64) -> (Self, Self) {
-        let t: Proxy<'g, ()> = self.derive(Op::Topk { a: self.id, k, dim, largest: true });
-        (t.derive(Op::TupleGet { a: t.id, index: 0 }), t.derive(Op::TupleGet { a: t.id, index: 1 }))
+        let t: Proxy<'g, ()> = self.derive(TensorOp::Topk { a: self.id, k, dim, largest: true });
+        (t.derive(TensorOp::TupleGet { a: t.id, index: 0 }), t.derive(TensorOp::TupleGet { a: t.id, index: 1 }))
     }
 
     /// New shape (one `-1` inferred).
     pub fn reshape(&self, shape: impl IntoDims) -> Self {
-        self.derive(Op::Reshape { a: self.id, shape: shape.dims() })
+        self.derive(TensorOp::Reshape { a: self.id, shape: shape.dims() })
     }
     /// New shape, as `view` (same as `reshape` here: never shares a write).
     pub fn view(&self, shape: impl IntoDims) -> Self {
@@ -303,54 +303,54 @@ impl<'g> Proxy<'g, Tensor> {
     }
     /// Swap two dimensions.
     pub fn transpose(&self, dim0: i64, dim1: i64) -> Self {
-        self.derive(Op::Transpose { a: self.id, dim0, dim1 })
+        self.derive(TensorOp::Transpose { a: self.id, dim0, dim1 })
     }
     /// Reorder dimensions.
     pub fn permute(&self, dims: impl IntoDims) -> Self {
-        self.derive(Op::Permute { a: self.id, dims: dims.dims() })
+        self.derive(TensorOp::Permute { a: self.id, dims: dims.dims() })
     }
     /// `len` entries from `start` along `dim`.
     pub fn narrow(&self, dim: i64, start: i64, len: i64) -> Self {
-        self.derive(Op::Narrow { a: self.id, dim, start, len })
+        self.derive(TensorOp::Narrow { a: self.id, dim, start, len })
     }
     /// Entry `index` along `dim`, removing that dimension.
     pub fn select(&self, dim: i64, index: i64) -> Self {
-        self.derive(Op::Select { a: self.id, dim, index })
+        self.derive(TensorOp::Select { a: self.id, dim, index })
     }
     /// tch-style indexing: `h.i((.., -1, ..))` is `h[:, -1, :]`.
     pub fn i(&self, index: impl IntoIndex) -> Self {
-        self.derive(Op::Index { a: self.id, index: index.items() })
+        self.derive(TensorOp::Index { a: self.id, index: index.items() })
     }
     /// Insert a dimension of size 1 at `dim`.
     pub fn unsqueeze(&self, dim: i64) -> Self {
-        self.derive(Op::Unsqueeze { a: self.id, dim })
+        self.derive(TensorOp::Unsqueeze { a: self.id, dim })
     }
     /// Remove dimension `dim` if it has size 1.
     pub fn squeeze_dim(&self, dim: i64) -> Self {
-        self.derive(Op::Squeeze { a: self.id, dim: Some(dim) })
+        self.derive(TensorOp::Squeeze { a: self.id, dim: Some(dim) })
     }
     /// Remove every dimension of size 1.
     pub fn squeeze(&self) -> Self {
-        self.derive(Op::Squeeze { a: self.id, dim: None })
+        self.derive(TensorOp::Squeeze { a: self.id, dim: None })
     }
     /// Convert the dtype.
     pub fn to_kind(&self, kind: Kind) -> Self {
-        self.derive(Op::ToKind { a: self.id, kind: crate::graph::value::kind_name(kind).to_string() })
+        self.derive(TensorOp::ToKind { a: self.id, kind: crate::graph::value::kind_name(kind).to_string() })
     }
     /// Move to a device.
     pub fn to_device(&self, device: Device) -> Self {
-        self.derive(Op::ToDevice { a: self.id, device: crate::graph::value::device_name(device) })
+        self.derive(TensorOp::ToDevice { a: self.id, device: crate::graph::value::device_name(device) })
     }
     /// Elementwise `cond ? self : other`.
     pub fn where_self(&self, cond: impl IntoTensorProxy<'g>, other: impl IntoTensorProxy<'g>) -> Self {
         let c = cond.into_proxy(self.g);
         let o = other.into_proxy(self.g);
-        self.derive(Op::Where { cond: c.id, a: self.id, b: o.id })
+        self.derive(TensorOp::Where { cond: c.id, a: self.id, b: o.id })
     }
     /// Values at `index` along `dim`.
     pub fn gather(&self, dim: i64, index: impl IntoTensorProxy<'g>) -> Self {
         let idx = index.into_proxy(self.g);
-        self.derive(Op::Gather { a: self.id, dim, index: idx.id })
+        self.derive(TensorOp::Gather { a: self.id, dim, index: idx.id })
     }
 }
 
@@ -375,7 +375,7 @@ impl<'g> Proxy<'g, Tensor> {
             });
         }
         let Some(backward) = self.g.current_backward() else {
-            return self.derive(Op::Unary { kind: UnaryOp::ZerosLike, a: self.id });
+            return self.derive(TensorOp::Unary { kind: UnaryOp::ZerosLike, a: self.id });
         };
         if let Err(e) = self.g.check_grad_order(self.id, backward) {
             self.g.record_error(e);
@@ -387,20 +387,20 @@ impl<'g> Proxy<'g, Tensor> {
 impl<'g> Proxy<'g, Vec<Tensor>> {
     /// Input number `i` of a module's inputs.
     pub fn get(&self, i: u32) -> Proxy<'g, Tensor> {
-        self.derive(Op::TupleGet { a: self.id, index: i })
+        self.derive(TensorOp::TupleGet { a: self.id, index: i })
     }
 }
 
 /// Concatenates proxies along `dim`.
 pub fn cat<'g>(xs: &[Proxy<'g, Tensor>], dim: i64) -> Proxy<'g, Tensor> {
     let g = xs.first().expect("cat of at least one proxy").g;
-    Proxy::new(g.push(Op::Cat { xs: xs.iter().map(|p| p.id).collect(), dim }), g)
+    Proxy::new(g.push(TensorOp::Cat { xs: xs.iter().map(|p| p.id).collect(), dim }.into()), g)
 }
 
 /// Stacks proxies along a new `dim`.
 pub fn stack<'g>(xs: &[Proxy<'g, Tensor>], dim: i64) -> Proxy<'g, Tensor> {
     let g = xs.first().expect("stack of at least one proxy").g;
-    Proxy::new(g.push(Op::Stack { xs: xs.iter().map(|p| p.id).collect(), dim }), g)
+    Proxy::new(g.push(TensorOp::Stack { xs: xs.iter().map(|p| p.id).collect(), dim }.into()), g)
 }
 
 /// Proxies and saved proxies as plain proxies (left operands of operators).
@@ -446,7 +446,7 @@ macro_rules! binary_ops {
         impl<'g> std::ops::$trait<$s> for Proxy<'g, Tensor> {
             type Output = Proxy<'g, Tensor>;
             fn $method(self, rhs: $s) -> Proxy<'g, Tensor> {
-                self.derive(Op::BinaryScalar { kind: BinaryOp::$kind, a: self.id, scalar: rhs as f64, scalar_first: false })
+                self.derive(TensorOp::BinaryScalar { kind: BinaryOp::$kind, a: self.id, scalar: rhs as f64, scalar_first: false })
             }
         }
         impl<'g> std::ops::$trait<$s> for Saved<'g, Tensor> {
@@ -458,7 +458,7 @@ macro_rules! binary_ops {
         impl<'g> std::ops::$trait<Proxy<'g, Tensor>> for $s {
             type Output = Proxy<'g, Tensor>;
             fn $method(self, rhs: Proxy<'g, Tensor>) -> Proxy<'g, Tensor> {
-                rhs.derive(Op::BinaryScalar { kind: BinaryOp::$kind, a: rhs.id, scalar: self as f64, scalar_first: true })
+                rhs.derive(TensorOp::BinaryScalar { kind: BinaryOp::$kind, a: rhs.id, scalar: self as f64, scalar_first: true })
             }
         }
         impl<'g> std::ops::$trait<Saved<'g, Tensor>> for $s {

@@ -7,6 +7,7 @@ mod eval;
 mod gradients;
 mod limits;
 mod sinks;
+mod tensor_ops;
 #[cfg(test)]
 mod tests;
 mod writes;

@@ -3,7 +3,7 @@
 //! forward, `finish_all`). Every expected value is computed by hand with the same layers.
 
 use super::{with_value_cap, Finished, Interleaver};
-use crate::graph::{display, Constant, Graph, IndexItem, NodeId, Op, Point, TensorData, Value};
+use crate::graph::{display, Constant, Graph, IndexItem, NodeId, Op, Point, TensorData, TensorOp, Value};
 use crate::nn::{Ctx, Forward, Hook, Linear, Module};
 use crate::{Error, Result};
 use tch::{Device, Kind, Tensor};
@@ -410,15 +410,15 @@ fn a_read_of_a_call_that_never_comes_is_unreached_and_earlier_saves_are_kept() {
 #[test]
 fn an_index_out_of_range_on_a_read_value_names_the_read_and_dimension() {
     let (net, x) = (toy(), input());
-    let check = |op: Op, rows: Vec<(i64, i64)>, want: (i64, usize, usize)| {
+    let check = |op: TensorOp, rows: Vec<(i64, i64)>, want: (i64, usize, usize)| {
         let mut g = Graph::default();
         let h = g.push(read("layer1", Point::Output), 0);
         let mut op = op;
         match &mut op {
-            Op::Select { a, .. } | Op::Index { a, .. } => *a = h,
+            TensorOp::Select { a, .. } | TensorOp::Index { a, .. } => *a = h,
             _ => unreachable!(),
         }
-        g.push(op, 0);
+        g.push(op.into(), 0);
         for inv in 1..rows.len() as u32 {
             g.push(Op::Const { value: Constant::Scalar(0.0) }, inv);
         }
@@ -431,14 +431,14 @@ fn an_index_out_of_range_on_a_read_value_names_the_read_and_dimension() {
         }
     };
     // layer1's output is [2, 4].
-    check(Op::Select { a: 0, dim: 1, index: 4 }, vec![(0, 2)], (4, 4, 1));
-    check(Op::Select { a: 0, dim: -1, index: -5 }, vec![(0, 2)], (-5, 4, 1));
+    check(TensorOp::Select { a: 0, dim: 1, index: 4 }, vec![(0, 2)], (4, 4, 1));
+    check(TensorOp::Select { a: 0, dim: -1, index: -5 }, vec![(0, 2)], (-5, 4, 1));
     // An invoke of one row sees a value of one row.
-    check(Op::Select { a: 0, dim: 0, index: 1 }, vec![(0, 1), (1, 1)], (1, 1, 0));
+    check(TensorOp::Select { a: 0, dim: 0, index: 1 }, vec![(0, 1), (1, 1)], (1, 1, 0));
     // The dimension is the read value's, not the result's (a new axis has none).
     let index = vec![IndexItem::NewAxis, IndexItem::Slice { start: None, end: None }, IndexItem::Select(7)];
-    check(Op::Index { a: 0, index }, vec![(0, 2)], (7, 4, 1));
-    check(Op::Index { a: 0, index: vec![IndexItem::Select(2)] }, vec![(0, 2)], (2, 2, 0));
+    check(TensorOp::Index { a: 0, index }, vec![(0, 2)], (7, 4, 1));
+    check(TensorOp::Index { a: 0, index: vec![IndexItem::Select(2)] }, vec![(0, 2)], (2, 2, 0));
 
     // A write through an out-of-range index names the written value.
     let mut g = Graph::default();
@@ -495,9 +495,9 @@ fn the_value_cap_refuses_a_matmul_before_it_allocates() {
     let n = 1i64 << 20;
     let mut g = Graph::default();
     let v = g.push(constant(&Tensor::zeros([n], (Kind::Float, Device::Cpu))), 0);
-    let col = g.push(Op::Reshape { a: v, shape: vec![-1, 1] }, 0);
-    let row = g.push(Op::Reshape { a: v, shape: vec![1, -1] }, 0);
-    let m = g.push(Op::Binary { kind: crate::graph::BinaryOp::Matmul, a: col, b: row }, 0);
+    let col = g.push(TensorOp::Reshape { a: v, shape: vec![-1, 1] }.into(), 0);
+    let row = g.push(TensorOp::Reshape { a: v, shape: vec![1, -1] }.into(), 0);
+    let m = g.push(TensorOp::Binary { kind: crate::graph::BinaryOp::Matmul, a: col, b: row }.into(), 0);
     g.push(Op::Save { value: m }, 0);
     let cap = 8u64 << 20;
     match with_value_cap(cap, || run(&net, &g, one_invoke(), &x)) {
@@ -515,7 +515,7 @@ fn the_value_cap_refuses_a_cat_over_it_and_allows_one_at_it() {
     // Three copies of layer1's output ([2, 4] floats, 32 bytes each): 96 bytes.
     let mut g = Graph::default();
     let h = g.push(read("layer1", Point::Output), 0);
-    let c = g.push(Op::Cat { xs: vec![h, h, h], dim: 0 }, 0);
+    let c = g.push(TensorOp::Cat { xs: vec![h, h, h], dim: 0 }.into(), 0);
     g.push(Op::Save { value: c }, 0);
     match with_value_cap(95, || run(&net, &g, one_invoke(), &x)) {
         Err(Error::Limit { what, limit, given }) => {
@@ -536,7 +536,7 @@ fn the_value_cap_refuses_a_widening_dtype_change_before_it_allocates() {
     // layer1's output is [2, 4] float32 (32 bytes); as float64 it would be 64 bytes.
     let mut g = Graph::default();
     let h = g.push(read("layer1", Point::Output), 0);
-    let d = g.push(Op::ToKind { a: h, kind: "Double".into() }, 0);
+    let d = g.push(TensorOp::ToKind { a: h, kind: "Double".into() }.into(), 0);
     g.push(Op::Save { value: d }, 0);
     match with_value_cap(48, || run(&net, &g, one_invoke(), &x)) {
         Err(Error::Limit { what, limit, given }) => {

@@ -1,7 +1,7 @@
 //! What an invoke does at a hook point: reads of its own rows, writes (whole or through an index) and skips, and
 //! ad-hoc calls of a module outside the forward pass.
 
-use super::{display, eval, find, Interleaver};
+use super::{display, eval, find, tensor_ops, Interleaver};
 use crate::graph::{IndexItem, NodeId, Op, Point, Value};
 use crate::{Error, Result};
 use tch::Tensor;
@@ -81,12 +81,12 @@ impl Interleaver<'_> {
                 v
             }
             Some(items) => {
-                let copy = eval::copy(&mine).map_err(f)?;
-                let mut slot = eval::index(&copy, items).map_err(|e| eval::placed(e, || target.to_string()))?;
+                let copy = tensor_ops::copy(&mine).map_err(f)?;
+                let mut slot = tensor_ops::index(&copy, items).map_err(|e| eval::placed(e, || target.to_string()))?;
                 let (want, given) = (slot.size(), v.size());
                 if v.f_broadcast_to(want.as_slice()).is_err() {
                     return Err(Error::WriteShape {
-                        target: format!("{target}[{}]", eval::index_text(items)),
+                        target: format!("{target}[{}]", tensor_ops::index_text(items)),
                         expected: want,
                         given,
                     });
