@@ -193,11 +193,11 @@ fn gguf_path(tmp: &tempfile::TempDir) -> PathBuf {
 #[test]
 fn unsupported_gguf_tensor_type_is_named() {
     let tmp = tempfile::tempdir().unwrap();
-    // Q5_0 (type 6): 22 bytes per block of 32 values.
-    write_gguf(&gguf_path(&tmp), &llama_meta("llama"), &[("token_embd.weight", vec![32, 3], 6, vec![0; 66])]);
+    // IQ4_NL (type 20): 18 bytes per block of 32 values.
+    write_gguf(&gguf_path(&tmp), &llama_meta("llama"), &[("token_embd.weight", vec![32, 3], 20, vec![0; 54])]);
     let err = LanguageModel::<Llama>::load_with(gguf_path(&tmp), quiet()).err().unwrap();
     let Error::UnsupportedTensorType { tensor, ggml_type, type_name, .. } = &err else { panic!("{err}") };
-    assert_eq!((tensor.as_str(), *ggml_type, type_name.as_str()), ("token_embd.weight", 6, "Q5_0"));
+    assert_eq!((tensor.as_str(), *ggml_type, type_name.as_str()), ("token_embd.weight", 20, "IQ4_NL"));
     assert!(err.to_string().contains("Q4_1"), "the message lists what is supported: {err}");
 }
 

@@ -38,8 +38,15 @@ pub fn read_file(path: &Path, progress: &mut Progress) -> Result<BTreeMap<String
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let kind = kind_of(path, &name, view.dtype())?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind).map_err(|e| Error::torch(name.as_str(), e))?;
+        // `deserialize` checked that the data fills the shape; with a zero among the dims the others are
+        // unbounded, and each must still be an i64.
+        let shape: Vec<i64> =
+            view.shape().iter().map(|&d| i64::try_from(d)).collect::<Result<_, _>>().map_err(|_| {
+                Error::format(path, format!("tensor `{name}` has shape {:?}, beyond i64", view.shape()))
+            })?;
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind).map_err(|e| {
+            Error::format(path, format!("tensor `{name}`: {}", crate::error::clean_torch_message(&e.to_string())))
+        })?;
         progress.advance(view.data().len() as u64);
         out.insert(name, t);
     }

@@ -2,7 +2,9 @@
 //!
 //! The file is memory-mapped: [`GgufFile::open`] parses the header, the metadata and the tensor table, and checks
 //! that every tensor's bytes lie inside the file; [`GgufFile::load_tensor`] dequantizes one tensor into a CPU
-//! `tch::Tensor` in PyTorch dimension order. Supported tensor types: F32, F16, BF16, Q8_0, Q4_0 and Q4_1.
+//! `tch::Tensor` in PyTorch dimension order. Supported tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
+//! and the K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (what Q4_K_M, Q5_K_M and Q6_K files hold); any other type is an
+//! error naming it.
 //!
 //! Layout (see llama.cpp's `docs/gguf.md`): magic `GGUF`, `u32` version, `u64` tensor count, `u64` metadata count,
 //! the metadata key/value pairs, the tensor infos (name, dims innermost first, type, offset), padding to the
@@ -10,9 +12,11 @@
 //!
 //! The parts: [`MetaValue`] (`metadata.rs`); the tensor table's entries and the GGML types (`types.rs`); the
 //! parser of the header, metadata and tensor table (`parse.rs`); loading a tensor (`tensors.rs`) with the
-//! dequantization kernels (`dequant.rs`).
+//! dequantization kernels (`dequant.rs` for the 32-value blocks and the split over threads, `kquants.rs` for the
+//! 256-value K-quant super-blocks).
 
 mod dequant;
+mod kquants;
 mod metadata;
 mod parse;
 mod tensors;

@@ -13,6 +13,37 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 /// Deepest nesting of metadata arrays accepted (real files use one level).
 const MAX_ARRAY_DEPTH: usize = 8;
 
+/// Longest tensor name the GGUF specification allows (llama.cpp refuses 64 and more).
+const MAX_NAME_BYTES: usize = 64;
+/// Longest metadata key the GGUF specification allows.
+const MAX_KEY_BYTES: usize = 65535;
+
+/// A key or name for messages: control characters escaped, cut after 64 characters.
+fn shown(s: &str) -> String {
+    let mut out: String = s.chars().take(64).flat_map(char::escape_debug).collect();
+    if s.chars().nth(64).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// Most elements of a metadata array allocated before they are read.
+const PREALLOCATED_ELEMENTS: u64 = 4096;
+
+/// The fewest bytes a metadata value of type `vtype` takes (1 for an unknown type, which fails when read).
+fn min_size(vtype: u32) -> u64 {
+    match vtype {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        // A string is its u64 length; an array its u32 element type and u64 length.
+        8 => 8,
+        9 => 12,
+        10..=12 => 8,
+        _ => 1,
+    }
+}
+
 /// A bounds-checked little-endian reader over the mapped bytes.
 struct Reader<'a> {
     buf: &'a [u8],
@@ -100,13 +131,15 @@ impl<'a> Reader<'a> {
                 }
                 let etype = self.u32(&format_args!("element type of {what}"))?;
                 let count = self.u64(&format_args!("length of {what}"))?;
-                // Every element takes at least one byte: a count beyond the bytes left is garbage, and is
-                // refused before anything is allocated for it.
+                // Every element takes at least `min_size(etype)` bytes: a count beyond the bytes left is garbage,
+                // and is refused before anything is allocated for it. The vector grows with the elements read,
+                // so that memory stays in proportion to the bytes the file really holds.
                 let left = (self.buf.len() - self.pos) as u64;
-                if count > left {
-                    return Err(self.truncated(&format_args!("{count} elements of {what}"), count));
+                let need = count.saturating_mul(min_size(etype));
+                if need > left {
+                    return Err(self.truncated(&format_args!("{count} elements of {what}"), need));
                 }
-                let mut items = Vec::with_capacity(count as usize);
+                let mut items = Vec::with_capacity(count.min(PREALLOCATED_ELEMENTS) as usize);
                 for i in 0..count {
                     items.push(self.value(etype, &format_args!("element {i} of {what}"), depth + 1)?);
                 }
@@ -154,9 +187,21 @@ impl GgufFile {
 
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv {
+            let at = r.pos;
             let key = r.string(&format_args!("key of metadata entry {i}"))?;
-            let vtype = r.u32(&format_args!("value type of metadata `{key}`"))?;
-            let value = r.value(vtype, &format_args!("value of metadata `{key}`"), 0)?;
+            if key.len() > MAX_KEY_BYTES {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "key of metadata entry {i} at byte {at} is {} bytes long (GGUF allows {MAX_KEY_BYTES}): {}",
+                        key.len(),
+                        shown(&key)
+                    ),
+                ));
+            }
+            let shown_key = shown(&key);
+            let vtype = r.u32(&format_args!("value type of metadata `{shown_key}`"))?;
+            let value = r.value(vtype, &format_args!("value of metadata `{shown_key}`"), 0)?;
             metadata.insert(key, value);
         }
 
@@ -167,21 +212,33 @@ impl GgufFile {
         }
         let mut tensors = Vec::with_capacity(n_tensors as usize);
         for i in 0..n_tensors {
-            let name = r.string(&format_args!("name of tensor {i}"))?;
             let at = r.pos;
-            let n_dims = r.u32(&format_args!("dimension count of tensor `{name}`"))?;
+            let name = r.string(&format_args!("name of tensor {i}"))?;
+            if name.len() > MAX_NAME_BYTES {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "name of tensor {i} at byte {at} is {} bytes long (GGUF allows {MAX_NAME_BYTES}): {}",
+                        name.len(),
+                        shown(&name)
+                    ),
+                ));
+            }
+            let at = r.pos;
+            let shown_name = shown(&name);
+            let n_dims = r.u32(&format_args!("dimension count of tensor `{shown_name}`"))?;
             if n_dims > 8 {
                 return Err(Error::format(
                     path,
-                    format!("tensor `{name}` at byte {at}: {n_dims} dimensions (at most 8 are allowed)"),
+                    format!("tensor `{shown_name}` at byte {at}: {n_dims} dimensions (at most 8 are allowed)"),
                 ));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for d in 0..n_dims {
-                dims.push(r.u64(&format_args!("dimension {d} of tensor `{name}`"))?);
+                dims.push(r.u64(&format_args!("dimension {d} of tensor `{shown_name}`"))?);
             }
-            let ggml_type = r.u32(&format_args!("type of tensor `{name}`"))?;
-            let offset = r.u64(&format_args!("offset of tensor `{name}`"))?;
+            let ggml_type = r.u32(&format_args!("type of tensor `{shown_name}`"))?;
+            let offset = r.u64(&format_args!("offset of tensor `{shown_name}`"))?;
             tensors.push(GgufTensorInfo { name, dims, ggml_type, offset });
         }
 

@@ -3,15 +3,10 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::dequant::{
-    dequantize_parallel, dequantize_q4_0, dequantize_q4_1, dequantize_q8_0, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES,
-};
-use super::types::{block_layout, ggml_type_name, ty};
+use super::dequant::{block_type, dequantize_parallel};
+use super::types::{block_layout, ggml_type_name, ty, SUPPORTED_TYPES};
 use super::{GgufFile, GgufTensorInfo};
 use crate::error::{Error, Result};
-
-/// The tensor types [`GgufFile::load_tensor`] can dequantize, as the error message lists them.
-const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1";
 
 impl GgufFile {
     /// Checks that every tensor of a known type has a sane size and lies inside the file.
@@ -63,6 +58,10 @@ impl GgufFile {
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .filter(|&n| n <= i64::MAX as u64)
             .ok_or_else(|| bad("the number of values overflows".to_owned()))?;
+        // With a zero among them, the others are not bounded by the product: each must still be an i64.
+        if let Some(d) = t.dims.iter().find(|&&d| d > i64::MAX as u64) {
+            return Err(bad(format!("dimension {d} is beyond the largest tensor dimension {}", i64::MAX)));
+        }
         let inner = t.dims.first().copied().unwrap_or(1);
         if inner % block != 0 {
             return Err(bad(format!(
@@ -81,7 +80,7 @@ impl GgufFile {
     /// The number of bytes the tensor takes in the file (0 for a type of unknown layout).
     pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> usize {
         match block_layout(info.ggml_type) {
-            Some((block, bytes)) => (info.numel() / block * bytes) as usize,
+            Some((block, bytes)) => (info.numel() / block).saturating_mul(bytes).try_into().unwrap_or(usize::MAX),
             None => 0,
         }
     }
@@ -108,8 +107,9 @@ impl GgufFile {
     /// Loads one tensor: dequantized, in PyTorch shape order, converted to `kind` (`Float`, `Half`, `BFloat16` or
     /// `Double`), on the CPU.
     ///
-    /// Quantized types are dequantized in `f32`; F16 and BF16 tensors are converted exactly. A type other than
-    /// F32, F16, BF16, Q8_0, Q4_0 or Q4_1 gives [`Error::UnsupportedTensorType`].
+    /// Quantized types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) are dequantized
+    /// in `f32`, bit for bit as the `gguf` Python package does; F16 and BF16 tensors are converted exactly. Any
+    /// other type gives [`Error::UnsupportedTensorType`] naming it.
     pub fn load_tensor(&self, info: &GgufTensorInfo, kind: Kind) -> Result<Tensor> {
         if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
             return Err(Error::InvalidInput {
@@ -119,14 +119,22 @@ impl GgufFile {
                 ),
             });
         }
-        if !matches!(info.ggml_type, ty::F32 | ty::F16 | ty::BF16 | ty::Q8_0 | ty::Q4_0 | ty::Q4_1) {
-            return Err(Error::UnsupportedTensorType {
-                path: self.path.clone(),
-                tensor: info.name.clone(),
-                ggml_type: info.ggml_type,
-                type_name: ggml_type_name(info.ggml_type).to_owned(),
-                supported: SUPPORTED_TYPES.to_owned(),
-            });
+        let unsupported = || Error::UnsupportedTensorType {
+            path: self.path.clone(),
+            tensor: info.name.clone(),
+            ggml_type: info.ggml_type,
+            type_name: ggml_type_name(info.ggml_type).to_owned(),
+            supported: SUPPORTED_TYPES.to_owned(),
+        };
+        let plain = match info.ggml_type {
+            ty::F32 => Some(Kind::Float),
+            ty::F16 => Some(Kind::Half),
+            ty::BF16 => Some(Kind::BFloat16),
+            _ => None,
+        };
+        let blocks = block_type(info.ggml_type);
+        if plain.is_none() && blocks.is_none() {
+            return Err(unsupported());
         }
         let data = self.tensor_data(info)?;
         let shape = info.shape();
@@ -138,31 +146,22 @@ impl GgufFile {
             )
         };
 
-        let tensor = match info.ggml_type {
+        let tensor = match (plain, blocks) {
             // Stored little-endian, like every host libtorch runs on: the bytes are the tensor (copied).
-            ty::F32 => Tensor::f_from_data_size(data, &shape, Kind::Float),
-            ty::F16 => Tensor::f_from_data_size(data, &shape, Kind::Half),
-            ty::BF16 => Tensor::f_from_data_size(data, &shape, Kind::BFloat16),
-            quantized => {
+            (Some(stored), _) => Tensor::f_from_data_size(data, &shape, stored),
+            (None, Some(blocks)) => {
                 let out = Tensor::f_empty([numel as i64], (Kind::Float, Device::Cpu)).map_err(torch_err)?;
                 if numel > 0 {
                     // SAFETY: `out` is a fresh, contiguous CPU float tensor of `numel` elements that nothing else
                     // references while this slice lives.
                     let dst = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, numel) };
-                    let dequant: fn(&[u8], &mut [f32]) = match quantized {
-                        ty::Q4_0 => dequantize_q4_0,
-                        ty::Q4_1 => dequantize_q4_1,
-                        _ => dequantize_q8_0,
-                    };
-                    let block_bytes = match quantized {
-                        ty::Q4_0 => Q4_0_BYTES,
-                        ty::Q4_1 => Q4_1_BYTES,
-                        _ => Q8_0_BYTES,
-                    };
-                    dequantize_parallel(data, dst, block_bytes, dequant);
+                    dequantize_parallel(data, dst, blocks).map_err(|msg| {
+                        Error::format(&self.path, format!("tensor `{}` ({}): {msg}", info.name, info.type_name()))
+                    })?;
                 }
                 out.f_reshape(&shape)
             }
+            (None, None) => return Err(unsupported()),
         }
         .map_err(torch_err)?;
         if tensor.kind() == kind {

@@ -1,7 +1,10 @@
 //! Unit tests of the GGUF reader: small files written in memory, then parsed, loaded, dequantized and corrupted.
 
-use super::dequant::{dequantize_parallel, dequantize_q4_0, dequantize_q4_1, dequantize_q8_0, Q4_1_BYTES, QK};
-use super::types::ty;
+use super::dequant::{
+    block_type, dequantize_parallel, dequantize_q4_0, dequantize_q4_1, dequantize_q8_0, dequantize_split, Q4_1_BYTES,
+    QK,
+};
+use super::types::{block_layout, ty};
 use super::*;
 use half::{bf16, f16};
 use std::io::Write;
@@ -145,8 +148,67 @@ fn parallel_dequantization_matches_serial() {
     let mut serial = vec![0f32; n_blocks * QK];
     let mut parallel = vec![0f32; n_blocks * QK];
     dequantize_q4_1(&src, &mut serial);
-    dequantize_parallel(&src, &mut parallel, Q4_1_BYTES, dequantize_q4_1);
+    dequantize_parallel(&src, &mut parallel, block_type(ty::Q4_1).unwrap()).unwrap();
     assert_eq!(serial, parallel);
+}
+
+/// Bytes that vary from block to block, with the f16 at each of `f16_at` (offsets in a block) a finite value.
+fn pseudo_random_blocks(n_blocks: usize, block_bytes: usize, f16_at: &[usize]) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut out: Vec<u8> = (0..n_blocks * block_bytes)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    for (i, block) in out.chunks_exact_mut(block_bytes).enumerate() {
+        for &at in f16_at {
+            block[at..at + 2].copy_from_slice(&f16_bytes((i % 97) as f32 / 512.0 - 0.09));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_block_type_splits_over_threads_like_one_thread() {
+    // (type, offsets of its f16 scales in a block)
+    let types: [(u32, &[usize]); 10] = [
+        (ty::Q4_0, &[0]),
+        (ty::Q4_1, &[0, 2]),
+        (ty::Q5_0, &[0]),
+        (ty::Q5_1, &[0, 2]),
+        (ty::Q8_0, &[0]),
+        (ty::Q2_K, &[80, 82]),
+        (ty::Q3_K, &[108]),
+        (ty::Q4_K, &[0, 2]),
+        (ty::Q5_K, &[0, 2]),
+        (ty::Q6_K, &[208]),
+    ];
+    for (t, scales) in types {
+        let bt = block_type(t).unwrap();
+        assert_eq!(block_layout(t), Some((bt.values as u64, bt.bytes as u64)), "{}", ggml_type_name(t));
+        let n_blocks = 37;
+        let src = pseudo_random_blocks(n_blocks, bt.bytes, scales);
+        let mut serial = vec![0f32; n_blocks * bt.values];
+        (bt.kernel)(&src, &mut serial);
+        assert!(serial.iter().all(|x| x.is_finite()), "{}", ggml_type_name(t));
+        for threads in [0, 2, 5, 37, 100] {
+            let mut split = vec![f32::NAN; n_blocks * bt.values];
+            dequantize_split(&src, &mut split, bt, threads).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&serial), bits(&split), "{} on {threads} threads", ggml_type_name(t));
+        }
+        // Lengths that are not whole blocks, or do not match, are errors, not panics or partial writes.
+        let mut dst = vec![0f32; bt.values + 1];
+        let e = dequantize_split(&src[..bt.bytes], &mut dst, bt, 1).unwrap_err();
+        assert!(e.contains("whole number of blocks"), "{e}");
+        let mut dst = vec![0f32; 2 * bt.values];
+        let e = dequantize_split(&src[..bt.bytes], &mut dst, bt, 3).unwrap_err();
+        assert!(e.contains(&format!("{} bytes were given", bt.bytes)), "{e}");
+        dequantize_split(&[], &mut [], bt, 4).unwrap();
+    }
 }
 
 #[test]
@@ -315,19 +377,26 @@ fn garbage_counts_are_refused() {
 #[test]
 fn unsupported_type_names_the_tensor() {
     let mut b = Builder::new();
-    b.tensor("blk.0.ffn_up.weight", &[32, 1], 6, &[0u8; 22]);
-    let f = GgufFile::open(temp_file("q5.gguf", &b.bytes())).unwrap();
-    let e = f.load_tensor(&f.tensors[0], Kind::Float).unwrap_err();
-    match &e {
-        Error::UnsupportedTensorType { tensor, ggml_type, type_name, supported, .. } => {
-            assert_eq!(tensor, "blk.0.ffn_up.weight");
-            assert_eq!(*ggml_type, 6);
-            assert_eq!(type_name, "Q5_0");
-            assert_eq!(supported, "F32, F16, BF16, Q8_0, Q4_0, Q4_1");
+    b.tensor("blk.0.ffn_up.weight", &[256, 1], 16, &[0u8; 66]);
+    b.tensor("blk.0.ffn_down.weight", &[256, 1], 34, &[0u8; 54]);
+    b.tensor("blk.0.attn_q.weight", &[32, 1], 4, &[0u8; 18]);
+    let f = GgufFile::open(temp_file("iq.gguf", &b.bytes())).unwrap();
+    for (info, id, name) in
+        [(&f.tensors[0], 16, "IQ2_XXS"), (&f.tensors[1], 34, "TQ1_0"), (&f.tensors[2], 4, "unknown")]
+    {
+        let e = f.load_tensor(info, Kind::Float).unwrap_err();
+        match &e {
+            Error::UnsupportedTensorType { tensor, ggml_type, type_name, supported, .. } => {
+                assert_eq!(tensor, &info.name);
+                assert_eq!(*ggml_type, id);
+                assert_eq!(type_name, name);
+                assert_eq!(supported, "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K");
+            }
+            other => panic!("expected UnsupportedTensorType, got {other}"),
         }
-        other => panic!("expected UnsupportedTensorType, got {other}"),
+        let msg = e.to_string();
+        assert!(msg.contains(&info.name) && msg.contains(&format!("GGUF type {id} ({name})")), "{msg}");
     }
-    assert!(e.to_string().contains("blk.0.ffn_up.weight"));
 }
 
 #[test]
@@ -336,4 +405,47 @@ fn bad_block_multiple_is_a_format_error() {
     b.tensor("w", &[30, 1], ty::Q4_1, &[0u8; 20]);
     let e = GgufFile::open(temp_file("block.gguf", &b.bytes())).unwrap_err();
     assert!(matches!(e, Error::Format { .. }) && e.to_string().contains("block size"), "{e}");
+}
+
+#[test]
+fn k_quant_rows_must_be_whole_super_blocks() {
+    // 256 values, but rows of 32: a K-quant row must hold whole super-blocks of 256.
+    let mut b = Builder::new();
+    b.tensor("w", &[32, 8], ty::Q4_K, &[0u8; 144]);
+    let e = GgufFile::open(temp_file("kblock.gguf", &b.bytes())).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Format { .. }) && msg.contains("Q4_K block size 256") && msg.contains("`w`"), "{msg}");
+    let mut b = Builder::new();
+    b.tensor("v", &[100], ty::Q6_K, &[0u8; 210]);
+    let e = GgufFile::open(temp_file("kblock2.gguf", &b.bytes())).unwrap_err();
+    assert!(matches!(e, Error::Format { .. }) && e.to_string().contains("block size 256"), "{e}");
+}
+
+#[test]
+fn sizes_of_corrupt_infos_do_not_overflow() {
+    let info = GgufTensorInfo { name: "x".into(), dims: vec![u64::MAX, 3], ggml_type: ty::Q4_K, offset: 0 };
+    assert_eq!(info.numel(), u64::MAX);
+    let mut b = Builder::new();
+    b.tensor("w", &[256], ty::Q4_K, &[0u8; 144]);
+    let f = GgufFile::open(temp_file("sizes.gguf", &b.bytes())).unwrap();
+    assert_eq!(f.tensor_bytes(&f.tensors[0]), 144);
+    assert_eq!(f.tensor_bytes(&info) as u64, u64::MAX / 256 * 144);
+    let e = f.load_tensor(&info, Kind::Float).unwrap_err();
+    assert!(matches!(e, Error::Format { .. }) && e.to_string().contains("overflows"), "{e}");
+}
+
+#[test]
+fn overlong_tensor_names_are_refused() {
+    let mut b = Builder::new();
+    let name = format!("blk.0.{}\n.weight", "x".repeat(80));
+    b.tensor(&name, &[4], ty::F32, &[0u8; 16]);
+    let e = GgufFile::open(temp_file("name.gguf", &b.bytes())).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Format { .. }), "{msg}");
+    assert!(msg.contains("name of tensor 0") && msg.contains("94 bytes long (GGUF allows 64)"), "{msg}");
+    // Shown cut after 64 characters, with control characters escaped.
+    assert!(msg.ends_with(&format!("blk.0.{}...", "x".repeat(58))), "{msg}");
+    let mut b = Builder::new();
+    b.tensor(&format!("a\tb{}", "c".repeat(61)), &[4], ty::F32, &[0u8; 16]);
+    assert!(GgufFile::open(temp_file("name64.gguf", &b.bytes())).is_ok());
 }

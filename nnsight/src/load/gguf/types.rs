@@ -7,9 +7,19 @@ pub(super) mod ty {
     pub const F16: u32 = 1;
     pub const Q4_0: u32 = 2;
     pub const Q4_1: u32 = 3;
+    pub const Q5_0: u32 = 6;
+    pub const Q5_1: u32 = 7;
     pub const Q8_0: u32 = 8;
+    pub const Q2_K: u32 = 10;
+    pub const Q3_K: u32 = 11;
+    pub const Q4_K: u32 = 12;
+    pub const Q5_K: u32 = 13;
+    pub const Q6_K: u32 = 14;
     pub const BF16: u32 = 30;
 }
+
+/// The tensor types [`GgufFile::load_tensor`](super::GgufFile::load_tensor) reads, as messages list them.
+pub(super) const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
 
 /// Where one tensor lies in a GGUF file, and how it is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,9 +40,11 @@ impl GgufTensorInfo {
         self.dims.iter().rev().map(|&d| d as i64).collect()
     }
 
-    /// Number of values in the tensor.
+    /// Number of values in the tensor (saturating at `u64::MAX`, for dims that [`GgufFile::open`] would refuse).
+    ///
+    /// [`GgufFile::open`]: super::GgufFile::open
     pub fn numel(&self) -> u64 {
-        self.dims.iter().product()
+        self.dims.iter().fold(1u64, |n, &d| n.saturating_mul(d))
     }
 
     /// The llama.cpp name of the tensor's type (`"Q4_1"`).
@@ -41,7 +53,9 @@ impl GgufTensorInfo {
     }
 }
 
-/// The llama.cpp name of a GGML tensor type id (`3` → `"Q4_1"`), or `"unknown"`.
+/// The llama.cpp name of a GGML tensor type id (`3` → `"Q4_1"`, `34` → `"TQ1_0"`), or `"unknown"`.
+///
+/// Ids 31-33 and 36-38 name the interleaved repackings llama.cpp once wrote to files and has since removed.
 pub fn ggml_type_name(t: u32) -> &'static str {
     match t {
         0 => "F32",
@@ -73,14 +87,22 @@ pub fn ggml_type_name(t: u32) -> &'static str {
         28 => "F64",
         29 => "IQ1_M",
         30 => "BF16",
+        31 => "Q4_0_4_4",
+        32 => "Q4_0_4_8",
+        33 => "Q4_0_8_8",
         34 => "TQ1_0",
         35 => "TQ2_0",
+        36 => "IQ4_NL_4_4",
+        37 => "IQ4_NL_4_8",
+        38 => "IQ4_NL_8_8",
         39 => "MXFP4",
+        40 => "NVFP4",
+        41 => "Q1_0",
         _ => "unknown",
     }
 }
 
-/// `(values per block, bytes per block)` of a GGML type, where known.
+/// `(values per block, bytes per block)` of a GGML type, where known (as the `gguf` package's `GGML_QUANT_SIZES`).
 pub(super) fn block_layout(t: u32) -> Option<(u64, u64)> {
     Some(match t {
         0 => (1, 4),
@@ -115,6 +137,8 @@ pub(super) fn block_layout(t: u32) -> Option<(u64, u64)> {
         34 => (256, 54),
         35 => (256, 66),
         39 => (32, 17),
+        40 => (64, 36),
+        41 => (128, 18),
         _ => return None,
     })
 }
