@@ -3,11 +3,13 @@
 mod autograd;
 mod calls;
 mod common;
+mod corrupt_files;
 mod edits;
 mod error_messages;
 mod generate;
 mod generate_trace;
 mod gguf;
+mod gguf_quants;
 mod gradients;
 mod graph_control;
 mod graph_runtime;
