@@ -1,4 +1,5 @@
-//! Leaf layers: `Linear`, `Conv1D` (GPT-2's transposed linear), `Embedding`, `LayerNorm`, `RmsNorm`.
+//! Leaf layers: `Linear`, `Conv1D` (GPT-2's transposed linear), `Embedding`, `LayerNorm`, `RmsNorm`, and the
+//! activation functions as modules.
 //! Parameter names and shapes are PyTorch's, so state-dict keys load one to one.
 
 use super::{join_path, Ctx, Forward};
@@ -208,6 +209,33 @@ pub enum ActivationFn {
     /// GPT-2's `gelu_new`: `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`, as transformers'
     /// `NewGELUActivation` writes it.
     GeluNew,
+    /// The exact GELU `x Φ(x)` (transformers' `gelu`, `GELUActivation`; Pythia's).
+    Gelu,
+    /// PyTorch's tanh-approximated GELU (transformers' `gelu_pytorch_tanh`, `GELUTanh`).
+    GeluTanh,
+    /// `0.5 x (1 + tanh(0.7978845608 x (1 + 0.044715 x²)))` (transformers' `gelu_fast`, `FastGELUActivation`;
+    /// GPT-NeoX-20B's).
+    GeluFast,
+    /// `max(x, 0)`.
+    Relu,
+}
+
+impl ActivationFn {
+    /// The function a config's `hidden_act` names (transformers' `ACT2FN` keys), if supported.
+    pub fn from_hf(name: &str) -> Option<Self> {
+        Some(match name {
+            "silu" | "swish" => ActivationFn::Silu,
+            "gelu_new" => ActivationFn::GeluNew,
+            "gelu" => ActivationFn::Gelu,
+            "gelu_pytorch_tanh" => ActivationFn::GeluTanh,
+            "gelu_fast" => ActivationFn::GeluFast,
+            "relu" => ActivationFn::Relu,
+            _ => return None,
+        })
+    }
+
+    /// The `hidden_act` names [`ActivationFn::from_hf`] accepts, for error messages.
+    pub const HF_NAMES: &'static str = "silu, swish, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu";
 }
 
 impl Activation {
@@ -215,6 +243,10 @@ impl Activation {
         match self.function {
             ActivationFn::Silu => "SiLU",
             ActivationFn::GeluNew => "NewGELUActivation",
+            ActivationFn::Gelu => "GELUActivation",
+            ActivationFn::GeluTanh => "GELUTanh",
+            ActivationFn::GeluFast => "FastGELUActivation",
+            ActivationFn::Relu => "ReLU",
         }
     }
 
@@ -229,6 +261,10 @@ impl Forward for Activation {
         match self.function {
             ActivationFn::Silu => x.f_silu().at(&self.path),
             ActivationFn::GeluNew => gelu_new(x).at(&self.path),
+            ActivationFn::Gelu => x.f_gelu("none").at(&self.path),
+            ActivationFn::GeluTanh => x.f_gelu("tanh").at(&self.path),
+            ActivationFn::GeluFast => gelu_fast(x).at(&self.path),
+            ActivationFn::Relu => x.f_relu().at(&self.path),
         }
     }
 }
@@ -237,5 +273,12 @@ impl Forward for Activation {
 pub fn gelu_new(x: &Tensor) -> std::result::Result<Tensor, tch::TchError> {
     let inner = x.f_pow_tensor_scalar(3.0)?.f_mul_scalar(0.044715)?.f_add(x)?;
     let t = inner.f_mul_scalar((2.0 / std::f64::consts::PI).sqrt())?.f_tanh()?;
+    x.f_mul_scalar(0.5)?.f_mul(&t.f_add_scalar(1.0)?)
+}
+
+/// transformers' `gelu_fast` (`FastGELUActivation`), with its operations in its order.
+pub fn gelu_fast(x: &Tensor) -> std::result::Result<Tensor, tch::TchError> {
+    let inner = x.f_mul_scalar(0.044715)?.f_mul(x)?.f_add_scalar(1.0)?;
+    let t = x.f_mul_scalar(0.7978845608)?.f_mul(&inner)?.f_tanh()?;
     x.f_mul_scalar(0.5)?.f_mul(&t.f_add_scalar(1.0)?)
 }

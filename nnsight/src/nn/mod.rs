@@ -10,7 +10,7 @@ mod layers;
 mod tree;
 
 pub use kv::KvCache;
-pub use layers::{gelu_new, Activation, ActivationFn, Conv1D, Embedding, LayerNorm, Linear, RmsNorm};
+pub use layers::{gelu_fast, gelu_new, Activation, ActivationFn, Conv1D, Embedding, LayerNorm, Linear, RmsNorm};
 pub use tree::{named_parameters, ModuleList, ModuleTree};
 
 /// The fast CPU path of [`Linear`]: float32 linear layers on the CPU run through oneDNN's matmul
