@@ -74,6 +74,33 @@ pub fn build_boxed<M: CausalLm>(config: &RawConfig, weights: &mut Weights) -> Re
     Ok(Box::new(M::from_config(config, weights)?))
 }
 
+/// The vocabulary size a GGUF file states: `{arch}.vocab_size`, else the length of `tokenizer.ggml.tokens`.
+pub(crate) fn gguf_vocab_size(f: &GgufFile) -> Result<u64> {
+    let a = f.architecture()?;
+    match f.get_u64(&format!("{a}.vocab_size")) {
+        Ok(v) => Ok(v),
+        Err(_) => f
+            .get("tokenizer.ggml.tokens")
+            .and_then(|t| t.as_array())
+            .map(|t| t.len() as u64)
+            .ok_or_else(|| Error::config(&f.path, format!("neither {a}.vocab_size nor tokenizer.ggml.tokens"))),
+    }
+}
+
+/// Copies the special token ids of a GGUF file's tokenizer metadata into a `config.json` equivalent `c`
+/// (`bos_token_id`, `eos_token_id`, `pad_token_id`).
+pub(crate) fn gguf_special_token_ids(f: &GgufFile, c: &mut serde_json::Value) {
+    for (gguf_key, hf) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+    ] {
+        if let Ok(v) = f.get_u64(gguf_key) {
+            c[hf] = v.into();
+        }
+    }
+}
+
 /// Reads `config.json` in `dir`.
 pub fn read_config(dir: &Path) -> Result<RawConfig> {
     let path = dir.join("config.json");

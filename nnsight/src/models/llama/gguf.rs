@@ -2,6 +2,7 @@
 //! names mapped to Hugging Face's, and the q/k rows llama.cpp permuted for its rope layout put back.
 
 use crate::load::gguf::GgufFile;
+use crate::models::registry::{gguf_special_token_ids, gguf_vocab_size};
 use crate::{Error, Result};
 use tch::Tensor;
 
@@ -10,14 +11,7 @@ pub(super) fn gguf_config(f: &GgufFile) -> Result<serde_json::Value> {
     let key = |k: &str| format!("{a}.{k}");
     let heads = f.get_u64(&key("attention.head_count"))?;
     let hidden = f.get_u64(&key("embedding_length"))?;
-    let vocab = match f.get_u64(&key("vocab_size")) {
-        Ok(v) => v,
-        Err(_) => f
-            .get("tokenizer.ggml.tokens")
-            .and_then(|t| t.as_array())
-            .map(|t| t.len() as u64)
-            .ok_or_else(|| Error::config(&f.path, "neither llama.vocab_size nor tokenizer.ggml.tokens"))?,
-    };
+    let vocab = gguf_vocab_size(f)?;
     let tied = !f.tensors.iter().any(|t| t.name == "output.weight");
     if f.tensors.iter().any(|t| t.name == "rope_freqs.weight") {
         return Err(Error::config(&f.path, "GGUF files with a `rope_freqs` tensor (Llama 3.1 rope scaling) are not supported yet; load the Hugging Face folder instead"));
@@ -50,15 +44,7 @@ pub(super) fn gguf_config(f: &GgufFile) -> Result<serde_json::Value> {
             return Err(Error::config(&f.path, format!("rope scaling type `{t}` in GGUF is not supported")));
         }
     }
-    for (gguf_key, hf) in [
-        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
-        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
-        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
-    ] {
-        if let Ok(v) = f.get_u64(gguf_key) {
-            c[hf] = v.into();
-        }
-    }
+    gguf_special_token_ids(f, &mut c);
     Ok(c)
 }
 
