@@ -122,4 +122,10 @@ impl Weights {
         let old = std::mem::take(&mut self.tensors);
         self.tensors = old.into_iter().map(|(k, v)| (f(&k), v)).collect();
     }
+
+    /// Drops the tensors whose names `f` accepts: buffers an architecture knows a checkpoint may carry and does
+    /// not use (GPT-NeoX's saved causal masks `attention.bias`), so that [`Weights::finish`] does not report them.
+    pub fn discard(&mut self, f: impl Fn(&str) -> bool) {
+        self.tensors.retain(|k, _| !f(k));
+    }
 }

@@ -8,6 +8,7 @@ mod attention;
 mod auto;
 pub mod batch;
 pub mod gpt2;
+pub mod gpt_neox;
 pub mod llama;
 mod registry;
 pub mod rope;

@@ -28,6 +28,9 @@ pub struct RopeScaling {
     /// Base of the rotary frequencies (transformers 5 writes it here).
     #[serde(default)]
     pub rope_theta: Option<f64>,
+    /// Fraction of each head that is rotated (transformers 5 writes GPT-NeoX's `rotary_pct` here).
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
 }
 
 impl RopeScaling {

@@ -1,0 +1,101 @@
+//! Reading GPT-NeoX GGUF files (llama.cpp's `gptneox`): the configuration from the metadata, llama.cpp's tensor
+//! names mapped to Hugging Face's, and the fused q/k/v rows that llama.cpp's converter regrouped (all queries,
+//! then all keys, then all values) put back in Hugging Face's order (each head's query, key and value in turn).
+
+use crate::load::gguf::{GgufFile, MetaValue};
+use crate::models::registry::{gguf_special_token_ids, gguf_vocab_size};
+use crate::{Error, Result};
+use tch::Tensor;
+
+pub(super) fn gguf_config(f: &GgufFile) -> Result<serde_json::Value> {
+    let a = f.architecture()?.to_string();
+    let key = |k: &str| format!("{a}.{k}");
+    let heads = f.get_u64(&key("attention.head_count"))?;
+    let hidden = f.get_u64(&key("embedding_length"))?;
+    if heads == 0 || hidden % heads != 0 {
+        return Err(Error::config(&f.path, format!("embedding_length {hidden} is not a multiple of {heads} heads")));
+    }
+    let head_dim = hidden / heads;
+    let rotary = f.get_u64(&key("rope.dimension_count"))?;
+    // transformers truncates `head_dim * rotary_pct`; make sure that gives back the rotated width.
+    let mut pct = rotary as f64 / head_dim as f64;
+    if (head_dim as f64 * pct) as u64 != rotary {
+        pct = (rotary as f64 + 0.5) / head_dim as f64;
+    }
+    if let Ok(t) = f.get_str(&key("rope.scaling.type")) {
+        if t != "none" {
+            return Err(Error::config(&f.path, format!("rope scaling type `{t}` in a gptneox GGUF is not supported")));
+        }
+    }
+    // GGUF keeps the epsilon as a float32; config.json had the decimal it rounds (1e-5, not 9.99999974e-6).
+    let eps = f.get_f64(&key("attention.layer_norm_epsilon"))?;
+    let eps = (eps as f32).to_string().parse::<f64>().unwrap_or(eps);
+    let has = |name: &str| f.tensors.iter().any(|t| t.name == name);
+    let mut c = serde_json::json!({
+        "model_type": "gpt_neox",
+        "architectures": ["GPTNeoXForCausalLM"],
+        "vocab_size": gguf_vocab_size(f)?,
+        "hidden_size": hidden,
+        "intermediate_size": f.get_u64(&key("feed_forward_length"))?,
+        "num_hidden_layers": f.get_u64(&key("block_count"))?,
+        "num_attention_heads": heads,
+        "layer_norm_eps": eps,
+        "use_parallel_residual": f.get(&key("use_parallel_residual")).and_then(MetaValue::as_bool).unwrap_or(true),
+        "rotary_pct": pct,
+        "rotary_emb_base": f.get_f64(&key("rope.freq_base")).unwrap_or(10000.0),
+        "attention_bias": has("blk.0.attn_qkv.bias"),
+        "tie_word_embeddings": !has("output.weight"),
+        "hidden_act": "gelu",
+    });
+    if let Ok(ctx) = f.get_u64(&key("context_length")) {
+        c["max_position_embeddings"] = ctx.into();
+    }
+    gguf_special_token_ids(f, &mut c);
+    Ok(c)
+}
+
+pub(super) fn gguf_tensor_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("gpt_neox.embed_in.weight"),
+        "output_norm.weight" => Some("gpt_neox.final_layer_norm.weight"),
+        "output_norm.bias" => Some("gpt_neox.final_layer_norm.bias"),
+        "output.weight" => Some("embed_out.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let (idx, rest) = name.strip_prefix("blk.")?.split_once('.')?;
+    let idx: usize = idx.parse().ok()?;
+    let (part, suffix) = rest.rsplit_once('.')?;
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "attn_qkv" => "attention.query_key_value",
+        "attn_output" => "attention.dense",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_up" => "mlp.dense_h_to_4h",
+        "ffn_down" => "mlp.dense_4h_to_h",
+        _ => return None,
+    };
+    Some(format!("gpt_neox.layers.{idx}.{hf}.{suffix}"))
+}
+
+/// llama.cpp's converter regrouped the rows of `query_key_value` from `[heads, 3, head_dim]` to
+/// `[3, heads, head_dim]`; swap the two axes back.
+pub(super) fn gguf_fix_tensor(name: &str, t: Tensor, c: &serde_json::Value) -> Result<Tensor> {
+    if !name.ends_with("attention.query_key_value.weight") && !name.ends_with("attention.query_key_value.bias") {
+        return Ok(t);
+    }
+    let heads = c["num_attention_heads"].as_i64().unwrap_or(0);
+    let shape = t.size();
+    let rows = shape[0];
+    if heads <= 0 || rows % (3 * heads) != 0 {
+        return Err(Error::ShapeMismatch { name: name.into(), expected: vec![3 * heads], found: shape });
+    }
+    let mut split = vec![3, heads, rows / 3 / heads];
+    split.extend_from_slice(&shape[1..]);
+    t.f_reshape(split.as_slice())
+        .and_then(|t| t.f_transpose(0, 1))
+        .and_then(|t| t.f_reshape(shape.as_slice()))
+        .map_err(|e| Error::torch(name, e))
+}
