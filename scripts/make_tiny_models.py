@@ -13,7 +13,10 @@ It (re)writes, deterministically (fixed seeds, CPU, float32):
                             model.safetensors.index.json, tokenizer.json,
                             reference.safetensors, reference.json
 
-Both models share one tiny byte-level BPE tokenizer trained on the English text below.
+Other families (one `make_*` function each, see below) write tests/data/tiny-<family>/ the same way;
+tiny-gpt-neox also gets tiny-gpt-neox.f32.gguf, the same weights as llama.cpp's converter lays them out.
+
+All models share one tiny byte-level BPE tokenizer trained on the English text below.
 Weights are drawn with a much larger spread than Hugging Face's default init (normal, std 0.2,
 biases included; norm weights 1 +- 0.2) so that logits are far from uniform and a parity test
 between implementations means something.
@@ -56,6 +59,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from transformers import (  # noqa: E402
     GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
 )
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -127,6 +131,8 @@ def big_init(model: torch.nn.Module, seed: int) -> None:
 
 
 def block_list(model: torch.nn.Module):
+    if hasattr(model, "gpt_neox"):
+        return model.gpt_neox.layers, model.gpt_neox.final_layer_norm
     if hasattr(model, "transformer"):
         return model.transformer.h, model.transformer.ln_f
     return model.model.layers, model.model.norm
@@ -394,6 +400,74 @@ def make_mistral(tok: Tokenizer) -> None:
     tiny("tiny-mistral", tok, MistralForCausalLM, config, seed=9012, extra={"sliding_window": 4})
 
 
+def make_gpt_neox(tok: Tokenizer) -> None:
+    """Two tiny GPT-NeoX models. tiny-gpt-neox has Pythia's layout: parallel residual, a quarter of each head
+    rotated (rotary_pct 0.25), exact GELU, biases, a separate head (`embed_out`); it also gets an F32 GGUF.
+    tiny-gpt-neox-sequential has the sequential residual, half of each head rotated at another base, gelu_fast
+    (GPT-NeoX-20B's), no attention biases and a tied head."""
+    eot = tok.token_to_id("<|endoftext|>")
+    shape = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=256, max_position_embeddings=128, layer_norm_eps=1e-5, bos_token_id=eot,
+                 eos_token_id=eot)
+    pythia = GPTNeoXConfig(**shape, hidden_act="gelu", rotary_pct=0.25, rotary_emb_base=10000.0,
+                           use_parallel_residual=True, attention_bias=True, tie_word_embeddings=False)
+    model = tiny("tiny-gpt-neox", tok, GPTNeoXForCausalLM, pythia, seed=3456,
+                 extra={"rope_parameters": pythia.rope_parameters, "use_parallel_residual": True})
+    write_gpt_neox_gguf(model, tok, DATA / "tiny-gpt-neox" / "tiny-gpt-neox.f32.gguf")
+    sequential = GPTNeoXConfig(**shape, hidden_act="gelu_fast", rotary_pct=0.5, rotary_emb_base=500.0,
+                               use_parallel_residual=False, attention_bias=False, tie_word_embeddings=True)
+    tiny("tiny-gpt-neox-sequential", tok, GPTNeoXForCausalLM, sequential, seed=7895,
+         extra={"rope_parameters": sequential.rope_parameters, "use_parallel_residual": False})
+
+
+def write_gpt_neox_gguf(model, tok: Tokenizer, path: Path) -> None:
+    """An F32 GGUF of `model` as llama.cpp's convert_hf_to_gguf.py writes a GPT-NeoX (`gptneox`): its metadata
+    keys, tensor names, and the rows of `query_key_value` regrouped from [heads, 3, head_dim] to [3, heads,
+    head_dim]; with the shared tokenizer as a `gpt2` vocabulary."""
+    import gguf
+    c = model.config
+    heads, hidden = c.num_attention_heads, c.hidden_size
+    w = gguf.GGUFWriter(str(path), "gptneox")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(hidden)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_rope_dimension_count(int(c.rope_parameters["partial_rotary_factor"] * (hidden // heads)))
+    w.add_head_count(heads)
+    w.add_parallel_residual(c.use_parallel_residual)
+    w.add_layer_norm_eps(c.layer_norm_eps)
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in SPECIAL_TOKENS else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    w.add_add_bos_token(False)
+    names = {"gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm", "lm_head": "output"}
+    parts = {"input_layernorm": "attn_norm", "attention.query_key_value": "attn_qkv", "attention.dense": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
+    for name, t in model.state_dict().items():
+        module, suffix = name.rsplit(".", 1)
+        if module.startswith("gpt_neox.layers."):
+            idx, part = module[len("gpt_neox.layers."):].split(".", 1)
+            out = f"blk.{idx}.{parts[part]}.{suffix}"
+        else:
+            out = f"{names[module]}.{suffix}"
+        t = t.detach().float()
+        if module.endswith("attention.query_key_value"):
+            t = t.reshape(heads, 3, hidden // heads, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+        w.add_tensor(out, t.contiguous().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"  wrote {path.relative_to(ROOT)} ({path.stat().st_size:,} bytes)")
+
+
 def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -406,6 +480,7 @@ def main() -> None:
     make_gpt2(tok)
     make_llama(tok)
     make_mistral(tok)
+    make_gpt_neox(tok)
 
 
 if __name__ == "__main__":
