@@ -6,6 +6,7 @@ mod common;
 mod corrupt_files;
 mod edits;
 mod error_messages;
+mod family_neox;
 mod generate;
 mod generate_trace;
 mod gguf;

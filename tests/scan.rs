@@ -13,7 +13,9 @@ const PROMPTS: [&str; 2] = ["The Eiffel Tower is in the city of", "Madrid is"];
 
 /// Every module's input and output, traced and scanned on a padded two-prompt batch: the same keys in the same
 /// order, the same shapes and dtypes; every scanned value is meta (holds no data).
-fn assert_scan_matches_trace<M: nnsight::models::CausalLm>(model: &LanguageModel<M>) -> nnsight::Result<usize> {
+pub(crate) fn assert_scan_matches_trace<M: nnsight::models::CausalLm>(
+    model: &LanguageModel<M>,
+) -> nnsight::Result<usize> {
     intervene!(model.trace(PROMPTS) {
         let traced = model.cache_with(CacheOptions::default().inputs(true));
     });

@@ -16,7 +16,12 @@ const P2: &str = "Hello world";
 /// `{layers}.{i}.{attn}`, the ones the explicit path uses) within 1e-5 of the eager ones; the greedy continuation
 /// of 24 tokens equal to transformers', solo and with both prompts in one left-padded batch; and each row of a
 /// batched forward within 1e-4 of its solo run.
-pub fn check_against_reference<M: nnsight::models::CausalLm>(dir: &str, layers: &str, attn: &str, n_layers: usize) {
+pub(crate) fn check_against_reference<M: nnsight::models::CausalLm>(
+    dir: &str,
+    layers: &str,
+    attn: &str,
+    n_layers: usize,
+) {
     common::init();
     let model = LanguageModel::<M>::load_with(common::data(dir), common::opts()).unwrap();
     let reference = read_reference(&common::data(&format!("{dir}/reference.safetensors")));
