@@ -108,6 +108,21 @@ fn older_config_keys_load_the_same_model_and_each_setting_matters() {
     }
     let tmp = with_config(PYTHIA, |c| c["use_parallel_residual"] = false.into());
     assert!(max_abs_diff(&logits(&tmp), want) > 1e-2, "the residual layout should matter");
+    // Pythia's checkpoints carry each layer's causal-mask buffers and the head under either name.
+    let hub = with_config(PYTHIA, |_| {});
+    let file = hub.path().join("model.safetensors");
+    let mut tensors = Tensor::read_safetensors(&file).unwrap();
+    for (name, _) in tensors.iter_mut().filter(|(n, _)| n == "embed_out.weight") {
+        *name = "lm_head.weight".into();
+    }
+    tensors.push(("gpt_neox.layers.0.attention.bias".into(), Tensor::ones([1, 1, 8, 8], (Kind::Bool, Device::Cpu))));
+    tensors.push(("gpt_neox.layers.1.attention.masked_bias".into(), Tensor::from(-1e9f32)));
+    tensors.push((
+        "gpt_neox.layers.1.attention.rotary_emb.inv_freq".into(),
+        Tensor::ones([2], (Kind::Float, Device::Cpu)),
+    ));
+    Tensor::write_safetensors(&tensors, &file).unwrap();
+    assert!(max_abs_diff(&logits(&hub), want) < 1e-4);
     let tmp = with_config(PYTHIA, |c| c["hidden_act"] = "swiglu".into());
     let err = LanguageModel::<GptNeoX>::load_with(tmp.path(), common::opts()).err().unwrap().to_string();
     assert!(err.contains("hidden_act `swiglu` is not supported"), "{err}");
