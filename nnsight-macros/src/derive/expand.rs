@@ -15,6 +15,12 @@ pub fn expand(m: &Model) -> TokenStream {
     let path_field = &m.path_field;
     let p = quote!(::nnsight::__private);
 
+    // The generated methods' own names (`self`, the closure `f`, the argument `path`) at the call site, where the
+    // methods declare them: the code around them is spanned at the field (where an error about the field points),
+    // whose tokens may come from a `macro_rules!` (a struct written by a macro, its field types passed in) and
+    // would not see them.
+    let (this, f_arg, path_arg) = (quote!(self), quote!(f), quote!(path));
+
     let subs: Vec<_> = m.fields.iter().filter(|f| matches!(f.kind, FieldKind::Submodule)).collect();
     let params: Vec<_> = m.fields.iter().filter(|f| matches!(f.kind, FieldKind::Param { .. })).collect();
 
@@ -22,7 +28,7 @@ pub fn expand(m: &Model) -> TokenStream {
         let name = &f.ident;
         let ty = &f.ty;
         let key = name.to_string();
-        quote_spanned!(ty.span()=> <#ty as #p::Traceable>::visit_child(&self.#name, #key, f);)
+        quote_spanned!(ty.span()=> <#ty as #p::Traceable>::visit_child(&#this.#name, #key, #f_arg);)
     });
     let parameters = params.iter().map(|f| {
         let name = &f.ident;
@@ -36,7 +42,7 @@ pub fn expand(m: &Model) -> TokenStream {
         let name = &f.ident;
         let ty = &f.ty;
         let key = name.to_string();
-        quote_spanned!(ty.span()=> <#ty as #p::Traceable>::set_path(&mut self.#name, &#p::join_path(path, #key));)
+        quote_spanned!(ty.span()=> <#ty as #p::Traceable>::set_path(&mut #this.#name, &#p::join_path(#path_arg, #key));)
     });
     let envoy_fields = subs.iter().map(|f| {
         let name = &f.ident;
@@ -47,7 +53,7 @@ pub fn expand(m: &Model) -> TokenStream {
     let envoy_inits = subs.iter().map(|f| {
         let name = &f.ident;
         let ty = &f.ty;
-        quote_spanned!(ty.span()=> #name: <#ty as #p::Traceable>::envoy(&self.#name),)
+        quote_spanned!(ty.span()=> #name: <#ty as #p::Traceable>::envoy(&#this.#name),)
     });
     let param_fields = params.iter().map(|f| {
         let name = &f.ident;
@@ -57,7 +63,7 @@ pub fn expand(m: &Model) -> TokenStream {
     let param_inits = params.iter().map(|f| {
         let name = &f.ident;
         let key = name.to_string();
-        quote_spanned!(name.span()=> #name: #p::ParamPoint::new(&self.#path_field, #key),)
+        quote_spanned!(name.span()=> #name: #p::ParamPoint::new(&#this.#path_field, #key),)
     });
     let point_fields = m.points.iter().map(|name| {
         let doc = format!("The inner point `{name}` (see the module's documentation for its shape).");
@@ -65,7 +71,7 @@ pub fn expand(m: &Model) -> TokenStream {
     });
     let point_inits = m.points.iter().map(|name| {
         let key = name.to_string();
-        quote_spanned!(name.span()=> #name: #p::InnerPoint::new(&self.#path_field, #key),)
+        quote_spanned!(name.span()=> #name: #p::InnerPoint::new(&#this.#path_field, #key),)
     });
     let describe = match &m.describe {
         Some(method) => quote!(fn describe(&self) -> ::std::string::String { self.#method() }),
