@@ -5,24 +5,23 @@
 //! <https://arxiv.org/abs/2302.13971>. Reference implementation: Hugging Face transformers'
 //! `models/llama/modeling_llama.py`, whose module names and nesting this file mirrors, so that
 //! `model.layers.5.mlp.down_proj` here is the same module as there.
+//!
+//! Its MLP, attention and decoder stack ([`decoder_stack!`](self), in `stack.rs`) are written to build the
+//! families that share Llama's layout too.
 
 mod gguf;
+mod stack;
 
+use super::rope::apply_rotary;
 pub use super::rope::RopeScaling;
-use super::rope::{apply_rotary, inv_freq, rotary_tables};
-use super::{
-    append_kv, cached_attention_mask, causal_padding_mask, explicit_attention, head_positions, CachedInput, CausalLm,
-    GgufSupport, RawConfig, ATTENTION_POINTS,
-};
+use super::{append_kv, explicit_attention, GgufSupport, RawConfig, ATTENTION_POINTS};
 use crate::error::TchResultExt;
 use crate::load::Weights;
-use crate::models::batch::Batch;
-use crate::nn::{
-    join_path, Activation, ActivationFn, Ctx, Embedding, Forward, ForwardState, KvCache, Linear, ModuleList, RmsNorm,
-};
+use crate::nn::{join_path, Activation, ActivationFn, Ctx, Forward, Linear, RmsNorm};
 use crate::{Error, Result, Traceable};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+pub(crate) use stack::{decoder_stack, load_head, prepare, prepare_cached, StackConfig};
+use tch::Tensor;
 
 /// A Llama-family `config.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,20 +91,20 @@ fn default_act() -> String {
 }
 
 impl LlamaConfig {
-    fn kv_heads(&self) -> i64 {
+    pub(crate) fn kv_heads(&self) -> i64 {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
-    fn head_dim(&self) -> i64 {
+    pub(crate) fn head_dim(&self) -> i64 {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
-    fn scaling(&self) -> Option<&RopeScaling> {
+    pub(crate) fn scaling(&self) -> Option<&RopeScaling> {
         self.rope_scaling.as_ref().or(self.rope_parameters.as_ref())
     }
-    fn theta(&self) -> f64 {
+    pub(crate) fn theta(&self) -> f64 {
         self.rope_theta.or_else(|| self.rope_parameters.as_ref().and_then(|r| r.rope_theta)).unwrap_or(10000.0)
     }
 
-    fn validate(&self, source: &std::path::Path) -> Result<()> {
+    pub(crate) fn validate(&self, source: &std::path::Path) -> Result<()> {
         let bad = |m: String| Err(Error::config(source, m));
         if self.hidden_act != "silu" {
             return bad(format!("hidden_act `{}` is not supported (supported: silu)", self.hidden_act));
@@ -137,9 +136,24 @@ impl LlamaConfig {
     }
 }
 
-/// The SwiGLU MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
+impl StackConfig for LlamaConfig {
+    fn from_raw(raw: &RawConfig) -> Result<Self> {
+        let c: LlamaConfig = raw.parse()?;
+        c.validate(&raw.source)?;
+        Ok(c)
+    }
+    fn llama(&self) -> &LlamaConfig {
+        self
+    }
+    fn window(&self) -> Option<i64> {
+        self.sliding_window
+    }
+}
+
+/// The SwiGLU MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))` (`LlamaMLP`, and the same module of the families
+/// that share Llama's stack, under their class name: `Qwen2MLP`, `Qwen3MLP`).
 #[derive(Debug, Traceable)]
-#[traceable(kind = "LlamaMLP")]
+#[traceable(kind_fn = "kind_name")]
 pub struct LlamaMlp {
     #[traceable(path)]
     path: String,
@@ -151,10 +165,17 @@ pub struct LlamaMlp {
     pub down_proj: Linear,
     /// The activation (SiLU) applied to the gate.
     pub act_fn: Activation,
+    #[traceable(skip)]
+    kind: &'static str,
 }
 
 impl LlamaMlp {
-    fn load(w: &mut Weights, path: &str, c: &LlamaConfig) -> Result<Self> {
+    fn kind_name(&self) -> &'static str {
+        self.kind
+    }
+
+    /// Loads the MLP at `path`, printed as `kind` in the module tree.
+    pub(crate) fn load(w: &mut Weights, path: &str, c: &LlamaConfig, kind: &'static str) -> Result<Self> {
         let (h, i, b) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
         Ok(LlamaMlp {
             path: path.to_string(),
@@ -162,6 +183,7 @@ impl LlamaMlp {
             up_proj: Linear::load(w, &join_path(path, "up_proj"), h, i, b)?,
             down_proj: Linear::load(w, &join_path(path, "down_proj"), i, h, b)?,
             act_fn: Activation::new(&join_path(path, "act_fn"), ActivationFn::Silu),
+            kind,
         })
     }
 }
@@ -175,7 +197,90 @@ impl Forward for LlamaMlp {
     }
 }
 
-/// Multi-head attention with grouped key/value heads and rotary position embeddings.
+/// The sizes of a rotary attention layer and its KV-cache slot.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttentionShape {
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+    /// Index of the decoder layer (its KV-cache slot).
+    layer: usize,
+}
+
+impl AttentionShape {
+    /// Layer `layer`'s shape under `c`, with its four projections loaded from `path` (`q_proj`, `k_proj` and
+    /// `v_proj` with biases when `qkv_bias`, `o_proj` when `o_bias`).
+    pub(crate) fn load(
+        w: &mut Weights,
+        path: &str,
+        c: &LlamaConfig,
+        layer: usize,
+        (qkv_bias, o_bias): (bool, bool),
+    ) -> Result<(Self, [Linear; 4])> {
+        let (h, hd) = (c.hidden_size, c.head_dim());
+        let (nq, nkv) = (c.num_attention_heads, c.kv_heads());
+        let projections = [
+            Linear::load(w, &join_path(path, "q_proj"), h, nq * hd, qkv_bias)?,
+            Linear::load(w, &join_path(path, "k_proj"), h, nkv * hd, qkv_bias)?,
+            Linear::load(w, &join_path(path, "v_proj"), h, nkv * hd, qkv_bias)?,
+            Linear::load(w, &join_path(path, "o_proj"), nq * hd, h, o_bias)?,
+        ];
+        Ok((AttentionShape { heads: nq, kv_heads: nkv, head_dim: hd, layer }, projections))
+    }
+}
+
+/// Grouped-query attention with rotary position embeddings over `x` `[batch, seq, hidden]`, for the attention
+/// module at `p` with projections `[q, k, v, o]`: queries, keys and values are split into heads
+/// `[batch, seq, n, head_dim]` (with `qk_norm`, Qwen3's, normalizing each query and key head right after its
+/// projection, in transformers' call order), rotated, then attended over with the fused
+/// `scaled_dot_product_attention`, or, when something reads or writes the inner points, with
+/// [`explicit_attention`](crate::models::explicit_attention) on the values the points hold. Both paths append to
+/// the forward state's KV cache, if any.
+pub(crate) fn rotary_attention(
+    cx: &mut Ctx<'_>,
+    p: &str,
+    x: &Tensor,
+    shape: AttentionShape,
+    [q_proj, k_proj, v_proj, o_proj]: [&Linear; 4],
+    qk_norm: Option<[&RmsNorm; 2]>,
+) -> Result<Tensor> {
+    let AttentionShape { heads, kv_heads, head_dim, layer } = shape;
+    let (b, s, _) = x.size3().at(p)?; // [batch, seq, hidden], else an error naming the module
+    let split = |t: Tensor, n: i64| t.f_view([b, s, n, head_dim]).at(p);
+    let mut q = split(cx.call(q_proj, x)?, heads)?;
+    if let Some([q_norm, _]) = qk_norm {
+        q = cx.call(q_norm, &q)?;
+    }
+    let mut k = split(cx.call(k_proj, x)?, kv_heads)?;
+    if let Some([_, k_norm]) = qk_norm {
+        k = cx.call(k_norm, &k)?;
+    }
+    let v = split(cx.call(v_proj, x)?, kv_heads)?;
+    let (q, k, v) = (q.f_transpose(1, 2).at(p)?, k.f_transpose(1, 2).at(p)?, v.f_transpose(1, 2).at(p)?);
+    let (cos, sin) = cx
+        .state
+        .rotary
+        .as_ref()
+        .ok_or_else(|| Error::InvalidInput { message: format!("{p}: no rotary tables in the forward state") })?;
+    let cos = cos.f_unsqueeze(1).at(p)?;
+    let sin = sin.f_unsqueeze(1).at(p)?;
+    let q = apply_rotary(&q, &cos, &sin).at(p)?;
+    let k = apply_rotary(&k, &cos, &sin).at(p)?;
+    if cx.wants_points(p, &ATTENTION_POINTS) {
+        let out = explicit_attention(cx, p, layer, q, k, &v, 1.0 / (head_dim as f64).sqrt())?;
+        return cx.call(o_proj, &out);
+    }
+    let (k, v) = append_kv(cx, p, layer, k, v)?;
+    let mask = cx.state.attention_mask.as_ref();
+    let gqa = heads != kv_heads;
+    let out =
+        Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none() && s > 1, None, gqa).at(p)?;
+    let out = out.f_transpose(1, 2).at(p)?.f_reshape([b, s, heads * head_dim]).at(p)?;
+    cx.call(o_proj, &out)
+}
+
+/// Multi-head attention with grouped key/value heads and rotary position embeddings (`LlamaAttention`; Qwen2's
+/// `Qwen2Attention` is the same module with biases on q, k and v only).
 ///
 /// Inner points, read and written like module outputs (`model.model.layers[0].self_attn.probs.output`):
 /// - `query`: the queries after rotary embedding, `[batch, heads, seq, head_dim]`;
@@ -191,7 +296,7 @@ impl Forward for LlamaMlp {
 /// attention is computed step by step and uses the values the points hold (a write changes the output). Both
 /// paths append to the forward state's KV cache, if any, in slot `layer`.
 #[derive(Debug, Traceable)]
-#[traceable(kind = "LlamaAttention", points(query, key, probs, head_output))]
+#[traceable(kind_fn = "kind_name", points(query, key, probs, head_output))]
 pub struct LlamaAttention {
     #[traceable(path)]
     path: String,
@@ -204,241 +309,51 @@ pub struct LlamaAttention {
     /// Output projection `[hidden, heads * head_dim]`.
     pub o_proj: Linear,
     #[traceable(skip)]
-    heads: i64,
+    shape: AttentionShape,
     #[traceable(skip)]
-    kv_heads: i64,
-    #[traceable(skip)]
-    head_dim: i64,
-    /// Index of the decoder layer (its KV-cache slot).
-    #[traceable(skip)]
-    layer: usize,
+    kind: &'static str,
 }
 
 impl LlamaAttention {
-    fn load(w: &mut Weights, path: &str, c: &LlamaConfig, layer: usize) -> Result<Self> {
-        let (h, hd, b) = (c.hidden_size, c.head_dim(), c.attention_bias);
-        let (nq, nkv) = (c.num_attention_heads, c.kv_heads());
-        Ok(LlamaAttention {
-            path: path.to_string(),
-            q_proj: Linear::load(w, &join_path(path, "q_proj"), h, nq * hd, b)?,
-            k_proj: Linear::load(w, &join_path(path, "k_proj"), h, nkv * hd, b)?,
-            v_proj: Linear::load(w, &join_path(path, "v_proj"), h, nkv * hd, b)?,
-            o_proj: Linear::load(w, &join_path(path, "o_proj"), nq * hd, h, b)?,
-            heads: nq,
-            kv_heads: nkv,
-            head_dim: hd,
-            layer,
-        })
+    fn kind_name(&self) -> &'static str {
+        self.kind
+    }
+
+    /// Loads layer `layer`'s attention at `path`, printed as `kind` in the module tree, with biases on q, k and v
+    /// when `biases.0`, on o when `biases.1`.
+    pub(crate) fn load(
+        w: &mut Weights,
+        path: &str,
+        c: &LlamaConfig,
+        layer: usize,
+        kind: &'static str,
+        biases: (bool, bool),
+    ) -> Result<Self> {
+        let (shape, [q_proj, k_proj, v_proj, o_proj]) = AttentionShape::load(w, path, c, layer, biases)?;
+        Ok(LlamaAttention { path: path.to_string(), q_proj, k_proj, v_proj, o_proj, shape, kind })
     }
 }
 
 impl Forward for LlamaAttention {
     fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
-        let p = self.path.as_str();
-        let (b, s, _) = x.size3().at(p)?; // [batch, seq, hidden], else an error naming the module
-        let q = cx.call(&self.q_proj, x)?;
-        let k = cx.call(&self.k_proj, x)?;
-        let v = cx.call(&self.v_proj, x)?;
-        let heads = |t: Tensor, n: i64| t.f_view([b, s, n, self.head_dim]).and_then(|t| t.f_transpose(1, 2)).at(p);
-        let (q, k, v) = (heads(q, self.heads)?, heads(k, self.kv_heads)?, heads(v, self.kv_heads)?);
-        let (cos, sin) =
-            cx.state.rotary.as_ref().ok_or_else(|| Error::InvalidInput {
-                message: format!("{p}: no rotary tables in the forward state"),
-            })?;
-        let cos = cos.f_unsqueeze(1).at(p)?;
-        let sin = sin.f_unsqueeze(1).at(p)?;
-        let q = apply_rotary(&q, &cos, &sin).at(p)?;
-        let k = apply_rotary(&k, &cos, &sin).at(p)?;
-        if cx.wants_points(p, &ATTENTION_POINTS) {
-            let out = explicit_attention(cx, p, self.layer, q, k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
-            return cx.call(&self.o_proj, &out);
-        }
-        let (k, v) = append_kv(cx, p, self.layer, k, v)?;
-        let mask = cx.state.attention_mask.as_ref();
-        let gqa = self.heads != self.kv_heads;
-        let out =
-            Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none() && s > 1, None, gqa).at(p)?;
-        let out = out.f_transpose(1, 2).at(p)?.f_reshape([b, s, self.heads * self.head_dim]).at(p)?;
-        cx.call(&self.o_proj, &out)
+        let projections = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj];
+        rotary_attention(cx, &self.path, x, self.shape, projections, None)
     }
 }
 
-/// One decoder layer: pre-norm attention and pre-norm MLP, each added to the residual stream.
-#[derive(Debug, Traceable)]
-#[traceable(kind = "LlamaDecoderLayer")]
-pub struct LlamaDecoderLayer {
-    #[traceable(path)]
-    path: String,
-    /// Attention.
-    pub self_attn: LlamaAttention,
-    /// MLP.
-    pub mlp: LlamaMlp,
-    /// Norm before attention.
-    pub input_layernorm: RmsNorm,
-    /// Norm before the MLP.
-    pub post_attention_layernorm: RmsNorm,
+/// Llama's attention: biases on all four projections when `attention_bias`.
+fn llama_attention(w: &mut Weights, path: &str, c: &LlamaConfig, layer: usize) -> Result<LlamaAttention> {
+    LlamaAttention::load(w, path, c, layer, "LlamaAttention", (c.attention_bias, c.attention_bias))
 }
 
-impl LlamaDecoderLayer {
-    fn load(w: &mut Weights, path: &str, c: &LlamaConfig, layer: usize) -> Result<Self> {
-        Ok(LlamaDecoderLayer {
-            path: path.to_string(),
-            self_attn: LlamaAttention::load(w, &join_path(path, "self_attn"), c, layer)?,
-            mlp: LlamaMlp::load(w, &join_path(path, "mlp"), c)?,
-            input_layernorm: RmsNorm::load(w, &join_path(path, "input_layernorm"), c.hidden_size, c.rms_norm_eps)?,
-            post_attention_layernorm: RmsNorm::load(
-                w,
-                &join_path(path, "post_attention_layernorm"),
-                c.hidden_size,
-                c.rms_norm_eps,
-            )?,
-        })
-    }
-}
-
-impl Forward for LlamaDecoderLayer {
-    fn forward(&self, cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
-        let p = self.path.as_str();
-        let h = cx.call(&self.input_layernorm, x)?;
-        let h = cx.call(&self.self_attn, &h)?;
-        let x = x.f_add(&h).at(p)?;
-        let h = cx.call(&self.post_attention_layernorm, &x)?;
-        let h = cx.call(&self.mlp, &h)?;
-        x.f_add(&h).at(p)
-    }
-}
-
-/// The decoder stack (`LlamaModel`): token ids in, final-norm hidden states out.
-#[derive(Debug, Traceable)]
-#[traceable(kind = "LlamaModel")]
-pub struct LlamaModel {
-    #[traceable(path)]
-    path: String,
-    /// Token embeddings `[vocab, hidden]`.
-    pub embed_tokens: Embedding,
-    /// Decoder layers.
-    pub layers: ModuleList<LlamaDecoderLayer>,
-    /// Final norm.
-    pub norm: RmsNorm,
-}
-
-impl Forward for LlamaModel {
-    fn forward(&self, cx: &mut Ctx<'_>, ids: &Tensor) -> Result<Tensor> {
-        let mut h = cx.call(&self.embed_tokens, ids)?;
-        for layer in &self.layers {
-            h = cx.call(layer, &h)?;
-        }
-        cx.call(&self.norm, &h)
-    }
-}
-
-/// `LlamaForCausalLM`: the decoder stack and the language-model head.
-#[derive(Debug, Traceable)]
-#[traceable(kind = "LlamaForCausalLM")]
-pub struct Llama {
-    #[traceable(path)]
-    path: String,
-    /// The decoder stack (`model.*` in the state dict).
-    pub model: LlamaModel,
-    /// The head `[vocab, hidden]` (the embedding matrix when tied).
-    pub lm_head: Linear,
-    #[traceable(skip)]
+decoder_stack! {
+    /// `LlamaForCausalLM`: the decoder stack and the language-model head.
+    root: Llama = "LlamaForCausalLM", architecture "llama",
+    model: LlamaModel = "LlamaModel",
+    layer: LlamaDecoderLayer = "LlamaDecoderLayer",
+    attention: LlamaAttention = llama_attention,
+    mlp: "LlamaMLP",
     config: LlamaConfig,
-    #[traceable(skip)]
-    inv_freq: Tensor,
-}
-
-impl Llama {
-    /// The configuration.
-    pub fn config(&self) -> &LlamaConfig {
-        &self.config
-    }
-
-    /// Rotary tables `(cos, sin)` `[batch, seq, head_dim]` of the positions `position_ids` `[batch, seq]`.
-    fn rotary(&self, position_ids: &Tensor) -> Result<(Tensor, Tensor)> {
-        rotary_tables(&self.inv_freq, position_ids, self.lm_head.weight.kind())
-    }
-}
-
-impl Forward for Llama {
-    fn forward(&self, cx: &mut Ctx<'_>, ids: &Tensor) -> Result<Tensor> {
-        let h = cx.call(&self.model, ids)?;
-        let h = head_positions(cx, &self.path, h)?;
-        cx.call(&self.lm_head, &h)
-    }
-}
-
-impl CausalLm for Llama {
-    const ARCHITECTURE: &'static str = "llama";
-
-    fn from_config(raw: &RawConfig, w: &mut Weights) -> Result<Self> {
-        let c: LlamaConfig = raw.parse()?;
-        c.validate(&raw.source)?;
-        let embed_tokens = Embedding::load(w, "model.embed_tokens", c.vocab_size, c.hidden_size)?;
-        let layers = (0..c.num_hidden_layers)
-            .map(|i| LlamaDecoderLayer::load(w, &format!("model.layers.{i}"), &c, i as usize))
-            .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(w, "model.norm", c.hidden_size, c.rms_norm_eps)?;
-        // A checkpoint that says "tied" may still carry lm_head.weight (some exports do); a separate head is
-        // used only when the config says so, or when the tensor is there.
-        let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
-            Linear::from_tensors("lm_head", embed_tokens.weight.shallow_clone(), None)
-        } else {
-            Linear::load(w, "lm_head", c.hidden_size, c.vocab_size, false)?
-        };
-        let inv_freq = w.place("model.rotary_emb", inv_freq(c.head_dim(), c.theta(), c.scaling())?)?;
-        Ok(Llama {
-            path: String::new(),
-            model: LlamaModel {
-                path: "model".into(),
-                embed_tokens,
-                layers: ModuleList::new("model.layers", layers),
-                norm,
-            },
-            lm_head,
-            config: c,
-            inv_freq,
-        })
-    }
-
-    fn prepare(&self, batch: &Batch) -> Result<ForwardState> {
-        let kind = self.lm_head.weight.kind();
-        Ok(ForwardState {
-            attention_mask: causal_padding_mask(batch, kind, self.config.sliding_window)?,
-            position_ids: Some(batch.position_ids.shallow_clone()),
-            rotary: Some(self.rotary(&batch.position_ids)?),
-            ..ForwardState::default()
-        })
-    }
-
-    fn cache_layers(&self) -> usize {
-        self.model.layers.len()
-    }
-
-    fn prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState> {
-        let kind = self.lm_head.weight.kind();
-        Ok(ForwardState {
-            attention_mask: cached_attention_mask(input, kind, self.config.sliding_window)?,
-            position_ids: Some(input.position_ids.shallow_clone()),
-            rotary: Some(self.rotary(&input.position_ids)?),
-            kv: Some(kv),
-            last_logits_only: input.last_logits_only,
-        })
-    }
-
-    fn vocab_size(&self) -> i64 {
-        self.config.vocab_size
-    }
-
-    fn dtype(&self) -> Kind {
-        self.lm_head.weight.kind()
-    }
-
-    fn to_device(&mut self, device: Device, kind: Kind) -> Result<()> {
-        super::move_params(self, device, kind)?;
-        self.inv_freq = self.inv_freq.f_to_device(device).at("model.rotary_emb")?;
-        Ok(())
-    }
 }
 
 inventory::submit! {
