@@ -10,6 +10,8 @@ pub mod batch;
 pub mod gpt2;
 pub mod gpt_neox;
 pub mod llama;
+pub mod qwen2;
+pub mod qwen3;
 mod registry;
 pub mod rope;
 

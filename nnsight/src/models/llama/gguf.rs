@@ -1,5 +1,6 @@
 //! Reading Llama-family GGUF files (llama.cpp's layout): the configuration from the metadata, llama.cpp's tensor
-//! names mapped to Hugging Face's, and the q/k rows llama.cpp permuted for its rope layout put back.
+//! names mapped to Hugging Face's, and the q/k rows llama.cpp permuted for its rope layout put back. The families
+//! that share Llama's stack (Qwen2, Qwen3) read their files with the same functions.
 
 use crate::load::gguf::GgufFile;
 use crate::models::registry::{gguf_special_token_ids, gguf_vocab_size};
@@ -7,18 +8,25 @@ use crate::{Error, Result};
 use tch::Tensor;
 
 pub(super) fn gguf_config(f: &GgufFile) -> Result<serde_json::Value> {
+    gguf_config_for(f, "llama", "LlamaForCausalLM")
+}
+
+/// The `config.json` equivalent of a Llama-shaped GGUF file's metadata (`{arch}.*` keys), for `model_type` and
+/// the Hugging Face class `hf_class`.
+pub(crate) fn gguf_config_for(f: &GgufFile, model_type: &str, hf_class: &str) -> Result<serde_json::Value> {
     let a = f.architecture()?.to_string();
     let key = |k: &str| format!("{a}.{k}");
     let heads = f.get_u64(&key("attention.head_count"))?;
     let hidden = f.get_u64(&key("embedding_length"))?;
     let vocab = gguf_vocab_size(f)?;
-    let tied = !f.tensors.iter().any(|t| t.name == "output.weight");
-    if f.tensors.iter().any(|t| t.name == "rope_freqs.weight") {
+    let has = |name: &str| f.tensors.iter().any(|t| t.name == name);
+    let tied = !has("output.weight");
+    if has("rope_freqs.weight") {
         return Err(Error::config(&f.path, "GGUF files with a `rope_freqs` tensor (Llama 3.1 rope scaling) are not supported yet; load the Hugging Face folder instead"));
     }
     let mut c = serde_json::json!({
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": model_type,
+        "architectures": [hf_class],
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": f.get_u64(&key("feed_forward_length"))?,
@@ -28,6 +36,8 @@ pub(super) fn gguf_config(f: &GgufFile) -> Result<serde_json::Value> {
         "rms_norm_eps": f.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
         "rope_theta": f.get_f64(&key("rope.freq_base")).unwrap_or(10000.0),
         "tie_word_embeddings": tied,
+        // No metadata key says so: the biases are there or not (Qwen2's q/k/v biases are its layout's anyway).
+        "attention_bias": has("blk.0.attn_output.bias"),
         "hidden_act": "silu",
     });
     if let Ok(ctx) = f.get_u64(&key("context_length")) {
@@ -48,7 +58,8 @@ pub(super) fn gguf_config(f: &GgufFile) -> Result<serde_json::Value> {
     Ok(c)
 }
 
-pub(super) fn gguf_tensor_name(name: &str) -> Option<String> {
+/// The Hugging Face name of a llama.cpp tensor name (`blk.3.attn_q.weight`: `model.layers.3.self_attn.q_proj.weight`).
+pub(crate) fn gguf_tensor_name(name: &str) -> Option<String> {
     let fixed = match name {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -67,6 +78,8 @@ pub(super) fn gguf_tensor_name(name: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -99,4 +112,9 @@ pub(super) fn gguf_fix_tensor(name: &str, t: Tensor, c: &serde_json::Value) -> R
         .and_then(|t| t.f_transpose(1, 2))
         .and_then(|t| t.f_reshape(shape.as_slice()))
         .map_err(|e| Error::torch(name, e))
+}
+
+/// The tensor as stored: llama.cpp's converter leaves the q/k rows of the Qwen families in Hugging Face's order.
+pub(crate) fn gguf_keep_tensor(_name: &str, t: Tensor, _c: &serde_json::Value) -> Result<Tensor> {
+    Ok(t)
 }

@@ -6,8 +6,8 @@
 //! `models/llama/modeling_llama.py`, whose module names and nesting this file mirrors, so that
 //! `model.layers.5.mlp.down_proj` here is the same module as there.
 //!
-//! Its MLP, attention and decoder stack ([`decoder_stack!`](self), in `stack.rs`) are written to build the
-//! families that share Llama's layout too.
+//! Its MLP, attention and decoder stack ([`decoder_stack!`](self), in `stack.rs`) also build the families that
+//! share Llama's layout: Qwen2 ([`super::qwen2`]) and Qwen3 ([`super::qwen3`]).
 
 mod gguf;
 mod stack;
@@ -19,6 +19,7 @@ use crate::error::TchResultExt;
 use crate::load::Weights;
 use crate::nn::{join_path, Activation, ActivationFn, Ctx, Forward, Linear, RmsNorm};
 use crate::{Error, Result, Traceable};
+pub(crate) use gguf::{gguf_config_for, gguf_keep_tensor, gguf_tensor_name};
 use serde::{Deserialize, Serialize};
 pub(crate) use stack::{decoder_stack, load_head, prepare, prepare_cached, StackConfig};
 use tch::Tensor;
