@@ -60,6 +60,7 @@ from transformers import (  # noqa: E402
     GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
 )
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -461,6 +462,91 @@ def write_gpt_neox_gguf(model, tok: Tokenizer, path: Path) -> None:
         if module.endswith("attention.query_key_value"):
             t = t.reshape(heads, 3, hidden // heads, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
         w.add_tensor(out, t.contiguous().numpy())
+
+
+def make_qwen2(tok: Tokenizer) -> None:
+    """A tiny Qwen2: biases on q/k/v (none on o), an untied head, rope_theta 1e6, and every layer's attention
+    sliding over 4 keys (use_sliding_window from layer max_window_layers = 0 on), shorter than prompt P1."""
+    config = Qwen2Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=0,
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+        pad_token_id=None,
+    )
+    tiny("tiny-qwen2", tok, Qwen2ForCausalLM, config, seed=3456, extra={"layer_types": config.layer_types})
+
+
+def make_qwen3(tok: Tokenizer) -> None:
+    """A tiny Qwen3: q/k RMSNorms per head, biases on all four attention projections (attention_bias), head_dim 32
+    (not hidden / heads = 16), a head tied to the embeddings, rope_theta 5e5; also written as a GGUF file
+    (tests/data/tiny-qwen3/tiny-qwen3.f32.gguf)."""
+    config = Qwen3Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        hidden_act="silu",
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+        pad_token_id=None,
+    )
+    model = tiny("tiny-qwen3", tok, Qwen3ForCausalLM, config, seed=7895)
+    write_gguf(model, tok, DATA / "tiny-qwen3" / "tiny-qwen3.f32.gguf")
+
+
+def write_gguf(model, tok: Tokenizer, path: Path) -> None:
+    """The model as llama.cpp's converter lays it out: float32 tensors under the gguf package's own name map
+    (TensorNameMap), the metadata keys of GGUFWriter, the tokenizer as a gpt2 vocabulary with its merges.
+    (transformers' GGUF reader cannot read it back: it takes no head_dim from attention.key_length for qwen3.)"""
+    import gguf
+    c = model.config
+    arch = c.model_type
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    vocab = json.loads(tok.to_str())["model"]
+    tokens = [t for t, _ in sorted(vocab["vocab"].items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in vocab["merges"]])
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(model_arch, c.num_hidden_layers)
+    for name, t in sorted(model.state_dict().items()):
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -481,6 +567,8 @@ def main() -> None:
     make_llama(tok)
     make_mistral(tok)
     make_gpt_neox(tok)
+    make_qwen2(tok)
+    make_qwen3(tok)
 
 
 if __name__ == "__main__":
