@@ -462,6 +462,11 @@ def write_gpt_neox_gguf(model, tok: Tokenizer, path: Path) -> None:
         if module.endswith("attention.query_key_value"):
             t = t.reshape(heads, 3, hidden // heads, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
         w.add_tensor(out, t.contiguous().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"  wrote {path.relative_to(ROOT)} ({path.stat().st_size:,} bytes)")
 
 
 def make_qwen2(tok: Tokenizer) -> None:
