@@ -421,6 +421,28 @@ def make_gpt_neox(tok: Tokenizer) -> None:
          extra={"rope_parameters": sequential.rope_parameters, "use_parallel_residual": False})
 
 
+def add_gguf_tokenizer(w, tok: Tokenizer, c) -> None:
+    """The shared tokenizer as a GGUF `gpt2` vocabulary: tokens by id, their types, merges, BOS and EOS ids."""
+    import gguf
+    vocab = json.loads(tok.to_str())["model"]
+    tokens = [t for t, _ in sorted(vocab["vocab"].items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in SPECIAL_TOKENS else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in vocab["merges"]])
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+
+
+def finish_gguf(w, path: Path) -> None:
+    """Writes the GGUF file `w` describes and says so."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"  wrote {path.relative_to(ROOT)} ({path.stat().st_size:,} bytes)")
+
+
 def write_gpt_neox_gguf(model, tok: Tokenizer, path: Path) -> None:
     """An F32 GGUF of `model` as llama.cpp's convert_hf_to_gguf.py writes a GPT-NeoX (`gptneox`): its metadata
     keys, tensor names, and the rows of `query_key_value` regrouped from [heads, 3, head_dim] to [3, heads,
@@ -437,16 +459,8 @@ def write_gpt_neox_gguf(model, tok: Tokenizer, path: Path) -> None:
     w.add_head_count(heads)
     w.add_parallel_residual(c.use_parallel_residual)
     w.add_layer_norm_eps(c.layer_norm_eps)
-    vocab = tok.get_vocab()
-    tokens = sorted(vocab, key=vocab.get)
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    w.add_tokenizer_model("gpt2")
+    add_gguf_tokenizer(w, tok, c)
     w.add_tokenizer_pre("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if t in SPECIAL_TOKENS else gguf.TokenType.NORMAL for t in tokens])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    w.add_bos_token_id(c.bos_token_id)
-    w.add_eos_token_id(c.eos_token_id)
     w.add_add_bos_token(False)
     names = {"gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm", "lm_head": "output"}
     parts = {"input_layernorm": "attn_norm", "attention.query_key_value": "attn_qkv", "attention.dense": "attn_output",
@@ -462,11 +476,7 @@ def write_gpt_neox_gguf(model, tok: Tokenizer, path: Path) -> None:
         if module.endswith("attention.query_key_value"):
             t = t.reshape(heads, 3, hidden // heads, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
         w.add_tensor(out, t.contiguous().numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    print(f"  wrote {path.relative_to(ROOT)} ({path.stat().st_size:,} bytes)")
+    finish_gguf(w, path)
 
 
 def make_qwen2(tok: Tokenizer) -> None:
@@ -538,25 +548,14 @@ def write_gguf(model, tok: Tokenizer, path: Path) -> None:
     w.add_value_length(c.head_dim)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    vocab = json.loads(tok.to_str())["model"]
-    tokens = [t for t, _ in sorted(vocab["vocab"].items(), key=lambda kv: kv[1])]
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in vocab["merges"]])
-    w.add_bos_token_id(c.bos_token_id)
-    w.add_eos_token_id(c.eos_token_id)
+    add_gguf_tokenizer(w, tok, c)
     model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(model_arch, c.num_hidden_layers)
     for name, t in sorted(model.state_dict().items()):
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    print(f"  wrote {path.relative_to(ROOT)} ({path.stat().st_size:,} bytes)")
+    finish_gguf(w, path)
 
 
 def main() -> None:
