@@ -3,7 +3,7 @@
 //! checked split of a tensor's blocks over threads.
 
 use super::kquants;
-use super::types::ty;
+use super::types::{f16_at, ty};
 
 /// Dequantizes whole blocks: `src` holds `n` blocks, `dst` their `n * values` values.
 pub(super) type Kernel = fn(&[u8], &mut [f32]);
@@ -84,12 +84,6 @@ pub(super) fn dequantize_split(src: &[u8], dst: &mut [f32], t: BlockType, thread
         }
     });
     Ok(())
-}
-
-/// The f16 stored little-endian at bytes `i..i + 2` of a block, as f32 (exact).
-#[inline(always)]
-pub(super) fn f16_at(b: &[u8], i: usize) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 
 /// Q4_0: per 32 values, f16 scale `d` and 16 bytes of nibbles (value `j` in the low nibble of byte `j`, value

@@ -4,7 +4,7 @@
 //! The layouts follow ggml's `block_q*_K` structs (as the `gguf` Python package's `quants.py` reads them); each
 //! value is computed with the same f32 operations in the same order, so results match it bit for bit.
 
-use super::dequant::f16_at;
+use super::types::f16_at;
 
 /// Values per super-block.
 pub(super) const QK_K: usize = 256;

@@ -142,3 +142,9 @@ pub(super) fn block_layout(t: u32) -> Option<(u64, u64)> {
         _ => return None,
     })
 }
+
+/// The f16 stored little-endian at bytes `i..i + 2` of a block, as f32 (exact).
+#[inline(always)]
+pub(super) fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
