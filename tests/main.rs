@@ -24,6 +24,7 @@ mod parity_smollm2;
 mod remote;
 mod scan;
 mod session;
+mod standard_names;
 mod tiny_models;
 mod training;
 mod ui;

@@ -105,6 +105,16 @@ fn a_connected_handle_has_no_weights_and_runs_everything_on_the_server() -> nnsi
         let lh = model.transformer.h[1].output.save();
     });
     assert!(h.equal(&lh));
+    // The standard names travel as the paths they stand for.
+    intervene!(remote.trace("Hello world") {
+        let lens = remote.unembed(remote.final_norm(remote.layers[0].output)).save();
+        let probs = remote.layers[1].attn.probs.output.save();
+    });
+    intervene!(model.trace("Hello world") {
+        let local_lens = model.lm_head(model.transformer.ln_f(model.transformer.h[0].output)).save();
+        let local_probs = model.transformer.h[1].attn.probs.output.save();
+    });
+    assert!(lens.equal(&local_lens) && probs.equal(&local_probs));
     assert!(remote.forward("Hello world")?.equal(&model.forward("Hello world")?));
     // A plain generation asks the server; a local hook is refused clearly.
     let opts = GenerateOptions::new().max_new_tokens(3).stop_ids([]);

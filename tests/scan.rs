@@ -2,7 +2,7 @@
 //! shapes equal traced shapes for every module; shape errors surface without running the real model.
 
 use crate::common;
-use nnsight::envoy::{CallOrder, Prepared, ScanTarget, TraceTarget, Traceable};
+use nnsight::envoy::{CallOrder, Prepared, ScanTarget, TraceTarget};
 use nnsight::meta::is_meta;
 use nnsight::nn::Hook;
 use nnsight::prelude::*;
@@ -173,8 +173,9 @@ impl TraceTarget for NoRealRuns {
     fn root(&self) -> &Gpt2 {
         self.0.root()
     }
-    fn envoy(&self) -> &<Gpt2 as Traceable>::Envoy {
-        self.0.envoy()
+    type View = <LanguageModel<Gpt2> as TraceTarget>::View;
+    fn view(&self) -> &Self::View {
+        self.0.view()
     }
     fn call_order(&self, _: Option<&Input>) -> nnsight::Result<Option<Arc<CallOrder>>> {
         panic!("the real model ran (call order)")

@@ -10,7 +10,7 @@
 //! model leaves the model exactly as it was, since an edit never touches weights.
 
 use super::trace::Trace;
-use super::{GraphCell, Traceable};
+use super::GraphCell;
 use crate::exec::{Backend, EditList, GenerateBackend, GenerateTarget, Prepared, ScanTarget, TraceTarget};
 use crate::graph::{Graph, Op};
 use crate::nn::Hook;
@@ -57,12 +57,13 @@ impl<T: TraceTarget> TraceTarget for Edited<'_, T> {
     type Root = T::Root;
     type Input = T::Input;
     type Prepared = T::Prepared;
+    type View = T::View;
 
     fn root(&self) -> &Self::Root {
         self.base.root()
     }
-    fn envoy(&self) -> &<Self::Root as Traceable>::Envoy {
-        self.base.envoy()
+    fn view(&self) -> &Self::View {
+        self.base.view()
     }
     fn call_order(&self, sample: Option<&Self::Input>) -> Result<Option<Arc<super::CallOrder>>> {
         self.base.call_order(sample)
@@ -153,7 +154,7 @@ impl<'a, 'm, T: TraceTarget> EditBlock<'a, 'm, T> {
     }
 
     /// The root envoy: `model` inside the block.
-    pub fn root(&self) -> &'m <T::Root as Traceable>::Envoy {
+    pub fn root(&self) -> &'m T::View {
         self.trace.root()
     }
 

@@ -5,7 +5,7 @@
 
 use super::results::TraceResults;
 use super::trace::Trace;
-use super::{GraphCell, Traceable};
+use super::GraphCell;
 use crate::exec::{GenerateBackend, GenerateTarget, Program, TraceTarget};
 use crate::graph::{NodeId, Op, Value};
 use crate::{Error, Result};
@@ -102,7 +102,7 @@ pub fn generated(g: &GraphCell) -> super::Proxy<'_, Generated> {
 
 impl<'m, T: GenerateTarget> Generate<'m, T> {
     /// The root envoy: `model` inside the block.
-    pub fn root(&self) -> &'m <T::Root as Traceable>::Envoy {
+    pub fn root(&self) -> &'m T::View {
         self.trace.root()
     }
 }

@@ -55,11 +55,12 @@ impl<M: Traceable + Forward> TraceTarget for NNsight<M> {
     type Root = M;
     type Input = Tensor;
     type Prepared = Tensor;
+    type View = M::Envoy;
 
     fn root(&self) -> &M {
         &self.module
     }
-    fn envoy(&self) -> &M::Envoy {
+    fn view(&self) -> &M::Envoy {
         self.envoy.get_or_init(|| self.module.envoy())
     }
     fn call_order(&self, sample: Option<&Tensor>) -> Result<Option<Arc<CallOrder>>> {

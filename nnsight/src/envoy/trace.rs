@@ -2,7 +2,6 @@
 //! Running is the execution layer's ([`crate::exec`]): the block hands its graph to a backend.
 
 use super::results::TraceResults;
-use super::Traceable;
 use crate::exec::{run_scan, Backend, Program, ScanTarget, TraceTarget};
 use crate::handle::builder::{CallOrder, GraphCell};
 use crate::nn::Hook;
@@ -48,8 +47,8 @@ impl<'m, T: TraceTarget> Trace<'m, T> {
     }
 
     /// The root envoy: `model` inside the block.
-    pub fn root(&self) -> &'m <T::Root as Traceable>::Envoy {
-        self.target.envoy()
+    pub fn root(&self) -> &'m T::View {
+        self.target.view()
     }
 
     /// The graph under construction.

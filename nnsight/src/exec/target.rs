@@ -20,10 +20,14 @@ pub trait TraceTarget {
     /// A batch ready to run.
     type Prepared;
 
+    /// What `model` is inside a block: the root's envoy ([`Traceable::Envoy`]), or a view that reaches it through
+    /// `Deref` and adds names of its own (a language model's [`StandardEnvoy`](crate::models::StandardEnvoy)).
+    type View;
+
     /// The root module.
     fn root(&self) -> &Self::Root;
-    /// The root's envoy (built once).
-    fn envoy(&self) -> &<Self::Root as Traceable>::Envoy;
+    /// What `model` is inside a block (built once).
+    fn view(&self) -> &Self::View;
     /// The order of hook events in one forward pass (recorded once; `sample` is an input it may use).
     fn call_order(&self, sample: Option<&Self::Input>) -> Result<Option<Arc<CallOrder>>>;
     /// Batches the invokes' inputs; returns the batch, each invoke's rows `(start, len)` and the batch size.
@@ -86,11 +90,12 @@ impl<T: TraceTarget> TraceTarget for &T {
     type Root = T::Root;
     type Input = T::Input;
     type Prepared = T::Prepared;
+    type View = T::View;
     fn root(&self) -> &Self::Root {
         (**self).root()
     }
-    fn envoy(&self) -> &<Self::Root as Traceable>::Envoy {
-        (**self).envoy()
+    fn view(&self) -> &Self::View {
+        (**self).view()
     }
     fn call_order(&self, sample: Option<&Self::Input>) -> Result<Option<Arc<CallOrder>>> {
         (**self).call_order(sample)

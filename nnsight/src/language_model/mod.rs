@@ -64,7 +64,7 @@ impl LoadOptions {
 /// whichever the checkpoint holds.
 pub struct LanguageModel<M: CausalLm = AutoModel> {
     model: M,
-    envoy: OnceLock<M::Envoy>,
+    envoy: OnceLock<crate::models::StandardEnvoy<M::Envoy>>,
     order: OnceLock<Arc<CallOrder>>,
     /// The configuration the model was built from (its meta twin is built from it again).
     config: RawConfig,
@@ -256,6 +256,12 @@ impl<M: CausalLm> LanguageModel<M> {
     /// The model.
     pub fn model(&self) -> &M {
         &self.model
+    }
+
+    /// Where the standard names point in this model, and its number of layers (`n_layers`): what generic code
+    /// needs outside a block (see [`crate::models::standard`]).
+    pub fn standard_names(&self) -> crate::models::StandardNames {
+        self.model.standard_names()
     }
 
     /// The tokenizer.

@@ -9,7 +9,7 @@ use crate::exec::{
 };
 use crate::graph::Graph;
 use crate::models::batch::{Batch, Input};
-use crate::models::CausalLm;
+use crate::models::{CausalLm, StandardEnvoy};
 use crate::nn::{Ctx, Hook};
 use crate::GenerateOptions;
 use crate::Result;
@@ -27,13 +27,15 @@ impl<M: CausalLm> TraceTarget for LanguageModel<M> {
     type Root = M;
     type Input = Input;
     type Prepared = Batch;
+    type View = StandardEnvoy<M::Envoy>;
 
     fn root(&self) -> &M {
         &self.model
     }
 
-    fn envoy(&self) -> &M::Envoy {
-        self.envoy.get_or_init(|| self.model.envoy())
+    /// The architecture's envoy with the standard names beside it.
+    fn view(&self) -> &StandardEnvoy<M::Envoy> {
+        self.envoy.get_or_init(|| StandardEnvoy::new(self.model.envoy(), &self.model.standard_names()))
     }
 
     fn call_order(&self, _sample: Option<&Input>) -> Result<Option<Arc<CallOrder>>> {

@@ -23,6 +23,8 @@ pub trait DynCausalLm: Module + Send {
     fn dyn_to_device(&mut self, device: tch::Device, kind: Kind) -> Result<()>;
     /// See [`CausalLm::cache_layers`].
     fn dyn_cache_layers(&self) -> usize;
+    /// See [`CausalLm::standard_names`].
+    fn dyn_standard_names(&self) -> super::StandardNames;
     /// See [`CausalLm::prepare_cached`].
     fn dyn_prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState>;
 }
@@ -48,6 +50,9 @@ impl<M: CausalLm> DynCausalLm for M {
     }
     fn dyn_cache_layers(&self) -> usize {
         self.cache_layers()
+    }
+    fn dyn_standard_names(&self) -> super::StandardNames {
+        self.standard_names()
     }
     fn dyn_prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState> {
         self.prepare_cached(input, kv)
@@ -144,6 +149,9 @@ impl CausalLm for AutoModel {
     }
     fn cache_layers(&self) -> usize {
         self.0.dyn_cache_layers()
+    }
+    fn standard_names(&self) -> super::StandardNames {
+        self.0.dyn_standard_names()
     }
     fn prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState> {
         self.0.dyn_prepare_cached(input, kv)

@@ -340,6 +340,18 @@ impl CausalLm for Gpt2 {
         self.transformer.h.len()
     }
 
+    fn standard_names(&self) -> super::StandardNames {
+        super::StandardNames {
+            embed: "transformer.wte",
+            layers: "transformer.h",
+            attention: "attn",
+            mlp: "mlp",
+            final_norm: "transformer.ln_f",
+            unembed: "lm_head",
+            n_layers: self.transformer.h.len(),
+        }
+    }
+
     fn prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState> {
         let k = input.attention_mask.size()[1];
         if k > self.config.n_positions {

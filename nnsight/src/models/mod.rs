@@ -14,6 +14,7 @@ pub mod qwen2;
 pub mod qwen3;
 mod registry;
 pub mod rope;
+pub mod standard;
 
 pub(crate) use attention::{append_kv, explicit_attention, head_positions, ATTENTION_POINTS};
 pub use attention::{cached_attention_mask, causal_padding_mask, CachedInput};
@@ -21,6 +22,7 @@ pub use auto::{AutoEnvoy, AutoModel, DynCausalLm};
 pub use registry::{
     architectures, build_boxed, by_gguf_architecture, by_model_type, read_config, Architecture, GgufSupport,
 };
+pub use standard::{StandardEnvoy, StandardNames};
 
 use crate::load::Weights;
 use crate::nn::{Ctx, Forward, ForwardState, KvCache};
@@ -73,6 +75,9 @@ pub trait CausalLm: Forward + crate::handle::Traceable + Send + 'static {
     {
         arch.name == Self::ARCHITECTURE
     }
+
+    /// Where the standard names (`model.layers[i].attn`, `model.unembed`; see [`standard`]) point in this model.
+    fn standard_names(&self) -> StandardNames;
 
     /// The side inputs of one pass over `batch` (masks, positions, rotary tables).
     fn prepare(&self, batch: &Batch) -> Result<ForwardState>;

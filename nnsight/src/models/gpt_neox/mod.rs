@@ -412,6 +412,18 @@ impl CausalLm for GptNeoX {
         self.gpt_neox.layers.len()
     }
 
+    fn standard_names(&self) -> super::StandardNames {
+        super::StandardNames {
+            embed: "gpt_neox.embed_in",
+            layers: "gpt_neox.layers",
+            attention: "attention",
+            mlp: "mlp",
+            final_norm: "gpt_neox.final_layer_norm",
+            unembed: "embed_out",
+            n_layers: self.gpt_neox.layers.len(),
+        }
+    }
+
     fn prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState> {
         let kind = self.embed_out.weight.kind();
         Ok(ForwardState {

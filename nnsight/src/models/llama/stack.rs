@@ -227,6 +227,10 @@ macro_rules! decoder_stack {
                 self.model.layers.len()
             }
 
+            fn standard_names(&self) -> $crate::models::StandardNames {
+                $crate::models::StandardNames::llama_layout(self.model.layers.len())
+            }
+
             fn prepare_cached(
                 &self,
                 input: &$crate::models::CachedInput,
