@@ -501,7 +501,29 @@ def make_qwen2(tok: Tokenizer) -> None:
         eos_token_id=tok.token_to_id("</s>"),
         pad_token_id=None,
     )
-    tiny("tiny-qwen2", tok, Qwen2ForCausalLM, config, seed=3456, extra={"layer_types": config.layer_types})
+    model = tiny("tiny-qwen2", tok, Qwen2ForCausalLM, config, seed=3456, extra={"layer_types": config.layer_types})
+    # llama.cpp's qwen2 has no sliding window: the GGUF file attends to every key, as transformers' own GGUF
+    # loading of it does (its reference, gguf_reference.safetensors).
+    write_gguf(model, tok, DATA / "tiny-qwen2" / "tiny-qwen2.f32.gguf")
+    hf_gguf_reference(tok, DATA / "tiny-qwen2", "tiny-qwen2.f32.gguf")
+
+
+def hf_gguf_reference(tok: Tokenizer, out_dir: Path, gguf_name: str) -> None:
+    """transformers' own reading of a GGUF file (`from_pretrained(dir, gguf_file=...)`): the logits of each prompt,
+    written to `gguf_reference.safetensors` beside it."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=gguf_name, attn_implementation="eager").eval()
+    tensors = {}
+    with torch.no_grad():
+        for key, text in PROMPTS.items():
+            ids = torch.tensor([tok.encode(text).ids], dtype=torch.long)
+            tensors[f"{key}_logits"] = model(input_ids=ids, use_cache=False).logits[0].float().contiguous()
+    meta = {
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "gguf_file": gguf_name,
+        "description": "pK_logits f32 [n,vocab]: logits of prompt K from transformers' own loading of the GGUF file",
+    }
+    save_safetensors_sorted(tensors, out_dir / "gguf_reference.safetensors", meta)
 
 
 def make_qwen3(tok: Tokenizer) -> None:
@@ -544,8 +566,9 @@ def write_gguf(model, tok: Tokenizer, path: Path) -> None:
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     add_gguf_tokenizer(w, tok, c)

@@ -289,6 +289,27 @@ fn tiny_qwen3_from_gguf_is_the_model_of_its_folder() -> nnsight::Result<()> {
 }
 
 #[test]
+fn tiny_qwen2_from_gguf_equals_transformers_own_reading_of_that_file() -> nnsight::Result<()> {
+    // llama.cpp's qwen2 keeps no sliding window, so the file attends to every key, as transformers' own GGUF
+    // loading of it does (gguf_reference.safetensors); P2 (3 tokens) is shorter than the folder's window of 4.
+    let model = LanguageModel::<Qwen2>::load_with(common::data("tiny-qwen2/tiny-qwen2.f32.gguf"), common::opts())?;
+    let reference = common::read_reference(&common::data("tiny-qwen2/reference.safetensors"));
+    let hf_gguf = common::read_reference(&common::data("tiny-qwen2/gguf_reference.safetensors"));
+    for key in ["p1", "p2"] {
+        let ids: Vec<i64> = Vec::<i64>::try_from(&reference[&format!("{key}_input_ids")]).unwrap();
+        let logits = model.forward(ids)?.squeeze_dim(0);
+        let d = max_abs_diff(&logits, &hf_gguf[&format!("{key}_logits")]);
+        eprintln!("tiny-qwen2 from GGUF {key}: max |logits - transformers' GGUF reading| = {d:.3e}");
+        assert!(d < 1e-4, "{key}: {d}");
+    }
+    let d = max_abs_diff(&model.forward(P2)?.squeeze_dim(0), &reference["p2_logits"]);
+    assert!(d < 1e-4, "P2 from GGUF against the folder's reference: {d}");
+    let d = max_abs_diff(&model.forward(P1)?.squeeze_dim(0), &reference["p1_logits"]);
+    assert!(d > 1e-2, "P1 is longer than the folder's window, so the file (no window) must differ: {d}");
+    Ok(())
+}
+
+#[test]
 fn the_registry_finds_each_family_and_a_typed_load_refuses_the_other() -> nnsight::Result<()> {
     for (dir, arch) in [("tiny-qwen2", "qwen2"), ("tiny-qwen3", "qwen3")] {
         let auto = LanguageModel::<AutoModel>::load_with(common::data(dir), common::opts())?;
