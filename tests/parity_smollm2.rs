@@ -212,3 +212,31 @@ fn gradients_match_torch_autograd_through_transformers() -> nnsight::Result<()> 
     assert!(excess(&d5.squeeze_dim(0), t, 1e-4 * scale, 1e-4) <= 0.0);
     Ok(())
 }
+
+/// bfloat16 on the CPU against transformers' bfloat16 forward of the same GGUF (`scripts/peer/hf_bf16_reference.py`):
+/// the same top token at every position, the same 10-token greedy continuation (KV cache), and the last
+/// position's logits within 0.125, two bfloat16 steps at their scale (8 bits of mantissa: logits near 14 are 0.0625
+/// apart). Measured: 0, as both run the same libtorch bfloat16 kernels in the same order; float32 against either
+/// is off by 0.5, so the tolerance would catch a step computed in another precision.
+#[test]
+fn bfloat16_on_the_cpu_matches_transformers_in_bfloat16() -> nnsight::Result<()> {
+    common::init();
+    let opts = LoadOptions::default().progress(false).device(common::device()).kind(Kind::BFloat16);
+    let model = LanguageModel::<Llama>::load_with(common::smollm2_path(), opts)?;
+    let reference = read_reference(&common::data("smollm2/bf16_reference.safetensors"));
+    let greedy = GenerateOptions::new().max_new_tokens(10).stop_ids(vec![]);
+    for key in ["eiffel", "colosseum"] {
+        let ids = Vec::<i64>::try_from(&reference[&format!("{key}_input_ids")]).unwrap();
+        let logits = model.forward(ids.clone())?.squeeze_dim(0);
+        assert_eq!(logits.kind(), Kind::BFloat16, "the model computes in bfloat16");
+        let logits = logits.to_kind(Kind::Float).to_device(Device::Cpu);
+        let argmax = Vec::<i64>::try_from(&logits.argmax(-1, false)).unwrap();
+        assert_eq!(argmax, Vec::<i64>::try_from(&reference[&format!("{key}_argmax")]).unwrap(), "{key}: top tokens");
+        let d = max_abs_diff(&logits.get(-1), &reference[&format!("{key}_last_logits")]);
+        eprintln!("bfloat16 {key}: max |last logits - transformers bf16| = {d:e}");
+        assert!(d < 0.125, "{key}: bfloat16 last logits differ from transformers' bfloat16 by {d}");
+        let want = Vec::<i64>::try_from(&reference[&format!("{key}_greedy")]).unwrap();
+        assert_eq!(model.generate(ids, &greedy)?.rows[0].new_ids, want, "{key}: greedy continuation in bfloat16");
+    }
+    Ok(())
+}
