@@ -581,6 +581,67 @@ def write_gguf(model, tok: Tokenizer, path: Path) -> None:
     finish_gguf(w, path)
 
 
+
+def llama_rope_freqs(rope: dict, head_dim: int) -> torch.Tensor:
+    """The `rope_freqs` tensor llama.cpp's converter writes for Llama 3 rope scaling: per rotary frequency, the
+    divisor that turns the plain inverse frequency into the scaled one (1 for short wavelengths, `factor` for
+    long ones, 1 / ((1 - smooth) / factor + smooth) between)."""
+    import math
+    base = rope["rope_theta"]
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / low, old / high
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def make_llama_rope_freqs_gguf(tok: Tokenizer) -> None:
+    """tests/data/tiny-llama/tiny-llama.f32.gguf: tiny-llama (llama3 rope scaling, original context 16, biases)
+    as llama.cpp's converter writes a Llama 3.1: q/k rows permuted for its rope layout, and the scaling as the
+    `rope_freqs` tensor (no rope metadata)."""
+    import gguf
+    model = LlamaForCausalLM.from_pretrained(str(DATA / "tiny-llama"), dtype=torch.float32).eval()
+    c = model.config
+    heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
+    head_dim = c.hidden_size // heads
+    path = DATA / "tiny-llama" / "tiny-llama.f32.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    add_gguf_tokenizer(w, tok, c)
+
+    def permute(t: torch.Tensor, n: int) -> torch.Tensor:
+        return t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    w.add_tensor("rope_freqs.weight", llama_rope_freqs(c.rope_parameters, head_dim).numpy())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.float()
+        if ".q_proj." in name:
+            t = permute(t, heads)
+        elif ".k_proj." in name:
+            t = permute(t, kv_heads)
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.contiguous().numpy())
+    finish_gguf(w, path)
+
+
 def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -596,6 +657,7 @@ def main() -> None:
     make_gpt_neox(tok)
     make_qwen2(tok)
     make_qwen3(tok)
+    make_llama_rope_freqs_gguf(tok)
 
 
 if __name__ == "__main__":

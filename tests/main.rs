@@ -7,6 +7,7 @@ mod corrupt_files;
 mod edits;
 mod error_messages;
 mod family_neox;
+mod family_phi;
 mod family_qwen;
 mod generate;
 mod generate_trace;

@@ -6,9 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-/// Tensor names that checkpoints carry but no module owns (buffers Hugging Face recomputes).
+/// Tensor names that checkpoints carry but no module owns (buffers Hugging Face recomputes; a GGUF file's rope
+/// factors, `model.rotary_emb.*`, which its reader has put into the configuration).
 fn is_ignorable(name: &str) -> bool {
     name.ends_with("rotary_emb.inv_freq")
+        || name.starts_with("model.rotary_emb.")
         || name.ends_with(".attn.bias") && !name.contains("c_attn")
         || name.ends_with(".attn.masked_bias")
 }

@@ -101,6 +101,21 @@ pub(crate) fn gguf_special_token_ids(f: &GgufFile, c: &mut serde_json::Value) {
     }
 }
 
+/// The values of the one-dimensional float tensor `name` of a GGUF file (rope factors), read in float32; `None`
+/// when the file has no such tensor, an error naming it when it is not `[len]`.
+pub(crate) fn gguf_factors(f: &GgufFile, name: &str, len: u64, what: &str) -> Result<Option<Vec<f64>>> {
+    let Some(info) = f.tensors.iter().find(|t| t.name == name) else { return Ok(None) };
+    if info.dims != [len] {
+        return Err(Error::config(
+            &f.path,
+            format!("GGUF tensor `{name}` should hold {len} values ({what}), found shape {:?}", info.shape()),
+        ));
+    }
+    let t = f.load_tensor(info, tch::Kind::Float)?;
+    let values = Vec::<f32>::try_from(&t).map_err(|e| Error::torch(name, e))?;
+    Ok(Some(values.into_iter().map(f64::from).collect()))
+}
+
 /// Reads `config.json` in `dir`.
 pub fn read_config(dir: &Path) -> Result<RawConfig> {
     let path = dir.join("config.json");

@@ -1,5 +1,5 @@
 //! Rotary position embeddings, shared by the architectures that use them: the inverse frequencies with their
-//! scalings ([`RopeScaling`]: linear, Llama 3), the `(cos, sin)` tables of a batch's positions, and the rotation
+//! scalings ([`RopeScaling`]: linear, Llama 3, per-frequency factors from a GGUF file), the `(cos, sin)` tables of a batch's positions, and the rotation
 //! of queries and keys (whole heads, or the first part of each head for partial rotary embeddings).
 
 use crate::error::TchResultExt;
@@ -31,6 +31,21 @@ pub struct RopeScaling {
     /// Fraction of each head that is rotated (transformers 5 writes GPT-NeoX's `rotary_pct` here).
     #[serde(default)]
     pub partial_rotary_factor: Option<f64>,
+    /// LongRoPE (Phi-3): the divisors of the inverse frequencies while the sequence fits the original context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub short_factor: Option<Vec<f64>>,
+    /// LongRoPE (Phi-3): the divisors of the inverse frequencies once the sequence outgrows the original context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub long_factor: Option<Vec<f64>>,
+    /// LongRoPE: the factor the rotary tables (cos and sin) are multiplied by; derived from the context extension
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_factor: Option<f64>,
+    /// Per-frequency divisors of the plain inverse frequencies, as a GGUF file's `rope_freqs` tensor stores
+    /// Llama 3 scaling (llama.cpp's converter computes them from `factor`, `low_freq_factor`, ...); when present
+    /// they are used instead of the rope type's formula. Not a Hugging Face field: the GGUF reader writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freq_factors: Option<Vec<f64>>,
 }
 
 impl RopeScaling {
@@ -59,6 +74,21 @@ pub fn inv_freq(dim: i64, theta: f64, scaling: Option<&RopeScaling>) -> Result<T
     let base = Tensor::f_pow_scalar(theta, &exps).at(p)?;
     let inv = base.f_reciprocal().at(p)?;
     let Some(s) = scaling else { return Ok(inv) };
+    if let Some(factors) = &s.freq_factors {
+        if factors.len() as i64 != dim / 2 {
+            return Err(Error::config(
+                p,
+                format!(
+                    "the rope frequency factors (a GGUF file's `rope_freqs`) number {}, the rotary width {dim} needs \
+                     {}",
+                    factors.len(),
+                    dim / 2
+                ),
+            ));
+        }
+        let factors: Vec<f32> = factors.iter().map(|&f| f as f32).collect();
+        return inv.f_div(&Tensor::from_slice(&factors)).at(p);
+    }
     match s.rope_type.as_deref() {
         Some("linear") => inv.f_div_scalar(s.factor.unwrap_or(1.0)).at(p),
         Some("llama3") => {

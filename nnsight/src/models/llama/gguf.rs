@@ -1,9 +1,10 @@
-//! Reading Llama-family GGUF files (llama.cpp's layout): the configuration from the metadata, llama.cpp's tensor
-//! names mapped to Hugging Face's, and the q/k rows llama.cpp permuted for its rope layout put back. The families
+//! Reading Llama-family GGUF files (llama.cpp's layout): the configuration from the metadata (and Llama 3.1's
+//! rope scaling from the `rope_freqs` tensor), llama.cpp's tensor names mapped to Hugging Face's, and the q/k rows
+//! llama.cpp permuted for its rope layout put back. The families
 //! that share Llama's stack (Qwen2, Qwen3) read their files with the same functions.
 
 use crate::load::gguf::GgufFile;
-use crate::models::registry::{gguf_special_token_ids, gguf_vocab_size};
+use crate::models::registry::{gguf_factors, gguf_special_token_ids, gguf_vocab_size};
 use crate::{Error, Result};
 use tch::Tensor;
 
@@ -21,9 +22,6 @@ pub(crate) fn gguf_config_for(f: &GgufFile, model_type: &str, hf_class: &str) ->
     let vocab = gguf_vocab_size(f)?;
     let has = |name: &str| f.tensors.iter().any(|t| t.name == name);
     let tied = !has("output.weight");
-    if has("rope_freqs.weight") {
-        return Err(Error::config(&f.path, "GGUF files with a `rope_freqs` tensor (Llama 3.1 rope scaling) are not supported yet; load the Hugging Face folder instead"));
-    }
     let mut c = serde_json::json!({
         "model_type": model_type,
         "architectures": [hf_class],
@@ -38,6 +36,7 @@ pub(crate) fn gguf_config_for(f: &GgufFile, model_type: &str, hf_class: &str) ->
         "tie_word_embeddings": tied,
         // No metadata key says so: the biases are there or not (Qwen2's q/k/v biases are its layout's anyway).
         "attention_bias": has("blk.0.attn_output.bias"),
+        "mlp_bias": has("blk.0.ffn_down.bias"),
         "hidden_act": "silu",
     });
     if let Ok(ctx) = f.get_u64(&key("context_length")) {
@@ -54,6 +53,15 @@ pub(crate) fn gguf_config_for(f: &GgufFile, model_type: &str, hf_class: &str) ->
             return Err(Error::config(&f.path, format!("rope scaling type `{t}` in GGUF is not supported")));
         }
     }
+    // Llama 3.1+: the llama3 scaling as llama.cpp's converter stores it, one divisor per rotary frequency.
+    let head_dim = c.get("head_dim").and_then(|v| v.as_u64()).unwrap_or(hidden / heads.max(1));
+    if let Some(factors) = gguf_factors(f, "rope_freqs.weight", head_dim / 2, "one per rotary frequency: head_dim / 2")?
+    {
+        if c.get("rope_scaling").is_some() {
+            return Err(Error::config(&f.path, "both `rope_freqs` and a rope scaling type in the GGUF metadata"));
+        }
+        c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "freq_factors": factors});
+    }
     gguf_special_token_ids(f, &mut c);
     Ok(c)
 }
@@ -64,6 +72,8 @@ pub(crate) fn gguf_tensor_name(name: &str) -> Option<String> {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
         "output.weight" => Some("lm_head.weight"),
+        // Read into the configuration (`rope_scaling.freq_factors`) by `gguf_config_for`.
+        "rope_freqs.weight" => Some("model.rotary_emb.rope_freqs"),
         _ => None,
     };
     if let Some(f) = fixed {
