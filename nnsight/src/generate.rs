@@ -396,6 +396,9 @@ pub(crate) struct Decoder {
     kv: Option<KvCache>,
     /// The prompt batch until the prefill ran.
     prefill: Option<CachedInput>,
+    /// Every token fed so far `[batch, past]`, kept for a model whose cache must be recomputed at some length
+    /// ([`CausalLm::recompute_cache_at`]), with that length.
+    fed: Option<(Tensor, i64)>,
     /// `[batch, past]` mask of the cached positions (1 real, 0 pad).
     mask: Tensor,
     padded: bool,
@@ -452,6 +455,7 @@ impl Decoder {
             pad_id: special.pad.or(special.eos).unwrap_or(0) as i64,
             kv: Some(KvCache::new(layers, seq + options.max_new_tokens as i64)),
             prefill: Some(CachedInput::prefill(batch, !options.full_prefill_logits)),
+            fed: model.recompute_cache_at().map(|at| (batch.input_ids.shallow_clone(), at)),
             mask: batch.attention_mask.shallow_clone(),
             padded: batch.padded,
             rngs: (0..rows.len()).map(|r| Rng::for_row(seed, r)).collect(),
@@ -504,6 +508,7 @@ impl Decoder {
         let kv = self.kv.take().unwrap_or_default();
         // A failed forward ends the generation: the cache is gone with it.
         self.done = true;
+        let (input, kv) = self.whole_sequence_if_due(input, kv)?;
         let (logits, kv) = model.run_cached(&mut cx, &input, kv)?;
         self.kv = Some(kv);
         let picked = self.pick(&logits)?;
@@ -530,6 +535,21 @@ impl Decoder {
             f.call(&tokens)?;
         }
         Ok(Some(tokens))
+    }
+
+    /// The next forward's input and cache, or, at the decode step where the model asks for it
+    /// ([`CausalLm::recompute_cache_at`]: the cache holds exactly that many positions), every token so far with an
+    /// empty cache: transformers' Phi-3 generation drops its cache there and runs the whole sequence again.
+    fn whole_sequence_if_due(&mut self, input: CachedInput, kv: KvCache) -> Result<(CachedInput, KvCache)> {
+        let (Some((fed, at)), past) = (self.fed.as_mut(), kv.past_len()) else { return Ok((input, kv)) };
+        if past > 0 {
+            *fed = Tensor::f_cat(&[&*fed, &input.input_ids], 1).map_err(|e| Error::torch("generate", e))?;
+        }
+        if past == 0 || past != *at {
+            return Ok((input, kv));
+        }
+        let room = fed.size()[1] + (self.options.max_new_tokens - self.step) as i64;
+        Ok((CachedInput::whole_sequence(fed.shallow_clone(), &input)?, KvCache::new(kv.num_layers(), room)))
     }
 
     /// Each row's next token from the last position of `logits` `[batch, seq, vocab]` (inactive rows: 0).

@@ -35,6 +35,26 @@ impl CachedInput {
             last_logits_only,
         }
     }
+
+    /// A forward of every token so far, `input_ids` `[batch, past + q]`, in place of the decode step `step` over
+    /// a cache that is dropped (see [`CausalLm::recompute_cache_at`](super::CausalLm::recompute_cache_at)): the
+    /// step's mask, positions counting each row's real tokens (0 on padding, as in a [`Batch`]), the logits of the
+    /// last position.
+    pub fn whole_sequence(input_ids: Tensor, step: &CachedInput) -> Result<Self> {
+        let mask = &step.attention_mask;
+        let position_ids = mask
+            .f_cumsum(1, Kind::Int64)
+            .and_then(|c| c.f_sub_scalar(1))
+            .and_then(|c| c.f_mul(mask))
+            .map_err(|e| Error::torch("attention_mask", e))?;
+        Ok(CachedInput {
+            input_ids,
+            attention_mask: mask.shallow_clone(),
+            position_ids,
+            padded: step.padded,
+            last_logits_only: true,
+        })
+    }
 }
 
 /// The dtype's lowest finite value, the additive mask of a disallowed key.

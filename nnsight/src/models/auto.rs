@@ -27,6 +27,8 @@ pub trait DynCausalLm: Module + Send {
     fn dyn_standard_names(&self) -> super::StandardNames;
     /// See [`CausalLm::prepare_cached`].
     fn dyn_prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState>;
+    /// See [`CausalLm::recompute_cache_at`].
+    fn dyn_recompute_cache_at(&self) -> Option<i64>;
 }
 
 impl<M: CausalLm> DynCausalLm for M {
@@ -56,6 +58,9 @@ impl<M: CausalLm> DynCausalLm for M {
     }
     fn dyn_prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState> {
         self.prepare_cached(input, kv)
+    }
+    fn dyn_recompute_cache_at(&self) -> Option<i64> {
+        self.recompute_cache_at()
     }
 }
 
@@ -155,5 +160,8 @@ impl CausalLm for AutoModel {
     }
     fn prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState> {
         self.0.dyn_prepare_cached(input, kv)
+    }
+    fn recompute_cache_at(&self) -> Option<i64> {
+        self.0.dyn_recompute_cache_at()
     }
 }

@@ -112,6 +112,14 @@ pub trait CausalLm: Forward + crate::handle::Traceable + Send + 'static {
         })
     }
 
+    /// The cache length at which the keys and values cached so far stop being valid for what follows (Phi-3's
+    /// LongRoPE switches its rotary frequencies there): the decode step over exactly that many cached positions
+    /// instead runs the whole sequence so far without a cache, as transformers' generation does. `None` (the
+    /// default): a cache stays valid.
+    fn recompute_cache_at(&self) -> Option<i64> {
+        None
+    }
+
     /// A forward of the new tokens `input.input_ids` `[batch, q]` over the cache `kv` (empty for the prefill,
     /// which is the whole left-padded prompt): every attention layer appends its new keys and values to the cache
     /// and attends over all of them. `cx`'s hook, if any, sees every module call, as in [`CausalLm::run`]; the
