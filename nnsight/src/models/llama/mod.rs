@@ -209,6 +209,11 @@ pub(crate) struct AttentionShape {
 }
 
 impl AttentionShape {
+    /// `heads` query heads and `kv_heads` key/value heads of `head_dim` values, in KV-cache slot `layer`.
+    pub(crate) fn new(heads: i64, kv_heads: i64, head_dim: i64, layer: usize) -> Self {
+        AttentionShape { heads, kv_heads, head_dim, layer }
+    }
+
     /// Layer `layer`'s shape under `c`, with its four projections loaded from `path` (`q_proj`, `k_proj` and
     /// `v_proj` with biases when `qkv_bias`, `o_proj` when `o_bias`).
     pub(crate) fn load(
@@ -226,7 +231,7 @@ impl AttentionShape {
             Linear::load(w, &join_path(path, "v_proj"), h, nkv * hd, qkv_bias)?,
             Linear::load(w, &join_path(path, "o_proj"), nq * hd, h, o_bias)?,
         ];
-        Ok((AttentionShape { heads: nq, kv_heads: nkv, head_dim: hd, layer }, projections))
+        Ok((AttentionShape::new(nq, nkv, hd, layer), projections))
     }
 }
 
@@ -245,7 +250,7 @@ pub(crate) fn rotary_attention(
     [q_proj, k_proj, v_proj, o_proj]: [&Linear; 4],
     qk_norm: Option<[&RmsNorm; 2]>,
 ) -> Result<Tensor> {
-    let AttentionShape { heads, kv_heads, head_dim, layer } = shape;
+    let AttentionShape { heads, kv_heads, head_dim, .. } = shape;
     let (b, s, _) = x.size3().at(p)?; // [batch, seq, hidden], else an error naming the module
     let split = |t: Tensor, n: i64| t.f_view([b, s, n, head_dim]).at(p);
     let mut q = split(cx.call(q_proj, x)?, heads)?;
@@ -257,6 +262,22 @@ pub(crate) fn rotary_attention(
         k = cx.call(k_norm, &k)?;
     }
     let v = split(cx.call(v_proj, x)?, kv_heads)?;
+    rotary_heads_attention(cx, p, shape, [q, k, v], o_proj)
+}
+
+/// [`rotary_attention`] from the point where queries, keys and values are split into heads, `[batch, seq, heads,
+/// head_dim]` (`kv_heads` for keys and values): what an attention with a fused projection (Phi-3's `qkv_proj`)
+/// runs after splitting its output. Rotates, attends (fused, or explicit with the inner points), appends to the
+/// KV cache and calls `o_proj`.
+pub(crate) fn rotary_heads_attention(
+    cx: &mut Ctx<'_>,
+    p: &str,
+    shape: AttentionShape,
+    [q, k, v]: [Tensor; 3],
+    o_proj: &Linear,
+) -> Result<Tensor> {
+    let AttentionShape { heads, kv_heads, head_dim, layer } = shape;
+    let (b, s, _, _) = q.size4().at(p)?;
     let (q, k, v) = (q.f_transpose(1, 2).at(p)?, k.f_transpose(1, 2).at(p)?, v.f_transpose(1, 2).at(p)?);
     let (cos, sin) = cx
         .state
