@@ -642,6 +642,160 @@ def make_llama_rope_freqs_gguf(tok: Tokenizer) -> None:
     finish_gguf(w, path)
 
 
+# Phi-3: the tiny model's rotary settings. Half of each 16-wide head is rotated (8 values: 4 frequencies); the
+# factors divide those 4 frequencies (short ones at or below `original_max_position_embeddings`, long ones beyond).
+PHI3_SHORT_FACTOR = [1.0, 1.25, 1.5, 2.0]
+PHI3_LONG_FACTOR = [1.0, 3.0, 9.0, 27.0]
+
+
+def phi3_config(tok: Tokenizer, **changes):
+    """A tiny Phi-3: fused qkv_proj (4 query heads, 2 key/value heads) and gate_up_proj, half of each head rotated
+    (partial_rotary_factor 0.5), longrope scaling with original_max_position_embeddings 2 and
+    max_position_embeddings 8 (so that both prompts, 20 and 3 tokens, use the long factors, and the attention
+    factor is sqrt(1 + ln 4 / ln 2)), a sliding window of 6 keys (shorter than P1), an untied head."""
+    from transformers import Phi3Config
+    fields = dict(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=8,
+        original_max_position_embeddings=2,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": PHI3_SHORT_FACTOR, "long_factor": PHI3_LONG_FACTOR},
+        sliding_window=6,
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+        pad_token_id=None,
+    )
+    fields.update(changes)
+    return Phi3Config(**fields)
+
+
+def phi3_twin(model, config):
+    """`model`'s weights under another Phi-3 `config` (eager attention, eval)."""
+    from transformers import Phi3ForCausalLM
+    twin = Phi3ForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+@torch.no_grad()
+def greedy_no_cache(model, ids: list[int], n: int) -> list[int]:
+    seq = torch.tensor([ids], dtype=torch.long)
+    out = []
+    for _ in range(n):
+        nxt = int(model(input_ids=seq, use_cache=False).logits[0, -1].argmax())
+        out.append(nxt)
+        seq = torch.cat([seq, torch.tensor([[nxt]], dtype=torch.long)], dim=1)
+    return out
+
+
+def make_phi3(tok: Tokenizer) -> None:
+    """tests/data/tiny-phi3: the Phi-3 of `phi3_config` with its reference; `switch.safetensors`, the same weights
+    with original_max_position_embeddings 16 (P2 starts on the short factors and crosses to the long ones while
+    generating; P1 is long); tiny-phi3.f32.gguf, as llama.cpp's converter writes a `phi3` (rope_factors_long/short,
+    the original context and the attention factor in the metadata); tiny-phi3-plain.f32.gguf, the same weights
+    with what transformers' GGUF reader keeps of a phi3 file (no rope scaling, whole heads rotated, no window), and
+    plain-reference.safetensors, the logits transformers computes on that file."""
+    from transformers import AutoModelForCausalLM, Phi3ForCausalLM
+    config = phi3_config(tok)
+    model = tiny("tiny-phi3", tok, Phi3ForCausalLM, config, seed=2468, extra={
+        "rope_parameters": config.rope_parameters,
+        "original_max_position_embeddings": config.original_max_position_embeddings,
+        "sliding_window": config.sliding_window,
+        "attention_scaling": float(model_rotary(config).attention_scaling),
+    })
+    out = DATA / "tiny-phi3"
+    # Both regimes and the switch between them: transformers' generate() with a cache drops the cache when the
+    # sequence first outgrows original_max_position_embeddings and recomputes it with the long factors, so its
+    # continuation equals the uncached one.
+    switch_cfg = phi3_config(tok, original_max_position_embeddings=16)
+    twin = phi3_twin(model, switch_cfg)
+    tensors, info = {}, {"original_max_position_embeddings": 16}
+    for key, text in PROMPTS.items():
+        ids = tok.encode(text).ids
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        with torch.no_grad():
+            tensors[f"{key}_logits"] = twin(input_ids=input_ids, use_cache=False).logits[0].float().contiguous()
+            cached = twin.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=GREEDY_TOKENS,
+                                   do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
+        uncached = greedy_no_cache(twin, ids, GREEDY_TOKENS)
+        assert cached[0, len(ids):].tolist() == uncached, f"{key}: cached and uncached greedy differ"
+        tensors[f"{key}_greedy"] = torch.tensor(uncached, dtype=torch.long)
+        info[key] = {"tokens": len(ids), "greedy_ids": uncached}
+    save_safetensors_sorted(tensors, out / "switch.safetensors", {"original_max_position_embeddings": "16"})
+    (out / "switch.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_phi3_gguf(model, tok, out / "tiny-phi3.f32.gguf")
+    # What transformers' GGUF reader makes of a phi3 file: check, then record its logits on the plain twin's file.
+    plain = phi3_twin(model, phi3_config(tok, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                         sliding_window=None))
+    write_phi3_gguf(plain, tok, out / "tiny-phi3-plain.f32.gguf")
+    hf_gguf = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="tiny-phi3-plain.f32.gguf",
+                                                   dtype=torch.float32, attn_implementation="eager").eval()
+    tensors = {}
+    for key, text in PROMPTS.items():
+        input_ids = torch.tensor([tok.encode(text).ids], dtype=torch.long)
+        with torch.no_grad():
+            logits = hf_gguf(input_ids=input_ids, use_cache=False).logits[0].float().contiguous()
+            want = plain(input_ids=input_ids, use_cache=False).logits[0].float()
+        assert (logits - want).abs().max() < 1e-4, f"{key}: transformers' GGUF phi3 differs from the plain twin"
+        tensors[f"{key}_logits"] = logits
+    save_safetensors_sorted(tensors, out / "plain-reference.safetensors",
+                            {"what": "logits of transformers' GGUF loading of tiny-phi3-plain.f32.gguf"})
+    report(out)
+
+
+def model_rotary(config):
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+    return Phi3RotaryEmbedding(config)
+
+
+def write_phi3_gguf(model, tok: Tokenizer, path: Path) -> None:
+    """An F32 GGUF of a Phi-3 as llama.cpp's convert_hf_to_gguf.py writes one (`phi3`): the fused attn_qkv and
+    ffn_up (gate and up) as they are, the rotated width per head, the original context length, the sliding
+    window (0: none), a pad token (EOS), and with longrope scaling the attention factor and the rope_factors_long/short tensors."""
+    import gguf
+    import math
+    c = model.config
+    rope = c.rope_parameters
+    heads, hidden = c.num_attention_heads, c.hidden_size
+    w = gguf.GGUFWriter(str(path), "phi3")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_head_count(heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * hidden) // heads)
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_sliding_window(c.sliding_window or 0)
+    add_gguf_tokenizer(w, tok, c)
+    # Phi-3's vocabularies have a pad token; without one transformers' reader takes Phi3Config's 32000.
+    w.add_pad_token_id(c.eos_token_id)
+    tensors = sorted(model.state_dict().items())
+    if rope["rope_type"] == "longrope":
+        scale = c.max_position_embeddings / c.original_max_position_embeddings
+        orig = c.original_max_position_embeddings
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0)
+        tensors += [("rope_factors_long", torch.tensor(rope["long_factor"], dtype=torch.float32)),
+                    ("rope_factors_short", torch.tensor(rope["short_factor"], dtype=torch.float32))]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, c.num_hidden_layers)
+    for name, t in tensors:
+        if name.startswith("rope_factors"):
+            w.add_tensor(f"{name}.weight", t.numpy())
+            continue
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy())
+    finish_gguf(w, path)
+
+
 def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -658,6 +812,7 @@ def main() -> None:
     make_qwen2(tok)
     make_qwen3(tok)
     make_llama_rope_freqs_gguf(tok)
+    make_phi3(tok)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ pub mod batch;
 pub mod gpt2;
 pub mod gpt_neox;
 pub mod llama;
+pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 mod registry;

@@ -1,0 +1,110 @@
+//! Reading Phi-3 GGUF files (llama.cpp's `phi3`): the configuration from the metadata and the LongRoPE factors
+//! from the `rope_factors_long` / `rope_factors_short` tensors, llama.cpp's tensor names mapped to Hugging Face's.
+//! llama.cpp's converter keeps the fused `attn_qkv` and `ffn_up` (gate and up) as Hugging Face stores them.
+
+use crate::load::gguf::GgufFile;
+use crate::models::registry::{gguf_factors, gguf_special_token_ids, gguf_vocab_size};
+use crate::{Error, Result};
+
+pub(super) fn gguf_config(f: &GgufFile) -> Result<serde_json::Value> {
+    let a = f.architecture()?.to_string();
+    let key = |k: &str| format!("{a}.{k}");
+    let heads = f.get_u64(&key("attention.head_count"))?;
+    let hidden = f.get_u64(&key("embedding_length"))?;
+    if heads == 0 || hidden % heads != 0 {
+        return Err(Error::config(&f.path, format!("embedding_length {hidden} is not a multiple of {heads} heads")));
+    }
+    let head_dim = hidden / heads;
+    // llama.cpp writes int(partial_rotary_factor * hidden) / heads; transformers truncates head_dim * factor.
+    let rotary = f.get_u64(&key("rope.dimension_count")).unwrap_or(head_dim);
+    if rotary == 0 || rotary > head_dim || rotary % 2 != 0 {
+        return Err(Error::config(
+            &f.path,
+            format!("{a}.rope.dimension_count is {rotary}; an even number up to head_dim {head_dim} was expected"),
+        ));
+    }
+    let mut fraction = rotary as f64 / head_dim as f64;
+    if (head_dim as f64 * fraction) as u64 != rotary {
+        fraction = (rotary as f64 + 0.5) / head_dim as f64;
+    }
+    if let Ok(t) = f.get_str(&key("rope.scaling.type")) {
+        if t != "none" {
+            return Err(Error::config(&f.path, format!("rope scaling type `{t}` in a phi3 GGUF is not supported")));
+        }
+    }
+    // GGUF keeps the epsilon as a float32; config.json had the decimal it rounds (1e-5, not 9.99999974e-6).
+    let eps = f.get_f64(&key("attention.layer_norm_rms_epsilon"))?;
+    let eps = (eps as f32).to_string().parse::<f64>().unwrap_or(eps);
+    let context = f.get_u64(&key("context_length"))?;
+    let has = |name: &str| f.tensors.iter().any(|t| t.name == name);
+    let mut c = serde_json::json!({
+        "model_type": "phi3",
+        "architectures": ["Phi3ForCausalLM"],
+        "vocab_size": gguf_vocab_size(f)?,
+        "hidden_size": hidden,
+        "intermediate_size": f.get_u64(&key("feed_forward_length"))?,
+        "num_hidden_layers": f.get_u64(&key("block_count"))?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": f.get_u64(&key("attention.head_count_kv")).unwrap_or(heads),
+        "rms_norm_eps": eps,
+        "max_position_embeddings": context,
+        "original_max_position_embeddings": f.get_u64(&key("rope.scaling.original_context_length")).unwrap_or(context),
+        "rope_theta": f.get_f64(&key("rope.freq_base")).unwrap_or(10000.0),
+        "partial_rotary_factor": fraction,
+        "tie_word_embeddings": !has("output.weight"),
+        "hidden_act": "silu",
+    });
+    // llama.cpp's converter writes 0 for "no window" (Phi-4).
+    if let Some(w) = f.get_u64(&key("attention.sliding_window")).ok().filter(|&w| w > 0) {
+        c["sliding_window"] = w.into();
+    }
+    let what = "one per rotated frequency: rope.dimension_count / 2";
+    let long = gguf_factors(f, "rope_factors_long.weight", rotary / 2, what)?;
+    let short = gguf_factors(f, "rope_factors_short.weight", rotary / 2, what)?;
+    match (long, short) {
+        (Some(long), Some(short)) => {
+            let mut rope = serde_json::json!({"rope_type": "longrope", "long_factor": long, "short_factor": short});
+            if let Ok(factor) = f.get_f64(&key("rope.scaling.attn_factor")) {
+                rope["attention_factor"] = factor.into();
+            }
+            c["rope_scaling"] = rope;
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::config(
+                &f.path,
+                "LongRoPE needs both `rope_factors_long.weight` and `rope_factors_short.weight`; the file has one",
+            ))
+        }
+    }
+    gguf_special_token_ids(f, &mut c);
+    Ok(c)
+}
+
+pub(super) fn gguf_tensor_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        // Read into the configuration (`rope_scaling.long_factor` / `short_factor`) by `gguf_config`.
+        "rope_factors_long.weight" => Some("model.rotary_emb.long_factor"),
+        "rope_factors_short.weight" => Some("model.rotary_emb.short_factor"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let (idx, rest) = name.strip_prefix("blk.")?.split_once('.')?;
+    let idx: usize = idx.parse().ok()?;
+    let (part, suffix) = rest.rsplit_once('.')?;
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "attn_qkv" => "self_attn.qkv_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_up" => "mlp.gate_up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{idx}.{hf}.{suffix}"))
+}
