@@ -116,6 +116,24 @@ pub(crate) fn gguf_factors(f: &GgufFile, name: &str, len: u64, what: &str) -> Re
     Ok(Some(values.into_iter().map(f64::from).collect()))
 }
 
+/// The `partial_rotary_factor` (or `rotary_pct`) that gives back `rotary` rotated values of a `head_dim`-wide head
+/// under transformers' truncation, `int(head_dim * factor)`.
+pub(crate) fn gguf_rotary_fraction(rotary: u64, head_dim: u64) -> f64 {
+    let fraction = rotary as f64 / head_dim as f64;
+    if (head_dim as f64 * fraction) as u64 == rotary {
+        fraction
+    } else {
+        (rotary as f64 + 0.5) / head_dim as f64
+    }
+}
+
+/// The norm epsilon under `key`: GGUF keeps it as a float32, config.json had the decimal it rounds (1e-5, not
+/// 9.99999974e-6).
+pub(crate) fn gguf_eps(f: &GgufFile, key: &str) -> Result<f64> {
+    let eps = f.get_f64(key)?;
+    Ok((eps as f32).to_string().parse::<f64>().unwrap_or(eps))
+}
+
 /// Reads `config.json` in `dir`.
 pub fn read_config(dir: &Path) -> Result<RawConfig> {
     let path = dir.join("config.json");

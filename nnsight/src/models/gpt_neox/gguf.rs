@@ -3,7 +3,7 @@
 //! then all keys, then all values) put back in Hugging Face's order (each head's query, key and value in turn).
 
 use crate::load::gguf::{GgufFile, MetaValue};
-use crate::models::registry::{gguf_special_token_ids, gguf_vocab_size};
+use crate::models::registry::{gguf_eps, gguf_rotary_fraction, gguf_special_token_ids, gguf_vocab_size};
 use crate::{Error, Result};
 use tch::Tensor;
 
@@ -17,19 +17,13 @@ pub(super) fn gguf_config(f: &GgufFile) -> Result<serde_json::Value> {
     }
     let head_dim = hidden / heads;
     let rotary = f.get_u64(&key("rope.dimension_count"))?;
-    // transformers truncates `head_dim * rotary_pct`; make sure that gives back the rotated width.
-    let mut pct = rotary as f64 / head_dim as f64;
-    if (head_dim as f64 * pct) as u64 != rotary {
-        pct = (rotary as f64 + 0.5) / head_dim as f64;
-    }
+    let pct = gguf_rotary_fraction(rotary, head_dim);
     if let Ok(t) = f.get_str(&key("rope.scaling.type")) {
         if t != "none" {
             return Err(Error::config(&f.path, format!("rope scaling type `{t}` in a gptneox GGUF is not supported")));
         }
     }
-    // GGUF keeps the epsilon as a float32; config.json had the decimal it rounds (1e-5, not 9.99999974e-6).
-    let eps = f.get_f64(&key("attention.layer_norm_epsilon"))?;
-    let eps = (eps as f32).to_string().parse::<f64>().unwrap_or(eps);
+    let eps = gguf_eps(f, &key("attention.layer_norm_epsilon"))?;
     let has = |name: &str| f.tensors.iter().any(|t| t.name == name);
     let mut c = serde_json::json!({
         "model_type": "gpt_neox",

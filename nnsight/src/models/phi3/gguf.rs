@@ -3,7 +3,7 @@
 //! llama.cpp's converter keeps the fused `attn_qkv` and `ffn_up` (gate and up) as Hugging Face stores them.
 
 use crate::load::gguf::GgufFile;
-use crate::models::registry::{gguf_factors, gguf_special_token_ids, gguf_vocab_size};
+use crate::models::registry::{gguf_eps, gguf_factors, gguf_rotary_fraction, gguf_special_token_ids, gguf_vocab_size};
 use crate::{Error, Result};
 
 pub(super) fn gguf_config(f: &GgufFile) -> Result<serde_json::Value> {
@@ -23,18 +23,13 @@ pub(super) fn gguf_config(f: &GgufFile) -> Result<serde_json::Value> {
             format!("{a}.rope.dimension_count is {rotary}; an even number up to head_dim {head_dim} was expected"),
         ));
     }
-    let mut fraction = rotary as f64 / head_dim as f64;
-    if (head_dim as f64 * fraction) as u64 != rotary {
-        fraction = (rotary as f64 + 0.5) / head_dim as f64;
-    }
+    let fraction = gguf_rotary_fraction(rotary, head_dim);
     if let Ok(t) = f.get_str(&key("rope.scaling.type")) {
         if t != "none" {
             return Err(Error::config(&f.path, format!("rope scaling type `{t}` in a phi3 GGUF is not supported")));
         }
     }
-    // GGUF keeps the epsilon as a float32; config.json had the decimal it rounds (1e-5, not 9.99999974e-6).
-    let eps = f.get_f64(&key("attention.layer_norm_rms_epsilon"))?;
-    let eps = (eps as f32).to_string().parse::<f64>().unwrap_or(eps);
+    let eps = gguf_eps(f, &key("attention.layer_norm_rms_epsilon"))?;
     let context = f.get_u64(&key("context_length"))?;
     let has = |name: &str| f.tensors.iter().any(|t| t.name == name);
     let mut c = serde_json::json!({
