@@ -96,6 +96,12 @@ fn generic_functions_run_on_gpt_neox_parallel_and_sequential() {
 }
 
 #[test]
+fn generic_functions_run_on_phi3() {
+    check_family::<Phi3>("tiny-phi3");
+    check_auto("tiny-phi3", "phi3");
+}
+
+#[test]
 fn on_smollm2_the_generic_functions_equal_the_hugging_face_named_blocks() -> nnsight::Result<()> {
     let guard = common::smollm2();
     let model = &*guard;
@@ -151,7 +157,7 @@ fn standard_and_hugging_face_names_mix_in_one_block() -> nnsight::Result<()> {
 #[test]
 fn every_standard_path_is_a_module_the_forward_calls() {
     common::init();
-    let dirs = ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gpt-neox"];
+    let dirs = ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gpt-neox", "tiny-phi3"];
     for dir in dirs {
         let model = LanguageModel::<AutoModel>::load_with(common::data(dir), common::opts()).unwrap();
         let names = model.standard_names();

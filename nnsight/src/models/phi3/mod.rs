@@ -282,6 +282,10 @@ impl CausalLm for Phi3 {
         self.model.layers.len()
     }
 
+    fn standard_names(&self) -> super::StandardNames {
+        super::StandardNames::llama_layout(self.model.layers.len())
+    }
+
     fn prepare_cached(&self, input: &CachedInput, kv: KvCache) -> Result<ForwardState> {
         let mask = cached_attention_mask(input, self.dtype(), self.config.sliding_window)?;
         let mut state = self.state(mask, &input.position_ids)?;
