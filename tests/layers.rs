@@ -17,6 +17,7 @@
 //! | 9 | `envoy` (the blocks: trace, scan, generate, edit; each runs through a backend) |
 //! | 10 | `language_model` (the facade) |
 //! | 11 | `__private` (what generated code calls) |
+//! | 12 | `patching` (experiments written with `intervene!` over the facade) |
 //!
 //! A unit is a top-level module, or a sub-module listed on its own (`nn::layers`); `nn` re-exports the leaf layers
 //! (`nnsight::nn::Linear`) with a `pub use` of its own child, which is not an import of the crate's.
@@ -44,6 +45,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("envoy", 9),
     ("language_model", 10),
     ("__private", 11),
+    ("patching", 12),
 ];
 
 /// Names the crate root re-exports, and the module each comes from.

@@ -22,6 +22,7 @@ mod layers;
 mod linking;
 mod loading_errors;
 mod parity_smollm2;
+mod patching;
 mod remote;
 mod scan;
 mod session;

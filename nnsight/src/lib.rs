@@ -33,6 +33,7 @@ pub mod load;
 pub mod meta;
 pub mod models;
 pub mod nn;
+pub mod patching;
 pub mod remote;
 
 mod ffi;

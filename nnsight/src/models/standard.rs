@@ -94,7 +94,7 @@ impl Envoy for StandardModule {
 /// A layer's attention by its standard name: the module's hook points and the inner points every architecture's
 /// attention has (shapes as documented on each architecture's attention: `query` `[batch, heads, seq, head_dim]`,
 /// `key` `[batch, kv_heads, seq, head_dim]`, `probs` `[batch, heads, q, k]`, `head_output`
-/// `[batch, heads, q, head_dim]`).
+/// `[batch, seq, heads, head_dim]`).
 #[derive(Debug)]
 pub struct StandardAttention {
     /// Its output.

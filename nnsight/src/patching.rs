@@ -1,0 +1,220 @@
+//! Activation-patching sweeps in the spirit of TransformerLens's `patching` module, written once over the
+//! [standard names](crate::models::standard) so they run on every architecture.
+//!
+//! A [`Patching`] holds a clean and a corrupted prompt of the same number of tokens and a metric of the last
+//! position's logits (e.g. `logit(" Paris") - logit(" Rome")`). Each sweep runs the corrupted prompt once per cell
+//! with one activation replaced by its value in the clean run, and returns the metric of every cell as a
+//! [`Labelled`] tensor (its axes named, positions labelled with their tokens):
+//!
+//! | sweep | cell | replaced |
+//! |---|---|---|
+//! | [`Patching::residual`] | layer × position | the residual stream before the layer (`model.layers[l].input`) at one position |
+//! | [`Patching::attention`] | layer × position | the attention's output (`model.layers[l].attn.output`) at one position |
+//! | [`Patching::mlp`] | layer × position | the MLP's output (`model.layers[l].mlp.output`) at one position |
+//! | [`Patching::heads`] | layer × head | one head's output before the output projection (`attn.head_output`), every position |
+//!
+//! The cells run as invokes of one batch (the clean prompt as the first invoke, its activations handed to the
+//! others), at most [`Patching::max_rows`] corrupted rows per forward pass; every cell equals its own trace within
+//! float noise (different batch sizes round matrix products differently).
+
+use crate::language_model::LanguageModel;
+use crate::models::CausalLm;
+use crate::{intervene, Error, Result};
+use tch::{IndexOp, Kind, Tensor};
+
+/// A tensor whose axes have names and labels: what a sweep returns.
+#[derive(Debug)]
+pub struct Labelled {
+    /// The values, one dimension per axis.
+    pub values: Tensor,
+    /// The axes, in order.
+    pub axes: Vec<Axis>,
+}
+
+/// One axis of a [`Labelled`] tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Axis {
+    /// What runs along it (`"layer"`, `"position"`, `"head"`).
+    pub name: &'static str,
+    /// A label per index (layer numbers; a position's token as text).
+    pub labels: Vec<String>,
+}
+
+impl Labelled {
+    /// The value at `index` (one index per axis).
+    pub fn at(&self, index: &[i64]) -> f64 {
+        self.values.double_value(index)
+    }
+}
+
+/// What a sweep replaces, at each layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Site {
+    Residual,
+    Attention,
+    Mlp,
+}
+
+/// An activation-patching experiment: a clean and a corrupted prompt and a metric (see the [module docs](self)).
+pub struct Patching<'m, M: CausalLm, F: Fn(&Tensor) -> f64> {
+    model: &'m LanguageModel<M>,
+    clean: Vec<i64>,
+    corrupted: Vec<i64>,
+    metric: F,
+    max_rows: usize,
+}
+
+impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
+    /// An experiment on `model`: `clean` and `corrupted` must tokenize to the same number of tokens; `metric` maps
+    /// the last position's logits (`[vocab]`, float32, on the CPU) to a number.
+    pub fn new(model: &'m LanguageModel<M>, clean: &str, corrupted: &str, metric: F) -> Result<Self> {
+        let (clean_ids, corrupted_ids) = (model.encode(clean)?, model.encode(corrupted)?);
+        if clean_ids.len() != corrupted_ids.len() || clean_ids.is_empty() {
+            return Err(Error::InvalidInput {
+                message: format!(
+                    "patching: the clean and corrupted prompts must have the same number of tokens, but {clean:?} \
+                     has {} and {corrupted:?} has {}",
+                    clean_ids.len(),
+                    corrupted_ids.len()
+                ),
+            });
+        }
+        Ok(Patching { model, clean: clean_ids, corrupted: corrupted_ids, metric, max_rows: 64 })
+    }
+
+    /// At most `rows` corrupted rows per forward pass (64 by default): more cells run as several passes, with the
+    /// same results.
+    pub fn max_rows(mut self, rows: usize) -> Self {
+        self.max_rows = rows.max(1);
+        self
+    }
+
+    /// The metric on the clean and on the corrupted prompt, unpatched: `(clean, corrupted)`.
+    pub fn baselines(&self) -> Result<(f64, f64)> {
+        let clean = self.model.forward(self.clean.clone())?;
+        let corrupted = self.model.forward(self.corrupted.clone())?;
+        Ok((self.metric_of(&clean.i((0, -1))), self.metric_of(&corrupted.i((0, -1)))))
+    }
+
+    /// Patches the residual stream before each layer at each position: `[layer, position]`.
+    pub fn residual(&self) -> Result<Labelled> {
+        self.by_position(Site::Residual)
+    }
+
+    /// Patches each layer's attention output at each position: `[layer, position]`.
+    pub fn attention(&self) -> Result<Labelled> {
+        self.by_position(Site::Attention)
+    }
+
+    /// Patches each layer's MLP output at each position: `[layer, position]`.
+    pub fn mlp(&self) -> Result<Labelled> {
+        self.by_position(Site::Mlp)
+    }
+
+    /// Patches each head's output (before the attention's output projection) at every position:
+    /// `[layer, head]`.
+    pub fn heads(&self) -> Result<Labelled> {
+        let n_layers = self.model.standard_names().n_layers;
+        let heads = self.head_count()?;
+        let cells: Vec<(usize, i64)> = (0..n_layers).flat_map(|l| (0..heads).map(move |h| (l, h))).collect();
+        let values = self.sweep(&cells, |chunk| {
+            let model = self.model;
+            intervene!(model.trace() {
+                invoke(self.clean.clone()) {
+                    let mut clean = Vec::new();
+                    for l in 0..n_layers {
+                        clean.push(model.layers[l].attn.head_output.output);
+                    }
+                }
+                let mut logits = Vec::new();
+                for &(l, h) in chunk {
+                    invoke(self.corrupted.clone()) {
+                        model.layers[l].attn.head_output.output[(.., .., h)] = clean[l].i((.., .., h));
+                        logits.push(model.output.i((0, -1)).save());
+                    }
+                }
+            });
+            Ok(logits)
+        })?;
+        let values = Tensor::from_slice(&values).view([n_layers as i64, heads]);
+        Ok(Labelled { values, axes: vec![self.layer_axis(n_layers), number_axis("head", heads as usize)] })
+    }
+
+    fn by_position(&self, site: Site) -> Result<Labelled> {
+        let n_layers = self.model.standard_names().n_layers;
+        let seq = self.clean.len() as i64;
+        let cells: Vec<(usize, i64)> = (0..n_layers).flat_map(|l| (0..seq).map(move |p| (l, p))).collect();
+        let values = self.sweep(&cells, |chunk| {
+            let model = self.model;
+            intervene!(model.trace() {
+                invoke(self.clean.clone()) {
+                    let mut clean = Vec::new();
+                    for l in 0..n_layers {
+                        clean.push(match site {
+                            Site::Residual => model.layers[l].input,
+                            Site::Attention => model.layers[l].attn.output,
+                            Site::Mlp => model.layers[l].mlp.output,
+                        });
+                    }
+                }
+                let mut logits = Vec::new();
+                for &(l, p) in chunk {
+                    invoke(self.corrupted.clone()) {
+                        let value = clean[l].i((.., p));
+                        match site {
+                            Site::Residual => model.layers[l].input[(.., p)] = value,
+                            Site::Attention => model.layers[l].attn.output[(.., p)] = value,
+                            Site::Mlp => model.layers[l].mlp.output[(.., p)] = value,
+                        }
+                        logits.push(model.output.i((0, -1)).save());
+                    }
+                }
+            });
+            Ok(logits)
+        })?;
+        let values = Tensor::from_slice(&values).view([n_layers as i64, seq]);
+        Ok(Labelled { values, axes: vec![self.layer_axis(n_layers), self.position_axis()?] })
+    }
+
+    /// Runs `cells` in chunks of at most `max_rows`, `run` giving each chunk's last-position logits (one per
+    /// cell, in order); returns the metric of each cell.
+    fn sweep<C>(&self, cells: &[C], run: impl Fn(&[C]) -> Result<Vec<Tensor>>) -> Result<Vec<f64>> {
+        let mut values = Vec::with_capacity(cells.len());
+        for chunk in cells.chunks(self.max_rows) {
+            values.extend(run(chunk)?.iter().map(|t| self.metric_of(t)));
+        }
+        Ok(values)
+    }
+
+    fn metric_of(&self, logits: &Tensor) -> f64 {
+        (self.metric)(&logits.to_kind(Kind::Float).to_device(tch::Device::Cpu))
+    }
+
+    /// The number of attention heads, from the shape of a head output (on shapes alone).
+    fn head_count(&self) -> Result<i64> {
+        let model = self.model;
+        intervene!(model.trace(self.clean.clone()) {
+            let shape = model.layers[0].attn.head_output.output.save();
+        });
+        Ok(shape.size()[2])
+    }
+
+    fn layer_axis(&self, n_layers: usize) -> Axis {
+        number_axis("layer", n_layers)
+    }
+
+    /// The clean prompt's tokens, each decoded on its own (with the index, so equal tokens stay apart).
+    fn position_axis(&self) -> Result<Axis> {
+        let labels = self
+            .clean
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Ok(format!("{i}:{}", self.model.decode(&[*id])?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Axis { name: "position", labels })
+    }
+}
+
+fn number_axis(name: &'static str, n: usize) -> Axis {
+    Axis { name, labels: (0..n).map(|i| i.to_string()).collect() }
+}
