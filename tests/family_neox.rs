@@ -43,7 +43,7 @@ impl<F: FnMut(Tensor) -> Tensor> Hook for MapOutput<F> {
 }
 
 /// A copy of a tiny checkpoint's folder whose config.json is `edit`ed.
-fn with_config(dir: &str, edit: impl Fn(&mut serde_json::Value)) -> tempfile::TempDir {
+pub(crate) fn with_config(dir: &str, edit: impl Fn(&mut serde_json::Value)) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     for f in ["model.safetensors", "tokenizer.json"] {
         std::fs::copy(common::data(dir).join(f), tmp.path().join(f)).unwrap();

@@ -23,9 +23,9 @@ fn tiny_qwen3_with_qk_norms_attention_bias_head_dim_and_tied_head_matches_transf
 }
 
 /// Multiplies `module`'s output by `factor` at every call: a write "by hand", without the intervention runtime.
-struct Scale {
-    module: &'static str,
-    factor: f64,
+pub(crate) struct Scale {
+    pub(crate) module: &'static str,
+    pub(crate) factor: f64,
 }
 
 impl Hook for Scale {
@@ -38,11 +38,39 @@ impl Hook for Scale {
 }
 
 /// Whether every element of `t` is finite.
-fn finite(t: &Tensor) -> bool {
+pub(crate) fn finite(t: &Tensor) -> bool {
     t.isfinite().all().int64_value(&[]) == 1
 }
 
-/// The interventions of one family's tiny model `$dir` (a `LanguageModel<$model>`), as a test module `$name`.
+/// The attention sizes a family's config gives: `(heads, kv_heads, head_dim)`.
+pub(crate) trait AttentionSizes {
+    fn attention_sizes(&self) -> (i64, i64, i64);
+}
+
+impl AttentionSizes for Qwen2 {
+    fn attention_sizes(&self) -> (i64, i64, i64) {
+        let c = &self.config().llama;
+        (
+            c.num_attention_heads,
+            c.num_key_value_heads.unwrap(),
+            c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
+        )
+    }
+}
+
+impl AttentionSizes for Qwen3 {
+    fn attention_sizes(&self) -> (i64, i64, i64) {
+        let c = &self.config().llama;
+        (
+            c.num_attention_heads,
+            c.num_key_value_heads.unwrap(),
+            c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
+        )
+    }
+}
+
+/// The interventions of one family's tiny model `$dir` (a `LanguageModel<$model>`, whose `$model` implements
+/// [`AttentionSizes`]), as a test module `$name`.
 macro_rules! family_interventions {
     ($name:ident, $model:ty, $dir:literal) => {
         mod $name {
@@ -56,18 +84,20 @@ macro_rules! family_interventions {
             fn an_mlp_write_changes_the_logits_as_the_same_write_by_hand() -> nnsight::Result<()> {
                 let model = load();
                 let plain = model.forward(P1)?;
+                // A negative factor, so that a norm after the MLP (Gemma's post_feedforward_layernorm) cannot
+                // undo it.
                 intervene!(model.trace(P1) {
-                    model.model.layers[0].mlp.output = model.model.layers[0].mlp.output * 0.25;
+                    model.model.layers[0].mlp.output = model.model.layers[0].mlp.output * -0.25;
                     let mlp = model.model.layers[0].mlp.output.save();
-                    let logits = model.lm_head.output.save();
+                    let logits = model.output.save();
                 });
                 intervene!(model.trace(P1) {
                     let original = model.model.layers[0].mlp.output.save();
                 });
                 // The read after the write sees the written value.
-                assert!(max_abs_diff(&mlp, &(&original * 0.25)) < 1e-6);
+                assert!(max_abs_diff(&mlp, &(&original * -0.25)) < 1e-6);
                 assert!(original.abs().max().double_value(&[]) > 1e-2, "the MLP output is not trivially zero");
-                let mut hook = Scale { module: "model.layers.0.mlp", factor: 0.25 };
+                let mut hook = Scale { module: "model.layers.0.mlp", factor: -0.25 };
                 let by_hand = model.forward_with_hook(&model.batch(P1)?, &mut hook)?;
                 assert_eq!(max_abs_diff(&logits, &by_hand), 0.0, "the write is the hook's");
                 assert!(max_abs_diff(&logits, &plain) > 1e-3, "the write changes the logits");
@@ -96,11 +126,10 @@ macro_rules! family_interventions {
                 // Reading the points (explicit attention) keeps the fused path's logits.
                 assert!(max_abs_diff(&logits, &plain) < 1e-4);
                 let s = model.batch(P1)?.input_ids.size()[1];
-                let c = model.model().config().llama.clone();
-                let hd = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
-                assert_eq!(probs.size(), [1, c.num_attention_heads, s, s]);
-                assert_eq!(query.size(), [1, c.num_attention_heads, s, hd]);
-                assert_eq!(key.size(), [1, c.num_key_value_heads.unwrap(), s, hd]);
+                let (heads, kv_heads, hd) = crate::family_qwen::AttentionSizes::attention_sizes(model.model());
+                assert_eq!(probs.size(), [1, heads, s, s]);
+                assert_eq!(query.size(), [1, heads, s, hd]);
+                assert_eq!(key.size(), [1, kv_heads, s, hd]);
                 let sums = probs.sum_dim_intlist(-1, false, Kind::Float);
                 assert!(max_abs_diff(&sums, &sums.ones_like()) < 1e-5, "rows sum to 1");
                 Ok(())
@@ -187,7 +216,7 @@ macro_rules! family_interventions {
                 });
                 intervene!(model.trace(P1) {
                     model.model.layers[1].self_attn.output = model.model.layers[1].self_attn.output * 0.0;
-                    let inline = model.lm_head.output.save();
+                    let inline = model.output.save();
                 });
                 let by_edit = edited.forward(P1)?;
                 assert!(by_edit.equal(&inline), "the edited forward is the trace's, bit for bit");
@@ -203,7 +232,7 @@ family_interventions!(qwen2, Qwen2, "tiny-qwen2");
 family_interventions!(qwen3, Qwen3, "tiny-qwen3");
 
 /// `[1, heads, s, s]` probabilities: zero wherever key `j` is not among the `window` keys up to query `i`.
-fn zero_outside_window(p: &Tensor, window: i64) -> bool {
+pub(crate) fn zero_outside_window(p: &Tensor, window: i64) -> bool {
     let s = p.size()[3];
     let rows = Tensor::arange(s, (Kind::Int64, Device::Cpu)).view([s, 1]);
     let cols = Tensor::arange(s, (Kind::Int64, Device::Cpu)).view([1, s]);
@@ -244,6 +273,13 @@ fn qwen2_attends_within_its_sliding_window_in_a_trace_and_in_generation() -> nns
     Ok(())
 }
 
+/// `[1, heads, s, s]`: query `i` spreads 1 / (i + 1) over its causal keys, as queries that score every key alike.
+pub(crate) fn uniform_causal_probs(heads: i64, s: i64) -> Tensor {
+    let i = Tensor::arange(s, (Kind::Float, Device::Cpu)).view([1, 1, s, 1]);
+    let uniform = Tensor::ones([s, s], (Kind::Float, Device::Cpu)).tril(0).view([1, 1, s, s]) / (i + 1.0);
+    uniform.expand([1, heads, s, s], false)
+}
+
 #[test]
 fn qwen3_q_norm_feeds_the_queries() -> nnsight::Result<()> {
     let model = LanguageModel::<Qwen3>::load_with(common::data("tiny-qwen3"), common::opts())?;
@@ -258,10 +294,8 @@ fn qwen3_q_norm_feeds_the_queries() -> nnsight::Result<()> {
     // Per head, before the rotation: [batch, seq, heads, head_dim] (head_dim 32 in this config, not 64 / 4).
     assert_eq!(q_norm_in.size(), [1, s, 4, 32]);
     assert_eq!(k_norm_out.size(), [1, s, 2, 32]);
-    // Zero queries (rotated, still zero) score every key alike: query i spreads 1 / (i + 1) over its keys.
-    let i = Tensor::arange(s, (Kind::Float, Device::Cpu)).view([1, 1, s, 1]);
-    let uniform = Tensor::ones([s, s], (Kind::Float, Device::Cpu)).tril(0).view([1, 1, s, s]) / (i + 1.0);
-    let d = max_abs_diff(&probs, &uniform.expand([1, 4, s, s], false));
+    // Zero queries (rotated, still zero) score every key alike.
+    let d = max_abs_diff(&probs, &uniform_causal_probs(4, s));
     assert!(d < 1e-6, "zeroed queries: probabilities are not uniform over the causal keys ({d})");
     Ok(())
 }
@@ -327,5 +361,35 @@ fn the_registry_finds_each_family_and_a_typed_load_refuses_the_other() -> nnsigh
         assert!(tree.contains(kind), "{kind} in {tree}");
     }
     assert!(tree.contains("(q_norm): RMSNorm((32,), eps=0.00001)  <model.layers.0.self_attn.q_norm>"), "{tree}");
+    Ok(())
+}
+
+#[test]
+fn qwen2_with_a_window_on_some_layers_slides_only_those_in_a_trace_and_in_generation() -> nnsight::Result<()> {
+    // tiny-qwen2's weights with layer 0 attending to every earlier key and layer 1 within its window of 4.
+    let dir = crate::family_neox::with_config("tiny-qwen2", |c| {
+        c["layer_types"] = serde_json::json!(["full_attention", "sliding_attention"]);
+    });
+    let model = LanguageModel::<Qwen2>::load_with(dir.path(), common::opts())?;
+    assert_eq!(model.model().config().layer_windows(), [None, Some(4)]);
+    intervene!(model.trace(P1) {
+        let full = model.model.layers[0].self_attn.probs.output.save();
+        let sliding = model.model.layers[1].self_attn.probs.output.save();
+    });
+    assert!(zero_outside_window(&sliding, 4));
+    assert!(!zero_outside_window(&full, 4), "the full layer attends beyond the window");
+    let every_layer_slides = LanguageModel::<Qwen2>::load_with(common::data("tiny-qwen2"), common::opts())?;
+    assert!(max_abs_diff(&model.forward(P1)?, &every_layer_slides.forward(P1)?) > 1e-3);
+    // Cached generation, each layer with its mask at every step, batched with left padding: the greedy
+    // continuation of full re-forwards.
+    let n = 8;
+    let cached = model.generate([P1, P2], &GenerateOptions::new().max_new_tokens(n).stop_ids(vec![]))?;
+    for (row, prompt) in [P1, P2].iter().enumerate() {
+        let mut ids = model.encode(prompt)?;
+        for _ in 0..n {
+            ids.push(model.forward(ids.clone())?.select(1, -1).argmax(-1, false).int64_value(&[0]));
+        }
+        assert_eq!(cached.rows[row].new_ids, ids[ids.len() - n..], "row {row}");
+    }
     Ok(())
 }

@@ -158,15 +158,37 @@ pub fn causal_padding_mask(batch: &Batch, kind: Kind, window: Option<i64>) -> Re
 /// The inner points of the attention modules (Llama's `self_attn`, GPT-2's `attn`), in forward order.
 pub(crate) const ATTENTION_POINTS: [&str; 4] = ["query", "key", "probs", "head_output"];
 
+/// How an attention layer turns queries and keys into scores: the scale of q·kᵀ, an optional soft cap
+/// (Gemma 2's `attn_logit_softcapping`: `tanh(s / cap) * cap`, before the mask), and whether it takes the mask of the
+/// sliding-window layers ([`ForwardState::mask`](crate::nn::ForwardState::mask)). A bare `f64` is a scale with
+/// neither.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Scoring {
+    /// Factor of q·kᵀ.
+    pub scale: f64,
+    /// Soft cap of the scaled scores, if any.
+    pub softcap: Option<f64>,
+    /// The layer attends within the sliding window.
+    pub sliding: bool,
+}
+
+impl From<f64> for Scoring {
+    fn from(scale: f64) -> Self {
+        Scoring { scale, softcap: None, sliding: false }
+    }
+}
+
 /// Attention computed step by step, for when something reads or writes the inner points of the attention module
-/// at `path`: `query` `[batch, heads, q, head_dim]` and `key` `[batch, kv_heads, q, head_dim]` (this forward's
-/// positions only) go through [`Ctx::point`] first; in a cached forward the key as returned and `v` are then
-/// appended to the KV cache (slot `layer`), so that a write persists into later steps, and the attention runs over
-/// every cached key (k = past + q); the scores q·kᵀ·`scale` plus the mask (the forward state's, else the causal mask when
-/// q > 1, aligned so that the last query sees every key) are softmaxed in float32 and brought back to the dtype, giving `probs` `[batch, heads, q, k]`; key and
-/// value heads are repeated for grouped-query attention; `probs`·v transposed gives `head_output`
-/// `[batch, q, heads, head_dim]`. Each value goes on as the hook returns it. Returns `[batch, q, heads * head_dim]`,
-/// what `scaled_dot_product_attention` gives up to float rounding.
+/// at `path`, or when the scores are soft-capped (which the fused attention cannot do): `query`
+/// `[batch, heads, q, head_dim]` and `key` `[batch, kv_heads, q, head_dim]` (this forward's positions only) go
+/// through [`Ctx::point`] first; in a cached forward the key as returned and `v` are then appended to the KV cache
+/// (slot `layer`), so that a write persists into later steps, and the attention runs over every cached key
+/// (k = past + q); the scores q·kᵀ·`scale` (soft-capped if `scoring` says so) plus the mask (the forward state's for
+/// the layer's kind, else the causal mask when q > 1, aligned so that the last query sees every key) are softmaxed
+/// in float32 and brought back to the dtype, giving `probs` `[batch, heads, q, k]`; key and value heads are
+/// repeated for grouped-query attention; `probs`·v transposed gives `head_output` `[batch, q, heads, head_dim]`.
+/// Each value goes on as the hook returns it. Returns `[batch, q, heads * head_dim]`, what
+/// `scaled_dot_product_attention` gives up to float rounding.
 pub(crate) fn explicit_attention(
     cx: &mut Ctx<'_>,
     path: &str,
@@ -174,11 +196,12 @@ pub(crate) fn explicit_attention(
     q: Tensor,
     k: Tensor,
     v: &Tensor,
-    scale: f64,
+    scoring: impl Into<Scoring>,
 ) -> Result<Tensor> {
     use crate::error::TchResultExt;
     let p = path;
-    let mask = cx.state.attention_mask.as_ref().map(Tensor::shallow_clone);
+    let Scoring { scale, softcap, sliding } = scoring.into();
+    let mask = cx.state.mask(sliding).map(Tensor::shallow_clone);
     let q = cx.point(p, "query", q)?;
     let k = cx.point(p, "key", k)?;
     let (k, v) = append_kv(cx, p, layer, k, v.shallow_clone())?;
@@ -189,7 +212,11 @@ pub(crate) fn explicit_attention(
         _ => Ok(t),
     };
     let (k, v) = (repeat(k)?, repeat(v)?);
-    let scores = q.f_matmul(&k.f_transpose(-2, -1).at(p)?).at(p)?.f_mul_scalar(scale).at(p)?;
+    let mut scores = q.f_matmul(&k.f_transpose(-2, -1).at(p)?).at(p)?.f_mul_scalar(scale).at(p)?;
+    if let Some(cap) = softcap {
+        // transformers' order: s / cap, tanh, * cap.
+        scores = scores.f_div_scalar(cap).at(p)?.f_tanh().at(p)?.f_mul_scalar(cap).at(p)?;
+    }
     let scores = match mask {
         Some(m) => scores.f_add(&m).at(p)?,
         None if s > 1 => {

@@ -365,6 +365,7 @@ impl CausalLm for Gpt2 {
             rotary: None,
             kv: Some(kv),
             last_logits_only: input.last_logits_only,
+            ..ForwardState::default()
         })
     }
 

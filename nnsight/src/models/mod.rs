@@ -17,7 +17,7 @@ mod registry;
 pub mod rope;
 pub mod standard;
 
-pub(crate) use attention::{append_kv, explicit_attention, head_positions, ATTENTION_POINTS};
+pub(crate) use attention::{append_kv, explicit_attention, head_positions, Scoring, ATTENTION_POINTS};
 pub use attention::{cached_attention_mask, causal_padding_mask, CachedInput};
 pub use auto::{AutoEnvoy, AutoModel, DynCausalLm};
 pub use registry::{
@@ -137,6 +137,30 @@ pub trait CausalLm: Forward + crate::handle::Traceable + Send + 'static {
         kv.advance(q);
         Ok((logits, kv))
     }
+}
+
+/// Refuses the sizes of a decoder config, `[vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+/// num_attention_heads, num_key_value_heads, head_dim]`, when one is not positive or the query heads are not a
+/// multiple of the key/value heads, naming the setting and `source`.
+pub(crate) fn check_sizes(source: &std::path::Path, sizes: [i64; 7]) -> Result<()> {
+    const NAMES: [&str; 7] = [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+    ];
+    if let Some((name, v)) = NAMES.iter().zip(sizes).find(|(_, v)| *v <= 0) {
+        return Err(Error::config(source, format!("`{name}` must be positive, found {v}")));
+    }
+    let (heads, kv_heads) = (sizes[4], sizes[5]);
+    if heads % kv_heads != 0 {
+        let m = format!("num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})");
+        return Err(Error::config(source, m));
+    }
+    Ok(())
 }
 
 /// Moves every parameter of `m` to `device`/`kind` in place (shared tensors stay shared).

@@ -1,6 +1,7 @@
 //! Qwen2 and Qwen2.5: Llama's layout (RMSNorm, rotary position embeddings, grouped-query attention, a SwiGLU MLP,
 //! tied or separate `lm_head`) with biases on the q, k and v projections and none on o, and an optional sliding
-//! attention window. Also the configuration Qwen3 shares ([`QwenConfig`]).
+//! attention window on every layer or on some (`layer_types`). Also the configuration Qwen3 shares
+//! ([`QwenConfig`]).
 //!
 //! Paper: Qwen Team, *Qwen2 Technical Report* (2024), <https://arxiv.org/abs/2407.10671>; *Qwen2.5 Technical
 //! Report* (2024), <https://arxiv.org/abs/2412.15115>. Reference implementation: Hugging Face transformers'
@@ -20,7 +21,8 @@ use serde::{Deserialize, Serialize};
 /// A Qwen2 / Qwen2.5 / Qwen3 `config.json`: Llama's fields and the sliding-window settings, normalized as
 /// transformers' `Qwen2Config` and `Qwen3Config` do when they load it: `sliding_window` is kept only under
 /// `use_sliding_window` (4096 when absent), `layer_types` is derived when absent (sliding attention from layer
-/// `max_window_layers` on, when there is a window), and a Qwen3 config without `head_dim` has 128.
+/// `max_window_layers` on, when there is a window), and a Qwen3 config without `head_dim` has 128. Each layer
+/// attends as its `layer_types` entry says: within the window or to every earlier key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QwenConfig {
     /// The fields Llama has (sizes, norms, rotary settings, `attention_bias` (Qwen3 only: Qwen2 has biases on q, k
@@ -49,6 +51,11 @@ impl QwenConfig {
         types.iter().map(|t| if t == "sliding_attention" { self.llama.sliding_window } else { None }).collect()
     }
 
+    /// Whether layer `layer` attends within the sliding window.
+    pub fn is_sliding(&self, layer: usize) -> bool {
+        self.layer_windows().get(layer).copied().flatten().is_some()
+    }
+
     fn validate(&self, source: &std::path::Path) -> Result<()> {
         self.llama.validate(source)?;
         let bad = |m: String| Err(Error::config(source, m));
@@ -63,20 +70,10 @@ impl QwenConfig {
         if let Some(t) = types.iter().find(|t| *t != "full_attention" && *t != "sliding_attention") {
             return bad(format!("layer type `{t}` is not supported (full_attention, sliding_attention)"));
         }
-        let sliding: Vec<usize> = (0..types.len()).filter(|&i| types[i] == "sliding_attention").collect();
-        if !sliding.is_empty() && self.llama.sliding_window.is_none() {
+        if types.iter().any(|t| t == "sliding_attention") && self.llama.sliding_window.is_none() {
             return bad("`layer_types` has sliding_attention layers but there is no `sliding_window` (or \
                         `use_sliding_window` is false)"
                 .into());
-        }
-        if !sliding.is_empty() && sliding.len() < types.len() {
-            return bad(format!(
-                "sliding-window attention on some layers only (layers {sliding:?} of {}, from `layer_types`, or \
-                 `use_sliding_window` with `max_window_layers` = {}) is not supported; every layer full or every \
-                 layer sliding is",
-                types.len(),
-                self.max_window_layers
-            ));
         }
         Ok(())
     }
@@ -109,14 +106,15 @@ impl StackConfig for QwenConfig {
         &self.llama
     }
     fn window(&self) -> Option<i64> {
-        // Validated: every layer has the same window.
-        self.layer_windows().first().copied().flatten()
+        // One window for every layer that slides.
+        self.layer_windows().into_iter().flatten().next()
     }
 }
 
-/// Qwen2's attention: Llama's, with biases on q, k and v and none on o.
+/// Qwen2's attention: Llama's, with biases on q, k and v and none on o, sliding where `layer_types` says so.
 fn qwen2_attention(w: &mut Weights, path: &str, c: &QwenConfig, layer: usize) -> Result<LlamaAttention> {
-    LlamaAttention::load(w, path, &c.llama, layer, "Qwen2Attention", (true, false))
+    Ok(LlamaAttention::load(w, path, &c.llama, layer, "Qwen2Attention", (true, false))?
+        .with_sliding(c.is_sliding(layer)))
 }
 
 decoder_stack! {
@@ -187,22 +185,26 @@ mod tests {
     }
 
     #[test]
-    fn a_window_on_some_layers_only_is_refused_naming_the_setting() {
-        let e = read("qwen2", json!({"sliding_window": 8, "use_sliding_window": true, "max_window_layers": 2}))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("max_window_layers` = 2") && e.contains("[2, 3]"), "{e}");
+    fn a_window_on_some_layers_only_slides_those_layers() {
+        let c =
+            read("qwen2", json!({"sliding_window": 8, "use_sliding_window": true, "max_window_layers": 2})).unwrap();
+        assert_eq!((c.layer_windows(), c.window()), (vec![None, None, Some(8), Some(8)], Some(8)));
+        assert_eq!((0..4).map(|i| c.is_sliding(i)).collect::<Vec<_>>(), [false, false, true, true]);
         let types = ["full_attention", "sliding_attention", "full_attention", "full_attention"];
-        let e = read("qwen2", json!({"sliding_window": 8, "use_sliding_window": true, "layer_types": types}))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("layer_types"), "{e}");
+        let c = read("qwen2", json!({"sliding_window": 8, "use_sliding_window": true, "layer_types": types})).unwrap();
+        assert_eq!(c.layer_windows(), [None, Some(8), None, None]);
+    }
+
+    #[test]
+    fn a_sliding_layer_without_a_window_or_an_unknown_layer_type_is_refused() {
         let sliding = vec!["sliding_attention"; 4];
         let e = read("qwen2", json!({"layer_types": sliding})).unwrap_err().to_string();
         assert!(e.contains("no `sliding_window`"), "{e}");
         let chunked = vec!["chunked_attention"; 4];
         let e = read("qwen2", json!({"layer_types": chunked})).unwrap_err().to_string();
         assert!(e.contains("`chunked_attention`"), "{e}");
+        let e = read("qwen2", json!({"layer_types": ["full_attention"]})).unwrap_err().to_string();
+        assert!(e.contains("lists 1 layers, `num_hidden_layers` is 4"), "{e}");
     }
 
     #[test]

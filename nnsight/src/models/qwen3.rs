@@ -52,6 +52,7 @@ impl Qwen3Attention {
         let l = &c.llama;
         let bias = (l.attention_bias, l.attention_bias);
         let (shape, [q_proj, k_proj, v_proj, o_proj]) = AttentionShape::load(w, path, l, layer, bias)?;
+        let shape = shape.with_sliding(c.is_sliding(layer));
         let norm = |w: &mut Weights, name: &str| RmsNorm::load(w, &join_path(path, name), l.head_dim(), l.rms_norm_eps);
         Ok(Qwen3Attention {
             path: path.to_string(),

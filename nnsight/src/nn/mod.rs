@@ -101,18 +101,44 @@ pub trait Hook {
 #[derive(Debug, Default)]
 pub struct ForwardState {
     /// Additive attention mask `[batch, 1, q, k]` (0 where allowed, a large negative value where not), or `None`
-    /// for a plain causal pass without padding.
+    /// for a plain causal pass without padding: the mask of the full-attention layers.
     pub attention_mask: Option<Tensor>,
+    /// The mask of the sliding-window layers (Mistral's, Gemma's local layers, Qwen2's `sliding_attention` ones):
+    /// `attention_mask` with the keys beyond the window masked too; `None` when it adds nothing to
+    /// `attention_mask` (no window, or one that cuts nothing). See [`ForwardState::mask`].
+    pub sliding_attention_mask: Option<Tensor>,
     /// Position ids `[batch, seq]`.
     pub position_ids: Option<Tensor>,
     /// Rotary tables `(cos, sin)`, each `[batch, seq, head_dim]`, for architectures that use them.
     pub rotary: Option<(Tensor, Tensor)>,
+    /// The rotary tables of the sliding-window layers where their base differs from the others' (Gemma 3's
+    /// `rope_local_base_freq`); `None`: they use `rotary`. See [`ForwardState::rotary_tables`].
+    pub sliding_rotary: Option<(Tensor, Tensor)>,
     /// The key/value cache of a cached forward (generation): attention layers append their new keys and values
     /// and attend over all of them; `None` for a plain forward over the whole sequence.
     pub kv: Option<KvCache>,
     /// Run the language-model head on the last position only (logits `[batch, 1, vocab]`), as a decoding loop
     /// needs; false for the logits of every position.
     pub last_logits_only: bool,
+}
+
+impl ForwardState {
+    /// The additive mask of an attention layer that slides (`sliding`) or attends to every earlier key: `None` for
+    /// a plain causal pass.
+    pub fn mask(&self, sliding: bool) -> Option<&Tensor> {
+        match sliding {
+            true => self.sliding_attention_mask.as_ref().or(self.attention_mask.as_ref()),
+            false => self.attention_mask.as_ref(),
+        }
+    }
+
+    /// The rotary tables of an attention layer that slides (`sliding`) or not.
+    pub fn rotary_tables(&self, sliding: bool) -> Option<&(Tensor, Tensor)> {
+        match sliding {
+            true => self.sliding_rotary.as_ref().or(self.rotary.as_ref()),
+            false => self.rotary.as_ref(),
+        }
+    }
 }
 
 /// The context of one forward pass: the hook (if any) and the shared side inputs.

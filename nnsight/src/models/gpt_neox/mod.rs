@@ -432,6 +432,7 @@ impl CausalLm for GptNeoX {
             rotary: Some(self.rotary(&input.position_ids)?),
             kv: Some(kv),
             last_logits_only: input.last_logits_only,
+            ..ForwardState::default()
         })
     }
 

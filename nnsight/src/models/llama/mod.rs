@@ -14,10 +14,10 @@ mod stack;
 
 use super::rope::apply_rotary;
 pub use super::rope::RopeScaling;
-use super::{append_kv, explicit_attention, GgufSupport, RawConfig, ATTENTION_POINTS};
+use super::{append_kv, explicit_attention, GgufSupport, RawConfig, Scoring, ATTENTION_POINTS};
 use crate::error::TchResultExt;
 use crate::load::Weights;
-use crate::nn::{join_path, Activation, ActivationFn, Ctx, Forward, Linear, RmsNorm};
+use crate::nn::{join_path, Activation, ActivationFn, Ctx, Forward, Linear};
 use crate::{Error, Result, Traceable};
 pub(crate) use gguf::{gguf_config_for, gguf_keep_tensor, gguf_tensor_name};
 use serde::{Deserialize, Serialize};
@@ -110,26 +110,18 @@ impl LlamaConfig {
         if self.hidden_act != "silu" {
             return bad(format!("hidden_act `{}` is not supported (supported: silu)", self.hidden_act));
         }
-        for (name, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.kv_heads()),
-            ("head_dim", self.head_dim()),
-        ] {
-            if v <= 0 {
-                return bad(format!("`{name}` must be positive, found {v}"));
-            }
-        }
-        if self.num_attention_heads % self.kv_heads() != 0 {
-            return bad(format!(
-                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+        super::check_sizes(
+            source,
+            [
+                self.vocab_size,
+                self.hidden_size,
+                self.intermediate_size,
+                self.num_hidden_layers,
                 self.num_attention_heads,
-                self.kv_heads()
-            ));
-        }
+                self.kv_heads(),
+                self.head_dim(),
+            ],
+        )?;
         if let Some(s) = self.scaling() {
             s.validate(source)?;
         }
@@ -177,13 +169,24 @@ impl LlamaMlp {
 
     /// Loads the MLP at `path`, printed as `kind` in the module tree.
     pub(crate) fn load(w: &mut Weights, path: &str, c: &LlamaConfig, kind: &'static str) -> Result<Self> {
-        let (h, i, b) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
+        Self::load_gated(w, path, (c.hidden_size, c.intermediate_size, c.mlp_bias), ActivationFn::Silu, kind)
+    }
+
+    /// Loads a gated MLP at `path` of `(hidden, intermediate, bias)` sizes whose gate goes through `act` (SiLU for
+    /// SwiGLU, the tanh GELU for Gemma's GeGLU), printed as `kind` in the module tree.
+    pub(crate) fn load_gated(
+        w: &mut Weights,
+        path: &str,
+        (h, i, b): (i64, i64, bool),
+        act: ActivationFn,
+        kind: &'static str,
+    ) -> Result<Self> {
         Ok(LlamaMlp {
             path: path.to_string(),
             gate_proj: Linear::load(w, &join_path(path, "gate_proj"), h, i, b)?,
             up_proj: Linear::load(w, &join_path(path, "up_proj"), h, i, b)?,
             down_proj: Linear::load(w, &join_path(path, "down_proj"), i, h, b)?,
-            act_fn: Activation::new(&join_path(path, "act_fn"), ActivationFn::Silu),
+            act_fn: Activation::new(&join_path(path, "act_fn"), act),
             kind,
         })
     }
@@ -198,7 +201,8 @@ impl Forward for LlamaMlp {
     }
 }
 
-/// The sizes of a rotary attention layer and its KV-cache slot.
+/// The sizes of a rotary attention layer and its KV-cache slot, and how it scores and which mask and rotary
+/// tables it takes.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AttentionShape {
     heads: i64,
@@ -206,25 +210,56 @@ pub(crate) struct AttentionShape {
     head_dim: i64,
     /// Index of the decoder layer (its KV-cache slot).
     layer: usize,
+    /// Factor of q·kᵀ; `None`: `head_dim^-0.5`.
+    scale: Option<f64>,
+    /// Soft cap of the scores (Gemma 2); forces the explicit attention.
+    softcap: Option<f64>,
+    /// The layer slides: it takes the sliding-window mask and rotary tables of the forward state.
+    sliding: bool,
+    /// The q/k norms run on `[batch, heads, seq, head_dim]` (Gemma 3's order) instead of
+    /// `[batch, seq, heads, head_dim]` (Qwen3's).
+    norm_after_transpose: bool,
 }
 
 impl AttentionShape {
-    /// `heads` query heads and `kv_heads` key/value heads of `head_dim` values, in KV-cache slot `layer`.
+    /// `heads` query heads and `kv_heads` key/value heads of `head_dim` values, in KV-cache slot `layer` (scale
+    /// `head_dim^-0.5`, no cap, full attention).
     pub(crate) fn new(heads: i64, kv_heads: i64, head_dim: i64, layer: usize) -> Self {
-        AttentionShape { heads, kv_heads, head_dim, layer }
+        AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+            layer,
+            scale: None,
+            softcap: None,
+            sliding: false,
+            norm_after_transpose: false,
+        }
     }
 
-    /// Layer `layer`'s shape under `c`, with its four projections loaded from `path` (`q_proj`, `k_proj` and
-    /// `v_proj` with biases when `qkv_bias`, `o_proj` when `o_bias`).
+    /// Layer `layer`'s shape under `c` (sliding when `c` has a window), with its four projections loaded from
+    /// `path` (`q_proj`, `k_proj` and `v_proj` with biases when `qkv_bias`, `o_proj` when `o_bias`).
     pub(crate) fn load(
         w: &mut Weights,
         path: &str,
         c: &LlamaConfig,
         layer: usize,
+        biases: (bool, bool),
+    ) -> Result<(Self, [Linear; 4])> {
+        let sizes = [c.hidden_size, c.num_attention_heads, c.kv_heads(), c.head_dim()];
+        let (shape, projections) = Self::load_sized(w, path, sizes, layer, biases)?;
+        Ok((shape.with_sliding(c.sliding_window.is_some()), projections))
+    }
+
+    /// Layer `layer`'s shape of `[hidden, heads, kv_heads, head_dim]` sizes (scale `head_dim^-0.5`, no cap, full
+    /// attention), with its four projections loaded from `path` as in [`AttentionShape::load`].
+    pub(crate) fn load_sized(
+        w: &mut Weights,
+        path: &str,
+        [h, nq, nkv, hd]: [i64; 4],
+        layer: usize,
         (qkv_bias, o_bias): (bool, bool),
     ) -> Result<(Self, [Linear; 4])> {
-        let (h, hd) = (c.hidden_size, c.head_dim());
-        let (nq, nkv) = (c.num_attention_heads, c.kv_heads());
         let projections = [
             Linear::load(w, &join_path(path, "q_proj"), h, nq * hd, qkv_bias)?,
             Linear::load(w, &join_path(path, "k_proj"), h, nkv * hd, qkv_bias)?,
@@ -233,70 +268,83 @@ impl AttentionShape {
         ];
         Ok((AttentionShape::new(nq, nkv, hd, layer), projections))
     }
+
+    /// The same layer, sliding (the sliding-window mask and rotary tables) or not.
+    pub(crate) fn with_sliding(self, sliding: bool) -> Self {
+        AttentionShape { sliding, ..self }
+    }
 }
 
 /// Grouped-query attention with rotary position embeddings over `x` `[batch, seq, hidden]`, for the attention
 /// module at `p` with projections `[q, k, v, o]`: queries, keys and values are split into heads
-/// `[batch, seq, n, head_dim]` (with `qk_norm`, Qwen3's, normalizing each query and key head right after its
-/// projection, in transformers' call order), rotated, then attended over with the fused
-/// `scaled_dot_product_attention`, or, when something reads or writes the inner points, with
-/// [`explicit_attention`](crate::models::explicit_attention) on the values the points hold. Both paths append to
-/// the forward state's KV cache, if any.
+/// `[batch, seq, n, head_dim]` (with `qk_norm`, Qwen3's and Gemma 3's, normalizing each query and key head right
+/// after its projection, in transformers' call order, before or after the transpose as `shape` says), rotated with
+/// the forward state's tables for the layer's kind, then attended over with the fused
+/// `scaled_dot_product_attention`, or, when something reads or writes the inner points or the scores are
+/// soft-capped, with [`explicit_attention`](crate::models::explicit_attention) on the values the points hold. Both
+/// paths take the mask of the layer's kind (sliding or full) and append to the forward state's KV cache, if any.
 pub(crate) fn rotary_attention(
     cx: &mut Ctx<'_>,
     p: &str,
     x: &Tensor,
     shape: AttentionShape,
     [q_proj, k_proj, v_proj, o_proj]: [&Linear; 4],
-    qk_norm: Option<[&RmsNorm; 2]>,
+    qk_norm: Option<[&dyn Forward; 2]>,
 ) -> Result<Tensor> {
-    let AttentionShape { heads, kv_heads, head_dim, .. } = shape;
+    let AttentionShape { heads, kv_heads, head_dim, norm_after_transpose, .. } = shape;
     let (b, s, _) = x.size3().at(p)?; // [batch, seq, hidden], else an error naming the module
     let split = |t: Tensor, n: i64| t.f_view([b, s, n, head_dim]).at(p);
+    let (norm_before, norm_after) = if norm_after_transpose { (None, qk_norm) } else { (qk_norm, None) };
     let mut q = split(cx.call(q_proj, x)?, heads)?;
-    if let Some([q_norm, _]) = qk_norm {
+    if let Some([q_norm, _]) = norm_before {
         q = cx.call(q_norm, &q)?;
     }
     let mut k = split(cx.call(k_proj, x)?, kv_heads)?;
-    if let Some([_, k_norm]) = qk_norm {
+    if let Some([_, k_norm]) = norm_before {
         k = cx.call(k_norm, &k)?;
     }
     let v = split(cx.call(v_proj, x)?, kv_heads)?;
-    rotary_heads_attention(cx, p, shape, [q, k, v], o_proj)
+    rotary_heads_attention(cx, p, shape, [q, k, v], o_proj, norm_after)
 }
 
 /// [`rotary_attention`] from the point where queries, keys and values are split into heads, `[batch, seq, heads,
 /// head_dim]` (`kv_heads` for keys and values): what an attention with a fused projection (Phi-3's `qkv_proj`)
-/// runs after splitting its output. Rotates, attends (fused, or explicit with the inner points), appends to the
-/// KV cache and calls `o_proj`.
+/// runs after splitting its output. Transposes to `[batch, heads, seq, head_dim]`, applies `norm_after` (q/k
+/// norms in Gemma 3's order) there, rotates, attends (fused, or explicit with the inner points or a soft cap),
+/// appends to the KV cache and calls `o_proj`.
 pub(crate) fn rotary_heads_attention(
     cx: &mut Ctx<'_>,
     p: &str,
     shape: AttentionShape,
     [q, k, v]: [Tensor; 3],
     o_proj: &Linear,
+    norm_after: Option<[&dyn Forward; 2]>,
 ) -> Result<Tensor> {
-    let AttentionShape { heads, kv_heads, head_dim, layer } = shape;
+    let AttentionShape { heads, kv_heads, head_dim, layer, scale, softcap, sliding, .. } = shape;
     let (b, s, _, _) = q.size4().at(p)?;
-    let (q, k, v) = (q.f_transpose(1, 2).at(p)?, k.f_transpose(1, 2).at(p)?, v.f_transpose(1, 2).at(p)?);
+    let (mut q, mut k, v) = (q.f_transpose(1, 2).at(p)?, k.f_transpose(1, 2).at(p)?, v.f_transpose(1, 2).at(p)?);
+    if let Some([q_norm, k_norm]) = norm_after {
+        q = cx.call(q_norm, &q)?;
+        k = cx.call(k_norm, &k)?;
+    }
     let (cos, sin) = cx
         .state
-        .rotary
-        .as_ref()
+        .rotary_tables(sliding)
         .ok_or_else(|| Error::InvalidInput { message: format!("{p}: no rotary tables in the forward state") })?;
     let cos = cos.f_unsqueeze(1).at(p)?;
     let sin = sin.f_unsqueeze(1).at(p)?;
     let q = apply_rotary(&q, &cos, &sin).at(p)?;
     let k = apply_rotary(&k, &cos, &sin).at(p)?;
-    if cx.wants_points(p, &ATTENTION_POINTS) {
-        let out = explicit_attention(cx, p, layer, q, k, &v, 1.0 / (head_dim as f64).sqrt())?;
+    if softcap.is_some() || cx.wants_points(p, &ATTENTION_POINTS) {
+        let scoring = Scoring { scale: scale.unwrap_or(1.0 / (head_dim as f64).sqrt()), softcap, sliding };
+        let out = explicit_attention(cx, p, layer, q, k, &v, scoring)?;
         return cx.call(o_proj, &out);
     }
     let (k, v) = append_kv(cx, p, layer, k, v)?;
-    let mask = cx.state.attention_mask.as_ref();
+    let mask = cx.state.mask(sliding);
     let gqa = heads != kv_heads;
     let out =
-        Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none() && s > 1, None, gqa).at(p)?;
+        Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none() && s > 1, scale, gqa).at(p)?;
     let out = out.f_transpose(1, 2).at(p)?.f_reshape([b, s, heads * head_dim]).at(p)?;
     cx.call(o_proj, &out)
 }
@@ -342,7 +390,7 @@ impl LlamaAttention {
     }
 
     /// Loads layer `layer`'s attention at `path`, printed as `kind` in the module tree, with biases on q, k and v
-    /// when `biases.0`, on o when `biases.1`.
+    /// when `biases.0`, on o when `biases.1`; sliding when `c` has a window (see [`LlamaAttention::with_sliding`]).
     pub(crate) fn load(
         w: &mut Weights,
         path: &str,
@@ -353,6 +401,11 @@ impl LlamaAttention {
     ) -> Result<Self> {
         let (shape, [q_proj, k_proj, v_proj, o_proj]) = AttentionShape::load(w, path, c, layer, biases)?;
         Ok(LlamaAttention { path: path.to_string(), q_proj, k_proj, v_proj, o_proj, shape, kind })
+    }
+
+    /// The same attention, sliding (the forward state's sliding-window mask) or attending to every earlier key.
+    pub(crate) fn with_sliding(self, sliding: bool) -> Self {
+        LlamaAttention { shape: self.shape.with_sliding(sliding), ..self }
     }
 }
 

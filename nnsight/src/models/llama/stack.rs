@@ -20,7 +20,7 @@ pub(crate) trait StackConfig: Sized {
     fn from_raw(raw: &RawConfig) -> Result<Self>;
     /// The Llama fields: sizes, norms, rotary settings, head tying.
     fn llama(&self) -> &LlamaConfig;
-    /// The sliding attention window of every layer (each query sees at most this many keys), if any.
+    /// The sliding attention window (each query sees at most this many keys) of the layers that slide, if any.
     fn window(&self) -> Option<i64>;
 }
 
@@ -34,14 +34,43 @@ pub(crate) fn load_head(w: &mut Weights, c: &LlamaConfig, embed_tokens: &Embeddi
     }
 }
 
-/// The side inputs of a pass over `batch`: the padding / sliding-window mask, positions and rotary tables.
+/// The side inputs of a pass over `batch`: the padding mask, the sliding-window mask of the layers that slide
+/// over `window` keys (if any), positions and rotary tables.
 pub(crate) fn prepare(inv_freq: &Tensor, window: Option<i64>, kind: Kind, batch: &Batch) -> Result<ForwardState> {
+    prepare_with([inv_freq, inv_freq], window, kind, batch)
+}
+
+/// [`prepare`] with the rotary tables of the full-attention and the sliding layers from
+/// `[inv_freq, sliding_inv_freq]` (Gemma 3's global and local bases; the same tensor twice for one base).
+pub(crate) fn prepare_with(
+    [inv_freq, sliding_inv_freq]: [&Tensor; 2],
+    window: Option<i64>,
+    kind: Kind,
+    batch: &Batch,
+) -> Result<ForwardState> {
+    let seq = batch.input_ids.size()[1];
+    let sliding = window.filter(|&w| w > 0 && w < seq);
     Ok(ForwardState {
-        attention_mask: causal_padding_mask(batch, kind, window)?,
+        attention_mask: causal_padding_mask(batch, kind, None)?,
+        sliding_attention_mask: sliding.map(|w| causal_padding_mask(batch, kind, Some(w))).transpose()?.flatten(),
         position_ids: Some(batch.position_ids.shallow_clone()),
         rotary: Some(rotary_tables(inv_freq, &batch.position_ids, kind)?),
+        sliding_rotary: sliding_tables(inv_freq, sliding_inv_freq, &batch.position_ids, kind)?,
         ..ForwardState::default()
     })
+}
+
+/// The tables of `sliding_inv_freq` when it is not `inv_freq` itself.
+fn sliding_tables(
+    inv_freq: &Tensor,
+    sliding_inv_freq: &Tensor,
+    position_ids: &Tensor,
+    kind: Kind,
+) -> Result<Option<(Tensor, Tensor)>> {
+    match std::ptr::eq(inv_freq, sliding_inv_freq) {
+        true => Ok(None),
+        false => Ok(Some(rotary_tables(sliding_inv_freq, position_ids, kind)?)),
+    }
 }
 
 /// The side inputs of a cached forward of `input` over `kv`.
@@ -52,10 +81,26 @@ pub(crate) fn prepare_cached(
     input: &CachedInput,
     kv: KvCache,
 ) -> Result<ForwardState> {
+    prepare_cached_with([inv_freq, inv_freq], window, kind, input, kv)
+}
+
+/// [`prepare_cached`] with the rotary tables of the full-attention and the sliding layers from
+/// `[inv_freq, sliding_inv_freq]`, as [`prepare_with`].
+pub(crate) fn prepare_cached_with(
+    [inv_freq, sliding_inv_freq]: [&Tensor; 2],
+    window: Option<i64>,
+    kind: Kind,
+    input: &CachedInput,
+    kv: KvCache,
+) -> Result<ForwardState> {
+    let keys = input.attention_mask.size()[1];
+    let sliding = window.filter(|&w| w > 0 && w < keys);
     Ok(ForwardState {
-        attention_mask: cached_attention_mask(input, kind, window)?,
+        attention_mask: cached_attention_mask(input, kind, None)?,
+        sliding_attention_mask: sliding.map(|w| cached_attention_mask(input, kind, Some(w))).transpose()?.flatten(),
         position_ids: Some(input.position_ids.shallow_clone()),
         rotary: Some(rotary_tables(inv_freq, &input.position_ids, kind)?),
+        sliding_rotary: sliding_tables(inv_freq, sliding_inv_freq, &input.position_ids, kind)?,
         kv: Some(kv),
         last_logits_only: input.last_logits_only,
     })

@@ -127,7 +127,7 @@ impl Forward for Phi3Attention {
         let heads =
             |start: i64, n: i64| qkv.f_narrow(-1, start * hd, n * hd).and_then(|t| t.f_view([b, s, n, hd])).at(p);
         let (q, k, v) = (heads(0, nq)?, heads(nq, nkv)?, heads(nq + nkv, nkv)?);
-        rotary_heads_attention(cx, p, self.shape, [q, k, v], &self.o_proj)
+        rotary_heads_attention(cx, p, self.shape, [q, k, v], &self.o_proj, None)
     }
 }
 
