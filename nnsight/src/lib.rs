@@ -61,7 +61,8 @@ pub mod prelude {
     pub use crate::envoy::UnsavedUse as _;
     pub use crate::envoy::{cat, stack, Cache, CacheOptions, NewAxis, Proxy, Saved};
     pub use crate::models::{
-        gpt2::Gpt2, gpt_neox::GptNeoX, llama::Llama, phi3::Phi3, qwen2::Qwen2, qwen3::Qwen3, AutoModel, CausalLm,
+        gemma2::Gemma2, gemma3::Gemma3, gpt2::Gpt2, gpt_neox::GptNeoX, llama::Llama, phi3::Phi3, qwen2::Qwen2,
+        qwen3::Qwen3, AutoModel, CausalLm,
     };
     pub use crate::{
         intervene, Editable, Edited, GenerateOptions, Input, LanguageModel, LoadOptions, NNsight, Traceable,

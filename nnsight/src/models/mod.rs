@@ -7,6 +7,8 @@
 mod attention;
 mod auto;
 pub mod batch;
+pub mod gemma2;
+pub mod gemma3;
 pub mod gpt2;
 pub mod gpt_neox;
 pub mod llama;

@@ -21,7 +21,9 @@ use crate::nn::{join_path, Activation, ActivationFn, Ctx, Forward, Linear};
 use crate::{Error, Result, Traceable};
 pub(crate) use gguf::{gguf_config_for, gguf_keep_tensor, gguf_tensor_name};
 use serde::{Deserialize, Serialize};
-pub(crate) use stack::{decoder_stack, load_head, prepare, prepare_cached, StackConfig};
+pub(crate) use stack::{
+    decoder_stack, load_head, prepare, prepare_cached, prepare_cached_with, prepare_with, StackConfig,
+};
 use tch::Tensor;
 
 /// A Llama-family `config.json`.
@@ -272,6 +274,12 @@ impl AttentionShape {
     /// The same layer, sliding (the sliding-window mask and rotary tables) or not.
     pub(crate) fn with_sliding(self, sliding: bool) -> Self {
         AttentionShape { sliding, ..self }
+    }
+
+    /// The same layer, scoring with `scale` and soft-capping at `softcap`, its q/k norms (if any) after the
+    /// transpose to `[batch, heads, seq, head_dim]` when `norm_after_transpose` (Gemma's choices).
+    pub(crate) fn with_scoring(self, scale: f64, softcap: Option<f64>, norm_after_transpose: bool) -> Self {
+        AttentionShape { scale: Some(scale), softcap, norm_after_transpose, ..self }
     }
 }
 
