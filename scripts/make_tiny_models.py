@@ -360,13 +360,17 @@ def make_llama(tok: Tokenizer) -> None:
     report(out)
 
 
-def tiny(name: str, tok: Tokenizer, model_cls, config, seed: int, extra: dict | None = None):
-    """Builds `model_cls` from `config` (eager attention, float32), initialises it with `seed`, saves it with the
-    shared tokenizer into tests/data/<name>/ and writes its reference. Returns the model."""
+def tiny(name: str, tok: Tokenizer, model_cls, config, seed: int, extra: dict | None = None, adjust=None):
+    """Builds `model_cls` from `config` (eager attention, float32), initialises it with `seed` (then `adjust(model)`,
+    if given, under no_grad), saves it with the shared tokenizer into tests/data/<name>/ and writes its reference.
+    Returns the model."""
     out = fresh_dir(DATA / name)
     torch.manual_seed(0)
     model = model_cls._from_config(config, attn_implementation="eager", dtype=torch.float32)
     big_init(model, seed=seed)
+    if adjust is not None:
+        with torch.no_grad():
+            adjust(model)
     model.eval()
     model.save_pretrained(str(out), safe_serialization=True)
     (out / "generation_config.json").unlink(missing_ok=True)
@@ -505,25 +509,7 @@ def make_qwen2(tok: Tokenizer) -> None:
     # llama.cpp's qwen2 has no sliding window: the GGUF file attends to every key, as transformers' own GGUF
     # loading of it does (its reference, gguf_reference.safetensors).
     write_gguf(model, tok, DATA / "tiny-qwen2" / "tiny-qwen2.f32.gguf")
-    hf_gguf_reference(tok, DATA / "tiny-qwen2", "tiny-qwen2.f32.gguf")
-
-
-def hf_gguf_reference(tok: Tokenizer, out_dir: Path, gguf_name: str) -> None:
-    """transformers' own reading of a GGUF file (`from_pretrained(dir, gguf_file=...)`): the logits of each prompt,
-    written to `gguf_reference.safetensors` beside it."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=gguf_name, attn_implementation="eager").eval()
-    tensors = {}
-    with torch.no_grad():
-        for key, text in PROMPTS.items():
-            ids = torch.tensor([tok.encode(text).ids], dtype=torch.long)
-            tensors[f"{key}_logits"] = model(input_ids=ids, use_cache=False).logits[0].float().contiguous()
-    meta = {
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "gguf_file": gguf_name,
-        "description": "pK_logits f32 [n,vocab]: logits of prompt K from transformers' own loading of the GGUF file",
-    }
-    save_safetensors_sorted(tensors, out_dir / "gguf_reference.safetensors", meta)
+    transformers_gguf_reference(model, tok, DATA / "tiny-qwen2", "tiny-qwen2.f32.gguf")
 
 
 def make_qwen3(tok: Tokenizer) -> None:
@@ -556,9 +542,18 @@ def write_gguf(model, tok: Tokenizer, path: Path) -> None:
     """The model as llama.cpp's converter lays it out: float32 tensors under the gguf package's own name map
     (TensorNameMap), the metadata keys of GGUFWriter, the tokenizer as a gpt2 vocabulary with its merges.
     (transformers' GGUF reader cannot read it back: it takes no head_dim from attention.key_length for qwen3.)"""
-    import gguf
     c = model.config
-    arch = c.model_type
+    w = gguf_sizes(model.config, path, c.model_type)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    add_gguf_tokenizer(w, tok, c)
+    add_gguf_tensors(w, model, c.model_type, lambda name, t: t)
+    finish_gguf(w, path)
+
+
+def gguf_sizes(c, path: Path, arch: str):
+    """A GGUFWriter of `arch` for `path` with the sizes of config `c`: context, widths, layers, heads, head_dim."""
+    import gguf
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -569,17 +564,164 @@ def write_gguf(model, tok: Tokenizer, path: Path) -> None:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    add_gguf_tokenizer(w, tok, c)
+    return w
+
+
+def add_gguf_tensors(w, model, arch: str, fix) -> None:
+    """Every tensor of `model` (a tied head left out) in float32 under the gguf package's names for `arch`, as
+    `fix(hf_name, tensor)` makes it."""
+    import gguf
+    c = model.config
     model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(model_arch, c.num_hidden_layers)
     for name, t in sorted(model.state_dict().items()):
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
-        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy())
+        t = fix(name, t.float())
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.numpy())
+
+
+def gemma_shape(tok: Tokenizer, layers: int) -> dict:
+    """The sizes both tiny Gemmas share: grouped-query attention (4 heads, 2 key/value heads) of head_dim 24 (not
+    hidden / heads = 16), a window of 4 keys, a tied head, the tanh GELU."""
+    return dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=24, hidden_activation="gelu_pytorch_tanh",
+                max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=True, sliding_window=4,
+                bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("</s>"), pad_token_id=None)
+
+
+def make_gemma2(tok: Tokenizer) -> None:
+    """A tiny Gemma 2: local (sliding over 4 keys, shorter than prompt P1) and global layers alternating (the
+    default `layer_types`), grouped-query attention with head_dim 24 (not hidden / heads = 16),
+    query_pre_attn_scalar 256 (not head_dim), the default soft caps (attention 50, final 30) made to bite by
+    larger q/k weights and a larger final norm (see reference.json: the largest scores and logits before the caps),
+    a head tied to the embeddings. Also written as tiny-gemma2.f32.gguf, which transformers reads back too: its
+    logits are gguf_reference.safetensors."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    config = Gemma2Config(
+        **gemma_shape(tok, layers=2),
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        query_pre_attn_scalar=256,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+    )
+
+    def adjust(model):
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(3.0)
+            layer.self_attn.k_proj.weight.mul_(3.0)
+        model.model.norm.weight.add_(4.0)
+
+    extra = {"layer_types": config.layer_types}
+    model = tiny("tiny-gemma2", tok, Gemma2ForCausalLM, config, seed=2468, extra=extra, adjust=adjust)
+    out = DATA / "tiny-gemma2"
+    caps = uncapped_extremes(model, tok)
+    info = json.loads((out / "reference.json").read_text())
+    info["before_soft_caps"] = caps
+    (out / "reference.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"  before the caps: {caps}")
+    write_gemma_gguf(model, tok, out / "tiny-gemma2.f32.gguf")
+    transformers_gguf_reference(model, tok, out, "tiny-gemma2.f32.gguf")
+
+
+def make_gemma3(tok: Tokenizer) -> None:
+    """A tiny Gemma 3 (text): q/k norms per head, three layers (sliding, sliding, global: `layer_types`) with a
+    window of 4, local and global rotary bases (10000; 100 with linear scaling by 4 on the global layer),
+    head_dim 24 (not hidden / heads = 16), query_pre_attn_scalar 32, a final soft cap of 8 that bites, an
+    `attn_logit_softcapping` of 5 that transformers' Gemma 3 does not apply (so neither may we), a tied head. Also
+    written as tiny-gemma3.f32.gguf (transformers' GGUF reader takes neither the rope scaling nor the final cap
+    of a gemma3 file, so it has no reference of its own)."""
+    from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+    config = Gemma3TextConfig(
+        **gemma_shape(tok, layers=3),
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        query_pre_attn_scalar=32,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=8.0,
+    )
+    extra = {"layer_types": config.layer_types, "rope_parameters": config.rope_parameters}
+    model = tiny("tiny-gemma3", tok, Gemma3ForCausalLM, config, seed=1357, extra=extra)
+    write_gemma_gguf(model, tok, DATA / "tiny-gemma3" / "tiny-gemma3.f32.gguf")
+
+
+@torch.no_grad()
+def uncapped_extremes(model, tok: Tokenizer) -> dict:
+    """The largest |attention score| and |logit| of prompt P1 before the soft caps (the caps bite where these
+    exceed them)."""
+    import transformers.models.gemma2.modeling_gemma2 as gemma2
+    ids = torch.tensor([tok.encode(PROMPTS["p1"]).ids])
+    scores = []
+    eager = gemma2.eager_attention_forward
+
+    def record(module, q, k, v, mask, dropout=0.0, scaling=None, softcap=None, **kw):
+        keys = gemma2.repeat_kv(k, module.num_key_value_groups)
+        scores.append(float((torch.matmul(q, keys.transpose(2, 3)) * scaling).abs().max()))
+        return eager(module, q, k, v, mask, dropout, scaling, softcap, **kw)
+
+    gemma2.eager_attention_forward = record
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        gemma2.eager_attention_forward = eager
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+    return {"max_abs_attention_score": max(scores), "max_abs_logit": float(model.lm_head(hidden).abs().max())}
+
+
+def write_gemma_gguf(model, tok: Tokenizer, path: Path) -> None:
+    """The model as llama.cpp's converter writes a Gemma 2 / Gemma 3 (`gemma2`, `gemma3`): float32 tensors under
+    the gguf package's name map, every norm weight stored as 1 + w (llama.cpp's Gemma norms multiply by the stored
+    weight; transformers' GGUF reader subtracts the 1 again), the head tied; its metadata keys, and for what
+    llama.cpp would otherwise take from the model size: the attention scale query_pre_attn_scalar^-0.5
+    (`attention.scale`), which layers slide (`attention.sliding_window_pattern`, true = sliding), the soft caps,
+    and Gemma 3's local rotary base (`rope.freq_base_swa`) and global linear scaling."""
+    import gguf
+    c = model.config
+    arch = {"gemma2": "gemma2", "gemma3_text": "gemma3"}[c.model_type]
+    w = gguf_sizes(c, path, arch)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_sliding_window(c.sliding_window)
+    w.add_sliding_window_pattern([t == "sliding_attention" for t in c.layer_types])
+    w.add_attention_scale(c.query_pre_attn_scalar ** -0.5)
+    if c.attn_logit_softcapping is not None:
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+    if c.final_logit_softcapping is not None:
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+    rope = c.rope_parameters
+    if arch == "gemma3":
+        w.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
+        rope = rope["full_attention"]
+    w.add_rope_freq_base(rope["rope_theta"])
+    if rope["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    add_gguf_tokenizer(w, tok, c)
+    add_gguf_tensors(w, model, arch, lambda name, t: t + 1.0 if name.endswith("norm.weight") else t)
     finish_gguf(w, path)
 
+
+@torch.no_grad()
+def transformers_gguf_reference(model, tok: Tokenizer, out: Path, gguf_name: str) -> None:
+    """transformers' own reading of the GGUF file `out/gguf_name`: the logits of P1 and P2 (float32, eager) in
+    gguf_reference.safetensors, and how far they are from the checkpoint's."""
+    from transformers import AutoModelForCausalLM
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=gguf_name, dtype=torch.float32,
+                                                  attn_implementation="eager")
+    loaded.eval()
+    tensors, diffs = {}, {}
+    for key, text in PROMPTS.items():
+        ids = torch.tensor([tok.encode(text).ids])
+        logits = loaded(input_ids=ids, use_cache=False).logits[0].float().contiguous()
+        tensors[f"{key}_logits"] = logits
+        diffs[key] = float((logits - model(input_ids=ids, use_cache=False).logits[0]).abs().max())
+    meta = {"transformers": transformers.__version__, "torch": torch.__version__,
+            "description": f"pK_logits f32 [n,vocab]: transformers' logits of prompt K from {gguf_name}",
+            "max_abs_diff_to_checkpoint": json.dumps(diffs)}
+    save_safetensors_sorted(tensors, out / "gguf_reference.safetensors", meta)
+    print(f"  transformers' reading of {gguf_name}: max |logits - checkpoint's| = {diffs}")
 
 
 def llama_rope_freqs(rope: dict, head_dim: int) -> torch.Tensor:
@@ -811,6 +953,8 @@ def main() -> None:
     make_gpt_neox(tok)
     make_qwen2(tok)
     make_qwen3(tok)
+    make_gemma2(tok)
+    make_gemma3(tok)
     make_llama_rope_freqs_gguf(tok)
     make_phi3(tok)
 

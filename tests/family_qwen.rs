@@ -228,6 +228,8 @@ macro_rules! family_interventions {
     };
 }
 
+pub(crate) use family_interventions;
+
 family_interventions!(qwen2, Qwen2, "tiny-qwen2");
 family_interventions!(qwen3, Qwen3, "tiny-qwen3");
 

@@ -6,6 +6,7 @@ mod common;
 mod corrupt_files;
 mod edits;
 mod error_messages;
+mod family_gemma;
 mod family_neox;
 mod family_phi;
 mod family_qwen;
