@@ -12,7 +12,8 @@ const P1: &str = "The quick brown fox jumps over the lazy dog";
 const P2: &str = "Hello world";
 
 /// A logit lens written once for every architecture: each layer's residual stream after it, through the final
-/// norm and the unembedding, at the last position (`[vocab]` per layer), and the model's own last logits.
+/// norm and the unembedding, at the last position (`[vocab]` per layer), and the unembedding's own last output
+/// (the logits before any final soft cap).
 fn logit_lens<M: CausalLm>(model: &LanguageModel<M>, prompt: &str) -> nnsight::Result<(Vec<Tensor>, Tensor)> {
     let n = model.standard_names().n_layers;
     intervene!(model.trace(prompt) {
@@ -21,7 +22,7 @@ fn logit_lens<M: CausalLm>(model: &LanguageModel<M>, prompt: &str) -> nnsight::R
             let h = model.layers[i].output;
             lens.push(model.unembed(model.final_norm(h)).i((0, -1)).save());
         }
-        let logits = model.output.i((0, -1)).save();
+        let logits = model.unembed.output.i((0, -1)).save();
     });
     Ok((lens, logits))
 }
@@ -37,7 +38,8 @@ fn attention_patterns<M: CausalLm>(model: &LanguageModel<M>, prompt: &str) -> nn
     Ok(patterns)
 }
 
-/// The lens's last layer is the logits; the patterns are transformers' eager probabilities (within 1e-5).
+/// The lens's last layer is the unembedding's output, and the logits after the final soft cap where the family has
+/// one; the patterns are transformers' eager probabilities (within 1e-5).
 fn check_family<M: CausalLm>(dir: &str) {
     let model = LanguageModel::<M>::load_with(common::data(dir), common::opts()).unwrap();
     let reference = read_reference(&common::data(&format!("{dir}/reference.safetensors")));
@@ -47,6 +49,14 @@ fn check_family<M: CausalLm>(dir: &str) {
         assert_eq!(lens.len(), n, "{dir}: one lens row per layer");
         let d = max_abs_diff(&lens[n - 1], &logits);
         assert!(d < 1e-5, "{dir} {key}: the lens of the last layer differs from the logits by {d}");
+        let cap = model.config_json()["final_logit_softcapping"].as_f64();
+        let capped = match cap {
+            Some(cap) => (&lens[n - 1] / cap).tanh() * cap,
+            None => lens[n - 1].shallow_clone(),
+        };
+        let want = model.forward(prompt).unwrap().i((0, -1));
+        let d = max_abs_diff(&capped, &want);
+        assert!(d < 1e-5, "{dir} {key}: the lens of the last layer (capped: {cap:?}) differs from the logits by {d}");
         let early = max_abs_diff(&lens[0], &logits);
         assert!(early > 1e-3, "{dir} {key}: the first layer's lens equals the logits ({early}): not a lens");
         let patterns = attention_patterns(&model, prompt).unwrap();
@@ -102,6 +112,13 @@ fn generic_functions_run_on_phi3() {
 }
 
 #[test]
+fn generic_functions_run_on_gemma2_and_gemma3() {
+    check_family::<Gemma2>("tiny-gemma2");
+    check_family::<Gemma3>("tiny-gemma3");
+    check_auto("tiny-gemma2", "gemma2");
+}
+
+#[test]
 fn on_smollm2_the_generic_functions_equal_the_hugging_face_named_blocks() -> nnsight::Result<()> {
     let guard = common::smollm2();
     let model = &*guard;
@@ -115,7 +132,7 @@ fn on_smollm2_the_generic_functions_equal_the_hugging_face_named_blocks() -> nns
             let h = model.model.layers[i].output;
             named.push(model.lm_head(model.model.norm(h)).i((0, -1)).save());
         }
-        let named_logits = model.output.i((0, -1)).save();
+        let named_logits = model.lm_head.output.i((0, -1)).save();
     });
     assert_eq!(max_abs_diff(&logits, &named_logits), 0.0);
     for (i, (a, b)) in lens.iter().zip(&named).enumerate() {
@@ -157,7 +174,17 @@ fn standard_and_hugging_face_names_mix_in_one_block() -> nnsight::Result<()> {
 #[test]
 fn every_standard_path_is_a_module_the_forward_calls() {
     common::init();
-    let dirs = ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gpt-neox", "tiny-phi3"];
+    let dirs = [
+        "tiny-gpt2",
+        "tiny-llama",
+        "tiny-mistral",
+        "tiny-qwen2",
+        "tiny-qwen3",
+        "tiny-gpt-neox",
+        "tiny-phi3",
+        "tiny-gemma2",
+        "tiny-gemma3",
+    ];
     for dir in dirs {
         let model = LanguageModel::<AutoModel>::load_with(common::data(dir), common::opts()).unwrap();
         let names = model.standard_names();
