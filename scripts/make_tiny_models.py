@@ -35,239 +35,20 @@ reference.safetensors holds, for the prompts P1 and P2 below (tokenizer adds no 
 reference.json describes the same and records versions, max |logit| and each greedy step's margin
 between the first and second logit (a tiny margin would make a parity test fragile).
 
-A family is one `make_*` function: a config, `tiny(...)` to build, initialise, save and describe it.
+A family is one `make_*` function: a config, `tiny(...)` to build, initialise, save and describe it. What the
+families share lives beside this file: `tiny_common.py` (tokenizer, initialisation, references, `tiny`) and
+`tiny_gguf.py` (the GGUF writers, transformers' own reading of a GGUF file).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import struct
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-import tokenizers  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import (  # noqa: E402
-    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-)
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "tests" / "data"
-
-PROMPTS = {
-    "p1": "The quick brown fox jumps over the lazy dog",
-    "p2": "Hello world",
-}
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<s>", "</s>"]  # ids 0, 1, 2
-VOCAB_TARGET = 512
-GREEDY_TOKENS = 24
-INIT_STD = 0.2
-
-TEXT = """\
-The quick brown fox jumps over the lazy dog. This sentence is famous because it uses every letter of the
-English alphabet at least once, and typists have practised on it for more than a century. Hello world is
-the first program that many people write when they learn a new language: it prints a short greeting and
-then it stops.
-
-Interpretability research asks what happens inside a neural network while it runs. A researcher may save
-the hidden state of a layer, replace the output of an attention head with zeros, or patch the residual
-stream of one prompt into the forward pass of another prompt. The model then predicts the next token,
-and the researcher compares the logits with and without the intervention.
-
-The Eiffel Tower is in the city of Paris, in France. It was built of iron for the world fair of 1889 and
-for many years it was the tallest structure in the world. Visitors climb the stairs or ride the lifts to
-the top, where they can see the river, the old roads, the parks and the roofs of the houses below.
-
-Once upon a time there was a little town by the sea. Every morning the fishermen went out in their boats,
-and every evening they came home with their nets full of fish. The children played on the sand, the dogs
-ran after the birds, and the old women sat in the sun and told stories about the winters of long ago.
-
-Numbers and symbols appear in text as well: 0 1 2 3 4 5 6 7 8 9, 10, 42, 100, 2024, 3.14, (a + b) * c,
-x = y / 2; "quotes", 'single quotes', e-mail@example.com, #tags, 50% and $5. Some words are short, some
-words are rather longer, and a few of them, like internationalization, are very long indeed.
-"""
-
-
-def train_tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_TARGET,
-        min_frequency=1,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TEXT.split("\n\n"), trainer=trainer)
-    return tok
-
-
-def is_norm_weight(name: str) -> bool:
-    parts = name.split(".")
-    return parts[-1] == "weight" and any(p.startswith("ln_") or p.endswith("norm") for p in parts)
-
-
-@torch.no_grad()
-def big_init(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-        if is_norm_weight(name):
-            p.copy_(1.0 + INIT_STD * noise)
-        else:
-            p.copy_(INIT_STD * noise)
-
-
-def block_list(model: torch.nn.Module):
-    if hasattr(model, "gpt_neox"):
-        return model.gpt_neox.layers, model.gpt_neox.final_layer_norm
-    if hasattr(model, "transformer"):
-        return model.transformer.h, model.transformer.ln_f
-    return model.model.layers, model.model.norm
-
-
-@torch.no_grad()
-def reference(model, tok: Tokenizer, out_dir: Path, extra: dict) -> None:
-    model.eval()
-    blocks, final_norm = block_list(model)
-    tensors: dict[str, torch.Tensor] = {}
-    max_logit = 0.0
-    prompts_info = {}
-    for key, text in PROMPTS.items():
-        ids = tok.encode(text).ids
-        input_ids = torch.tensor([ids], dtype=torch.long)
-        captured: dict[str, torch.Tensor] = {}
-        hooks = []
-        for i, block in enumerate(blocks):
-            def hook(_m, _inp, out, i=i):
-                captured[f"layer{i}"] = (out[0] if isinstance(out, tuple) else out).detach().clone()
-            hooks.append(block.register_forward_hook(hook))
-        hooks.append(final_norm.register_forward_hook(
-            lambda _m, _i, out: captured.__setitem__("norm", out.detach().clone())))
-        out = model(input_ids=input_ids, output_hidden_states=True, output_attentions=True, use_cache=False)
-        for h in hooks:
-            h.remove()
-        tensors[f"{key}_attn_probs"] = torch.stack([a[0] for a in out.attentions]).float().contiguous()
-        greedy, margins = [], []
-        seq = input_ids
-        for _ in range(GREEDY_TOKENS):
-            last = model(input_ids=seq, use_cache=False).logits[0, -1].float()
-            top2 = last.topk(2)
-            margins.append(float(top2.values[0] - top2.values[1]))
-            nxt = int(top2.indices[0])
-            greedy.append(nxt)
-            seq = torch.cat([seq, torch.tensor([[nxt]], dtype=torch.long)], dim=1)
-        tensors[f"{key}_greedy"] = torch.tensor(greedy, dtype=torch.long)
-        logits = out.logits[0].float().contiguous()
-        hs = torch.stack(out.hidden_states)[:, 0].float().contiguous()
-        layers = torch.stack([captured[f"layer{i}"][0] for i in range(len(blocks))]).float().contiguous()
-        tensors[f"{key}_input_ids"] = input_ids[0].contiguous()
-        tensors[f"{key}_logits"] = logits
-        tensors[f"{key}_hidden_states"] = hs
-        tensors[f"{key}_layer_outputs"] = layers
-        tensors[f"{key}_final_norm_output"] = captured["norm"][0].float().contiguous()
-        m = logits.abs().max().item()
-        max_logit = max(max_logit, m)
-        probs = logits[-1].softmax(-1)
-        top = probs.topk(5)
-        # Which convention does output_hidden_states follow for the last entry?
-        last_is_normed = torch.allclose(hs[-1], tensors[f"{key}_final_norm_output"])
-        prompts_info[key] = {
-            "text": text,
-            "input_ids": ids,
-            "tokens": [tok.id_to_token(i) for i in ids],
-            "max_abs_logit": m,
-            "logits_std": logits.std().item(),
-            "last_pos_top5": [
-                {"id": int(i), "token": tok.id_to_token(int(i)), "logit": float(logits[-1, i]), "prob": float(p)}
-                for p, i in zip(top.values, top.indices)
-            ],
-            "hidden_states_last_is_final_norm_output": bool(last_is_normed),
-            "greedy_ids": greedy,
-            "greedy_min_top2_margin": min(margins),
-        }
-    meta = {
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "tokenizers": tokenizers.__version__,
-        "max_abs_logit": f"{max_logit:.6f}",
-        "prompts": json.dumps(PROMPTS),
-        "description": (
-            "pK_input_ids i64 [n]: ids of prompt K (no BOS added); "
-            "pK_logits f32 [n,vocab]: float32 CPU eval no_grad logits; "
-            "pK_hidden_states f32 [n_layers+1,n,hidden]: output_hidden_states tuple stacked "
-            "(entry 0 = embeddings; see reference.json for whether the last entry is after the final norm); "
-            "pK_layer_outputs f32 [n_layers,n,hidden]: output of each decoder block via forward hooks; "
-            "pK_final_norm_output f32 [n,hidden]: output of the final norm; "
-            "pK_attn_probs f32 [n_layers,heads,n,n]: eager attention probabilities of each layer; "
-            f"pK_greedy i64 [{GREEDY_TOKENS}]: greedy continuation (full forward per step, no stop token)"
-        ),
-    }
-    save_safetensors_sorted(tensors, out_dir / "reference.safetensors", meta)
-    info = {
-        "what": meta["description"],
-        "tensors": {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)} for k, v in tensors.items()},
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
-                     "tokenizers": tokenizers.__version__, "python": sys.version.split()[0]},
-        "settings": "float32, CPU, model.eval(), torch.no_grad(), use_cache=False, attn_implementation=eager",
-        "max_abs_logit": max_logit,
-        "prompts": prompts_info,
-        **extra,
-    }
-    (out_dir / "reference.json").write_text(json.dumps(info, indent=2) + "\n")
-
-
-def save_safetensors_sorted(tensors: dict, path: Path, meta: dict) -> None:
-    """save_file, but with the header's keys sorted so that reruns give identical bytes.
-
-    (safetensors writes `__metadata__` from a hash map, in a different order on every run.)
-    Data offsets are relative to the end of the header, so rewriting the header leaves them valid.
-    """
-    save_file(tensors, str(path), metadata=meta)
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
-
-
-def fresh_dir(path: Path) -> Path:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
-
-
-def report(path: Path) -> None:
-    total = 0
-    for f in sorted(path.iterdir()):
-        size = f.stat().st_size
-        total += size
-        print(f"  wrote {f.relative_to(ROOT)} ({size:,} bytes)")
-    print(f"  total {total:,} bytes")
-
-
-def state_dict_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-    keys = []
-    for f in sorted(path.glob("model*.safetensors")):
-        with safe_open(str(f), "pt") as sf:
-            keys.extend(sf.keys())
-    return sorted(keys)
+from tiny_common import *  # noqa: E402,F401,F403
+from tiny_gguf import *  # noqa: E402,F401,F403
 
 
 def make_gpt2(tok: Tokenizer) -> None:
@@ -360,29 +141,6 @@ def make_llama(tok: Tokenizer) -> None:
     report(out)
 
 
-def tiny(name: str, tok: Tokenizer, model_cls, config, seed: int, extra: dict | None = None, adjust=None):
-    """Builds `model_cls` from `config` (eager attention, float32), initialises it with `seed` (then `adjust(model)`,
-    if given, under no_grad), saves it with the shared tokenizer into tests/data/<name>/ and writes its reference.
-    Returns the model."""
-    out = fresh_dir(DATA / name)
-    torch.manual_seed(0)
-    model = model_cls._from_config(config, attn_implementation="eager", dtype=torch.float32)
-    big_init(model, seed=seed)
-    if adjust is not None:
-        with torch.no_grad():
-            adjust(model)
-    model.eval()
-    model.save_pretrained(str(out), safe_serialization=True)
-    (out / "generation_config.json").unlink(missing_ok=True)
-    shutil.copyfile(DATA / "tiny-gpt2" / "tokenizer.json", out / "tokenizer.json")
-    keys = state_dict_keys(out)
-    reference(model, tok, out, {"state_dict_keys": keys, **(extra or {})})
-    print(f"{name}: vocab {config.vocab_size}, {sum(p.numel() for p in model.parameters()):,} params, "
-          f"{len(keys)} state-dict keys")
-    report(out)
-    return model
-
-
 def make_mistral(tok: Tokenizer) -> None:
     """A tiny Mistral: Llama's layout plus a sliding attention window (4 keys) shorter than prompt P1."""
     config = MistralConfig(
@@ -423,64 +181,6 @@ def make_gpt_neox(tok: Tokenizer) -> None:
                                use_parallel_residual=False, attention_bias=False, tie_word_embeddings=True)
     tiny("tiny-gpt-neox-sequential", tok, GPTNeoXForCausalLM, sequential, seed=7895,
          extra={"rope_parameters": sequential.rope_parameters, "use_parallel_residual": False})
-
-
-def add_gguf_tokenizer(w, tok: Tokenizer, c) -> None:
-    """The shared tokenizer as a GGUF `gpt2` vocabulary: tokens by id, their types, merges, BOS and EOS ids."""
-    import gguf
-    vocab = json.loads(tok.to_str())["model"]
-    tokens = [t for t, _ in sorted(vocab["vocab"].items(), key=lambda kv: kv[1])]
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if t in SPECIAL_TOKENS else gguf.TokenType.NORMAL for t in tokens])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in vocab["merges"]])
-    w.add_bos_token_id(c.bos_token_id)
-    w.add_eos_token_id(c.eos_token_id)
-
-
-def finish_gguf(w, path: Path) -> None:
-    """Writes the GGUF file `w` describes and says so."""
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    print(f"  wrote {path.relative_to(ROOT)} ({path.stat().st_size:,} bytes)")
-
-
-def write_gpt_neox_gguf(model, tok: Tokenizer, path: Path) -> None:
-    """An F32 GGUF of `model` as llama.cpp's convert_hf_to_gguf.py writes a GPT-NeoX (`gptneox`): its metadata
-    keys, tensor names, and the rows of `query_key_value` regrouped from [heads, 3, head_dim] to [3, heads,
-    head_dim]; with the shared tokenizer as a `gpt2` vocabulary."""
-    import gguf
-    c = model.config
-    heads, hidden = c.num_attention_heads, c.hidden_size
-    w = gguf.GGUFWriter(str(path), "gptneox")
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(hidden)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_rope_dimension_count(int(c.rope_parameters["partial_rotary_factor"] * (hidden // heads)))
-    w.add_head_count(heads)
-    w.add_parallel_residual(c.use_parallel_residual)
-    w.add_layer_norm_eps(c.layer_norm_eps)
-    add_gguf_tokenizer(w, tok, c)
-    w.add_tokenizer_pre("gpt2")
-    w.add_add_bos_token(False)
-    names = {"gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm", "lm_head": "output"}
-    parts = {"input_layernorm": "attn_norm", "attention.query_key_value": "attn_qkv", "attention.dense": "attn_output",
-             "post_attention_layernorm": "ffn_norm", "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
-    for name, t in model.state_dict().items():
-        module, suffix = name.rsplit(".", 1)
-        if module.startswith("gpt_neox.layers."):
-            idx, part = module[len("gpt_neox.layers."):].split(".", 1)
-            out = f"blk.{idx}.{parts[part]}.{suffix}"
-        else:
-            out = f"{names[module]}.{suffix}"
-        t = t.detach().float()
-        if module.endswith("attention.query_key_value"):
-            t = t.reshape(heads, 3, hidden // heads, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
-        w.add_tensor(out, t.contiguous().numpy())
-    finish_gguf(w, path)
 
 
 def make_qwen2(tok: Tokenizer) -> None:
@@ -536,49 +236,6 @@ def make_qwen3(tok: Tokenizer) -> None:
     )
     model = tiny("tiny-qwen3", tok, Qwen3ForCausalLM, config, seed=7895)
     write_gguf(model, tok, DATA / "tiny-qwen3" / "tiny-qwen3.f32.gguf")
-
-
-def write_gguf(model, tok: Tokenizer, path: Path) -> None:
-    """The model as llama.cpp's converter lays it out: float32 tensors under the gguf package's own name map
-    (TensorNameMap), the metadata keys of GGUFWriter, the tokenizer as a gpt2 vocabulary with its merges.
-    (transformers' GGUF reader cannot read it back: it takes no head_dim from attention.key_length for qwen3.)"""
-    c = model.config
-    w = gguf_sizes(model.config, path, c.model_type)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    add_gguf_tokenizer(w, tok, c)
-    add_gguf_tensors(w, model, c.model_type, lambda name, t: t)
-    finish_gguf(w, path)
-
-
-def gguf_sizes(c, path: Path, arch: str):
-    """A GGUFWriter of `arch` for `path` with the sizes of config `c`: context, widths, layers, heads, head_dim."""
-    import gguf
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    return w
-
-
-def add_gguf_tensors(w, model, arch: str, fix) -> None:
-    """Every tensor of `model` (a tied head left out) in float32 under the gguf package's names for `arch`, as
-    `fix(hf_name, tensor)` makes it."""
-    import gguf
-    c = model.config
-    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    names = gguf.get_tensor_name_map(model_arch, c.num_hidden_layers)
-    for name, t in sorted(model.state_dict().items()):
-        if name == "lm_head.weight" and c.tie_word_embeddings:
-            continue
-        t = fix(name, t.float())
-        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.numpy())
 
 
 def gemma_shape(tok: Tokenizer, layers: int) -> dict:
@@ -671,82 +328,6 @@ def uncapped_extremes(model, tok: Tokenizer) -> dict:
     return {"max_abs_attention_score": max(scores), "max_abs_logit": float(model.lm_head(hidden).abs().max())}
 
 
-def write_gemma_gguf(model, tok: Tokenizer, path: Path) -> None:
-    """The model as llama.cpp's converter writes a Gemma 2 / Gemma 3 (`gemma2`, `gemma3`): float32 tensors under
-    the gguf package's name map, every norm weight stored as 1 + w (llama.cpp's Gemma norms multiply by the stored
-    weight; transformers' GGUF reader subtracts the 1 again), the head tied; its metadata keys, and for what
-    llama.cpp would otherwise take from the model size: the attention scale query_pre_attn_scalar^-0.5
-    (`attention.scale`), which layers slide (`attention.sliding_window_pattern`, true = sliding), the soft caps,
-    and Gemma 3's local rotary base (`rope.freq_base_swa`) and global linear scaling."""
-    import gguf
-    c = model.config
-    arch = {"gemma2": "gemma2", "gemma3_text": "gemma3"}[c.model_type]
-    w = gguf_sizes(c, path, arch)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_sliding_window(c.sliding_window)
-    w.add_sliding_window_pattern([t == "sliding_attention" for t in c.layer_types])
-    w.add_attention_scale(c.query_pre_attn_scalar ** -0.5)
-    if c.attn_logit_softcapping is not None:
-        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
-    if c.final_logit_softcapping is not None:
-        w.add_final_logit_softcapping(c.final_logit_softcapping)
-    rope = c.rope_parameters
-    if arch == "gemma3":
-        w.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
-        rope = rope["full_attention"]
-    w.add_rope_freq_base(rope["rope_theta"])
-    if rope["rope_type"] == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(rope["factor"])
-    add_gguf_tokenizer(w, tok, c)
-    add_gguf_tensors(w, model, arch, lambda name, t: t + 1.0 if name.endswith("norm.weight") else t)
-    finish_gguf(w, path)
-
-
-@torch.no_grad()
-def transformers_gguf_reference(model, tok: Tokenizer, out: Path, gguf_name: str) -> None:
-    """transformers' own reading of the GGUF file `out/gguf_name`: the logits of P1 and P2 (float32, eager) in
-    gguf_reference.safetensors, and how far they are from the checkpoint's."""
-    from transformers import AutoModelForCausalLM
-    loaded = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=gguf_name, dtype=torch.float32,
-                                                  attn_implementation="eager")
-    loaded.eval()
-    tensors, diffs = {}, {}
-    for key, text in PROMPTS.items():
-        ids = torch.tensor([tok.encode(text).ids])
-        logits = loaded(input_ids=ids, use_cache=False).logits[0].float().contiguous()
-        tensors[f"{key}_logits"] = logits
-        diffs[key] = float((logits - model(input_ids=ids, use_cache=False).logits[0]).abs().max())
-    meta = {"transformers": transformers.__version__, "torch": torch.__version__,
-            "description": f"pK_logits f32 [n,vocab]: transformers' logits of prompt K from {gguf_name}",
-            "max_abs_diff_to_checkpoint": json.dumps(diffs)}
-    save_safetensors_sorted(tensors, out / "gguf_reference.safetensors", meta)
-    print(f"  transformers' reading of {gguf_name}: max |logits - checkpoint's| = {diffs}")
-
-
-def llama_rope_freqs(rope: dict, head_dim: int) -> torch.Tensor:
-    """The `rope_freqs` tensor llama.cpp's converter writes for Llama 3 rope scaling: per rotary frequency, the
-    divisor that turns the plain inverse frequency into the scaled one (1 for short wavelengths, `factor` for
-    long ones, 1 / ((1 - smooth) / factor + smooth) between)."""
-    import math
-    base = rope["rope_theta"]
-    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
-    old = rope["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old / low, old / high
-    out = []
-    for freq in freqs.tolist():
-        wavelen = 2 * math.pi / freq
-        if wavelen < high_wavelen:
-            out.append(1.0)
-        elif wavelen > low_wavelen:
-            out.append(factor)
-        else:
-            smooth = (old / wavelen - low) / (high - low)
-            out.append(1.0 / ((1 - smooth) / factor + smooth))
-    return torch.tensor(out, dtype=torch.float32)
-
-
 def make_llama_rope_freqs_gguf(tok: Tokenizer) -> None:
     """tests/data/tiny-llama/tiny-llama.f32.gguf: tiny-llama (llama3 rope scaling, original context 16, biases)
     as llama.cpp's converter writes a Llama 3.1: q/k rows permuted for its rope layout, and the scaling as the
@@ -787,6 +368,8 @@ def make_llama_rope_freqs_gguf(tok: Tokenizer) -> None:
 # Phi-3: the tiny model's rotary settings. Half of each 16-wide head is rotated (8 values: 4 frequencies); the
 # factors divide those 4 frequencies (short ones at or below `original_max_position_embeddings`, long ones beyond).
 PHI3_SHORT_FACTOR = [1.0, 1.25, 1.5, 2.0]
+
+
 PHI3_LONG_FACTOR = [1.0, 3.0, 9.0, 27.0]
 
 
@@ -825,17 +408,6 @@ def phi3_twin(model, config):
     twin = Phi3ForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
     twin.load_state_dict(model.state_dict())
     return twin.eval()
-
-
-@torch.no_grad()
-def greedy_no_cache(model, ids: list[int], n: int) -> list[int]:
-    seq = torch.tensor([ids], dtype=torch.long)
-    out = []
-    for _ in range(n):
-        nxt = int(model(input_ids=seq, use_cache=False).logits[0, -1].argmax())
-        out.append(nxt)
-        seq = torch.cat([seq, torch.tensor([[nxt]], dtype=torch.long)], dim=1)
-    return out
 
 
 def make_phi3(tok: Tokenizer) -> None:
@@ -896,46 +468,6 @@ def make_phi3(tok: Tokenizer) -> None:
 def model_rotary(config):
     from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
     return Phi3RotaryEmbedding(config)
-
-
-def write_phi3_gguf(model, tok: Tokenizer, path: Path) -> None:
-    """An F32 GGUF of a Phi-3 as llama.cpp's convert_hf_to_gguf.py writes one (`phi3`): the fused attn_qkv and
-    ffn_up (gate and up) as they are, the rotated width per head, the original context length, the sliding
-    window (0: none), a pad token (EOS), and with longrope scaling the attention factor and the rope_factors_long/short tensors."""
-    import gguf
-    import math
-    c = model.config
-    rope = c.rope_parameters
-    heads, hidden = c.num_attention_heads, c.hidden_size
-    w = gguf.GGUFWriter(str(path), "phi3")
-    w.add_context_length(c.max_position_embeddings)
-    w.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_head_count(heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * hidden) // heads)
-    w.add_rope_freq_base(rope["rope_theta"])
-    w.add_sliding_window(c.sliding_window or 0)
-    add_gguf_tokenizer(w, tok, c)
-    # Phi-3's vocabularies have a pad token; without one transformers' reader takes Phi3Config's 32000.
-    w.add_pad_token_id(c.eos_token_id)
-    tensors = sorted(model.state_dict().items())
-    if rope["rope_type"] == "longrope":
-        scale = c.max_position_embeddings / c.original_max_position_embeddings
-        orig = c.original_max_position_embeddings
-        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0)
-        tensors += [("rope_factors_long", torch.tensor(rope["long_factor"], dtype=torch.float32)),
-                    ("rope_factors_short", torch.tensor(rope["short_factor"], dtype=torch.float32))]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, c.num_hidden_layers)
-    for name, t in tensors:
-        if name.startswith("rope_factors"):
-            w.add_tensor(f"{name}.weight", t.numpy())
-            continue
-        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy())
-    finish_gguf(w, path)
 
 
 def main() -> None:
