@@ -1,5 +1,5 @@
 //! Activation-patching sweeps (`nnsight::patching`): every cell equals the same patch written as its own trace,
-//! chunked runs equal one batch, positions where the prompts agree change nothing at the first layer, on several
+//! chunked runs (which skip the layers before their first cell) equal one batch and runs without the shared prefix, positions where the prompts agree change nothing at the first layer, on several
 //! architectures through the standard names; unequal prompts are a clear error.
 
 use crate::common::{self, max_abs_diff};
@@ -32,6 +32,15 @@ fn head_cell<M: CausalLm>(model: &LanguageModel<M>, l: usize, h: i64) -> nnsight
     });
     intervene!(model.trace(CORRUPTED) {
         model.layers[l].attn.head_output.output[(.., .., h)] = clean.i((.., .., h));
+        let logits = model.output.i((0, -1)).save();
+    });
+    Ok(metric(&logits))
+}
+
+/// The zero-ablation of head `h` of layer `l` on the corrupted prompt, as its own trace.
+fn zero_head_cell<M: CausalLm>(model: &LanguageModel<M>, l: usize, h: i64) -> nnsight::Result<f64> {
+    intervene!(model.trace(CORRUPTED) {
+        model.layers[l].attn.head_output.output[(.., .., h)] = 0.0;
         let logits = model.output.i((0, -1)).save();
     });
     Ok(metric(&logits))
@@ -78,9 +87,12 @@ fn check_sweeps<M: CausalLm>(dir: &str) -> nnsight::Result<()> {
     }
     let v = grid.at(&[0, 1]);
     assert!((v - corrupted).abs() > 1e-4, "{dir}: patching a differing token changed nothing");
-    // Chunked into passes of 4 rows: the same values.
+    // Chunked into passes of 4 rows (each skipping the layers before its first cell's): the same values; and the
+    // same again with every row run through every layer.
     let chunked = Patching::new(&model, CLEAN, CORRUPTED, metric)?.max_rows(4).residual()?;
     assert!(max_abs_diff(&chunked.values, &grid.values) < 1e-5, "{dir}: chunked sweep differs");
+    let unshared = Patching::new(&model, CLEAN, CORRUPTED, metric)?.max_rows(4).share_prefix(false).residual()?;
+    assert!(max_abs_diff(&unshared.values, &grid.values) < 1e-5, "{dir}: the sweep without shared prefix differs");
     // Heads, attention and MLP outputs.
     let heads: Labelled = patching.heads()?;
     let n_heads = heads.values.size()[1];
@@ -89,6 +101,13 @@ fn check_sweeps<M: CausalLm>(dir: &str) -> nnsight::Result<()> {
         let want = head_cell(&model, l, h)?;
         let got = heads.at(&[l as i64, h]);
         assert!((got - want).abs() < 1e-4, "{dir}: head cell ({l}, {h}): {got} in the sweep, {want} alone");
+    }
+    let zeroed = patching.zero_heads()?;
+    assert_eq!(zeroed.values.size(), heads.values.size());
+    for (l, h) in [(0, 1), (n - 1, 0)] {
+        let want = zero_head_cell(&model, l, h)?;
+        let got = zeroed.at(&[l as i64, h]);
+        assert!((got - want).abs() < 1e-4, "{dir}: zeroed head ({l}, {h}): {got} in the sweep, {want} alone");
     }
     let (attention, mlp) = (patching.attention()?, patching.mlp()?);
     for (l, p) in [(0, 1), (n - 1, 8)] {

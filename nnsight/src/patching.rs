@@ -12,10 +12,13 @@
 //! | [`Patching::attention`] | layer × position | the attention's output (`model.layers[l].attn.output`) at one position |
 //! | [`Patching::mlp`] | layer × position | the MLP's output (`model.layers[l].mlp.output`) at one position |
 //! | [`Patching::heads`] | layer × head | one head's output before the output projection (`attn.head_output`), every position |
+//! | [`Patching::zero_heads`] | layer × head | the same, set to zero (an ablation of the corrupted prompt) |
 //!
-//! The cells run as invokes of one batch (the clean prompt as the first invoke, its activations handed to the
-//! others), at most [`Patching::max_rows`] corrupted rows per forward pass; every cell equals its own trace within
-//! float noise (different batch sizes round matrix products differently).
+//! The clean activations are saved once; the cells run as invokes of one batch, at most [`Patching::max_rows`]
+//! corrupted rows per forward pass. Cells are in layer order, and the layers before a pass's first patched layer
+//! are the same for every row (the corrupted prompt, unpatched): they run once and each pass skips them with their
+//! outputs ([`Patching::share_prefix`]). Every cell equals its own trace within float noise (different batch sizes
+//! round matrix products differently).
 
 use crate::language_model::LanguageModel;
 use crate::models::CausalLm;
@@ -62,6 +65,7 @@ pub struct Patching<'m, M: CausalLm, F: Fn(&Tensor) -> f64> {
     corrupted: Vec<i64>,
     metric: F,
     max_rows: usize,
+    share_prefix: bool,
 }
 
 impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
@@ -79,13 +83,21 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
                 ),
             });
         }
-        Ok(Patching { model, clean: clean_ids, corrupted: corrupted_ids, metric, max_rows: 64 })
+        Ok(Patching { model, clean: clean_ids, corrupted: corrupted_ids, metric, max_rows: 64, share_prefix: true })
     }
 
     /// At most `rows` corrupted rows per forward pass (64 by default): more cells run as several passes, with the
     /// same results.
     pub fn max_rows(mut self, rows: usize) -> Self {
         self.max_rows = rows.max(1);
+        self
+    }
+
+    /// Whether the layers before a pass's first patched layer run once, on the corrupted prompt alone, and are
+    /// skipped in the pass with their outputs (true by default: they are the same for every corrupted row); false
+    /// runs every row through every layer.
+    pub fn share_prefix(mut self, share: bool) -> Self {
+        self.share_prefix = share;
         self
     }
 
@@ -115,21 +127,45 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
     /// `[layer, head]`.
     pub fn heads(&self) -> Result<Labelled> {
         let n_layers = self.model.standard_names().n_layers;
-        let heads = self.head_count()?;
+        let model = self.model;
+        intervene!(model.trace(self.clean.clone()) {
+            let mut clean = Vec::new();
+            for l in 0..n_layers {
+                clean.push(model.layers[l].attn.head_output.output.save());
+            }
+        });
+        self.by_head(clean[0].size()[2], Some(&clean))
+    }
+
+    /// Zero-ablates each head's output (before the attention's output projection) at every position of the
+    /// corrupted prompt (the clean one plays no part): `[layer, head]`.
+    pub fn zero_heads(&self) -> Result<Labelled> {
+        let model = self.model;
+        intervene!(model.scan(self.corrupted.clone()) {
+            let shape = model.layers[0].attn.head_output.output.save();
+        });
+        self.by_head(shape.size()[2], None)
+    }
+
+    /// Each head of each layer (`heads` per layer) set to its value in `clean`, or to zero without one.
+    fn by_head(&self, heads: i64, clean: Option<&[Tensor]>) -> Result<Labelled> {
+        let n_layers = self.model.standard_names().n_layers;
+        let model = self.model;
+        let corrupted = self.corrupted_layer_outputs()?;
         let cells: Vec<(usize, i64)> = (0..n_layers).flat_map(|l| (0..heads).map(move |h| (l, h))).collect();
         let values = self.sweep(&cells, |chunk| {
-            let model = self.model;
+            let skipped = self.skipped_layers(chunk[0].0);
             intervene!(model.trace() {
-                invoke(self.clean.clone()) {
-                    let mut clean = Vec::new();
-                    for l in 0..n_layers {
-                        clean.push(model.layers[l].attn.head_output.output);
-                    }
-                }
                 let mut logits = Vec::new();
                 for &(l, h) in chunk {
                     invoke(self.corrupted.clone()) {
-                        model.layers[l].attn.head_output.output[(.., .., h)] = clean[l].i((.., .., h));
+                        for j in 0..skipped {
+                            model.layers[j].skip(corrupted[j].shallow_clone());
+                        }
+                        match clean {
+                            Some(clean) => model.layers[l].attn.head_output.output[(.., .., h)] = clean[l].i((.., .., h)),
+                            None => model.layers[l].attn.head_output.output[(.., .., h)] = 0.0,
+                        }
                         logits.push(model.output.i((0, -1)).save());
                     }
                 }
@@ -143,23 +179,28 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
     fn by_position(&self, site: Site) -> Result<Labelled> {
         let n_layers = self.model.standard_names().n_layers;
         let seq = self.clean.len() as i64;
+        let model = self.model;
+        intervene!(model.trace(self.clean.clone()) {
+            let mut clean = Vec::new();
+            for l in 0..n_layers {
+                clean.push(match site {
+                    Site::Residual => model.layers[l].input.save(),
+                    Site::Attention => model.layers[l].attn.output.save(),
+                    Site::Mlp => model.layers[l].mlp.output.save(),
+                });
+            }
+        });
+        let corrupted = self.corrupted_layer_outputs()?;
         let cells: Vec<(usize, i64)> = (0..n_layers).flat_map(|l| (0..seq).map(move |p| (l, p))).collect();
         let values = self.sweep(&cells, |chunk| {
-            let model = self.model;
+            let skipped = self.skipped_layers(chunk[0].0);
             intervene!(model.trace() {
-                invoke(self.clean.clone()) {
-                    let mut clean = Vec::new();
-                    for l in 0..n_layers {
-                        clean.push(match site {
-                            Site::Residual => model.layers[l].input,
-                            Site::Attention => model.layers[l].attn.output,
-                            Site::Mlp => model.layers[l].mlp.output,
-                        });
-                    }
-                }
                 let mut logits = Vec::new();
                 for &(l, p) in chunk {
                     invoke(self.corrupted.clone()) {
+                        for j in 0..skipped {
+                            model.layers[j].skip(corrupted[j].shallow_clone());
+                        }
                         let value = clean[l].i((.., p));
                         match site {
                             Site::Residual => model.layers[l].input[(.., p)] = value,
@@ -176,6 +217,29 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
         Ok(Labelled { values, axes: vec![self.layer_axis(n_layers), self.position_axis()?] })
     }
 
+    /// Each layer's output on the corrupted prompt, unpatched: what a chunk's skipped layers give.
+    fn corrupted_layer_outputs(&self) -> Result<Vec<Tensor>> {
+        let n_layers = self.model.standard_names().n_layers;
+        let model = self.model;
+        intervene!(model.trace(self.corrupted.clone()) {
+            let mut outputs = Vec::new();
+            for l in 0..n_layers {
+                outputs.push(model.layers[l].output.save());
+            }
+        });
+        Ok(outputs)
+    }
+
+    /// How many leading layers a chunk whose first cell is at layer `first` skips: all before it when the prefix is
+    /// shared, none otherwise.
+    fn skipped_layers(&self, first: usize) -> usize {
+        if self.share_prefix {
+            first
+        } else {
+            0
+        }
+    }
+
     /// Runs `cells` in chunks of at most `max_rows`, `run` giving each chunk's last-position logits (one per
     /// cell, in order); returns the metric of each cell.
     fn sweep<C>(&self, cells: &[C], run: impl Fn(&[C]) -> Result<Vec<Tensor>>) -> Result<Vec<f64>> {
@@ -188,15 +252,6 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
 
     fn metric_of(&self, logits: &Tensor) -> f64 {
         (self.metric)(&logits.to_kind(Kind::Float).to_device(tch::Device::Cpu))
-    }
-
-    /// The number of attention heads, from the shape of a head output (on shapes alone).
-    fn head_count(&self) -> Result<i64> {
-        let model = self.model;
-        intervene!(model.trace(self.clean.clone()) {
-            let shape = model.layers[0].attn.head_output.output.save();
-        });
-        Ok(shape.size()[2])
     }
 
     fn layer_axis(&self, n_layers: usize) -> Axis {
