@@ -159,8 +159,8 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
                 let mut logits = Vec::new();
                 for &(l, h) in chunk {
                     invoke(self.corrupted.clone()) {
-                        for j in 0..skipped {
-                            model.layers[j].skip(corrupted[j].shallow_clone());
+                        for (j, output) in corrupted.iter().enumerate().take(skipped) {
+                            model.layers[j].skip(output.shallow_clone());
                         }
                         match clean {
                             Some(clean) => model.layers[l].attn.head_output.output[(.., .., h)] = clean[l].i((.., .., h)),
@@ -198,8 +198,8 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
                 let mut logits = Vec::new();
                 for &(l, p) in chunk {
                     invoke(self.corrupted.clone()) {
-                        for j in 0..skipped {
-                            model.layers[j].skip(corrupted[j].shallow_clone());
+                        for (j, output) in corrupted.iter().enumerate().take(skipped) {
+                            model.layers[j].skip(output.shallow_clone());
                         }
                         let value = clean[l].i((.., p));
                         match site {
