@@ -7,7 +7,7 @@ VENV_PYTHON := $(CACHE)/venv-torch-2.13.0/bin/python
 # Tests share two cores: two test threads, one libtorch thread each (set in tests/common.rs).
 TEST_THREADS ?= 2
 
-.PHONY: demo test setup setup-peer bench bench-trace bench-generate bench-remote fmt lint unit gpu-check tiny-models
+.PHONY: demo test setup setup-peer bench bench-trace bench-generate bench-remote bench-sweep fmt lint unit gpu-check tiny-models
 
 ## make demo: load the default model, print its module tree and the top-5 next tokens of the Eiffel prompt.
 demo: setup
@@ -45,6 +45,11 @@ bench-trace: setup setup-peer
 ## (ARGS="ROUNDS_PER_BLOCK BLOCKS MAX_NEW_TOKENS", default "5 6 10").
 bench-generate: setup setup-peer
 	NNSIGHT_PYTHON=$(VENV_PYTHON) cargo run --release --example bench_generate -- $(ARGS)
+
+## make bench-sweep: a 30x9 activation-patching grid and a 270-head ablation sweep, one trace per cell against
+## nnsight::patching, beside Python nnsight 0.8.1 on the same weights, in one run (ARGS="LAYERS", default 30).
+bench-sweep: setup setup-peer
+	NNSIGHT_PYTHON=$(VENV_PYTHON) cargo run --release --example bench_sweep -- $(ARGS)
 
 ## make bench-remote: a trace run on a server (in this process, loopback HTTP) against the same trace run here.
 bench-remote: setup
