@@ -14,6 +14,7 @@ mod generate;
 mod generate_trace;
 mod gguf;
 mod gguf_quants;
+mod gguf_tokenizers;
 mod gradients;
 mod graph_control;
 mod graph_runtime;

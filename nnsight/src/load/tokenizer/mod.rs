@@ -1,27 +1,29 @@
 //! Tokenizers: a Hugging Face `tokenizer.json`, or one rebuilt from a GGUF file's metadata.
 //!
-//! A GGUF file carries no `tokenizer.json`, only the vocabulary, the merges, the token types and the special token
-//! ids under llama.cpp's keys (`tokenizer.ggml.*`). [`tokenizer_from_gguf`] rebuilds from them the tokenizer that
-//! Hugging Face transformers builds from the same file (`integrations/gguf/gguf_tokenizer_mapping.py`): for
-//! `tokenizer.ggml.model = "gpt2"` a byte-level BPE without normalizer, with a ByteLevel pre-tokenizer and decoder,
-//! control tokens added as special tokens and user-defined tokens as plain added tokens.
+//! A GGUF file carries no `tokenizer.json`, only the vocabulary, the merges, the scores, the token types and the
+//! special token ids under llama.cpp's keys (`tokenizer.ggml.*`). [`tokenizer_from_gguf`] rebuilds from them the
+//! tokenizer that Hugging Face transformers builds from the same file (`integrations/gguf/gguf_tokenizer_mapping.py`):
+//! for `tokenizer.ggml.model = "gpt2"` a byte-level BPE (`byte_level`), for `"llama"` a SentencePiece vocabulary as
+//! a BPE with byte fallback in Llama's, Phi-3's or Gemma's shape (`sentencepiece`); for both, control tokens
+//! added as special tokens, user-defined tokens as plain added tokens, BOS/EOS as the file says.
 
 use std::path::Path;
 
-use ahash::AHashMap;
-use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
+use self::sentencepiece::Flavour;
 use super::gguf::{GgufFile, MetaValue};
 use crate::error::{Error, Result};
 
+mod byte_level;
+mod sentencepiece;
+
 /// The `tokenizer.ggml.model` values [`tokenizer_from_gguf`] can rebuild.
-const SUPPORTED_MODELS: &str = "gpt2";
+const SUPPORTED_MODELS: &str = "gpt2, llama";
 
 /// llama.cpp token types (`tokenizer.ggml.token_type`).
 const TOKEN_TYPE_CONTROL: i64 = 3;
@@ -84,26 +86,13 @@ pub fn special_tokens_from_gguf(file: &GgufFile) -> SpecialTokens {
     }
 }
 
-/// GPT-2's byte-to-character table: every byte gets a printable character (bytes that are printable themselves
-/// keep theirs; the rest map to U+0100 onwards).
-fn byte_to_char() -> [char; 256] {
-    let mut table = ['\0'; 256];
-    let mut printable = [false; 256];
-    for b in (b'!'..=b'~').chain(0xA1..=0xAC).chain(0xAE..=0xFF) {
-        printable[b as usize] = true;
-        table[b as usize] = b as char;
-    }
-    let mut n = 0u32;
-    for b in 0..256usize {
-        if !printable[b] {
-            table[b] = char::from_u32(256 + n).expect("valid code point");
-            n += 1;
-        }
-    }
-    table
-}
-
-fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
+/// The array `key` with each element converted by `convert` (`what` names the element type for the error).
+fn typed_array<'a, T>(
+    file: &'a GgufFile,
+    key: &str,
+    what: &str,
+    convert: impl Fn(&'a MetaValue) -> Option<T>,
+) -> Result<Vec<T>> {
     let arr = file
         .get(key)
         .and_then(MetaValue::as_array)
@@ -111,102 +100,147 @@ fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
     arr.iter()
         .enumerate()
         .map(|(i, v)| {
-            v.as_str().ok_or_else(|| {
-                tokenizer_error(
-                    file,
-                    format!("GGUF metadata `{key}`: element {i} is a {}, not a string", v.type_name()),
-                )
+            convert(v).ok_or_else(|| {
+                tokenizer_error(file, format!("GGUF metadata `{key}`: element {i} is a {}, not {what}", v.type_name()))
             })
         })
         .collect()
 }
 
-/// Rebuilds the Hugging Face tokenizer from GGUF metadata (`tokenizer.ggml.model = "gpt2"`: byte-level BPE).
+fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
+    typed_array(file, key, "a string", MetaValue::as_str)
+}
+
+/// `tokenizer.ggml.merges` as pairs (each element is two tokens separated by a space).
+fn file_merges(file: &GgufFile) -> Result<Vec<(String, String)>> {
+    string_array(file, "tokenizer.ggml.merges")?
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())).ok_or_else(|| {
+                tokenizer_error(file, format!("`tokenizer.ggml.merges` element {i} ({m:?}) is not two tokens"))
+            })
+        })
+        .collect()
+}
+
+/// Rebuilds the Hugging Face tokenizer from GGUF metadata, as transformers 5 does from the same file.
 ///
-/// The result encodes like the tokenizer transformers builds from the same file: no normalizer, GPT-2's
-/// ByteLevel pre-tokenizer (or llama.cpp's split regex for `tokenizer.ggml.pre` values such as `llama-bpe` and
-/// `qwen2`), control tokens (`<|im_start|>`) kept whole as special tokens, user-defined tokens kept whole, a
-/// ByteLevel decoder, and BOS/EOS added only where `tokenizer.ggml.add_bos_token`/`add_eos_token` say so.
+/// `tokenizer.ggml.model` picks the kind:
+/// - `gpt2`: a byte-level BPE without normalizer, GPT-2's ByteLevel pre-tokenizer and decoder.
+/// - `llama`: a SentencePiece vocabulary, rebuilt as a BPE with byte fallback whose merges come from the file or
+///   are recovered from the scores; `general.architecture` picks Llama's shape (Metaspace pre-tokenizer; Llama 2,
+///   Mistral), Phi-3's (`phi3`: the prefix `▁` from a normalizer) or Gemma's (`gemma`, `gemma2`, `gemma3`: no
+///   prefix, merges in file order, multi-space tokens respelled with `▁`).
+///
+/// For either kind, llama.cpp's split regex replaces the pre-tokenizer where `tokenizer.ggml.pre` names one
+/// (`llama-bpe`, `qwen2`, ...); control tokens (`<|im_start|>`, `<s>`) are kept whole as special tokens, and so
+/// are the BOS, EOS, unknown and padding tokens the file names; user-defined tokens are kept whole as plain added
+/// tokens; and BOS/EOS are added where `tokenizer.ggml.add_bos_token` / `add_eos_token` say so (BOS by default on
+/// a `llama` vocabulary). An unknown `tokenizer.ggml.model`, or a `llama` vocabulary with neither merges nor
+/// scores, is an [`Error::Tokenizer`] naming the file and the key.
 pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<Tokenizer> {
     let model = file.get("tokenizer.ggml.model").and_then(MetaValue::as_str).ok_or_else(|| {
         tokenizer_error(file, "the GGUF file has no `tokenizer.ggml.model`, so it holds no tokenizer")
     })?;
-    if model != "gpt2" {
-        return Err(tokenizer_error(
-            file,
-            format!(
-                "GGUF tokenizer model `{model}` is not supported; supported tokenizer models: {SUPPORTED_MODELS} \
-                 (give a tokenizer.json instead)"
-            ),
-        ));
-    }
-
+    let architecture = file.get("general.architecture").and_then(MetaValue::as_str).unwrap_or("");
+    let flavour = Flavour::of(architecture);
     let tokens = string_array(file, "tokenizer.ggml.tokens")?;
-    // Byte-level vocabularies spell every token in GPT-2's byte alphabet. A token outside it is written as plain
-    // text in the file; respell it byte by byte, as transformers does, so that it is reachable.
-    let alphabet = byte_to_char();
-    let mut in_alphabet = [false; 0x144];
-    for c in alphabet {
-        in_alphabet[c as usize] = true;
-    }
-    let spelled = |t: &str| t.chars().all(|c| (c as usize) < in_alphabet.len() && in_alphabet[c as usize]);
-    let mut vocab: AHashMap<String, u32> = AHashMap::with_capacity(tokens.len());
-    for (id, &token) in tokens.iter().enumerate() {
-        let id = u32::try_from(id).map_err(|_| tokenizer_error(file, "more than 2^32 tokens"))?;
-        let key = if spelled(token) { token.to_owned() } else { token.bytes().map(|b| alphabet[b as usize]).collect() };
-        vocab.insert(key, id);
-    }
-
-    let merges = match file.get("tokenizer.ggml.merges") {
-        Some(_) => string_array(file, "tokenizer.ggml.merges")?
-            .into_iter()
-            .enumerate()
-            .map(|(i, m)| {
-                m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())).ok_or_else(|| {
-                    tokenizer_error(file, format!("`tokenizer.ggml.merges` element {i} ({m:?}) is not two tokens"))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?,
-        None => {
-            return Err(tokenizer_error(file, "the GGUF file has a gpt2 vocabulary but no `tokenizer.ggml.merges`"))
+    let mut tokenizer = match model {
+        "gpt2" => byte_level::build(file, &tokens)?,
+        "llama" => sentencepiece::build(file, &tokens, flavour)?,
+        _ => {
+            return Err(tokenizer_error(
+                file,
+                format!(
+                    "GGUF metadata `tokenizer.ggml.model` is `{model}`, which is not supported; supported \
+                     tokenizer models: {SUPPORTED_MODELS} (give a tokenizer.json instead)"
+                ),
+            ))
         }
     };
-
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab.clone(), merges)
-        .build()
-        .map_err(|e| tokenizer_error(file, format!("cannot build the BPE model: {e}")))?;
-    let mut tokenizer = Tokenizer::new(bpe);
-
-    let pre = file.get("tokenizer.ggml.pre").and_then(MetaValue::as_str).unwrap_or("");
-    match pre_tokenizer_split(pre) {
-        None => {
-            tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-        }
-        Some(regex) => {
-            let split = Split::new(SplitPattern::Regex(regex.to_owned()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| tokenizer_error(file, format!("split regex of pre-tokenizer `{pre}`: {e}")))?;
-            let seq = Sequence::new(vec![
-                PreTokenizerWrapper::Split(split),
-                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
-            ]);
-            tokenizer.with_pre_tokenizer(Some(seq));
+    add_gguf_special_tokens(file, &tokens, model == "gpt2", &mut tokenizer);
+    // Then the special tokens transformers' tokenizer class names: the file's BOS, EOS, unknown and padding tokens
+    // and, for GemmaTokenizer, `<mask>`. transformers appends one missing from the vocabulary as a new token; that
+    // would outgrow the model's embedding, so only those in the vocabulary are kept whole here.
+    let named = ["bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"]
+        .iter()
+        .filter_map(|key| token_id(file, &format!("tokenizer.ggml.{key}")))
+        .filter_map(|id| tokens.get(id as usize).map(|t| (*t).to_owned()))
+        .chain((flavour == Flavour::Gemma && model == "llama").then(|| "<mask>".to_owned()));
+    let added: Vec<String> = tokenizer.get_added_tokens_decoder().into_values().map(|t| t.content).collect();
+    let mut specials: Vec<AddedToken> = vec![];
+    for name in named {
+        if !added.contains(&name)
+            && tokenizer.token_to_id(&name).is_some()
+            && !specials.iter().any(|t| t.content == name)
+        {
+            specials.push(AddedToken::from(name, true));
         }
     }
-    tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+    tokenizer.add_special_tokens(&specials);
+    set_split_regex(file, &mut tokenizer)?;
+    set_post_processor(file, &tokens, &mut tokenizer)?;
+    Ok(tokenizer)
+}
 
-    // transformers' post-processor: a template that adds BOS/EOS only where the file asks for it.
+/// transformers' `add_gguf_special_tokens`: control tokens (3) become special added tokens, so `<|im_start|>`
+/// stays one token and is skipped when decoding with `skip_special_tokens`; in a byte-level vocabulary a control
+/// token outside the byte alphabet is a llama.cpp mislabel and is skipped. User-defined tokens (4) in the
+/// vocabulary are added non-special.
+fn add_gguf_special_tokens(file: &GgufFile, tokens: &[&str], byte_level: bool, tokenizer: &mut Tokenizer) {
+    let Some(types) = file.get("tokenizer.ggml.token_type").and_then(MetaValue::as_array) else {
+        return;
+    };
+    let control: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types)
+        .filter(|(token, t)| {
+            t.as_i64() == Some(TOKEN_TYPE_CONTROL) && (!byte_level || byte_level::spelled_in_byte_alphabet(token))
+        })
+        .map(|(&token, _)| AddedToken::from(token, true))
+        .collect();
+    tokenizer.add_special_tokens(&control);
+    let vocab = tokenizer.get_vocab(true);
+    let user: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types)
+        .filter(|(token, t)| t.as_i64() == Some(TOKEN_TYPE_USER_DEFINED) && vocab.contains_key(**token))
+        .map(|(&token, _)| AddedToken::from(token, false).normalized(false))
+        .collect();
+    tokenizer.add_tokens(&user);
+}
+
+/// transformers' `set_split_regex`: where `tokenizer.ggml.pre` names one of llama.cpp's split regexes, the text is
+/// split with it and then mapped to GPT-2's byte alphabet, whatever the kind of vocabulary.
+fn set_split_regex(file: &GgufFile, tokenizer: &mut Tokenizer) -> Result<()> {
+    let pre = file.get("tokenizer.ggml.pre").and_then(MetaValue::as_str).unwrap_or("");
+    if let Some(regex) = pre_tokenizer_split(pre) {
+        let split = Split::new(SplitPattern::Regex(regex.to_owned()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| tokenizer_error(file, format!("split regex of pre-tokenizer `{pre}`: {e}")))?;
+        let seq = Sequence::new(vec![
+            PreTokenizerWrapper::Split(split),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
+        ]);
+        tokenizer.with_pre_tokenizer(Some(seq));
+    }
+    Ok(())
+}
+
+/// transformers' post-processor: a template that adds BOS/EOS only where the file asks for it (and names the
+/// token: without an id, nothing is added, as in transformers).
+fn set_post_processor(file: &GgufFile, tokens: &[&str], tokenizer: &mut Tokenizer) -> Result<()> {
     let special = special_tokens_from_gguf(file);
     let add_eos = file.get("tokenizer.ggml.add_eos_token").and_then(MetaValue::as_bool).unwrap_or(false);
-    let name_of = |id: Option<u32>, what: &str| -> Result<(String, u32)> {
-        let id = id.ok_or_else(|| tokenizer_error(file, format!("add_{what}_token is set but no {what} token id")))?;
+    let name_of = |id: Option<u32>, what: &str| -> Result<Option<(String, u32)>> {
+        let Some(id) = id else { return Ok(None) };
         let name = tokens
             .get(id as usize)
             .ok_or_else(|| tokenizer_error(file, format!("{what} token id {id} is beyond the vocabulary")))?;
-        Ok(((*name).to_owned(), id))
+        Ok(Some(((*name).to_owned(), id)))
     };
-    let bos = if special.add_bos { Some(name_of(special.bos, "bos")?) } else { None };
-    let eos = if add_eos { Some(name_of(special.eos, "eos")?) } else { None };
+    let bos = if special.add_bos { name_of(special.bos, "bos")? } else { None };
+    let eos = if add_eos { name_of(special.eos, "eos")? } else { None };
     let (mut single, mut pair) = (String::new(), String::new());
     if let Some((b, _)) = &bos {
         single.push_str(&format!("{b}:0 "));
@@ -234,26 +268,7 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<Tokenizer> {
         .build()
         .map_err(|e| tokenizer_error(file, format!("post-processor template: {e}")))?;
     tokenizer.with_post_processor(Some(template));
-
-    // Control tokens (3) become special added tokens, so `<|im_start|>` stays one token and is skipped when
-    // decoding with `skip_special_tokens`; a control token outside the byte alphabet is a llama.cpp mislabel and
-    // is skipped, as transformers does. User-defined tokens (4) already in the vocabulary are added non-special.
-    if let Some(types) = file.get("tokenizer.ggml.token_type").and_then(MetaValue::as_array) {
-        let mut control = vec![];
-        let mut user = vec![];
-        for (&token, t) in tokens.iter().zip(types) {
-            match t.as_i64() {
-                Some(TOKEN_TYPE_CONTROL) if spelled(token) => control.push(AddedToken::from(token, true)),
-                Some(TOKEN_TYPE_USER_DEFINED) if vocab.contains_key(token) => {
-                    user.push(AddedToken::from(token, false).normalized(false))
-                }
-                _ => {}
-            }
-        }
-        tokenizer.add_special_tokens(&control);
-        tokenizer.add_tokens(&user);
-    }
-    Ok(tokenizer)
+    Ok(())
 }
 
 /// Loads a Hugging Face `tokenizer.json`; a missing file gives [`Error::FileNotFound`].
@@ -267,19 +282,6 @@ pub fn tokenizer_from_file(path: &Path) -> Result<Tokenizer> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn byte_alphabet_is_gpt2s() {
-        let t = byte_to_char();
-        assert_eq!(t[b' ' as usize], 'Ġ');
-        assert_eq!(t[b'\n' as usize], 'Ċ');
-        assert_eq!(t[b'a' as usize], 'a');
-        assert_eq!(t[0], 'Ā');
-        let mut sorted = t.to_vec();
-        sorted.sort();
-        sorted.dedup();
-        assert_eq!(sorted.len(), 256);
-    }
 
     #[test]
     fn split_regexes_compile() {
