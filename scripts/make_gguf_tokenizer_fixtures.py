@@ -15,7 +15,7 @@ It (re)writes, deterministically, in tests/data/gguf-tokenizers/:
                  `<|end|>` control; `<|user|>`, `<|assistant|>` user-defined) and `add_bos_token = false`.
     gemma2.gguf  a Gemma style vocabulary under `gemma2`: no dummy prefix, whitespace-only pieces, which the
                  file spells with real spaces as llama.cpp's Gemma files do, `<pad>` `<eos>` `<bos>` `<unk>`
-                 at 0..3, control `<start_of_turn>`/`<end_of_turn>`, and scores shuffled (transformers orders
+                 at 0..3, control `<start_of_turn>`/`<end_of_turn>`, `<mask>` unmarked, and scores shuffled (transformers orders
                  Gemma's merges by position in the file, not by score).
     unsupported-model.gguf  `tokenizer.ggml.model = "rwkv"` (no builder for it).
     missing-scores.gguf     a `llama` vocabulary without `tokenizer.ggml.scores` (nor merges).
@@ -80,7 +80,7 @@ TEXTS = [
 SPECIAL_TEXTS = {
     "llama": ["<s>Hi</s> and <unk> in text", "a<|tool|>b"],
     "phi3": ["<|user|>\nHi<|end|>\n<|assistant|>", " <|endoftext|>x<s>"],
-    "gemma2": ["<start_of_turn>user\nHi<end_of_turn>\n", "<bos>x<eos> <pad>"],
+    "gemma2": ["<start_of_turn>user\nHi<end_of_turn>\n", "<bos>x<eos> <pad><mask>"],
 }
 
 
@@ -152,7 +152,8 @@ def gemma_vocab() -> list[tuple[str, float, int]]:
     sp = train(add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_by_whitespace=False, pad_id=0,
                eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
                control_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"])
-    vocab = pieces(sp)
+    # `<mask>` left unmarked (normal), so that what keeps it whole is GemmaTokenizer's own `mask_token`.
+    vocab = [(t, s, int(gguf.TokenType.NORMAL) if t == "<mask>" else k) for t, s, k in pieces(sp)]
     respelled = [(" " * len(t) if len(t) > 1 and set(t) == {"\u2581"} else t, s, k) for t, s, k in vocab]
     assert sum(t.startswith("  ") for t, _, _ in respelled) >= 2, "the corpus should give whitespace pieces"
     shuffled = [s for _, s, _ in respelled]
