@@ -2,7 +2,7 @@
 """Write the tiny GGUF files with SentencePiece (`tokenizer.ggml.model = "llama"`) vocabularies that
 tests/gguf_tokenizers.rs rebuilds, with transformers' own encodings of tricky strings as references.
 
-Run with the project's torch venv (scripts/setup.sh creates it; `pip install sentencepiece` into it first):
+Run with the project's torch venv after `make setup-peer` (which installs sentencepiece into it):
 
     ~/.cache/nnsight-rs/venv-torch-2.13.0/bin/python scripts/make_gguf_tokenizer_fixtures.py
 

