@@ -12,7 +12,7 @@
 //! Python nnsight 0.8.1 as its docs write them (`scripts/peer/nnsight_sweep.py`: one trace per cell with two invokes
 //! and a barrier; one trace per head) and the ratios are printed.
 //!
-//! `cargo run --release --example bench_sweep -- [LAYERS]` (default: all 30).
+//! `cargo run --release --example bench_sweep -- [LAYERS [MAX_ROWS]]` (default: all 30 layers, 64 rows a pass).
 
 #[path = "support/machine.rs"]
 mod machine;
@@ -28,6 +28,7 @@ const CORRUPTED: &str = "The Colosseum is in the city of";
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tch::set_num_threads(2);
     let layers: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(30);
+    let max_rows: usize = std::env::args().nth(2).map(|a| a.parse()).transpose()?.unwrap_or(64);
     let model = LanguageModel::<Llama>::load_with(MODEL, LoadOptions::default().progress(false))?;
     let (paris, rome) = (model.encode(" Paris")?[0], model.encode(" Rome")?[0]);
     let metric = |logits: &Tensor| logits.double_value(&[paris]) - logits.double_value(&[rome]);
@@ -58,7 +59,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let sweep = |share: bool| -> nnsight::Result<(f64, Tensor)> {
         let start = Instant::now();
-        let grid = Patching::new(&model, CLEAN, CORRUPTED, metric)?.share_prefix(share).residual()?;
+        let grid =
+            Patching::new(&model, CLEAN, CORRUPTED, metric)?.max_rows(max_rows).share_prefix(share).residual()?;
         Ok((start.elapsed().as_secs_f64(), grid.values.narrow(0, 0, layers as i64)))
     };
     let (unshared_s, unshared) = sweep(false)?;
@@ -79,7 +81,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let per_head_s = start.elapsed().as_secs_f64();
     let per_head = Tensor::from_slice(&per_head).view([layers as i64, heads]);
     let start = Instant::now();
-    let zeroed = Patching::new(&model, CLEAN, CORRUPTED, metric)?.zero_heads()?;
+    let zeroed = Patching::new(&model, CLEAN, CORRUPTED, metric)?.max_rows(max_rows).zero_heads()?;
     let zeroed_s = start.elapsed().as_secs_f64();
     let zeroed = zeroed.values.narrow(0, 0, layers as i64);
 
