@@ -2,6 +2,8 @@
 //! same run, rounds interleaved (a block of ours, a block of ours with every linear layer through `at::linear` as
 //! PyTorch eager runs it, a block of theirs, ...), all on CPU with 2 threads.
 //!
+//! Then the same in bfloat16: our model loaded with `Kind::BFloat16` against transformers' cast to bfloat16.
+//!
 //! `make bench` runs it (it sets up the Python peer first). Arguments: `[ROUNDS_PER_BLOCK] [BLOCKS]`.
 //! The peer is `scripts/peer/hf_forward.py --serve`, run with the venv's python (`NNSIGHT_PYTHON` overrides).
 
@@ -9,6 +11,8 @@ use nnsight::nn::fast_linear;
 use nnsight::prelude::*;
 use std::time::Instant;
 
+#[path = "support/machine.rs"]
+mod machine;
 #[path = "support/peer.rs"]
 mod peer;
 #[path = "support/stats.rs"]
@@ -27,28 +31,37 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tch::set_num_threads(2);
 
     let model = LanguageModel::<Llama>::load_with(MODEL, LoadOptions::default().progress(false))?;
+    let bf16 = LanguageModel::<Llama>::load_with(MODEL, LoadOptions::default().progress(false).kind(Kind::BFloat16))?;
     let batch = model.batch(PROMPT)?;
 
-    let mut peer = Peer::start(
-        &python,
-        &[
-            "scripts/peer/hf_forward.py",
-            "--gguf",
-            MODEL,
-            "--prompt",
-            PROMPT,
-            "--threads",
-            "2",
-            "--warmup",
-            "3",
-            "--serve",
-        ],
-    )?;
+    let start_peer = |dtype: &str| {
+        Peer::start(
+            &python,
+            &[
+                "scripts/peer/hf_forward.py",
+                "--gguf",
+                MODEL,
+                "--prompt",
+                PROMPT,
+                "--threads",
+                "2",
+                "--warmup",
+                "3",
+                "--dtype",
+                dtype,
+                "--serve",
+            ],
+        )
+    };
+    let mut peer = start_peer("float32")?;
+    let mut peer_bf16 = start_peer("bfloat16")?;
 
     for _ in 0..3 {
         let _ = model.forward_batch(&batch)?;
+        let _ = bf16.forward_batch(&batch)?;
     }
     let (mut ours, mut ours_mkl, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours_bf16, mut theirs_bf16) = (Vec::new(), Vec::new());
     // A pause before each block lets the other side's OpenMP threads stop spinning, so neither side pays for the
     // other's idle workers.
     let settle = std::time::Duration::from_millis(300);
@@ -70,9 +83,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         fast_linear::set_onednn_linear(true);
         let block = peer.block(per_block)?;
         theirs.extend(peer::times(&block)?);
+        std::thread::sleep(settle);
+        for _ in 0..per_block {
+            let t = Instant::now();
+            let _ = bf16.forward_batch(&batch)?;
+            ours_bf16.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let block = peer_bf16.block(per_block)?;
+        theirs_bf16.extend(peer::times(&block)?);
     }
     let hello = peer.hello.clone();
     peer.finish()?;
+    peer_bf16.finish()?;
 
     let rounds = ours.len();
     let (o, m, t) = (median(ours), median(ours_mkl), median(theirs));
@@ -88,5 +110,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         hello["torch"].as_str().unwrap_or("?")
     );
     println!("  ratio ours / transformers: {:.3}   (with at::linear: {:.3})", o / t, m / t);
+    let (ob, tb) = (median(ours_bf16), median(theirs_bf16));
+    println!("  bfloat16: nnsight-rs median {ob:7.2} ms, transformers median {tb:7.2} ms, ratio {:.3}", ob / tb);
+    println!("  bfloat16 against float32: ours {:.3}, transformers {:.3}", ob / o, tb / t);
+    println!("  machine: {}", machine::cpu());
     Ok(())
 }

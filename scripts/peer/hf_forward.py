@@ -37,6 +37,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=20, help="timed forwards")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     ap.add_argument("--top5", action="store_true", help="also report the top-5 next tokens")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the dtype the dequantized weights are cast to (and the forward computes in)")
     ap.add_argument("--serve", action="store_true",
                     help="after warm-up, read a number N per stdin line, time N forwards, print one JSON line "
                          "{\"times_ms\": [...]} per request (lets a caller interleave its own rounds)")
@@ -49,6 +51,8 @@ def main() -> int:
     from hf_load import load_gguf
 
     tokenizer, model, load_s = load_gguf(args.gguf, args.threads)
+    if args.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
     gguf = Path(args.gguf).resolve()
 
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
