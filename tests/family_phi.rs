@@ -6,7 +6,7 @@
 //! GGUF `rope_freqs` (tiny-llama's llama3 scaling as llama.cpp's converter stores it).
 
 use crate::common::{self, max_abs_diff, read_reference, Recorder};
-use nnsight::nn::Hook;
+use crate::family_qwen::{family_interventions, finite, AttentionSizes, Scale};
 use nnsight::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -22,155 +22,15 @@ fn tiny_phi3_with_fused_projections_partial_rotary_longrope_and_window_matches_t
     crate::tiny_models::check_against_reference::<Phi3>("tiny-phi3", "model.layers", "self_attn", 2);
 }
 
-/// Multiplies `module`'s output by `factor` at every call: a write "by hand", without the intervention runtime.
-struct Scale {
-    module: &'static str,
-    factor: f64,
-}
-
-impl Hook for Scale {
-    fn input(&mut self, _: &str, x: Tensor) -> nnsight::Result<Tensor> {
-        Ok(x)
-    }
-    fn output(&mut self, module: &str, y: Tensor) -> nnsight::Result<Tensor> {
-        Ok(if module == self.module { y * self.factor } else { y })
+impl AttentionSizes for Phi3 {
+    fn attention_sizes(&self) -> (i64, i64, i64) {
+        let c = self.config();
+        (c.num_attention_heads, c.kv_heads(), c.head_dim())
     }
 }
 
-#[test]
-fn an_mlp_write_changes_the_logits_as_the_same_write_by_hand() -> nnsight::Result<()> {
-    let model = load();
-    let plain = model.forward(P1)?;
-    intervene!(model.trace(P1) {
-        model.model.layers[0].mlp.output = model.model.layers[0].mlp.output * 0.25;
-        let mlp = model.model.layers[0].mlp.output.save();
-        let logits = model.lm_head.output.save();
-    });
-    intervene!(model.trace(P1) {
-        let original = model.model.layers[0].mlp.output.save();
-    });
-    assert!(max_abs_diff(&mlp, &(&original * 0.25)) < 1e-6, "the read after the write sees the written value");
-    assert!(original.abs().max().double_value(&[]) > 1e-2, "the MLP output is not trivially zero");
-    let mut hook = Scale { module: "model.layers.0.mlp", factor: 0.25 };
-    let by_hand = model.forward_with_hook(&model.batch(P1)?, &mut hook)?;
-    assert_eq!(max_abs_diff(&logits, &by_hand), 0.0, "the write is the hook's");
-    assert!(max_abs_diff(&logits, &plain) > 1e-3, "the write changes the logits");
-    Ok(())
-}
-
-#[test]
-fn probs_saved_in_a_trace_equal_a_hooked_forwards() -> nnsight::Result<()> {
-    let model = load();
-    let plain = model.forward(P1)?;
-    intervene!(model.trace(P1) {
-        let first = model.model.layers[0].self_attn.probs.output.save();
-        let query = model.model.layers[1].self_attn.query.output.save();
-        let key = model.model.layers[1].self_attn.key.output.save();
-        let probs = model.model.layers[1].self_attn.probs.output.save();
-        let logits = model.output.save();
-    });
-    let mut rec = Recorder { points: true, ..Recorder::default() };
-    let _ = model.forward_with_hook(&model.batch(P1)?, &mut rec)?;
-    let points = [("0.self_attn.probs", &first), ("1.self_attn.query", &query), ("1.self_attn.key", &key)];
-    for (name, saved) in points.into_iter().chain([("1.self_attn.probs", &probs)]) {
-        assert_eq!(max_abs_diff(saved, &rec.outputs[&format!("model.layers.{name}")]), 0.0, "{name}");
-    }
-    assert!(max_abs_diff(&logits, &plain) < 1e-4, "reading the points keeps the fused path's logits");
-    let s = model.batch(P1)?.input_ids.size()[1];
-    assert_eq!((probs.size(), query.size(), key.size()), (vec![1, 4, s, s], vec![1, 4, s, 16], vec![1, 2, s, 16]));
-    let sums = probs.sum_dim_intlist(-1, false, Kind::Float);
-    assert!(max_abs_diff(&sums, &sums.ones_like()) < 1e-5, "rows sum to 1");
-    Ok(())
-}
-
-#[test]
-fn a_generation_with_a_write_at_every_step_equals_solo_traces() -> nnsight::Result<()> {
-    let model = load();
-    let n = 6;
-    let opts = GenerateOptions::new().max_new_tokens(n).stop_ids(vec![]);
-    intervene!(model.generate(P2, &opts) {
-        let mut steps = Vec::new();
-        for _step in all() {
-            model.model.layers[1].mlp.output = model.model.layers[1].mlp.output * 0.5;
-            steps.push(model.lm_head.output[(.., -1, ..)].save());
-        }
-        let ids = model.generated().save();
-    });
-    let row = ids.row()?;
-    let prompt = model.encode(P2)?.len();
-    assert_eq!((steps.len(), row.len()), (n, prompt + n));
-    for (k, step) in steps.iter().enumerate() {
-        let prefix = row[..prompt + k].to_vec();
-        intervene!(model.trace(prefix) {
-            model.model.layers[1].mlp.output = model.model.layers[1].mlp.output * 0.5;
-            let solo = model.lm_head.output[(.., -1, ..)].save();
-        });
-        let d = max_abs_diff(step, &solo);
-        assert!(d < 1e-4, "step {k}: cached step vs solo trace differ by {d}");
-        assert_eq!(step.argmax(-1, false).int64_value(&[0]), row[prompt + k], "step {k}'s token");
-    }
-    let unwritten = model.forward(P2)?.select(1, -1);
-    assert!(max_abs_diff(&steps[0], &unwritten) > 1e-3, "the write changes the first step's logits");
-    Ok(())
-}
-
-#[test]
-fn a_gradient_of_a_layer_output_is_finite_and_nonzero() -> nnsight::Result<()> {
-    let model = load();
-    intervene!(model.trace(P1) {
-        let h0 = model.model.layers[0].output;
-        let last = model.output[(.., -1, ..)];
-        let loss = (last.max() - last.mean()).save();
-        loss.backward();
-        let g0 = h0.grad.save();
-        let h = h0.save();
-    });
-    assert_eq!(g0.size(), h.size());
-    assert!(g0.isfinite().all().int64_value(&[]) == 1, "the gradient is finite");
-    assert!(g0.abs().max().double_value(&[]) > 1e-6, "the gradient is not zero");
-    assert!(loss.double_value(&[]) > 0.0);
-    Ok(())
-}
-
-#[test]
-fn a_scan_saves_the_shapes_a_trace_does() -> nnsight::Result<()> {
-    let model = load();
-    let entries = crate::scan::assert_scan_matches_trace(&model)?;
-    assert!(entries > 2 * 2 * 10, "{entries} entries");
-    intervene!(model.trace([P1, P2]) {
-        let qkv = model.model.layers[0].self_attn.qkv_proj.output.save();
-        let p = model.model.layers[1].self_attn.probs.output.save();
-        let z = model.model.layers[1].self_attn.head_output.output.save();
-    });
-    intervene!(model.scan([P1, P2]) {
-        let qkv_meta = model.model.layers[0].self_attn.qkv_proj.output.save();
-        let p_meta = model.model.layers[1].self_attn.probs.output.save();
-        let z_meta = model.model.layers[1].self_attn.head_output.output.save();
-    });
-    for (t, s) in [(&qkv, &qkv_meta), (&p, &p_meta), (&z, &z_meta)] {
-        assert_eq!((t.size(), t.kind()), (s.size(), s.kind()));
-        assert!(nnsight::meta::is_meta(s) && !nnsight::meta::is_meta(t));
-    }
-    Ok(())
-}
-
-#[test]
-fn an_edit_gives_the_logits_of_the_same_write_in_a_trace() -> nnsight::Result<()> {
-    let model = load();
-    let plain = model.forward(P1)?;
-    let edited = intervene!(model.edit() {
-        model.model.layers[1].self_attn.output = model.model.layers[1].self_attn.output * 0.0;
-    });
-    intervene!(model.trace(P1) {
-        model.model.layers[1].self_attn.output = model.model.layers[1].self_attn.output * 0.0;
-        let inline = model.lm_head.output.save();
-    });
-    let by_edit = edited.forward(P1)?;
-    assert!(by_edit.equal(&inline), "the edited forward is the trace's, bit for bit");
-    assert!(max_abs_diff(&by_edit, &plain) > 1e-3, "the edit changes the logits");
-    assert!(model.forward(P1)?.equal(&plain), "the model itself is untouched");
-    Ok(())
-}
+// A Phi-3 layer has 10 modules: the fused qkv_proj and gate_up_proj stand for five of Llama's.
+family_interventions!(phi3, Phi3, "tiny-phi3", 10);
 
 #[test]
 fn the_fused_projections_keep_their_names_and_feed_the_heads() -> nnsight::Result<()> {
