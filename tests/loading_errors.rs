@@ -241,3 +241,17 @@ fn bad_input_is_an_error_not_a_panic() {
     let err = model.forward(long).err().unwrap();
     assert!(err.to_string().contains("128 positions"), "{err}");
 }
+
+#[test]
+fn a_llama_config_without_attention_heads_is_a_clear_error() {
+    common::init();
+    for (heads, found) in [(0, "found 0"), (-4, "found -4")] {
+        let dir = crate::family_neox::with_config("tiny-mistral", |c| {
+            c["num_attention_heads"] = heads.into();
+            c["num_key_value_heads"] = serde_json::Value::Null;
+        });
+        let err = LanguageModel::<Llama>::load_with(dir.path(), common::opts()).err().expect("refused");
+        let msg = err.to_string();
+        assert!(msg.contains("`num_attention_heads` must be positive") && msg.contains(found), "{msg}");
+    }
+}

@@ -97,8 +97,10 @@ impl LlamaConfig {
     pub(crate) fn kv_heads(&self) -> i64 {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
+    /// `head_dim`, else `hidden_size / num_attention_heads` (0 when there are no heads: [`LlamaConfig::validate`]
+    /// then names `num_attention_heads`).
     pub(crate) fn head_dim(&self) -> i64 {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim.unwrap_or_else(|| self.hidden_size.checked_div(self.num_attention_heads).unwrap_or(0))
     }
     pub(crate) fn scaling(&self) -> Option<&RopeScaling> {
         self.rope_scaling.as_ref().or(self.rope_parameters.as_ref())
