@@ -88,6 +88,24 @@ pub(crate) fn gguf_vocab_size(f: &GgufFile) -> Result<u64> {
 }
 
 /// Copies the special token ids of a GGUF file's tokenizer metadata into a `config.json` equivalent `c`
+/// A llama.cpp tensor name as its Hugging Face name: the pair of `whole` that names it (`token_embd.weight`), else
+/// `blk.N.PART.SUFFIX` as `{layers}.N.{hf}.SUFFIX` for the pair `(PART, hf)` of `parts`; `None` for any other name.
+pub(crate) fn gguf_tensor_name_in(
+    name: &str,
+    whole: &[(&str, &str)],
+    layers: &str,
+    parts: &[(&str, &str)],
+) -> Option<String> {
+    if let Some((_, hf)) = whole.iter().find(|(gguf, _)| *gguf == name) {
+        return Some(hf.to_string());
+    }
+    let (idx, rest) = name.strip_prefix("blk.")?.split_once('.')?;
+    let idx: usize = idx.parse().ok()?;
+    let (part, suffix) = rest.rsplit_once('.')?;
+    let (_, hf) = parts.iter().find(|(gguf, _)| *gguf == part)?;
+    Some(format!("{layers}.{idx}.{hf}.{suffix}"))
+}
+
 /// (`bos_token_id`, `eos_token_id`, `pad_token_id`).
 pub(crate) fn gguf_special_token_ids(f: &GgufFile, c: &mut serde_json::Value) {
     for (gguf_key, hf) in [

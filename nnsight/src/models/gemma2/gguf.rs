@@ -11,7 +11,7 @@
 //! rotary base (`rope.freq_base_swa`, else 10000) and its global linear scaling.
 
 use crate::load::gguf::{GgufFile, MetaValue};
-use crate::models::registry::{gguf_special_token_ids, gguf_vocab_size};
+use crate::models::registry::{gguf_special_token_ids, gguf_tensor_name_in, gguf_vocab_size};
 use crate::models::GgufSupport;
 use crate::{Error, Result};
 use serde_json::{json, Value};
@@ -131,18 +131,12 @@ fn gguf_config(f: &GgufFile) -> Result<Value> {
 /// The Hugging Face name of a llama.cpp tensor name: Llama's, but for the norms around attention and MLP
 /// (`post_attention_norm`, `ffn_norm` before the MLP, `post_ffw_norm`).
 fn gguf_tensor_name(name: &str) -> Option<String> {
-    let gemma = |rest: &str| {
-        let (idx, rest) = rest.split_once('.')?;
-        let (part, suffix) = rest.rsplit_once('.')?;
-        let hf = match part {
-            "post_attention_norm" => "post_attention_layernorm",
-            "ffn_norm" => "pre_feedforward_layernorm",
-            "post_ffw_norm" => "post_feedforward_layernorm",
-            _ => return None,
-        };
-        Some(format!("model.layers.{}.{hf}.{suffix}", idx.parse::<usize>().ok()?))
-    };
-    name.strip_prefix("blk.").and_then(gemma).or_else(|| crate::models::llama::gguf_tensor_name(name))
+    let parts = [
+        ("post_attention_norm", "post_attention_layernorm"),
+        ("ffn_norm", "pre_feedforward_layernorm"),
+        ("post_ffw_norm", "post_feedforward_layernorm"),
+    ];
+    gguf_tensor_name_in(name, &[], "model.layers", &parts).or_else(|| crate::models::llama::gguf_tensor_name(name))
 }
 
 /// Norm weights were stored as `1 + w`: subtract the 1 (as transformers' GGUF reader does, for every name ending

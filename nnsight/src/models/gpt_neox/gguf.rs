@@ -3,7 +3,9 @@
 //! then all keys, then all values) put back in Hugging Face's order (each head's query, key and value in turn).
 
 use crate::load::gguf::{GgufFile, MetaValue};
-use crate::models::registry::{gguf_eps, gguf_rotary_fraction, gguf_special_token_ids, gguf_vocab_size};
+use crate::models::registry::{
+    gguf_eps, gguf_rotary_fraction, gguf_special_token_ids, gguf_tensor_name_in, gguf_vocab_size,
+};
 use crate::{Error, Result};
 use tch::Tensor;
 
@@ -49,29 +51,21 @@ pub(super) fn gguf_config(f: &GgufFile) -> Result<serde_json::Value> {
 }
 
 pub(super) fn gguf_tensor_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("gpt_neox.embed_in.weight"),
-        "output_norm.weight" => Some("gpt_neox.final_layer_norm.weight"),
-        "output_norm.bias" => Some("gpt_neox.final_layer_norm.bias"),
-        "output.weight" => Some("embed_out.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let (idx, rest) = name.strip_prefix("blk.")?.split_once('.')?;
-    let idx: usize = idx.parse().ok()?;
-    let (part, suffix) = rest.rsplit_once('.')?;
-    let hf = match part {
-        "attn_norm" => "input_layernorm",
-        "attn_qkv" => "attention.query_key_value",
-        "attn_output" => "attention.dense",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_up" => "mlp.dense_h_to_4h",
-        "ffn_down" => "mlp.dense_4h_to_h",
-        _ => return None,
-    };
-    Some(format!("gpt_neox.layers.{idx}.{hf}.{suffix}"))
+    let whole = [
+        ("token_embd.weight", "gpt_neox.embed_in.weight"),
+        ("output_norm.weight", "gpt_neox.final_layer_norm.weight"),
+        ("output_norm.bias", "gpt_neox.final_layer_norm.bias"),
+        ("output.weight", "embed_out.weight"),
+    ];
+    let parts = [
+        ("attn_norm", "input_layernorm"),
+        ("attn_qkv", "attention.query_key_value"),
+        ("attn_output", "attention.dense"),
+        ("ffn_norm", "post_attention_layernorm"),
+        ("ffn_up", "mlp.dense_h_to_4h"),
+        ("ffn_down", "mlp.dense_4h_to_h"),
+    ];
+    gguf_tensor_name_in(name, &whole, "gpt_neox.layers", &parts)
 }
 
 /// llama.cpp's converter regrouped the rows of `query_key_value` from `[heads, 3, head_dim]` to

@@ -4,7 +4,7 @@
 //! that share Llama's stack (Qwen2, Qwen3) read their files with the same functions.
 
 use crate::load::gguf::GgufFile;
-use crate::models::registry::{gguf_factors, gguf_special_token_ids, gguf_vocab_size};
+use crate::models::registry::{gguf_factors, gguf_special_token_ids, gguf_tensor_name_in, gguf_vocab_size};
 use crate::{Error, Result};
 use tch::Tensor;
 
@@ -68,36 +68,27 @@ pub(crate) fn gguf_config_for(f: &GgufFile, model_type: &str, hf_class: &str) ->
 
 /// The Hugging Face name of a llama.cpp tensor name (`blk.3.attn_q.weight`: `model.layers.3.self_attn.q_proj.weight`).
 pub(crate) fn gguf_tensor_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
+    let whole = [
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
         // Read into the configuration (`rope_scaling.freq_factors`) by `gguf_config_for`.
-        "rope_freqs.weight" => Some("model.rotary_emb.rope_freqs"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (idx, rest) = rest.split_once('.')?;
-    let idx: usize = idx.parse().ok()?;
-    let (part, suffix) = rest.rsplit_once('.')?;
-    let hf = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{idx}.{hf}.{suffix}"))
+        ("rope_freqs.weight", "model.rotary_emb.rope_freqs"),
+    ];
+    let parts = [
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("attn_q_norm", "self_attn.q_norm"),
+        ("attn_k_norm", "self_attn.k_norm"),
+        ("ffn_gate", "mlp.gate_proj"),
+        ("ffn_up", "mlp.up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+        ("attn_norm", "input_layernorm"),
+        ("ffn_norm", "post_attention_layernorm"),
+    ];
+    gguf_tensor_name_in(name, &whole, "model.layers", &parts)
 }
 
 /// llama.cpp's converter permuted the rows of q and k for its rotary layout; undo it per block of `n` heads:

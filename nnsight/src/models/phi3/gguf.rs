@@ -3,7 +3,9 @@
 //! llama.cpp's converter keeps the fused `attn_qkv` and `ffn_up` (gate and up) as Hugging Face stores them.
 
 use crate::load::gguf::GgufFile;
-use crate::models::registry::{gguf_eps, gguf_factors, gguf_rotary_fraction, gguf_special_token_ids, gguf_vocab_size};
+use crate::models::registry::{
+    gguf_eps, gguf_factors, gguf_rotary_fraction, gguf_special_token_ids, gguf_tensor_name_in, gguf_vocab_size,
+};
 use crate::{Error, Result};
 
 pub(super) fn gguf_config(f: &GgufFile) -> Result<serde_json::Value> {
@@ -77,29 +79,21 @@ pub(super) fn gguf_config(f: &GgufFile) -> Result<serde_json::Value> {
 }
 
 pub(super) fn gguf_tensor_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
+    let whole = [
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
         // Read into the configuration (`rope_scaling.long_factor` / `short_factor`) by `gguf_config`.
-        "rope_factors_long.weight" => Some("model.rotary_emb.long_factor"),
-        "rope_factors_short.weight" => Some("model.rotary_emb.short_factor"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let (idx, rest) = name.strip_prefix("blk.")?.split_once('.')?;
-    let idx: usize = idx.parse().ok()?;
-    let (part, suffix) = rest.rsplit_once('.')?;
-    let hf = match part {
-        "attn_norm" => "input_layernorm",
-        "attn_qkv" => "self_attn.qkv_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_up" => "mlp.gate_up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{idx}.{hf}.{suffix}"))
+        ("rope_factors_long.weight", "model.rotary_emb.long_factor"),
+        ("rope_factors_short.weight", "model.rotary_emb.short_factor"),
+    ];
+    let parts = [
+        ("attn_norm", "input_layernorm"),
+        ("attn_qkv", "self_attn.qkv_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("ffn_norm", "post_attention_layernorm"),
+        ("ffn_up", "mlp.gate_up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+    ];
+    gguf_tensor_name_in(name, &whole, "model.layers", &parts)
 }
