@@ -6,7 +6,9 @@
 //!   `nnsight::patching::Patching::residual`, as the README recommends (cells as invokes of a batch, the layers
 //!   before each pass's first cell run once), also without the shared prefix;
 //! - the zero-ablation of each of the 270 attention heads on the Colosseum prompt: one trace per head; and
-//!   `Patching::zero_heads`.
+//!   `Patching::zero_heads`;
+//! - both again as one trace with an invoke per cell written in loops, which the runtime batches the same way
+//!   (`nnsight::Batching`: chunks of MAX_ROWS rows, shared prefixes, the head on the last position only).
 //!
 //! With `NNSIGHT_PYTHON` naming the torch venv's python (`make bench-sweep` sets it), the same two sweeps run in
 //! Python nnsight 0.8.1 as its docs write them (`scripts/peer/nnsight_sweep.py`: one trace per cell with two invokes
@@ -66,6 +68,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (unshared_s, unshared) = sweep(false)?;
     let (shared_s, shared) = sweep(true)?;
 
+    // The grid as one trace: a clean invoke, then an invoke per cell in loops (the runtime batches them).
+    model.set_batching(Batching::default().max_rows(max_rows));
+    let start = Instant::now();
+    intervene!(model.trace() {
+        let mut clean = Vec::new();
+        invoke(CLEAN) {
+            for l in 0..layers {
+                clean.push(model.layers[l].input);
+            }
+        }
+        let mut cells = Vec::new();
+        for (l, clean) in clean.iter().enumerate() {
+            for p in 0..seq {
+                invoke(CORRUPTED) {
+                    model.layers[l].input[(.., p)] = clean.i((.., p));
+                    cells.push(model.output.i((0, -1)).save());
+                }
+            }
+        }
+    });
+    let looped_s = start.elapsed().as_secs_f64();
+    let looped = Tensor::from_slice(&cells.iter().map(&metric).collect::<Vec<_>>()).view([layers as i64, seq]);
+
     // Heads, one trace per head.
     let start = Instant::now();
     let mut per_head = Vec::new();
@@ -84,6 +109,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let zeroed = Patching::new(&model, CLEAN, CORRUPTED, metric)?.max_rows(max_rows).zero_heads()?;
     let zeroed_s = start.elapsed().as_secs_f64();
     let zeroed = zeroed.values.narrow(0, 0, layers as i64);
+    let start = Instant::now();
+    intervene!(model.trace() {
+        let mut cells = Vec::new();
+        for l in 0..layers {
+            for h in 0..heads {
+                invoke(CORRUPTED) {
+                    model.layers[l].attn.head_output.output[(.., .., h)] = 0.0;
+                    cells.push(model.output.i((0, -1)).save());
+                }
+            }
+        }
+    });
+    let looped_heads_s = start.elapsed().as_secs_f64();
+    let looped_heads = Tensor::from_slice(&cells.iter().map(&metric).collect::<Vec<_>>()).view([layers as i64, heads]);
 
     let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
     println!("\n| sweep | way | seconds | max |cell - one trace per cell| |");
@@ -94,8 +133,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         diff(&unshared, &per_cell)
     );
     println!("| patching grid | `Patching::residual` | {shared_s:.2} | {:.1e} |", diff(&shared, &per_cell));
+    println!(
+        "| patching grid | one trace, an invoke per cell in loops | {looped_s:.2} | {:.1e} |",
+        diff(&looped, &per_cell)
+    );
     println!("| head ablation | one trace per head | {per_head_s:.2} | 0 |");
     println!("| head ablation | `Patching::zero_heads` | {zeroed_s:.2} | {:.1e} |", diff(&zeroed, &per_head));
+    println!(
+        "| head ablation | one trace, an invoke per head in loops | {looped_heads_s:.2} | {:.1e} |",
+        diff(&looped_heads, &per_head)
+    );
     println!(
         "\nspeed-up over one trace per cell: grid {:.1}x (no shared prefix {:.1}x), heads {:.1}x",
         per_cell_s / shared_s,

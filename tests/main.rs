@@ -1,6 +1,7 @@
 //! Integration tests of the runtime, one crate with a module per area (linking libtorch once).
 
 mod autograd;
+mod batching;
 mod calls;
 mod common;
 mod corrupt_files;

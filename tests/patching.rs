@@ -1,8 +1,9 @@
 //! Activation-patching sweeps (`nnsight::patching`): every cell equals the same patch written as its own trace,
-//! chunked runs (which skip the layers before their first cell) equal one batch and runs without the shared prefix, positions where the prompts agree change nothing at the first layer, on several
+//! chunked runs (which skip the layers before their first cell: checked in `last_passes`) equal one batch and runs without the shared prefix, positions where the prompts agree change nothing at the first layer, on several
 //! architectures through the standard names; unequal prompts are a clear error.
 
 use crate::common::{self, max_abs_diff};
+use nnsight::exec::last_passes;
 use nnsight::patching::{Labelled, Patching};
 use nnsight::prelude::*;
 
@@ -91,8 +92,12 @@ fn check_sweeps<M: CausalLm>(dir: &str) -> nnsight::Result<()> {
     // same again with every row run through every layer.
     let chunked = Patching::new(&model, CLEAN, CORRUPTED, metric)?.max_rows(4).residual()?;
     assert!(max_abs_diff(&chunked.values, &grid.values) < 1e-5, "{dir}: chunked sweep differs");
+    let passes = last_passes();
+    assert!(passes.iter().all(|p| p.rows <= 4 && p.last_position_only), "{dir}: {passes:?}");
+    assert!(passes.iter().any(|p| p.shared_layers > 0), "{dir}: no pass shared its leading layers: {passes:?}");
     let unshared = Patching::new(&model, CLEAN, CORRUPTED, metric)?.max_rows(4).share_prefix(false).residual()?;
     assert!(max_abs_diff(&unshared.values, &grid.values) < 1e-5, "{dir}: the sweep without shared prefix differs");
+    assert!(last_passes().iter().all(|p| p.shared_layers == 0));
     // Heads, attention and MLP outputs.
     let heads: Labelled = patching.heads()?;
     let n_heads = heads.values.size()[1];

@@ -46,6 +46,7 @@ pub mod __private;
 
 pub use envoy::{Editable, Edited, NNsight};
 pub use error::{Error, Result};
+pub use exec::Batching;
 pub use generate::{GenerateOptions, GeneratedRow, Generation, OnToken, StepTokens, TextStream};
 pub use handle::{Proxy, Saved, Traceable};
 pub use language_model::{Generator, LanguageModel, LoadOptions};
@@ -65,7 +66,7 @@ pub mod prelude {
         qwen3::Qwen3, AutoModel, CausalLm,
     };
     pub use crate::{
-        intervene, Editable, Edited, GenerateOptions, Input, LanguageModel, LoadOptions, NNsight, Traceable,
+        intervene, Batching, Editable, Edited, GenerateOptions, Input, LanguageModel, LoadOptions, NNsight, Traceable,
     };
     pub use crate::{Generation, StepTokens, TextStream};
     pub use tch::{Device, IndexOp, Kind, Tensor};

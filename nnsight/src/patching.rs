@@ -14,11 +14,12 @@
 //! | [`Patching::heads`] | layer × head | one head's output before the output projection (`attn.head_output`), every position |
 //! | [`Patching::zero_heads`] | layer × head | the same, set to zero (an ablation of the corrupted prompt) |
 //!
-//! The clean activations are saved once; the cells run as invokes of one batch, at most [`Patching::max_rows`]
-//! corrupted rows per forward pass. Cells are in layer order, and the layers before a pass's first patched layer
-//! are the same for every row (the corrupted prompt, unpatched): they run once and each pass skips them with their
-//! outputs ([`Patching::share_prefix`]). Every cell equals its own trace within float noise (different batch sizes
-//! round matrix products differently).
+//! The clean activations are saved once; the cells are the invokes of one trace, which the runtime batches
+//! ([`crate::exec::batching`]): at most [`Patching::max_rows`] rows per forward pass; cells are in layer order, so
+//! the layers before a pass's first patched layer are the same for every row (the corrupted prompt, unpatched) and
+//! run once ([`Patching::share_prefix`]); and as only the last position's logits are read, the head runs on that
+//! position alone. Every cell equals its own trace within float noise (different batch sizes round matrix products
+//! differently).
 
 use crate::language_model::LanguageModel;
 use crate::models::CausalLm;
@@ -94,8 +95,8 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
     }
 
     /// Whether the layers before a pass's first patched layer run once, on the corrupted prompt alone, and are
-    /// skipped in the pass with their outputs (true by default: they are the same for every corrupted row); false
-    /// runs every row through every layer.
+    /// skipped in the pass with their outputs (true by default: they are the same for every corrupted row; see
+    /// [`crate::Batching::share_prefix`]); false runs every row through every layer.
     pub fn share_prefix(mut self, share: bool) -> Self {
         self.share_prefix = share;
         self
@@ -151,22 +152,18 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
     fn by_head(&self, heads: i64, clean: Option<&[Tensor]>) -> Result<Labelled> {
         let n_layers = self.model.standard_names().n_layers;
         let model = self.model;
-        let corrupted = self.corrupted_layer_outputs()?;
-        let cells: Vec<(usize, i64)> = (0..n_layers).flat_map(|l| (0..heads).map(move |h| (l, h))).collect();
-        let values = self.sweep(&cells, |chunk| {
-            let skipped = self.skipped_layers(chunk[0].0);
+        let values = self.sweep(|| {
             intervene!(model.trace() {
                 let mut logits = Vec::new();
-                for &(l, h) in chunk {
-                    invoke(self.corrupted.clone()) {
-                        for (j, output) in corrupted.iter().enumerate().take(skipped) {
-                            model.layers[j].skip(output.shallow_clone());
+                for l in 0..n_layers {
+                    for h in 0..heads {
+                        invoke(self.corrupted.clone()) {
+                            match clean {
+                                Some(clean) => model.layers[l].attn.head_output.output[(.., .., h)] = clean[l].i((.., .., h)),
+                                None => model.layers[l].attn.head_output.output[(.., .., h)] = 0.0,
+                            }
+                            logits.push(model.output.i((0, -1)).save());
                         }
-                        match clean {
-                            Some(clean) => model.layers[l].attn.head_output.output[(.., .., h)] = clean[l].i((.., .., h)),
-                            None => model.layers[l].attn.head_output.output[(.., .., h)] = 0.0,
-                        }
-                        logits.push(model.output.i((0, -1)).save());
                     }
                 }
             });
@@ -190,24 +187,20 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
                 });
             }
         });
-        let corrupted = self.corrupted_layer_outputs()?;
-        let cells: Vec<(usize, i64)> = (0..n_layers).flat_map(|l| (0..seq).map(move |p| (l, p))).collect();
-        let values = self.sweep(&cells, |chunk| {
-            let skipped = self.skipped_layers(chunk[0].0);
+        let values = self.sweep(|| {
             intervene!(model.trace() {
                 let mut logits = Vec::new();
-                for &(l, p) in chunk {
-                    invoke(self.corrupted.clone()) {
-                        for (j, output) in corrupted.iter().enumerate().take(skipped) {
-                            model.layers[j].skip(output.shallow_clone());
+                for (l, clean) in clean.iter().enumerate() {
+                    for p in 0..seq {
+                        invoke(self.corrupted.clone()) {
+                            let value = clean.i((.., p));
+                            match site {
+                                Site::Residual => model.layers[l].input[(.., p)] = value,
+                                Site::Attention => model.layers[l].attn.output[(.., p)] = value,
+                                Site::Mlp => model.layers[l].mlp.output[(.., p)] = value,
+                            }
+                            logits.push(model.output.i((0, -1)).save());
                         }
-                        let value = clean[l].i((.., p));
-                        match site {
-                            Site::Residual => model.layers[l].input[(.., p)] = value,
-                            Site::Attention => model.layers[l].attn.output[(.., p)] = value,
-                            Site::Mlp => model.layers[l].mlp.output[(.., p)] = value,
-                        }
-                        logits.push(model.output.i((0, -1)).save());
                     }
                 }
             });
@@ -217,37 +210,12 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
         Ok(Labelled { values, axes: vec![self.layer_axis(n_layers), self.position_axis()?] })
     }
 
-    /// Each layer's output on the corrupted prompt, unpatched: what a chunk's skipped layers give.
-    fn corrupted_layer_outputs(&self) -> Result<Vec<Tensor>> {
-        let n_layers = self.model.standard_names().n_layers;
-        let model = self.model;
-        intervene!(model.trace(self.corrupted.clone()) {
-            let mut outputs = Vec::new();
-            for l in 0..n_layers {
-                outputs.push(model.layers[l].output.save());
-            }
-        });
-        Ok(outputs)
-    }
-
-    /// How many leading layers a chunk whose first cell is at layer `first` skips: all before it when the prefix is
-    /// shared, none otherwise.
-    fn skipped_layers(&self, first: usize) -> usize {
-        if self.share_prefix {
-            first
-        } else {
-            0
-        }
-    }
-
-    /// Runs `cells` in chunks of at most `max_rows`, `run` giving each chunk's last-position logits (one per
-    /// cell, in order); returns the metric of each cell.
-    fn sweep<C>(&self, cells: &[C], run: impl Fn(&[C]) -> Result<Vec<Tensor>>) -> Result<Vec<f64>> {
-        let mut values = Vec::with_capacity(cells.len());
-        for chunk in cells.chunks(self.max_rows) {
-            values.extend(run(chunk)?.iter().map(|t| self.metric_of(t)));
-        }
-        Ok(values)
+    /// Runs `trace` (one trace, an invoke per cell, giving each cell's last-position logits) with this sweep's
+    /// batching; returns the metric of each cell.
+    fn sweep(&self, trace: impl FnOnce() -> Result<Vec<Tensor>>) -> Result<Vec<f64>> {
+        let batching = crate::Batching::default().max_rows(self.max_rows).share_prefix(self.share_prefix);
+        let logits = crate::exec::with_batching(batching, trace)?;
+        Ok(logits.iter().map(|t| self.metric_of(t)).collect())
     }
 
     fn metric_of(&self, logits: &Tensor) -> f64 {

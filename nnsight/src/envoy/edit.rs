@@ -83,6 +83,21 @@ impl<T: TraceTarget> TraceTarget for Edited<'_, T> {
     fn backend(&self) -> &dyn Backend<Self::Input> {
         self.base.backend()
     }
+    fn batching(&self) -> crate::exec::Batching {
+        self.base.batching()
+    }
+    fn layer_paths(&self) -> Option<Vec<String>> {
+        self.base.layer_paths()
+    }
+    fn distinct_rows(&self, batch: &Self::Prepared) -> Result<Option<(Self::Prepared, Vec<i64>)>> {
+        self.base.distinct_rows(batch)
+    }
+    fn head_paths(&self) -> Option<Vec<String>> {
+        self.base.head_paths()
+    }
+    fn last_position_only(&self, batch: &mut Self::Prepared) {
+        self.base.last_position_only(batch)
+    }
 }
 
 impl<T: GenerateTarget> GenerateTarget for Edited<'_, T> {

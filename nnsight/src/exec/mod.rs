@@ -1,18 +1,21 @@
 //! Execution: what runs a block's graph, below the blocks that build it and the server that receives it.
 //!
 //! - [`target`]: what a graph runs on ([`TraceTarget`], [`ScanTarget`], [`GenerateTarget`]).
+//! - [`batching`]: how a trace's invokes become forward passes (chunks of at most so many rows, shared prefixes).
 //! - [`run`]: local execution, a graph interleaved with a forward pass, a decoding loop or a meta twin.
 //! - [`edits`]: persistent edits at run time ([`EditList`], the [`EditHook`] chain).
 //! - [`backend`]: where a block runs ([`Backend`]): [`Here`], or a server's client, which implements it too.
 //! - [`job`]: a [`Job`] (what a request carries) and its local execution on a server's model ([`run_job`]).
 
 pub mod backend;
+pub mod batching;
 pub mod edits;
 pub mod job;
 pub mod run;
 pub mod target;
 
 pub use backend::{Backend, GenerateBackend, Here, LocalGenerateTarget, LocalTarget};
+pub use batching::{last_passes, with_batching, Batching, PassInfo};
 pub use edits::{EditHook, EditList, PassThrough};
 pub use job::{run_job, Job};
 pub use run::{run_generate, run_scan, run_trace, Program, Watch};

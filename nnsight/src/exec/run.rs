@@ -1,6 +1,7 @@
 //! Local execution: a graph interleaved with a target's forward pass ([`run_trace`]), its decoding loop
 //! ([`run_generate`]) or its meta twin ([`run_scan`]), the target's edits in front of the graph's own hook.
 
+use super::batching::{self, PassInfo, SkipPrefix};
 use super::edits::chained;
 use super::target::{GenerateTarget, TraceTarget};
 use crate::graph::Graph;
@@ -33,7 +34,8 @@ impl<'a> From<&'a Graph> for Program<'a> {
 pub type Watch<'a> = &'a dyn Fn() -> Result<()>;
 
 /// Runs `program` on `target` over the invokes' `inputs`: the model with `edits` (oldest first) and then the graph
-/// interleaved. `watch`, if given, is called at every hook event.
+/// interleaved. `watch`, if given, is called at every hook event. The invokes run as one forward pass, or as
+/// several of at most [`TraceTarget::batching`]'s rows, with shared prefixes (see [`super::batching`]).
 pub fn run_trace<T: TraceTarget>(
     target: &T,
     program: Program<'_>,
@@ -41,20 +43,107 @@ pub fn run_trace<T: TraceTarget>(
     edits: &[Arc<Graph>],
     watch: Option<Watch<'_>>,
 ) -> Result<Finished> {
-    let (batch, mut inter) = started(target, program, inputs)?;
-    if !inter.all_stopped() {
-        // Autograd only when the graph reads gradients; otherwise the pass records nothing for it.
-        inter.prepare_gradients()?;
-        let _no_grad = (!inter.wants_gradients()).then(tch::no_grad_guard);
-        let run = watched(&mut inter, watch, |hook| {
-            chained(edits, target.root(), false, hook, |h| target.forward_hooked(&batch, h))
-        });
-        match run {
-            Ok(()) | Err(Error::Stopped) => {}
-            Err(e) => return Err(e),
+    let settings = batching::settings(target);
+    let (batch, rows, size) = target.prepare(inputs)?;
+    let splittable = batching::splittable(program.graph);
+    let passes = match settings.max_rows {
+        Some(max) if splittable && size > max as i64 && inputs.iter().all(Option::is_some) => {
+            batching::chunks(program.graph, &rows.iter().map(|r| r.1).collect::<Vec<_>>(), max)
+        }
+        _ => std::iter::once(0..inputs.len()).collect(),
+    };
+    batching::record_start();
+    let mut inter = interleaver(target, program, rows, size)?;
+    let share = settings.share_prefix && splittable;
+    // The head on the last position only, when nothing reads the others' logits.
+    let last_only = splittable
+        && target.head_paths().is_some_and(|heads| batching::reads_last_position_only(program.graph, edits, &heads));
+    let pass = Pass { target, graph: program.graph, edits, watch, share, last_only };
+    if let [_] = passes.as_slice() {
+        let mut batch = batch;
+        if last_only {
+            target.last_position_only(&mut batch);
+        }
+        pass.run(&mut inter, &batch)?;
+    } else {
+        drop(batch);
+        for range in passes {
+            let (mut batch, rows, size) = target.prepare(&inputs[range.clone()])?;
+            if last_only {
+                target.last_position_only(&mut batch);
+            }
+            inter.begin_pass(range, &rows, size);
+            pass.run(&mut inter, &batch)?;
+            inter.end_pass()?;
         }
     }
     inter.finish_all()
+}
+
+/// One forward pass of a trace over a batch (all its invokes', or a chunk's).
+struct Pass<'a, T: TraceTarget> {
+    target: &'a T,
+    graph: &'a Graph,
+    edits: &'a [Arc<Graph>],
+    watch: Option<Watch<'a>>,
+    /// Whether leading layers may be shared by repeated rows.
+    share: bool,
+    /// Whether the head runs on the last position only.
+    last_only: bool,
+}
+
+impl<T: TraceTarget> Pass<'_, T> {
+    /// Runs the model on `batch` with `inter` (its pass begun) and the edits interleaved.
+    fn run(&self, inter: &mut Interleaver<'_>, batch: &T::Prepared) -> Result<()> {
+        if inter.all_stopped() {
+            return Ok(());
+        }
+        // Autograd only when the graph reads gradients; otherwise the pass records nothing for it.
+        inter.prepare_gradients()?;
+        let _no_grad = (!inter.wants_gradients()).then(tch::no_grad_guard);
+        let prefix = match self.share && !inter.wants_gradients() {
+            true => self.shared_prefix(inter, batch)?,
+            false => None,
+        };
+        batching::record(PassInfo {
+            invokes: inter.active(),
+            rows: inter.batch_rows(),
+            shared_layers: prefix.as_ref().map_or(0, |p| p.0.len()),
+            distinct_rows: prefix.as_ref().map_or(0, |p| p.2),
+            last_position_only: self.last_only,
+        });
+        let run = watched(inter, self.watch, |hook| {
+            chained(self.edits, self.target.root(), false, hook, |h| match &prefix {
+                Some((layers, value, _)) => {
+                    let skipped = layers.iter().map(String::as_str).collect();
+                    self.target.forward_hooked(batch, &mut SkipPrefix { inner: h, skipped, value })
+                }
+                None => self.target.forward_hooked(batch, h),
+            })
+        });
+        match run {
+            Ok(()) | Err(Error::Stopped) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The leading layers this pass skips and the output they give, when its rows repeat and nothing touches them.
+    /// (The layers, the value, how many distinct rows computed it.)
+    fn shared_prefix(
+        &self,
+        inter: &Interleaver<'_>,
+        batch: &T::Prepared,
+    ) -> Result<Option<(Vec<String>, Tensor, usize)>> {
+        let (Some(layers), Some(order)) = (self.target.layer_paths(), self.target.call_order(None)?) else {
+            return Ok(None);
+        };
+        let k = batching::untouched_layers(&order, &layers, self.graph, inter.active(), self.edits);
+        if k == 0 {
+            return Ok(None);
+        }
+        let value = batching::shared_prefix(self.target, batch, &layers[k - 1], self.watch)?;
+        Ok(value.map(|(v, n)| (layers[..k].to_vec(), v, n)))
+    }
 }
 
 /// Runs `program` over a decoding loop of `target` on the invokes' `inputs`, `edits` applied at every step; `watch`
@@ -122,12 +211,23 @@ fn started<'g, T: TraceTarget>(
     inputs: &[Option<T::Input>],
 ) -> Result<(T::Prepared, Interleaver<'g>)> {
     let (batch, rows, size) = target.prepare(inputs)?;
+    Ok((batch, interleaver(target, program, rows, size)?))
+}
+
+/// An interleaver of `program` over invokes with `rows` of a batch of `size`, that has run what comes before the
+/// forward pass.
+fn interleaver<'g, T: TraceTarget>(
+    target: &'g T,
+    program: Program<'g>,
+    rows: Vec<(i64, i64)>,
+    size: i64,
+) -> Result<Interleaver<'g>> {
     let mut inter = Interleaver::new(program.graph, rows, size, target.root())?;
     if let Some(live) = program.live {
         inter = inter.with_live(live);
     }
     inter.start()?;
-    Ok((batch, inter))
+    Ok(inter)
 }
 
 /// Runs `f` with `inner` as the hook, behind `watch` when there is one.

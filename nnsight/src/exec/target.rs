@@ -3,6 +3,7 @@
 //! and the recorder of a forward's call order.
 
 use super::backend::{Backend, GenerateBackend, Here};
+use super::batching::Batching;
 use crate::graph::{Graph, Point};
 use crate::handle::builder::CallOrder;
 use crate::handle::Traceable;
@@ -47,6 +48,38 @@ pub trait TraceTarget {
     /// ([`crate::LanguageModel::connect`]). A block's own `.remote(..)` overrides it.
     fn backend(&self) -> &dyn Backend<Self::Input> {
         &Here
+    }
+
+    /// How a trace's invokes become forward passes ([`Batching`]). By default one pass, nothing shared: a module
+    /// of one's own may mix its batch rows (a batch norm), so only a target that knows its rows are independent
+    /// (a [`crate::LanguageModel`]) splits them.
+    fn batching(&self) -> Batching {
+        Batching::default().one_pass().share_prefix(false)
+    }
+
+    /// The paths of the model's decoder layers in forward order, each taking the previous one's output and nothing
+    /// else a later layer needs, so that skipping the first `k` with the `k`-th's output is exact (what a shared
+    /// prefix needs; see [`super::batching`]). None by default: nothing is shared.
+    fn layer_paths(&self) -> Option<Vec<String>> {
+        None
+    }
+
+    /// The batch's distinct rows, and for each row of `batch` the index of its distinct row; `None` when every row
+    /// differs (nothing to share) or the target cannot tell.
+    fn distinct_rows(&self, batch: &Self::Prepared) -> Result<Option<(Self::Prepared, Vec<i64>)>> {
+        let _ = batch;
+        Ok(None)
+    }
+
+    /// The modules whose values change shape when the head runs on the last position only (a language model's
+    /// unembedding and the root, whose output is the logits); `None` (the default) when the target cannot.
+    fn head_paths(&self) -> Option<Vec<String>> {
+        None
+    }
+
+    /// Makes `batch` run the head on the last position only (see [`TraceTarget::head_paths`]).
+    fn last_position_only(&self, batch: &mut Self::Prepared) {
+        let _ = batch;
     }
 }
 
@@ -111,6 +144,21 @@ impl<T: TraceTarget> TraceTarget for &T {
     }
     fn backend(&self) -> &dyn Backend<Self::Input> {
         (**self).backend()
+    }
+    fn batching(&self) -> Batching {
+        (**self).batching()
+    }
+    fn layer_paths(&self) -> Option<Vec<String>> {
+        (**self).layer_paths()
+    }
+    fn distinct_rows(&self, batch: &Self::Prepared) -> Result<Option<(Self::Prepared, Vec<i64>)>> {
+        (**self).distinct_rows(batch)
+    }
+    fn head_paths(&self) -> Option<Vec<String>> {
+        (**self).head_paths()
+    }
+    fn last_position_only(&self, batch: &mut Self::Prepared) {
+        (**self).last_position_only(batch)
     }
 }
 

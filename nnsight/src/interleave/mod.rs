@@ -6,6 +6,7 @@
 mod eval;
 mod gradients;
 mod limits;
+mod passes;
 mod sinks;
 mod tensor_ops;
 #[cfg(test)]
@@ -99,6 +100,11 @@ pub struct Interleaver<'a> {
     value_cap: Option<u64>,
     /// The tensors of this process some constants stand for (see [`Interleaver::with_live`]).
     live: Option<&'a LiveTensors>,
+    /// The invokes whose rows are in the forward pass now: all of them, or a chunk when a trace runs in several
+    /// passes (see [`Interleaver::begin_pass`]).
+    active: std::ops::Range<usize>,
+    /// Nodes set aside so far because their invoke stopped or their step never came (see [`Finished::unreached`]).
+    unreached: HashSet<NodeId>,
 }
 
 /// A `cache()` that is recording.
@@ -177,6 +183,8 @@ impl<'a> Interleaver<'a> {
             meta: false,
             value_cap: limits::current_cap(),
             live: None,
+            active: 0..n_invokes,
+            unreached: HashSet::default(),
         })
     }
 
@@ -225,49 +233,12 @@ impl<'a> Interleaver<'a> {
         for inv in 0..self.per_invoke.len() {
             self.advance(inv, None)?;
         }
-        // Deferred nodes still waiting: the generation's ids never came (it stopped or failed).
-        let mut unreached: HashSet<NodeId> = self.deferred.iter().copied().collect();
         for inv in 0..self.per_invoke.len() {
-            if let Some(&id) = self.per_invoke[inv].get(self.cursor[inv]) {
-                let op = &self.graph.nodes[id as usize].op;
-                let rest = &self.per_invoke[inv][self.cursor[inv]..];
-                if self.stopped[inv] {
-                    // Code after `stop()` never runs, as in Python nnsight: say so, keep what was saved.
-                    eprintln!(
-                        "nnsight: warning: node {id}, {} (invoke {inv}), comes after `stop()` and was never reached",
-                        op.describe()
-                    );
-                    unreached.extend(rest.iter().copied());
-                    continue;
-                }
-                let ran = op.hook_point().and_then(|(m, p, _)| self.fired.get(&(m.to_string(), p)).copied());
-                if let (Some((m, _, call)), Some(n)) = (op.hook_point(), ran) {
-                    if call >= n {
-                        // A later step that never came (the generation ended first): as in Python nnsight, warn,
-                        // keep what was saved, skip the code after it.
-                        eprintln!(
-                            "nnsight: warning: step {call} was never reached (`{}` ran {n} time(s)); invoke {inv} skips node {id}, {}, and the code after it",
-                            display(m),
-                            op.describe()
-                        );
-                        unreached.extend(rest.iter().copied());
-                        continue;
-                    }
-                }
-                let reason = match op.hook_point() {
-                    Some((m, _, _)) if ran.is_some() => format!(
-                        "`{}` had already run when invoke {inv} reached it: it comes earlier in the forward pass than what the invoke used before",
-                        display(m)
-                    ),
-                    Some((m, _, _)) => format!("`{}` did not run", display(m)),
-                    None => "a value it needs was never computed".into(),
-                };
-                return Err(Error::NeverReached {
-                    node: format!("node {id}, {} (invoke {inv})", op.describe()),
-                    reason,
-                });
-            }
+            self.settle(inv)?;
         }
+        // Deferred nodes still waiting: the generation's ids never came (it stopped or failed).
+        let mut unreached = std::mem::take(&mut self.unreached);
+        unreached.extend(self.deferred.iter().copied());
         for c in std::mem::take(&mut self.caches) {
             self.values[c.node as usize] = Some(Value::Map(c.records));
         }
@@ -280,11 +251,11 @@ impl<'a> Interleaver<'a> {
         Ok(Finished { values: out, unreached })
     }
 
-    /// Whether every invoke has stopped (at least one by `stop()`, the others by `stop()` or by running out of
-    /// nodes): nothing more is needed from the forward pass.
+    /// Whether every invoke of the pass has stopped (at least one by `stop()`, the others by `stop()` or by
+    /// running out of nodes): nothing more is needed from the forward pass.
     pub fn all_stopped(&self) -> bool {
-        self.stopped.iter().any(|&s| s)
-            && (0..self.per_invoke.len()).all(|i| self.stopped[i] || self.cursor[i] >= self.per_invoke[i].len())
+        self.active.clone().any(|i| self.stopped[i])
+            && self.active.clone().all(|i| self.stopped[i] || self.cursor[i] >= self.per_invoke[i].len())
     }
 
     /// Runs invoke `inv`'s nodes until one waits for a hook event other than `event` (whose value is `y`).
@@ -541,7 +512,7 @@ impl Interleaver<'_> {
             let count = self.fired.entry((module.to_string(), point)).or_insert(0);
             let call = *count;
             *count += 1;
-            for inv in 0..self.per_invoke.len() {
+            for inv in self.active.clone() {
                 self.advance(inv, Some((module, point, call, &mut t)))?;
             }
         }

@@ -121,8 +121,8 @@ impl Interleaver<'_> {
             return Ok(None);
         }
         let skips = std::mem::take(&mut self.skips);
-        let n = self.per_invoke.len();
-        let missing: Vec<usize> = (0..n).filter(|i| !skips.iter().any(|s| s.0 == *i)).collect();
+        let n = self.active.len();
+        let missing: Vec<usize> = self.active.clone().filter(|i| !skips.iter().any(|s| s.0 == *i)).collect();
         if !missing.is_empty() {
             return Err(Error::Intervention {
                 message: format!(

@@ -79,6 +79,8 @@ pub struct LanguageModel<M: CausalLm = AutoModel> {
     /// The server this handle is connected to ([`LanguageModel::connect`]): its parameters are meta tensors and
     /// every block runs there.
     remote: Option<crate::remote::Remote>,
+    /// How traces batch their invokes ([`LanguageModel::set_batching`]).
+    batching: std::sync::RwLock<crate::exec::Batching>,
 }
 
 impl<M: CausalLm> LanguageModel<M> {
@@ -191,6 +193,7 @@ impl<M: CausalLm> LanguageModel<M> {
             source: source.to_path_buf(),
             edits: EditList::new(),
             remote: None,
+            batching: Default::default(),
         }
     }
 
@@ -431,6 +434,19 @@ impl<M: CausalLm> LanguageModel<M> {
     /// How many in-place edits the model applies.
     pub fn edit_count(&self) -> usize {
         self.edits.len()
+    }
+
+    /// How traces of this model batch their invokes from now on: at most so many rows a forward pass (64 by
+    /// default; more invokes run as several passes, with the results of one batch), and whether invokes on the
+    /// same input share the layers before the first one any of them touches (on by default). See
+    /// [`Batching`](crate::exec::Batching). A server uses its own model's setting.
+    pub fn set_batching(&self, batching: crate::exec::Batching) {
+        *self.batching.write().unwrap_or_else(|p| p.into_inner()) = batching;
+    }
+
+    /// How traces of this model batch their invokes (see [`LanguageModel::set_batching`]).
+    pub fn batching(&self) -> crate::exec::Batching {
+        *self.batching.read().unwrap_or_else(|p| p.into_inner())
     }
 }
 

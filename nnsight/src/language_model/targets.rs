@@ -4,8 +4,8 @@
 use super::LanguageModel;
 use crate::envoy::{CallOrder, Editable, Edited, Generated};
 use crate::exec::{
-    Backend, EditHook, EditList, GenerateBackend, GenerateTarget, Here, OrderRecorder, PassThrough, ScanTarget,
-    TraceTarget,
+    Backend, Batching, EditHook, EditList, GenerateBackend, GenerateTarget, Here, OrderRecorder, PassThrough,
+    ScanTarget, TraceTarget,
 };
 use crate::graph::Graph;
 use crate::models::batch::{Batch, Input};
@@ -83,6 +83,30 @@ impl<M: CausalLm> TraceTarget for LanguageModel<M> {
             Some(r) => r,
             None => &Here,
         }
+    }
+
+    fn batching(&self) -> Batching {
+        LanguageModel::batching(self)
+    }
+
+    /// The decoder layers of the standard names (`model.layers.0`, ...): each takes the previous one's hidden
+    /// state and the pass's masks and positions, which every row of a pass computes for itself.
+    fn layer_paths(&self) -> Option<Vec<String>> {
+        let names = self.model.standard_names();
+        Some((0..names.n_layers).map(|i| format!("{}.{i}", names.layers)).collect())
+    }
+
+    fn distinct_rows(&self, batch: &Batch) -> Result<Option<(Batch, Vec<i64>)>> {
+        batch.distinct_rows()
+    }
+
+    /// The unembedding and the root (whose output is the logits, after any final soft cap).
+    fn head_paths(&self) -> Option<Vec<String>> {
+        Some(vec![String::new(), self.model.standard_names().unembed.to_string()])
+    }
+
+    fn last_position_only(&self, batch: &mut Batch) {
+        batch.last_logits_only = true;
     }
 }
 

@@ -80,6 +80,9 @@ pub struct Batch {
     pub lengths: Vec<usize>,
     /// Whether any row is padded.
     pub padded: bool,
+    /// Whether the head runs on the last position only (logits `[batch, 1, vocab]`): set by a trace whose code
+    /// reads nothing of the logits but the last position (see [`crate::exec::batching`]).
+    pub last_logits_only: bool,
 }
 
 impl Batch {
@@ -111,7 +114,47 @@ impl Batch {
             position_ids: mk(&pos)?,
             lengths: rows.iter().map(|r| r.len()).collect(),
             padded: rows.iter().any(|r| r.len() != seq),
+            last_logits_only: false,
         })
+    }
+
+    /// The distinct rows (equal ids and length), first appearance first, and for each row the index of its
+    /// distinct row; `None` when every row differs.
+    pub fn distinct_rows(&self) -> Result<Option<(Batch, Vec<i64>)>> {
+        let b = self.lengths.len();
+        if b < 2 {
+            return Ok(None);
+        }
+        let f = |e| Error::torch("input", e);
+        let ids = self.input_ids.f_to_device(Device::Cpu).map_err(f)?.f_contiguous().map_err(f)?;
+        let flat = Vec::<i64>::try_from(ids.f_flatten(0, -1).map_err(f)?).map_err(f)?;
+        let seq = flat.len() / b;
+        let mut first: std::collections::HashMap<(&[i64], usize), i64> = std::collections::HashMap::new();
+        let (mut keep, mut index) = (Vec::new(), Vec::with_capacity(b));
+        for r in 0..b {
+            let key = (&flat[r * seq..(r + 1) * seq], self.lengths[r]);
+            let next = keep.len() as i64;
+            let k = *first.entry(key).or_insert_with(|| {
+                keep.push(r as i64);
+                next
+            });
+            index.push(k);
+        }
+        if keep.len() == b {
+            return Ok(None);
+        }
+        let rows = Tensor::from_slice(&keep).to_device(self.input_ids.device());
+        let pick = |t: &Tensor| t.f_index_select(0, &rows).map_err(f);
+        let lengths: Vec<usize> = keep.iter().map(|&r| self.lengths[r as usize]).collect();
+        let distinct = Batch {
+            input_ids: pick(&self.input_ids)?,
+            attention_mask: pick(&self.attention_mask)?,
+            position_ids: pick(&self.position_ids)?,
+            padded: lengths.iter().any(|&l| l != seq),
+            lengths,
+            last_logits_only: self.last_logits_only,
+        };
+        Ok(Some((distinct, index)))
     }
 
     /// The same batch as meta tensors (shapes only), for a scan.
@@ -123,6 +166,7 @@ impl Batch {
             position_ids: m(&self.position_ids, "position_ids")?,
             lengths: self.lengths.clone(),
             padded: self.padded,
+            last_logits_only: self.last_logits_only,
         })
     }
 }

@@ -97,6 +97,7 @@ pub trait CausalLm: Forward + crate::handle::Traceable + Send + 'static {
     /// Runs a forward pass with `cx` (whose hook, if any, sees every module call) and returns the logits.
     fn run(&self, cx: &mut Ctx<'_>, batch: &Batch) -> Result<Tensor> {
         cx.state = self.prepare(batch)?;
+        cx.state.last_logits_only = batch.last_logits_only;
         cx.call(self, &batch.input_ids)
     }
 
