@@ -1,7 +1,10 @@
 //! Generation benchmark: our plain `generate` (KV cache, greedy) against Hugging Face transformers' `generate` on
-//! the same SmolLM2 weights, in the same run, rounds interleaved (a block of ours, a block of ours with every linear
-//! layer through `at::linear` as PyTorch eager runs it, a block of theirs, ...), all on CPU with 2 threads. Both
-//! sides decode the same prompt greedily to the same number of new tokens (EOS ignored) and must agree on them.
+//! the same SmolLM2 weights, in the same run, rounds interleaved (a block of ours with the linear kernels chosen per
+//! shape (the process's mode, automatic unless `NNSIGHT_LINEAR` says otherwise), a block with every linear layer
+//! forced through oneDNN, one with every linear layer through `at::linear` as PyTorch eager runs it, a block of
+//! theirs, ...), all on CPU with 2 threads. Both sides decode the same prompt greedily to the same number of new
+//! tokens (EOS ignored) and must agree on them. The kernel each linear shape took (the prompt's forward and the
+//! one-row decoding steps) is printed under the figures.
 //!
 //! A second part times, round by round in the same order, our plain `generate` against the same generation traced
 //! in `intervene!(model.generate(..) { .. })` with no intervention, and traced with a save of every layer's
@@ -12,10 +15,12 @@
 //! `[ROUNDS_PER_BLOCK] [BLOCKS] [MAX_NEW_TOKENS]`. The peer is `scripts/peer/hf_generate.py --serve`, run with the
 //! venv's python (`NNSIGHT_PYTHON` overrides).
 
-use nnsight::nn::fast_linear;
+use nnsight::nn::fast_linear::{self, LinearMode};
 use nnsight::prelude::*;
 use std::time::Instant;
 
+#[path = "support/linear_paths.rs"]
+mod linear_paths;
 #[path = "support/peer.rs"]
 mod peer;
 #[path = "support/stats.rs"]
@@ -60,9 +65,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..2 {
         ours_ids = model.generate(PROMPT, &options)?.rows.remove(0).new_ids;
     }
-    let (mut ours, mut ours_mkl, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut ours_onednn, mut ours_mkl, mut theirs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // Our step 0 (the prompt's forward and the first token), per round.
-    let (mut prefill, mut prefill_mkl) = (Vec::new(), Vec::new());
+    let (mut prefill, mut prefill_onednn, mut prefill_mkl) = (Vec::new(), Vec::new(), Vec::new());
     let mut their_ids: Vec<i64> = Vec::new();
     // A pause before each block lets the other side's OpenMP threads stop spinning.
     let settle = std::time::Duration::from_millis(300);
@@ -82,10 +87,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(())
     };
     for _ in 0..blocks {
+        // The process's mode (automatic by default), then every linear layer through oneDNN, then through
+        // at::linear (MKL sgemm) as PyTorch eager runs it.
         time_ours(&mut ours, &mut prefill)?;
-        fast_linear::set_onednn_linear(false);
+        fast_linear::set_linear_mode(Some(LinearMode::OneDnn));
+        time_ours(&mut ours_onednn, &mut prefill_onednn)?;
+        fast_linear::set_linear_mode(Some(LinearMode::Aten));
         time_ours(&mut ours_mkl, &mut prefill_mkl)?;
-        fast_linear::set_onednn_linear(true);
+        fast_linear::set_linear_mode(None);
         let block = peer.block(per_block)?;
         theirs.extend(peer::times(&block)?);
         their_ids = block["new_ids"].as_array().ok_or("bad peer reply")?.iter().filter_map(|v| v.as_i64()).collect();
@@ -94,20 +103,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     peer.finish()?;
 
     let rounds = ours.len();
-    let (o, m, t) = (median(ours), median(ours_mkl), median(theirs));
+    let (o, d, m, t) = (median(ours), median(ours_onednn), median(ours_mkl), median(theirs));
     let tps = |ms: f64| new_tokens as f64 / ms * 1e3;
     println!(
         "SmolLM2-135M greedy generate, {PROMPT:?} ({} prompt tokens) + {new_tokens} new tokens, CPU, 2 threads, \
          {rounds} rounds each, interleaved:",
         hello["prompt_tokens"]
     );
-    println!("  nnsight-rs generate (KV cache):           median {o:8.1} ms  {:6.1} tokens/s", tps(o));
-    let p = median(prefill);
+    let split = |total: f64, step0: Vec<f64>| {
+        let p = median(step0);
+        println!(
+            "    of which step 0 (prompt forward, first token) {p:.1} ms, each later token {:.1} ms",
+            (total - p) / (new_tokens.max(2) - 1) as f64
+        );
+    };
     println!(
-        "    of which step 0 (prompt forward, first token) {p:.1} ms, each later token {:.1} ms",
-        (o - p) / (new_tokens.max(2) - 1) as f64
+        "  nnsight-rs generate (KV cache), linear kernels {:?}: median {o:8.1} ms  {:6.1} tokens/s",
+        fast_linear::process_linear_mode(),
+        tps(o)
     );
+    split(o, prefill);
+    println!("  nnsight-rs, linear layers via oneDNN:     median {d:8.1} ms  {:6.1} tokens/s", tps(d));
+    split(d, prefill_onednn);
     println!("  nnsight-rs, linear layers via at::linear: median {m:8.1} ms  {:6.1} tokens/s", tps(m));
+    split(m, prefill_mkl);
     println!(
         "  transformers {} generate (torch {}): median {t:8.1} ms  {:6.1} tokens/s",
         hello["transformers"].as_str().unwrap_or("?"),
@@ -115,11 +134,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tps(t)
     );
     println!(
-        "  tokens/s ours / transformers: {:.2}x   (with at::linear: {:.2}x)   same tokens: {}",
+        "  tokens/s ours / transformers: {:.2}x   (with oneDNN: {:.2}x, with at::linear: {:.2}x)   same tokens: {}",
         t / o,
+        t / d,
         t / m,
         ours_ids == their_ids
     );
+    linear_paths::print_choices(&format!(
+        "the prompt's forward: {} rows, each decoding step: 1 row",
+        hello["prompt_tokens"]
+    ));
     traced_part(&model, &options, per_block * blocks)?;
     if ours_ids != their_ids {
         println!("  ours {ours_ids:?}\n  theirs {their_ids:?}");

@@ -22,6 +22,7 @@ mod graph_runtime;
 mod inner_points;
 mod intervene;
 mod layers;
+mod linear_path;
 mod linking;
 mod loading_errors;
 mod parity_smollm2;

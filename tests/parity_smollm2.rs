@@ -133,35 +133,6 @@ fn every_submodule_call_goes_through_the_hook() {
     }
 }
 
-#[test]
-fn onednn_linear_agrees_with_at_linear_and_steps_aside_for_gradients() {
-    use nnsight::nn::fast_linear;
-    let model = common::smollm2();
-    if common::device() != Device::Cpu {
-        // The oneDNN path is CPU-only; the CUDA run checks at::linear through the parity tests.
-        eprintln!("skipped on {:?}: the oneDNN linear runs on the CPU only", common::device());
-        return;
-    }
-    let batch = model.batch(EIFFEL).unwrap();
-    let fast = model.forward_batch(&batch).unwrap();
-    assert!(fast_linear::onednn_linear_in_use(), "float32 CPU forwards should use oneDNN");
-    fast_linear::set_onednn_linear(false);
-    let plain = model.forward_batch(&batch).unwrap();
-    assert!(!fast_linear::onednn_linear_in_use());
-    fast_linear::set_onednn_linear(true);
-    let d = max_abs_diff(&fast, &plain);
-    eprintln!("oneDNN vs at::linear logits: max |diff| {d:.3e}");
-    assert!(d > 0.0 && d < 1e-3, "the two paths differ by float32 rounding only, found {d}");
-
-    // A linear whose input wants a gradient goes through at::linear, which has a backward.
-    let layer = &model.model().model.layers[0].mlp.up_proj;
-    let x = Tensor::randn([1, 3, 576], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-    let y = nnsight::nn::Ctx::new().call(layer, &x).unwrap();
-    y.sum(Kind::Float).backward();
-    let want = Tensor::ones([1, 3, 1536], (Kind::Float, Device::Cpu)).matmul(&layer.weight);
-    assert!(max_abs_diff(&x.grad(), &want) < 1e-4);
-}
-
 /// Gradients against torch autograd through transformers' SmolLM2 (`scripts/peer/hf_grad.py` wrote the reference):
 /// d logit(" Paris") / d (layers 5, 15, 25 outputs) and / d `model.layers.5.mlp.down_proj.weight`, and layer 5's
 /// gradient again with layer 15's doubled on its way back.

@@ -1,5 +1,9 @@
 //! Remote execution: a server started here on 127.0.0.1 runs the same blocks as a local run, with the same
 //! results (bit for bit on the CPU), refuses what it must, and keeps serving after each refusal.
+//!
+//! Bit for bit holds because the server's threads and the test's share one process, hence one choice of CPU linear
+//! kernel per shape class (`nnsight::nn::fast_linear`); the server started as another process (`command`) runs
+//! with `NNSIGHT_LINEAR=aten`, and the local side of those comparisons with its thread in the same mode.
 
 use crate::common::{self, max_abs_diff};
 use nnsight::models::AutoModel;
@@ -491,13 +495,29 @@ mod fuzz {
 mod command {
     //! The `nnsight` binary: `tree`, `generate`, and `serve` in another process, traced from this one.
     use super::*;
+    use nnsight::nn::fast_linear;
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
+    /// The binary, quiet, with every linear layer through `at::linear`: the CPU kernel is otherwise chosen by
+    /// timing in each process, and two processes that chose differently would round differently (a few ulps), so
+    /// the results compared bit for bit below are computed with `at::linear` on both sides (see [`aten_here`]).
     fn nnsight() -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_nnsight"));
-        c.env("NNSIGHT_QUIET", "1");
+        c.env("NNSIGHT_QUIET", "1").env("NNSIGHT_LINEAR", "aten").env_remove("NNSIGHT_NO_ONEDNN");
         c
+    }
+
+    /// This thread's linear layers through `at::linear`, as the child process's (undone when dropped).
+    fn aten_here() -> impl Drop {
+        struct Follow;
+        impl Drop for Follow {
+            fn drop(&mut self) {
+                fast_linear::set_linear_mode(None);
+            }
+        }
+        fast_linear::set_linear_mode(Some(fast_linear::LinearMode::Aten));
+        Follow
     }
 
     #[test]
@@ -512,6 +532,7 @@ mod command {
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let _aten = aten_here();
         let model = local();
         let expected = model.generate("Hello", &GenerateOptions::new().max_new_tokens(4)).unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), expected.rows[0].text(&model).unwrap().trim_end());
@@ -558,6 +579,7 @@ mod command {
         let result = run();
         let _ = child.kill();
         let _ = child.wait();
+        let _aten = aten_here();
         assert!(result?.equal(&local().forward("Hello world")?));
         Ok(())
     }

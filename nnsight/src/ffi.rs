@@ -1,6 +1,5 @@
 //! Bindings to `csrc/shim.cpp`: the few libtorch facilities that tch does not expose.
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 use tch::Tensor;
@@ -45,48 +44,20 @@ const UNAVAILABLE: u8 = 2;
 /// Whether this libtorch has the oneDNN operator (learned at the first call).
 static ONEDNN: AtomicU8 = AtomicU8::new(UNKNOWN);
 
-/// Off in every thread when the environment variable `NNSIGHT_NO_ONEDNN` is set.
-static ENV_OFF: OnceLock<bool> = OnceLock::new();
-
-thread_local! {
-    /// This thread's switch (`None`: follow the environment).
-    static THREAD_SWITCH: Cell<Option<bool>> = const { Cell::new(None) };
+/// Whether the oneDNN linear has run successfully in this process (`Some(true)`), is missing from this libtorch
+/// (`Some(false)`), or has not been tried yet (`None`).
+pub(crate) fn onednn_available() -> Option<bool> {
+    match ONEDNN.load(Ordering::Relaxed) {
+        AVAILABLE => Some(true),
+        UNAVAILABLE => Some(false),
+        _ => None,
+    }
 }
 
-/// Whether the oneDNN linear is on for this thread and has run successfully in this process.
-pub fn onednn_linear_in_use() -> bool {
-    ONEDNN.load(Ordering::Relaxed) == AVAILABLE && !disabled()
-}
-
-/// Turns the oneDNN linear on (the default) or off for the calling thread: off, every linear layer it runs uses
-/// `at::linear` (MKL), as PyTorch eager does. The environment variable `NNSIGHT_NO_ONEDNN` turns it off in every
-/// thread that does not say otherwise.
-pub fn set_onednn_linear(enabled: bool) {
-    THREAD_SWITCH.with(|s| s.set(Some(enabled)));
-}
-
-fn disabled() -> bool {
-    THREAD_SWITCH.with(|s| match s.get() {
-        Some(on) => !on,
-        None => *ENV_OFF.get_or_init(|| std::env::var_os("NNSIGHT_NO_ONEDNN").is_some()),
-    })
-}
-
-/// `x Wᵀ + b` through oneDNN when that is exact enough and faster (float32 on the CPU, no gradient wanted);
-/// `None` when the caller should use `at::linear` (other devices or dtypes, autograd, operator unavailable).
+/// `x Wᵀ + b` through oneDNN's matmul (`mkldnn::_linear_pointwise`). The caller checks that the operands suit it
+/// (float32 CPU tensors, no gradient wanted); `None` when the operator is missing or refused these operands.
 pub(crate) fn onednn_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Option<Tensor> {
-    // A meta tensor (a scan) reports its device as MPS through tch; it is excluded by name all the same.
-    if ONEDNN.load(Ordering::Relaxed) == UNAVAILABLE
-        || disabled()
-        || x.device() != tch::Device::Cpu
-        || is_meta(x)
-        || is_meta(w)
-        || x.kind() != tch::Kind::Float
-        || w.kind() != tch::Kind::Float
-        || x.requires_grad()
-        || w.requires_grad()
-        || b.is_some_and(|b| b.requires_grad() || b.kind() != tch::Kind::Float)
-    {
+    if ONEDNN.load(Ordering::Relaxed) == UNAVAILABLE {
         return None;
     }
     let b_ptr = b.map_or(std::ptr::null(), |b| b.as_ptr());

@@ -43,10 +43,8 @@ impl Linear {
 
 impl Forward for Linear {
     fn forward(&self, _cx: &mut Ctx<'_>, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = crate::ffi::onednn_linear(x, &self.weight, self.bias.as_ref()) {
-            return Ok(y);
-        }
-        x.f_linear(&self.weight, self.bias.as_ref()).at(&self.path)
+        // oneDNN or at::linear, whichever the thread's mode picks for this shape (see `fast_linear`).
+        super::linear_path::linear(x, &self.weight, self.bias.as_ref(), &self.path)
     }
 }
 

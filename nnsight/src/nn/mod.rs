@@ -7,19 +7,27 @@
 
 mod kv;
 mod layers;
+mod linear_path;
 mod tree;
 
 pub use kv::KvCache;
 pub use layers::{gelu_fast, gelu_new, Activation, ActivationFn, Conv1D, Embedding, LayerNorm, Linear, RmsNorm};
 pub use tree::{named_parameters, ModuleList, ModuleTree};
 
-/// The fast CPU path of [`Linear`]: float32 linear layers on the CPU run through oneDNN's matmul
-/// (`mkldnn::_linear_pointwise`, what PyTorch's compiler uses), 1.5–3× faster than eager PyTorch's MKL `sgemm`
-/// at the batch sizes of interpretability work, whenever no gradient is wanted. Results differ from `at::linear`
-/// by float32 rounding only (a few ulps). Forwards that need gradients, other devices and other dtypes use
-/// `at::linear`. The switch is per thread.
+/// The kernels of [`Linear`] on the CPU: float32 linear layers that want no gradient run through oneDNN's matmul
+/// (`mkldnn::_linear_pointwise`, what PyTorch's compiler uses) or `at::linear` (MKL's `sgemm`, as PyTorch eager),
+/// whichever was faster on this machine for the call's shape class (timed once per class and process, then fixed).
+/// Results of the two differ by float32 rounding only (a few ulps). Forwards that need gradients, other devices
+/// and other dtypes use `at::linear`. `NNSIGHT_LINEAR=auto|onednn|aten` (or `NNSIGHT_NO_ONEDNN`, which means
+/// `aten`) and [`set_process_linear_mode`](fast_linear::set_process_linear_mode) set the mode for the process,
+/// [`set_linear_mode`](fast_linear::set_linear_mode) for the calling thread; [`linear_path_for`](fast_linear::linear_path_for)
+/// and [`linear_choices`](fast_linear::linear_choices) tell which kernel a shape takes.
 pub mod fast_linear {
-    pub use crate::ffi::{onednn_linear_in_use, set_onednn_linear};
+    pub use super::linear_path::{
+        linear_choices, linear_mode, linear_path_for, linear_with, onednn_linear_in_use, process_linear_mode,
+        set_linear_mode, set_onednn_linear, set_process_linear_mode, LinearChoice, LinearKey, LinearMode, LinearPath,
+        RowsBucket,
+    };
 }
 
 use crate::Result;
