@@ -18,6 +18,7 @@
 //! | 10 | `language_model` (the facade) |
 //! | 11 | `__private` (what generated code calls) |
 //! | 12 | `patching` (experiments written with `intervene!` over the facade) |
+//! | 13 | `plot` (pictures of results: it may use every layer, nothing uses it) |
 //!
 //! A unit is a top-level module, or a sub-module listed on its own (`nn::layers`); `nn` re-exports the leaf layers
 //! (`nnsight::nn::Linear`) with a `pub use` of its own child, which is not an import of the crate's.
@@ -46,6 +47,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("language_model", 10),
     ("__private", 11),
     ("patching", 12),
+    ("plot", 13),
 ];
 
 /// Names the crate root re-exports, and the module each comes from.

@@ -27,6 +27,8 @@ mod linking;
 mod loading_errors;
 mod parity_smollm2;
 mod patching;
+#[cfg(feature = "plot")]
+mod plot;
 mod remote;
 mod scan;
 mod session;

@@ -32,6 +32,16 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// Writing a file (or making its folder) failed.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file or folder.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A file exists but its contents are not what its format requires.
     #[error("{path}: {message}")]
     Format {
@@ -294,6 +304,16 @@ pub enum Error {
     /// code only from a hook used outside a trace.
     #[error("the forward pass was stopped by `stop()`")]
     Stopped,
+
+    /// A picture (`nnsight::plot`) cannot be drawn: its data, labels or file name are not what it needs (writing
+    /// the file is [`Error::Write`]).
+    #[error("{path}: cannot draw the picture: {message}", path = path.display())]
+    Plot {
+        /// The picture's file.
+        path: PathBuf,
+        /// What was wrong, with what was expected and what was given.
+        message: String,
+    },
 
     /// A libtorch operation failed inside a module (or while loading a tensor, or in an intervention). The message
     /// is libtorch's first lines, never its C++ backtrace.

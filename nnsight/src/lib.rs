@@ -34,6 +34,8 @@ pub mod meta;
 pub mod models;
 pub mod nn;
 pub mod patching;
+#[cfg(feature = "plot")]
+pub mod plot;
 pub mod remote;
 
 mod ffi;

@@ -349,6 +349,12 @@ impl<M: CausalLm> LanguageModel<M> {
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
+    /// The tokens of `text`, each decoded on its own (as TransformerLens's `to_str_tokens`): labels for a
+    /// picture's positions. Joined, they give `text` back (for text the tokenizer does not normalize).
+    pub fn str_tokens(&self, text: &str) -> Result<Vec<String>> {
+        self.encode(text)?.iter().map(|&id| self.decode(&[id])).collect()
+    }
+
     /// The text of token ids.
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
         let ids: Vec<u32> = ids
