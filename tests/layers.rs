@@ -18,6 +18,7 @@
 //! | 10 | `language_model` (the facade) |
 //! | 11 | `__private` (what generated code calls) |
 //! | 12 | `patching` (experiments written with `intervene!` over the facade) |
+//! | 12 | `steering` (steering vectors and llama.cpp control vectors, over the facade) |
 //! | 13 | `plot` (pictures of results: it may use every layer, nothing uses it) |
 //!
 //! A unit is a top-level module, or a sub-module listed on its own (`nn::layers`); `nn` re-exports the leaf layers
@@ -47,6 +48,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("language_model", 10),
     ("__private", 11),
     ("patching", 12),
+    ("steering", 12),
     ("plot", 13),
 ];
 

@@ -33,6 +33,7 @@ mod remote;
 mod scan;
 mod session;
 mod standard_names;
+mod steering;
 mod tiny_models;
 mod training;
 mod ui;

@@ -13,7 +13,7 @@
 //! The parts: [`MetaValue`] (`metadata.rs`); the tensor table's entries and the GGML types (`types.rs`); the
 //! parser of the header, metadata and tensor table (`parse.rs`); loading a tensor (`tensors.rs`) with the
 //! dequantization kernels (`dequant.rs` for the 32-value blocks and the split over threads, `kquants.rs` for the
-//! 256-value K-quant super-blocks).
+//! 256-value K-quant super-blocks). Writing: [`GgufWriter`] (`write.rs`), metadata and float32 tensors.
 
 mod dequant;
 mod kquants;
@@ -23,6 +23,7 @@ mod tensors;
 #[cfg(test)]
 mod tests;
 mod types;
+mod write;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -34,6 +35,7 @@ use crate::error::{Error, Result};
 use metadata::short;
 pub use metadata::MetaValue;
 pub use types::{ggml_type_name, GgufTensorInfo};
+pub use write::GgufWriter;
 
 /// An open, memory-mapped GGUF file: its metadata and tensor table, with tensors loaded on demand.
 pub struct GgufFile {
