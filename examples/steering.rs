@@ -1,12 +1,12 @@
 //! A steering vector on SmolLM2, taken out of the lab as a llama.cpp control vector.
 //!
 //! From a handful of contrastive pairs (happy vs sad), `SteeringVector::contrastive` takes the difference of the
-//! mean last-token activations at the output of every decoder layer (1 to 29, llama.cpp's range). The example
-//! greedily continues two prompts without the vector and with it at two strengths (the vector added to the chosen
+//! mean last-token activations at the output of every decoder layer (1 to 29, llama.cpp's range), of which the
+//! example keeps layers 8 to 11. It greedily continues two prompts without the vector and with it at two strengths (the vector added to the chosen
 //! layers' outputs at every position and every step, as llama.cpp's `--control-vector-scaled` does), writes
 //! `target/steering/happy.gguf` (a GGUF control vector: `direction.N` for layer N, F32) and prints the llama.cpp
-//! command that applies the same vector to the same model. It reads the file back and checks that applying it
-//! gives the same continuation as the vector it was written from.
+//! command that applies the same vector to the same model. It reads the file back and checks that it holds the
+//! vector bit for bit.
 //!
 //! ```text
 //! cargo run --release --example steering
@@ -26,10 +26,11 @@ const PAIRS: &[(&str, &str)] = &[
     ("We laughed together all evening", "We wept alone all evening"),
 ];
 const PROMPTS: &[&str] = &["Today I went to the park and", "My week has been"];
-/// The layers steered: the middle of SmolLM2's 30, where the mood is written most plainly.
-const LAYERS: std::ops::Range<usize> = 6..20;
-const STRENGTHS: [f64; 2] = [0.5, 1.0];
-const NEW_TOKENS: usize = 24;
+/// The layers steered: four in the lower middle of SmolLM2's 30 (the directions are not normalized: their norms
+/// are 35-38 there, and added at four layers a strength of 0.3 already turns the mood).
+const LAYERS: std::ops::Range<usize> = 8..12;
+const STRENGTHS: [f64; 2] = [0.15, 0.3];
+const NEW_TOKENS: usize = 20;
 const OUT: &str = "target/steering/happy.gguf";
 
 fn main() -> nnsight::Result<()> {
@@ -51,30 +52,26 @@ fn main() -> nnsight::Result<()> {
     for prompt in PROMPTS {
         println!("\n{prompt:?}");
         let plain = model.generate(*prompt, &options)?;
-        println!("  {:<12} {:?}", "unsteered", plain.rows[0].new_text(&model)?);
+        println!("  {:<13} {:?}", "unsteered", plain.rows[0].new_text(&model)?);
         for strength in STRENGTHS {
             let steered = vector.edit(&model, strength)?.generate(*prompt, &options)?;
-            println!("  {:<12} {:?}", format!("strength {strength}"), steered.rows[0].new_text(&model)?);
+            println!("  {:<13} {:?}", format!("strength {strength}"), steered.rows[0].new_text(&model)?);
         }
     }
 
     vector.write_control_vector(OUT)?;
     let back = SteeringVector::read_control_vector(OUT)?;
-    let strength = STRENGTHS[1];
-    let from_file = back.edit(&model, strength)?.generate(PROMPTS[0], &options)?;
-    let from_vector = vector.edit(&model, strength)?.generate(PROMPTS[0], &options)?;
-    if from_file != from_vector {
-        return Err(nnsight::Error::InvalidInput {
-            message: "the control vector read back from the file steers differently from the vector".into(),
-        });
+    if back.layers() != vector.layers() || back.directions.iter().any(|(l, d)| !d.equal(&vector.directions[l])) {
+        return Err(nnsight::Error::InvalidInput { message: format!("{OUT} does not read back as written") });
     }
     println!(
-        "\nwrote {OUT}: {} directions (direction.{}..direction.{}), {} bytes; read back, it steers identically",
+        "\nwrote {OUT}: {} directions (direction.{} to direction.{}), {} bytes; it reads back bit for bit",
         back.directions.len(),
         LAYERS.start,
         LAYERS.end - 1,
         std::fs::metadata(OUT).map(|m| m.len()).unwrap_or(0)
     );
+    let strength = STRENGTHS[1];
     println!("the same steering in llama.cpp:");
     println!(
         "  llama-cli -m {} --control-vector-scaled {OUT} {strength} -p {:?} -n {NEW_TOKENS} --temp 0",
