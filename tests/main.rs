@@ -1,5 +1,6 @@
 //! Integration tests of the runtime, one crate with a module per area (linking libtorch once).
 
+mod attribution;
 mod autograd;
 mod batching;
 mod calls;

@@ -20,6 +20,13 @@
 //! run once ([`Patching::share_prefix`]); and as only the last position's logits are read, the head runs on that
 //! position alone. Every cell equals its own trace within float noise (different batch sizes round matrix products
 //! differently).
+//!
+//! [`Patching::attribution`] gives the same grids estimated by attribution patching (one clean forward, one
+//! forward and backward of the corrupted prompt per sweep; see [`attribution`]).
+
+mod attribution;
+
+pub use attribution::Attribution;
 
 use crate::language_model::LanguageModel;
 use crate::models::CausalLm;
@@ -73,17 +80,7 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
     /// An experiment on `model`: `clean` and `corrupted` must tokenize to the same number of tokens; `metric` maps
     /// the last position's logits (`[vocab]`, float32, on the CPU) to a number.
     pub fn new(model: &'m LanguageModel<M>, clean: &str, corrupted: &str, metric: F) -> Result<Self> {
-        let (clean_ids, corrupted_ids) = (model.encode(clean)?, model.encode(corrupted)?);
-        if clean_ids.len() != corrupted_ids.len() || clean_ids.is_empty() {
-            return Err(Error::InvalidInput {
-                message: format!(
-                    "patching: the clean and corrupted prompts must have the same number of tokens, but {clean:?} \
-                     has {} and {corrupted:?} has {}",
-                    clean_ids.len(),
-                    corrupted_ids.len()
-                ),
-            });
-        }
+        let (clean_ids, corrupted_ids) = encode_pair(model, clean, corrupted)?;
         Ok(Patching { model, clean: clean_ids, corrupted: corrupted_ids, metric, max_rows: 64, share_prefix: true })
     }
 
@@ -107,6 +104,14 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
         let clean = self.model.forward(self.clean.clone())?;
         let corrupted = self.model.forward(self.corrupted.clone())?;
         Ok((self.metric_of(&clean.i((0, -1))), self.metric_of(&corrupted.i((0, -1)))))
+    }
+
+    /// Attribution patching of this experiment's prompts: the grids of [`residual`](Self::residual),
+    /// [`attention`](Self::attention), [`mlp`](Self::mlp) and [`heads`](Self::heads), with the same axes, estimated
+    /// to first order from one backward pass each (see [`Attribution`]). `metric` is the differentiable form of
+    /// this experiment's metric: tch ops on the last position's logits (`[vocab]`) giving a single-value tensor.
+    pub fn attribution(&self, metric: impl Fn(&Tensor) -> Tensor + 'static) -> Attribution<'m, M> {
+        Attribution::from_ids(self.model, self.clean.clone(), self.corrupted.clone(), metric)
     }
 
     /// Patches the residual stream before each layer at each position: `[layer, position]`.
@@ -170,7 +175,7 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
             Ok(logits)
         })?;
         let values = Tensor::from_slice(&values).view([n_layers as i64, heads]);
-        Ok(Labelled { values, axes: vec![self.layer_axis(n_layers), number_axis("head", heads as usize)] })
+        Ok(Labelled { values, axes: vec![number_axis("layer", n_layers), number_axis("head", heads as usize)] })
     }
 
     fn by_position(&self, site: Site) -> Result<Labelled> {
@@ -207,7 +212,7 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
             Ok(logits)
         })?;
         let values = Tensor::from_slice(&values).view([n_layers as i64, seq]);
-        Ok(Labelled { values, axes: vec![self.layer_axis(n_layers), self.position_axis()?] })
+        Ok(Labelled { values, axes: vec![number_axis("layer", n_layers), position_axis(self.model, &self.clean)?] })
     }
 
     /// Runs `trace` (one trace, an invoke per cell, giving each cell's last-position logits) with this sweep's
@@ -221,21 +226,32 @@ impl<'m, M: CausalLm, F: Fn(&Tensor) -> f64> Patching<'m, M, F> {
     fn metric_of(&self, logits: &Tensor) -> f64 {
         (self.metric)(&logits.to_kind(Kind::Float).to_device(tch::Device::Cpu))
     }
+}
 
-    fn layer_axis(&self, n_layers: usize) -> Axis {
-        number_axis("layer", n_layers)
+/// The token ids of a clean and a corrupted prompt, which must have the same, non-zero, number of tokens.
+fn encode_pair<M: CausalLm>(model: &LanguageModel<M>, clean: &str, corrupted: &str) -> Result<(Vec<i64>, Vec<i64>)> {
+    let (clean_ids, corrupted_ids) = (model.encode(clean)?, model.encode(corrupted)?);
+    if clean_ids.len() != corrupted_ids.len() || clean_ids.is_empty() {
+        return Err(Error::InvalidInput {
+            message: format!(
+                "patching: the clean and corrupted prompts must have the same number of tokens, but {clean:?} \
+                 has {} and {corrupted:?} has {}",
+                clean_ids.len(),
+                corrupted_ids.len()
+            ),
+        });
     }
+    Ok((clean_ids, corrupted_ids))
+}
 
-    /// The clean prompt's tokens, each decoded on its own (with the index, so equal tokens stay apart).
-    fn position_axis(&self) -> Result<Axis> {
-        let labels = self
-            .clean
-            .iter()
-            .enumerate()
-            .map(|(i, id)| Ok(format!("{i}:{}", self.model.decode(&[*id])?)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Axis { name: "position", labels })
-    }
+/// The prompt's tokens, each decoded on its own (with the index, so equal tokens stay apart).
+fn position_axis<M: CausalLm>(model: &LanguageModel<M>, ids: &[i64]) -> Result<Axis> {
+    let labels = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Ok(format!("{i}:{}", model.decode(&[*id])?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Axis { name: "position", labels })
 }
 
 fn number_axis(name: &'static str, n: usize) -> Axis {
