@@ -28,7 +28,7 @@ const CLEAN: &str = "The Eiffel Tower is in the city of";
 const CORRUPT: &str = "The Colosseum is in the city of";
 /// The residual stream before this layer and later ones: past the embedding and the first layer's output.
 const FIRST_LINEAR_LAYER: i64 = 2;
-/// The least correlation from that layer on (0.79 observed over the whole grid; the outputs of layers track closer).
+/// The least correlation from that layer on (0.74 observed over the whole grid from layer 2; the estimate fails at layers 0-1 where the prompts differ).
 const MIN_R: f64 = 0.7;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -188,7 +188,7 @@ fn attribution_tracks_activation_patching_after_layer_0_on_smollm2() -> nnsight:
 fn a_metric_of_more_than_one_value_is_refused() -> nnsight::Result<()> {
     let model = LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), common::opts())?;
     let attribution = Attribution::new(&model, CLEAN, CORRUPTED, |l: &Tensor| l.narrow(0, 0, 2))?;
-    let msg = attribution.residual().err().expect("refused").to_string();
+    let msg = attribution.residual().expect_err("refused").to_string();
     assert!(msg.contains("single value") && msg.contains("[2]"), "{msg}");
     let msg = Attribution::new(&model, CLEAN, "Hello world", logit_metric).err().expect("refused").to_string();
     assert!(msg.contains("same number of tokens"), "{msg}");
