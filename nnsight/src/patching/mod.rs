@@ -24,7 +24,7 @@
 //! [`Patching::attribution`] gives the same grids estimated by attribution patching (one clean forward, one
 //! forward and backward of the corrupted prompt per sweep; see [`attribution`]).
 
-mod attribution;
+pub mod attribution;
 
 pub use attribution::Attribution;
 
