@@ -7,18 +7,21 @@ VENV_PYTHON := $(CACHE)/venv-torch-2.13.0/bin/python
 # Tests share two cores: two test threads, one libtorch thread each (set in tests/common.rs).
 TEST_THREADS ?= 2
 
-.PHONY: demo test setup setup-peer bench bench-trace bench-generate bench-remote bench-sweep fmt lint unit gpu-check tiny-models
+.PHONY: demo test setup setup-peer setup-redis bench bench-trace bench-generate bench-remote bench-sweep fmt lint unit gpu-check tiny-models
 
 ## make demo: load the default model, print its module tree and the top-5 next tokens of the Eiffel prompt.
 demo: setup
 	cargo run --release --example quickstart
 
 ## make test: formatting, lints (clippy, rustdoc's broken links), then every test of the workspace (unit,
-## integration, ui, doc).
-test: setup fmt lint unit
+## integration, ui, doc). The broker tests need Debian's redis-server (setup-redis installs it).
+test: setup setup-redis fmt lint unit
 
 setup:
 	@scripts/setup.sh
+
+setup-redis:
+	@scripts/setup.sh redis
 
 setup-peer:
 	@scripts/setup.sh peer

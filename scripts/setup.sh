@@ -6,6 +6,8 @@
 #   scripts/setup.sh torch      libtorch only
 #   scripts/setup.sh model      default model only
 #   scripts/setup.sh peer       also Hugging Face transformers in the same venv (benchmarks, test-data scripts)
+#   scripts/setup.sh redis      Debian's redis-server (the broker tests start one on a loopback port), with apt-get
+#                               if it is missing
 #
 # Environment: NNSIGHT_CACHE overrides the cache folder (default ~/.cache/nnsight-rs).
 # A second run finds everything in place and returns within seconds.
@@ -116,6 +118,25 @@ setup_gguf() {
         || fail "pip install $GGUF_PACKAGE into $VENV failed" "check access to PyPI, then rerun scripts/setup.sh"
 }
 
+# Debian's redis-server: tests/redis_broker.rs starts one (no persistence, a free loopback port) for the tests of
+# `nnsight serve --redis`. Installed with apt-get when missing (as root, or through sudo); never started here.
+setup_redis() {
+    command -v redis-server >/dev/null && return 0
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        command -v sudo >/dev/null || fail "redis-server is missing and this user cannot install it" \
+            "install Debian's redis-server package (apt-get install redis-server) as root, then rerun"
+        sudo="sudo"
+    fi
+    command -v apt-get >/dev/null || fail "redis-server is missing and there is no apt-get here" \
+        "install Redis 6.2 or later with this system's package manager so that redis-server is on PATH, then rerun"
+    say "installing redis-server with apt-get (the broker tests start one on a loopback port)"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server >&2 \
+        || { $sudo apt-get update >&2 && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server >&2; } \
+        || fail "apt-get install redis-server failed" "check access to the Debian mirrors, then rerun scripts/setup.sh redis"
+    command -v redis-server >/dev/null || fail "redis-server is still not on PATH after apt-get" "find where it was installed and add it to PATH"
+}
+
 sha_of() { sha256sum "$1" | cut -d' ' -f1; }
 
 setup_model() {
@@ -174,5 +195,6 @@ case "${1:-all}" in
     torch) setup_torch ;;
     model) setup_model ;;
     peer) setup_peer ;;
-    *) fail "unknown step '$1'" "use one of: all, torch, model, peer" ;;
+    redis) setup_redis ;;
+    *) fail "unknown step '$1'" "use one of: all, torch, model, peer, redis" ;;
 esac

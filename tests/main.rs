@@ -30,6 +30,7 @@ mod parity_smollm2;
 mod patching;
 #[cfg(feature = "plot")]
 mod plot;
+mod redis_broker;
 mod remote;
 mod scan;
 mod session;

@@ -271,6 +271,15 @@ pub enum Error {
         message: String,
     },
 
+    /// The job broker (Redis) of a server could not be reached or refused what the server asked.
+    #[error("the job broker at {url}: {message}")]
+    Broker {
+        /// Its URL, without a password.
+        url: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
+
     /// A persistent edit cannot hold this kind of node (it runs again in every later forward pass, keeping
     /// nothing).
     #[error("an edit cannot {what} (node {node}): {hint}")]

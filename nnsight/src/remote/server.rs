@@ -23,9 +23,11 @@
 
 mod auth;
 mod jobs;
+mod redis;
 mod routes;
 
-pub use jobs::{JobQueue, JobRecord, QueueFull, QueuedJob};
+pub use self::redis::{RedisOptions, RedisQueue, MAX_STARTS, STATE_TTL};
+pub use jobs::{JobQueue, JobRecord, JobStore, QueueFull, QueuedJob, StoreError};
 pub use routes::RESULT_TTL;
 
 use super::execute::{execute, Hosted, Limits};

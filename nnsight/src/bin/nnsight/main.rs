@@ -11,7 +11,7 @@ mod new;
 
 use clap::{Parser, Subcommand};
 use nnsight::models::AutoModel;
-use nnsight::remote::{Limits, ServeOptions, Server};
+use nnsight::remote::{Limits, RedisOptions, RedisQueue, ServeOptions, Server};
 use nnsight::{GenerateOptions, LanguageModel, TextStream};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -81,6 +81,14 @@ enum Command {
         /// Longest a job may run, in seconds.
         #[arg(long, default_value_t = 300.0)]
         max_seconds: f64,
+        /// Share jobs with every server on this Redis (`redis://HOST:PORT`): jobs queue there, any server's
+        /// workers run them, any server answers for any job. Without it, jobs queue in this process.
+        #[arg(long, value_name = "URL")]
+        redis: Option<String>,
+        /// With --redis: seconds a running job may go without its worker's heartbeat before another server takes
+        /// it over and runs it again.
+        #[arg(long, requires = "redis", default_value_t = 30.0)]
+        reclaim_after: f64,
     },
     /// Print a model's module tree (paths, types, parameter shapes).
     Tree {
@@ -140,6 +148,8 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             max_saved_mib,
             max_value_mib,
             max_seconds,
+            redis,
+            reclaim_after,
         } => {
             let keys = match keys {
                 Some(file) => ServeOptions::keys_from_file(&file)?,
@@ -153,6 +163,9 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             };
             if !(max_seconds.is_finite() && max_seconds > 0.0) {
                 return Err(format!("--max-seconds must be a positive number, not {max_seconds}").into());
+            }
+            if !(reclaim_after.is_finite() && reclaim_after > 0.0) {
+                return Err(format!("--reclaim-after must be a positive number, not {reclaim_after}").into());
             }
             let limits = Limits {
                 request_bytes: max_request_mib << 20,
@@ -193,15 +206,30 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             }
             let names: Vec<String> = loaded.iter().map(|(n, _)| n.clone()).collect();
             let key_count = keys.len();
-            let server = Server::start_pools(loaded, ServeOptions { listen, keys, limits, queue })?;
+            let options = ServeOptions { listen, keys, limits, queue };
+            let broker = redis.as_ref().map(|url| RedisOptions {
+                reclaim_after: Duration::from_secs_f64(reclaim_after),
+                ..RedisOptions::new(url.as_str())
+            });
+            let server = match broker {
+                Some(broker) => RedisQueue::serve(loaded, options, broker)?,
+                None => Server::start_pools(loaded, options)?,
+            };
             eprintln!(
-                "serving {} at {} ({})",
+                "serving {} at {} ({}{})",
                 names.join(", "),
                 server.url(),
                 if key_count == 0 {
                     "no API keys: this machine only".to_string()
                 } else {
                     format!("{key_count} API key(s)")
+                },
+                match &redis {
+                    Some(url) => format!(
+                        "; jobs shared through Redis as consumer {}",
+                        RedisOptions::new(url.as_str()).consumer_name()
+                    ),
+                    None => String::new(),
                 }
             );
             server.wait();

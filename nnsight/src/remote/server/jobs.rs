@@ -73,10 +73,39 @@ pub struct QueueFull {
 }
 
 /// Where submitted jobs wait for a worker. [`LocalQueue`](super::LocalQueue) keeps them in this process, one
-/// worker thread per model; a broker spreading jobs over many machines would implement this too.
+/// worker thread per model; [`RedisQueue`](super::RedisQueue) spreads them over many server processes.
 pub trait JobQueue: Send + Sync {
     /// The names of the models jobs can be queued for.
     fn models(&self) -> Vec<String>;
     /// Hands `job` to a worker of its model (`Err`: the queue is full).
     fn push(&self, job: QueuedJob) -> std::result::Result<(), QueueFull>;
+    /// Where jobs are submitted and their records kept when those live outside this process (a broker shared by
+    /// several servers, any of which may be asked about any job). `None` (the default): the server keeps its
+    /// jobs' records itself and hands jobs to [`JobQueue::push`].
+    fn store(&self) -> Option<&dyn JobStore> {
+        None
+    }
+}
+
+/// Jobs submitted to, and their records kept in, a store shared by several server processes. Its calls may wait
+/// on the network: the HTTP side makes them on blocking threads.
+pub trait JobStore: Send + Sync {
+    /// Queues `request` for a worker of its model; returns the job's id.
+    fn submit(&self, request: protocol::Request) -> std::result::Result<String, StoreError>;
+    /// The job's state (`None`: no such job, or it expired).
+    fn status(&self, id: &str) -> std::result::Result<Option<JobStatus>, StoreError>;
+    /// The job's events from the `from`-th on, as (name, data) (`None`: no such job). Once a job's events have
+    /// expired, a finished job's are its final status and `end`.
+    fn events(&self, id: &str, from: usize) -> std::result::Result<Option<Vec<(String, String)>>, StoreError>;
+    /// The saved values of a completed job (`None`: none stored, or dropped after [`RESULT_TTL`](super::RESULT_TTL)).
+    fn result(&self, id: &str) -> std::result::Result<Option<Vec<u8>>, StoreError>;
+}
+
+/// Why a [`JobStore`] could not answer.
+#[derive(Debug, Clone)]
+pub enum StoreError {
+    /// The model's queue is full.
+    Full(QueueFull),
+    /// The store cannot be reached (the message names it and says what to do).
+    Unavailable(String),
 }

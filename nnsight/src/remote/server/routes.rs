@@ -5,7 +5,7 @@ use super::super::execute::Limits;
 use super::super::protocol::{self, decode_request};
 use super::super::wire::{json, JobState, ModelInfo, Submitted, WireError};
 use super::auth::{self, Keys};
-use super::jobs::{JobQueue, JobRecord, QueuedJob};
+use super::jobs::{JobQueue, JobRecord, JobStore, QueuedJob, StoreError};
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -153,6 +153,12 @@ async fn submit(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
             return error(StatusCode::BAD_REQUEST, WireError::from(&e));
         }
     }
+    if state.queue.store().is_some() {
+        return match in_store(&state, move |s| s.submit(request)).await {
+            Ok(id) => json_response(StatusCode::ACCEPTED, json(&Submitted { id }).unwrap_or_default()),
+            Err(r) => *r,
+        };
+    }
     let id = format!("job-{}", state.next.fetch_add(1, Ordering::Relaxed));
     let record = Arc::new(JobRecord::new(id.clone()));
     if let Err(full) = state.queue.push(QueuedJob { record: record.clone(), request }) {
@@ -195,6 +201,12 @@ fn find(state: &AppState, id: &str) -> std::result::Result<Arc<JobRecord>, Box<R
 }
 
 async fn status(State(state): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> Response {
+    if state.queue.store().is_some() {
+        return match stored_status(&state, &id).await {
+            Ok(status) => json_response(StatusCode::OK, json(&status).unwrap_or_default()),
+            Err(r) => *r,
+        };
+    }
     match find(&state, &id) {
         Ok(job) => json_response(StatusCode::OK, json(&job.status()).unwrap_or_default()),
         Err(r) => *r,
@@ -202,14 +214,30 @@ async fn status(State(state): State<Arc<AppState>>, UrlPath(id): UrlPath<String>
 }
 
 async fn result(State(state): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> Response {
-    let job = match find(&state, &id) {
-        Ok(j) => j,
-        Err(r) => return *r,
+    let (status, bytes) = if state.queue.store().is_some() {
+        let status = match stored_status(&state, &id).await {
+            Ok(s) => s,
+            Err(r) => return *r,
+        };
+        let bytes = if status.state == JobState::Completed {
+            let key = id.clone();
+            match in_store(&state, move |s| s.result(&key)).await {
+                Ok(b) => b.map(Arc::new),
+                Err(r) => return *r,
+            }
+        } else {
+            None
+        };
+        (status, bytes)
+    } else {
+        match find(&state, &id) {
+            Ok(job) => (job.status(), job.result.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+            Err(r) => return *r,
+        }
     };
-    let status = job.status();
     match status.state {
         JobState::Completed => {
-            let Some(bytes) = job.result.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            let Some(bytes) = bytes else {
                 let message = format!("the result of job `{id}` was dropped {} s after it ended", RESULT_TTL.as_secs());
                 return error(StatusCode::GONE, WireError::Other { message });
             };
@@ -227,6 +255,9 @@ async fn result(State(state): State<Arc<AppState>>, UrlPath(id): UrlPath<String>
 
 /// Server-sent events of a job: every event so far, then each new one as it comes, until `end`.
 async fn events(State(state): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> Response {
+    if state.queue.store().is_some() {
+        return stored_events(state, id).await;
+    }
     let job = match find(&state, &id) {
         Ok(j) => j,
         Err(r) => return *r,
@@ -257,9 +288,97 @@ async fn events(State(state): State<Arc<AppState>>, UrlPath(id): UrlPath<String>
             }
         }
     });
+    event_stream(rx)
+}
+
+/// The response streaming what `rx` receives, as server-sent events.
+fn event_stream(rx: tokio::sync::mpsc::Receiver<std::result::Result<String, std::io::Error>>) -> Response {
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
     let mut r = Response::new(Body::from_stream(stream));
     r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
     r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
     r
+}
+
+// Jobs kept in a shared store (a broker: any server process answers for any job). Its calls may wait on the
+// network, so they run on tokio's blocking threads, never on the executor's.
+
+/// Runs `f` on the queue's store on a blocking thread; a store error is the response to give.
+async fn in_store<T: Send + 'static>(
+    state: &Arc<AppState>,
+    f: impl FnOnce(&dyn JobStore) -> std::result::Result<T, StoreError> + Send + 'static,
+) -> std::result::Result<T, Box<Response>> {
+    let state = state.clone();
+    let answer = tokio::task::spawn_blocking(move || state.queue.store().map(f)).await;
+    match answer {
+        Ok(Some(Ok(v))) => Ok(v),
+        Ok(Some(Err(StoreError::Full(full)))) => Err(Box::new(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            WireError::Busy { retry_after_s: full.retry_after.as_secs_f64().ceil() as u64 },
+        ))),
+        Ok(Some(Err(StoreError::Unavailable(message)))) => {
+            Err(Box::new(error(StatusCode::SERVICE_UNAVAILABLE, WireError::Other { message })))
+        }
+        Ok(None) | Err(_) => Err(Box::new(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            WireError::Other { message: "the job store failed to answer".into() },
+        ))),
+    }
+}
+
+fn no_job(id: &str) -> Box<Response> {
+    Box::new(error(StatusCode::NOT_FOUND, WireError::Other { message: format!("no job `{id}` on this server") }))
+}
+
+async fn stored_status(state: &Arc<AppState>, id: &str) -> std::result::Result<super::super::JobStatus, Box<Response>> {
+    let key = id.to_string();
+    in_store(state, move |s| s.status(&key)).await?.ok_or_else(|| no_job(id))
+}
+
+/// How often a follower of a stored job asks the store for new events.
+const STORE_POLL: Duration = Duration::from_millis(50);
+
+/// Server-sent events of a stored job, as [`events`] gives them for a job of this process: read from the store
+/// every [`STORE_POLL`].
+async fn stored_events(state: Arc<AppState>, id: String) -> Response {
+    let key = id.clone();
+    let first = match in_store(&state, move |s| s.events(&key, 0)).await {
+        Ok(Some(first)) => first,
+        Ok(None) => return *no_job(&id),
+        Err(r) => return *r,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<String, std::io::Error>>(64);
+    tokio::spawn(async move {
+        let mut batch = first;
+        let mut next = 0;
+        let mut quiet = tokio::time::Instant::now();
+        loop {
+            next += batch.len();
+            if !batch.is_empty() {
+                quiet = tokio::time::Instant::now();
+            }
+            for (name, data) in batch {
+                if tx.send(Ok(format!("event: {name}\ndata: {data}\n\n"))).await.is_err() {
+                    return; // the client went away
+                }
+                if name == "end" {
+                    return;
+                }
+            }
+            if quiet.elapsed() > Duration::from_secs(15) {
+                quiet = tokio::time::Instant::now();
+                if tx.send(Ok(": keep-alive\n\n".into())).await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(STORE_POLL).await;
+            let key = id.clone();
+            batch = match in_store(&state, move |s| s.events(&key, next)).await {
+                Ok(Some(b)) => b,
+                // Gone (expired) or the store unreachable: the stream ends without `end`, and the client asks again.
+                Ok(None) | Err(_) => return,
+            };
+        }
+    });
+    event_stream(rx)
 }

@@ -1,0 +1,345 @@
+//! The Redis broker (`nnsight serve --redis URL`): a job through Redis equals the local run bit for bit; two
+//! server processes on one Redis share its queue and both run jobs; a process killed (SIGKILL) in the middle of a
+//! job loses nothing: the job is taken over and completes on the other, and its result is stored and reported once.
+//!
+//! Each test starts its own `redis-server` (Debian's package, installed by `scripts/setup.sh redis`; a test fails,
+//! never skips, without it) on a free loopback port, with no persistence, killed when the test ends. The server
+//! processes are the `nnsight` binary with every linear layer through `at::linear` and one libtorch thread
+//! (`OMP_NUM_THREADS=1`), as this process's side of the comparisons, so results compare bit for bit.
+
+use crate::common;
+use nnsight::graph::Value;
+use nnsight::interleave::Finished;
+use nnsight::models::AutoModel;
+use nnsight::nn::fast_linear;
+use nnsight::prelude::*;
+use nnsight::remote::execute::execute;
+use nnsight::remote::protocol::Job;
+use nnsight::remote::{JobState, Limits, RedisOptions, RedisQueue, Remote, ServeOptions};
+use nnsight::Error;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+/// A `redis-server` of the test's own, killed (and waited for) when dropped, also when the test panics.
+struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        for _ in 0..5 {
+            // A port free a moment ago; if another process takes it first, redis-server exits and we try again.
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let child = match child {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                    "redis-server is not installed, and the broker tests need it: run `scripts/setup.sh redis` \
+                     (or `make setup-redis`; it installs Debian's redis-server package with apt-get)"
+                ),
+                Err(e) => panic!("cannot start redis-server: {e}"),
+            };
+            let mut server = RedisServer { child, port };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = server.child.try_wait() {
+                    break; // exited: the port was taken
+                }
+                if server.connection().is_some() {
+                    return server;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("redis-server did not start on a free loopback port");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn connection(&self) -> Option<redis::Connection> {
+        let mut c = redis::Client::open(self.url()).ok()?.get_connection().ok()?;
+        redis::cmd("PING").query::<String>(&mut c).ok()?;
+        Some(c)
+    }
+
+    /// A field of a job's record (`P:job:ID`, `P` = `nnsight`).
+    fn job_field(&self, id: &str, field: &str) -> Option<String> {
+        let mut c = self.connection()?;
+        redis::cmd("HGET").arg(format!("nnsight:job:{id}")).arg(field).query(&mut c).ok()?
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `nnsight serve --redis URL` serving tiny GPT-2 as `tiny`, as a child process killed when dropped.
+struct ServeProcess {
+    child: Child,
+    url: String,
+}
+
+impl ServeProcess {
+    fn start(redis: &RedisServer) -> ServeProcess {
+        let model = format!("{}=tiny", common::data("tiny-gpt2").to_string_lossy());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nnsight"))
+            .args(["serve", "--model", &model, "--listen", "127.0.0.1:0", "--redis", &redis.url()])
+            .args(["--reclaim-after", "2"])
+            .env("NNSIGHT_QUIET", "1")
+            .env("NNSIGHT_LINEAR", "aten")
+            .env("OMP_NUM_THREADS", "1")
+            .env_remove("NNSIGHT_NO_ONEDNN")
+            .env_remove("NNSIGHT_API_KEYS")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start `nnsight serve`");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut url = None;
+        let mut said = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap_or_default();
+            if let Some(rest) = line.strip_prefix("serving tiny at ") {
+                url = rest.split_whitespace().next().map(String::from);
+                assert!(line.contains("jobs shared through Redis"), "{line}");
+                break;
+            }
+            said.push(line);
+        }
+        // The rest of what it says is read (so it never blocks on a full pipe) and shown.
+        std::thread::spawn(move || lines.map_while(|l| l.ok()).for_each(|l| eprintln!("[nnsight serve] {l}")));
+        let url = url.unwrap_or_else(|| panic!("`nnsight serve --redis` did not start: {said:?}"));
+        ServeProcess { child, url }
+    }
+
+    /// Its consumer name ends in its process id.
+    fn runs(&self, worker: &str) -> bool {
+        worker.ends_with(&format!("-{}", self.child.id()))
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tiny() -> LanguageModel<Gpt2> {
+    LanguageModel::<Gpt2>::load_with(common::data("tiny-gpt2"), common::opts()).unwrap()
+}
+
+const PROMPT: &str = "one two three four five six seven eight nine ten";
+
+/// A slow job on tiny GPT-2 (a second or more here): `rounds` matrix products of the ~2000 hidden values' outer
+/// sum, summed, and the logits saved.
+fn slow_job(model: &LanguageModel<Gpt2>, rounds: usize) -> Job {
+    assert!(model.encode(PROMPT).unwrap().len() >= 24, "a few thousand hidden values");
+    let graph = nnsight::graph::capture_graphs(|| -> nnsight::Result<()> {
+        intervene!(model.scan(PROMPT) {
+            let h = model.transformer.h[0].output.reshape([-1]);
+            let m = (h.reshape([-1, 1]) + h.reshape([1, -1])) / 2048.0;
+            let mut acc = m.sum();
+            for _ in 0..rounds {
+                acc = acc + m.matmul(m).mean();
+            }
+            let _ = acc.save();
+            let _ = model.lm_head.output.save();
+        });
+        Ok(())
+    })
+    .1
+    .pop()
+    .expect("the scan's graph");
+    Job::Trace { graph, inputs: vec![Some(PROMPT.into())], edits: vec![] }
+}
+
+/// The job run here, with `at::linear` as the servers.
+fn local_run(model: &LanguageModel<Gpt2>, job: &Job) -> Finished {
+    fast_linear::set_linear_mode(Some(fast_linear::LinearMode::Aten));
+    let out = execute(model, job, &Limits::default(), &AtomicBool::new(false));
+    fast_linear::set_linear_mode(None);
+    out.expect("the local run")
+}
+
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Tensor(a), Value::Tensor(b)) => a.kind() == b.kind() && a.size() == b.size() && a.equal(b),
+        (Value::Scalar(a), Value::Scalar(b)) => a.to_bits() == b.to_bits(),
+        (Value::Tuple(a), Value::Tuple(b)) => a.len() == b.len() && a.iter().zip(b).all(|(a, b)| same_value(a, b)),
+        (Value::Map(a), Value::Map(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|((ka, a), (kb, b))| ka == kb && same_value(a, b))
+        }
+        _ => false,
+    }
+}
+
+/// Every saved value bit for bit equal.
+fn assert_same(got: &Finished, expected: &Finished) {
+    assert!(!expected.values.is_empty());
+    assert_eq!(got.values.len(), expected.values.len());
+    for (node, value) in &expected.values {
+        assert!(got.values.get(node).is_some_and(|g| same_value(g, value)), "node {node:?} differs");
+    }
+}
+
+/// Polls `what` every 10 ms until it holds (at most `secs`).
+fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_job_through_redis_equals_the_local_run_bit_for_bit() -> nnsight::Result<()> {
+    let redis = RedisServer::start();
+    let served = LanguageModel::<AutoModel>::load_with(common::smollm2_path(), common::opts())?;
+    let options = ServeOptions { listen: "127.0.0.1:0".parse().unwrap(), ..ServeOptions::default() };
+    let server = RedisQueue::serve(vec![("smollm2".into(), vec![served])], options, RedisOptions::new(redis.url()))?;
+    let guard = common::smollm2();
+    let model = &*guard;
+    let r = Remote::new(server.url(), "smollm2");
+    let prompt = "The Eiffel Tower is in the city of";
+    intervene!(model.trace(prompt) {
+        let h = model.model.layers[5].output.save();
+        model.model.layers[10].mlp.output = model.model.layers[10].mlp.output * 0.5;
+        let out = model.output.save();
+    });
+    let (run, lines) = nnsight::interleave::capture_logs(|| -> nnsight::Result<(Tensor, Tensor)> {
+        intervene!(model.trace(prompt).remote(&r) {
+            log!(model.model.layers[0].output.norm());
+            let rh = model.model.layers[5].output.save();
+            model.model.layers[10].mlp.output = model.model.layers[10].mlp.output * 0.5;
+            let rout = model.output.save();
+        });
+        Ok((rh, rout))
+    });
+    let (rh, rout) = run?;
+    assert!(rh.equal(&h) && rout.equal(&out), "bit-identical to the local run");
+    assert_eq!(lines.len(), 1, "the log line came through Redis once: {lines:?}");
+    Ok(())
+}
+
+/// Matrix products in the slow job: about 2 s of one core here (AMD EPYC), longer under load.
+const ROUNDS: usize = 8;
+
+#[test]
+fn two_server_processes_share_one_queue_and_both_run_jobs() -> nnsight::Result<()> {
+    let redis = RedisServer::start();
+    let (a, b) = (ServeProcess::start(&redis), ServeProcess::start(&redis));
+    let model = tiny();
+    let job = slow_job(&model, ROUNDS);
+    let (ra, rb) = (Remote::new(a.url.as_str(), "tiny"), Remote::new(b.url.as_str(), "tiny"));
+    // Two slow jobs at once: while one process runs the first, the second can only go to the other.
+    let first = ra.submit(job.clone())?;
+    let second = rb.submit(job.clone())?;
+    // Each followed through the process it was not submitted to: any process answers for any job.
+    let (one, two) = (rb.wait(&first)?, ra.wait(&second)?);
+    let expected = local_run(&model, &job);
+    assert_same(&one, &expected);
+    assert_same(&two, &expected);
+    let ran: Vec<String> = [&first, &second].iter().map(|id| redis.job_field(id, "finished_by").unwrap()).collect();
+    assert!(
+        ran.iter().any(|w| a.runs(w)) && ran.iter().any(|w| b.runs(w)),
+        "each process ran one of the jobs: {ran:?} (processes {} and {})",
+        a.child.id(),
+        b.child.id()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_server_killed_in_the_middle_of_a_job_loses_nothing() -> nnsight::Result<()> {
+    let redis = RedisServer::start();
+    let mut servers = vec![ServeProcess::start(&redis), ServeProcess::start(&redis)];
+    let model = tiny();
+    let job = slow_job(&model, ROUNDS);
+    let id = Remote::new(servers[0].url.as_str(), "tiny").submit(job.clone())?;
+    let mut worker = String::new();
+    wait_until(60, "the job runs", || match (redis.job_field(&id, "state"), redis.job_field(&id, "worker")) {
+        (Some(state), Some(w)) if state == "running" => {
+            worker = w;
+            true
+        }
+        _ => false,
+    });
+    let k = servers.iter().position(|s| s.runs(&worker)).expect("one of the two processes runs the job");
+    let mut victim = servers.remove(k);
+    let survivor = servers.pop().unwrap();
+    // The client follows the job through the survivor, from before the kill to its end.
+    let (url, followed) = (survivor.url.clone(), id.clone());
+    let follower = std::thread::spawn(move || {
+        let mut states = Vec::new();
+        let finished = Remote::new(url, "tiny").wait_with(&followed, &mut |s| states.push(s.state));
+        (finished, states)
+    });
+    victim.child.kill().expect("SIGKILL the process running the job");
+    victim.child.wait().unwrap();
+    assert_eq!(redis.job_field(&id, "state").as_deref(), Some("running"), "killed before the job ended");
+
+    let (finished, states) = follower.join().expect("the follower");
+    let finished = finished?;
+    assert_same(&finished, &local_run(&model, &job));
+    // One completion, seen once; the job ran twice (started on the killed process, then on the survivor).
+    assert_eq!(states.iter().filter(|s| s.is_final()).count(), 1, "{states:?}");
+    assert_eq!(states.last(), Some(&JobState::Completed), "{states:?}");
+    assert!(survivor.runs(&redis.job_field(&id, "finished_by").unwrap()), "the survivor finished it");
+    assert_eq!(redis.job_field(&id, "starts").as_deref(), Some("2"));
+    let mut c = redis.connection().unwrap();
+    let events: Vec<String> =
+        redis::cmd("LRANGE").arg(format!("nnsight:job:{id}:events")).arg(0).arg(-1).query(&mut c).unwrap();
+    assert_eq!(events.iter().filter(|e| e.starts_with("end\n")).count(), 1, "{events:?}");
+    // Nothing is left in the queue, nothing pending.
+    let left: u64 = redis::cmd("XLEN").arg("nnsight:queue:tiny").query(&mut c).unwrap();
+    assert_eq!(left, 0);
+    // The result is fetched again, the same.
+    assert_same(&Remote::new(survivor.url.as_str(), "tiny").fetch(&id)?, &finished);
+    Ok(())
+}
+
+#[test]
+fn an_unreachable_redis_is_a_clear_error() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let err =
+        RedisQueue::start(vec![("tiny".to_string(), vec![tiny()])], 4, Limits::default(), RedisOptions::new(&url))
+            .err()
+            .expect("no Redis there");
+    let text = err.to_string();
+    assert!(matches!(&err, Error::Broker { url: u, .. } if u == &url), "{err:?}");
+    assert!(text.contains(&format!("cannot reach Redis at {url}")) && text.contains("redis-server"), "{text}");
+    // A password in the URL is never shown.
+    let err = RedisQueue::start(
+        vec![("tiny".to_string(), vec![tiny()])],
+        4,
+        Limits::default(),
+        RedisOptions::new(format!("redis://:hunter2@127.0.0.1:{port}")),
+    )
+    .err()
+    .expect("no Redis there");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+
+    let model = format!("{}=tiny", common::data("tiny-gpt2").to_string_lossy());
+    let out = Command::new(env!("CARGO_BIN_EXE_nnsight"))
+        .args(["serve", "--model", &model, "--listen", "127.0.0.1:0", "--redis", &url])
+        .env("NNSIGHT_QUIET", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("cannot reach Redis at {url}")), "{stderr}");
+}
