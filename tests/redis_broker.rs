@@ -20,6 +20,7 @@ use nnsight::Error;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A `redis-server` of the test's own, killed (and waited for) when dropped, also when the test panics.
@@ -85,10 +86,15 @@ impl Drop for RedisServer {
     }
 }
 
-/// `nnsight serve --redis URL` serving tiny GPT-2 as `tiny`, as a child process killed when dropped.
+/// The API key of the server processes.
+const KEY: &str = "k1";
+
+/// `nnsight serve --redis URL` serving tiny GPT-2 as `tiny` with the key [`KEY`], as a child process killed when
+/// dropped; what it writes on stderr after it starts is kept (and shown).
 struct ServeProcess {
     child: Child,
     url: String,
+    said: Arc<Mutex<Vec<String>>>,
 }
 
 impl ServeProcess {
@@ -101,7 +107,7 @@ impl ServeProcess {
             .env("NNSIGHT_LINEAR", "aten")
             .env("OMP_NUM_THREADS", "1")
             .env_remove("NNSIGHT_NO_ONEDNN")
-            .env_remove("NNSIGHT_API_KEYS")
+            .env("NNSIGHT_API_KEYS", KEY)
             .stderr(Stdio::piped())
             .spawn()
             .expect("start `nnsight serve`");
@@ -117,10 +123,49 @@ impl ServeProcess {
             }
             said.push(line);
         }
-        // The rest of what it says is read (so it never blocks on a full pipe) and shown.
-        std::thread::spawn(move || lines.map_while(|l| l.ok()).for_each(|l| eprintln!("[nnsight serve] {l}")));
         let url = url.unwrap_or_else(|| panic!("`nnsight serve --redis` did not start: {said:?}"));
-        ServeProcess { child, url }
+        // The rest of what it says is read (so it never blocks on a full pipe), kept and shown.
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let keep = kept.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(|l| l.ok()) {
+                eprintln!("[nnsight serve] {line}");
+                keep.lock().unwrap().push(line);
+            }
+        });
+        ServeProcess { child, url, said: kept }
+    }
+
+    fn remote(&self) -> Remote {
+        Remote::new(self.url.as_str(), "tiny").key(KEY)
+    }
+
+    /// Its log lines about job `id`.
+    fn job_lines(&self, id: &str) -> Vec<String> {
+        let needle = format!("\"{id}\"");
+        self.said
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("nnsight::job") && l.contains(&needle))
+            .cloned()
+            .collect()
+    }
+
+    /// `GET path` with the key: the status and the body.
+    fn get(&self, path: &str) -> (u16, String) {
+        match ureq::get(&format!("{}{path}", self.url)).set("Authorization", &format!("Bearer {KEY}")).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+            Err(e) => panic!("transport: {e}"),
+        }
+    }
+
+    /// A sample of its `/metrics`.
+    fn metric(&self, line_start: &str) -> f64 {
+        let (code, text) = self.get("/metrics");
+        assert_eq!(code, 200, "{text}");
+        text.lines().find_map(|l| l.strip_prefix(line_start).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
     }
 
     /// Its consumer name ends in its process id.
@@ -242,7 +287,7 @@ fn two_server_processes_share_one_queue_and_both_run_jobs() -> nnsight::Result<(
     let (a, b) = (ServeProcess::start(&redis), ServeProcess::start(&redis));
     let model = tiny();
     let job = slow_job(&model, ROUNDS);
-    let (ra, rb) = (Remote::new(a.url.as_str(), "tiny"), Remote::new(b.url.as_str(), "tiny"));
+    let (ra, rb) = (a.remote(), b.remote());
     // Two slow jobs at once: while one process runs the first, the second can only go to the other.
     let first = ra.submit(job.clone())?;
     let second = rb.submit(job.clone())?;
@@ -258,6 +303,12 @@ fn two_server_processes_share_one_queue_and_both_run_jobs() -> nnsight::Result<(
         a.child.id(),
         b.child.id()
     );
+    // Each process counts the job its worker ran, and serves its health and the shared queue's length.
+    let completed = "nnsight_jobs_total{model=\"tiny\",outcome=\"completed\"}";
+    assert_eq!((a.metric(completed), b.metric(completed)), (1.0, 1.0));
+    assert_eq!(a.metric("nnsight_queue_length{model=\"tiny\"}"), 0.0);
+    assert_eq!(b.metric("nnsight_jobs_submitted_total{model=\"tiny\"}"), 1.0);
+    assert_eq!(a.get("/healthz"), (200, r#"{"status":"ok"}"#.to_string()));
     Ok(())
 }
 
@@ -267,7 +318,7 @@ fn a_server_killed_in_the_middle_of_a_job_loses_nothing() -> nnsight::Result<()>
     let mut servers = vec![ServeProcess::start(&redis), ServeProcess::start(&redis)];
     let model = tiny();
     let job = slow_job(&model, ROUNDS);
-    let id = Remote::new(servers[0].url.as_str(), "tiny").submit(job.clone())?;
+    let id = servers[0].remote().submit(job.clone())?;
     let mut worker = String::new();
     wait_until(60, "the job runs", || match (redis.job_field(&id, "state"), redis.job_field(&id, "worker")) {
         (Some(state), Some(w)) if state == "running" => {
@@ -280,10 +331,10 @@ fn a_server_killed_in_the_middle_of_a_job_loses_nothing() -> nnsight::Result<()>
     let mut victim = servers.remove(k);
     let survivor = servers.pop().unwrap();
     // The client follows the job through the survivor, from before the kill to its end.
-    let (url, followed) = (survivor.url.clone(), id.clone());
+    let (remote, followed) = (survivor.remote(), id.clone());
     let follower = std::thread::spawn(move || {
         let mut states = Vec::new();
-        let finished = Remote::new(url, "tiny").wait_with(&followed, &mut |s| states.push(s.state));
+        let finished = remote.wait_with(&followed, &mut |s| states.push(s.state));
         (finished, states)
     });
     victim.child.kill().expect("SIGKILL the process running the job");
@@ -306,7 +357,16 @@ fn a_server_killed_in_the_middle_of_a_job_loses_nothing() -> nnsight::Result<()>
     let left: u64 = redis::cmd("XLEN").arg("nnsight:queue:tiny").query(&mut c).unwrap();
     assert_eq!(left, 0);
     // The result is fetched again, the same.
-    assert_same(&Remote::new(survivor.url.as_str(), "tiny").fetch(&id)?, &finished);
+    assert_same(&survivor.remote().fetch(&id)?, &finished);
+    // The survivor logged the job once: its id, the model, the key's id (never the key), its outcome.
+    let lines = survivor.job_lines(&id);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let key_id = nnsight::remote::server::key_id(KEY);
+    for part in
+        ["model=\"tiny\"", &format!("key=\"{key_id}\""), "outcome=\"completed\"", "rows=1", "queue_ms=", "run_ms="]
+    {
+        assert!(lines[0].contains(part), "{part} in {}", lines[0]);
+    }
     Ok(())
 }
 

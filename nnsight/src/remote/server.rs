@@ -23,11 +23,13 @@
 
 mod auth;
 mod jobs;
+mod metrics;
 mod redis;
 mod routes;
 
 pub use self::redis::{RedisOptions, RedisQueue, MAX_STARTS, STATE_TTL};
 pub use jobs::{JobQueue, JobRecord, JobStore, QueueFull, QueuedJob, StoreError};
+pub use metrics::{key_id, JobFacts, Metrics};
 pub use routes::RESULT_TTL;
 
 use super::execute::{execute, Hosted, Limits};

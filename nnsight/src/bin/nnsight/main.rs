@@ -151,6 +151,9 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             redis,
             reclaim_after,
         } => {
+            // One line per job on stderr (target `nnsight::job`: id, model, key id, nodes, rows, queue wait, run
+            // time, outcome).
+            let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(true).try_init();
             let keys = match keys {
                 Some(file) => ServeOptions::keys_from_file(&file)?,
                 None => std::env::var("NNSIGHT_API_KEYS")

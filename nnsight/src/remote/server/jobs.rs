@@ -3,6 +3,7 @@
 
 use super::super::protocol;
 use super::super::wire::{json, JobState, JobStatus, WireError};
+use super::metrics::{log_job, JobFacts, Metrics};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +18,17 @@ pub struct JobRecord {
     pub(super) cancel: AtomicBool,
     /// When it ended (its result is kept for [`RESULT_TTL`](super::RESULT_TTL) after).
     pub(super) ended: Mutex<Option<Instant>>,
+    /// What its log line and the server's figures need.
+    observed: Mutex<Option<Observed>>,
+}
+
+/// A job as its log line and the server's figures see it.
+struct Observed {
+    facts: JobFacts,
+    metrics: Arc<Metrics>,
+    submitted: Instant,
+    started: Option<Instant>,
+    logged: bool,
 }
 
 impl JobRecord {
@@ -29,6 +41,33 @@ impl JobRecord {
             changed: tokio::sync::Notify::new(),
             cancel: AtomicBool::new(false),
             ended: Mutex::new(None),
+            observed: Mutex::new(None),
+        }
+    }
+
+    /// Counts the job in `metrics` (waiting, from now) and logs a line when it ends.
+    pub(super) fn observe(&self, facts: JobFacts, metrics: Arc<Metrics>) {
+        metrics.submitted(&facts.model, true);
+        let observed = Observed { facts, metrics, submitted: Instant::now(), started: None, logged: false };
+        *self.observed.lock().unwrap_or_else(|p| p.into_inner()) = Some(observed);
+    }
+
+    /// Notes a change of state for the figures and, at the end, writes the job's log line.
+    fn note(&self, state: JobState) {
+        let mut observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(o) = observed.as_mut() else { return };
+        let now = Instant::now();
+        if o.started.is_none() && state != JobState::Queued {
+            o.started = Some(now);
+            o.metrics.started(&o.facts.model);
+        }
+        if state.is_final() && !o.logged {
+            o.logged = true;
+            let started = o.started.unwrap_or(now);
+            let (wait, run) = (started - o.submitted, now - started);
+            let outcome = if state == JobState::Completed { "completed" } else { "error" };
+            o.metrics.ended(&o.facts.model, outcome, wait, run);
+            log_job(&self.id, &o.facts, wait, run, outcome);
         }
     }
 
@@ -40,6 +79,7 @@ impl JobRecord {
 
     pub(super) fn set_state(&self, state: JobState, error: Option<WireError>) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = (state, error.clone());
+        self.note(state);
         let data = json(&JobStatus { id: self.id.clone(), state, error }).unwrap_or_default();
         self.event("status", data);
         if state.is_final() {
@@ -85,13 +125,19 @@ pub trait JobQueue: Send + Sync {
     fn store(&self) -> Option<&dyn JobStore> {
         None
     }
+    /// Hands the queue the server's figures, for the jobs its own workers run (a broker's workers count there;
+    /// the in-process queue's jobs are counted through their records). The default does nothing.
+    fn observe(&self, _metrics: Arc<Metrics>) {}
 }
 
 /// Jobs submitted to, and their records kept in, a store shared by several server processes. Its calls may wait
 /// on the network: the HTTP side makes them on blocking threads.
 pub trait JobStore: Send + Sync {
-    /// Queues `request` for a worker of its model; returns the job's id.
-    fn submit(&self, request: protocol::Request) -> std::result::Result<String, StoreError>;
+    /// Queues `request` (sent with the key of id `key_id`, see [`key_id`](super::key_id)) for a worker of its
+    /// model; returns the job's id.
+    fn submit(&self, request: protocol::Request, key_id: &str) -> std::result::Result<String, StoreError>;
+    /// The jobs waiting for a worker, by model (this also tells whether the store answers).
+    fn queue_lengths(&self) -> std::result::Result<Vec<(String, u64)>, StoreError>;
     /// The job's state (`None`: no such job, or it expired).
     fn status(&self, id: &str) -> std::result::Result<Option<JobStatus>, StoreError>;
     /// The job's events from the `from`-th on, as (name, data) (`None`: no such job). Once a job's events have

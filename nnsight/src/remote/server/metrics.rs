@@ -104,6 +104,8 @@ impl Histogram {
 
 #[derive(Default)]
 struct Inner {
+    /// Jobs of the in-process queue accepted and not started yet, by model.
+    waiting: BTreeMap<String, u64>,
     submitted: BTreeMap<String, u64>,
     ended: BTreeMap<(String, String), u64>,
     waited: BTreeMap<String, Histogram>,
@@ -121,9 +123,41 @@ impl Metrics {
         f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// A job for `model` was accepted.
-    pub fn submitted(&self, model: &str) {
-        self.with(|m| *m.submitted.entry(model.to_string()).or_default() += 1);
+    /// Figures for `models` (each shown from the start, with zeros).
+    pub fn new(models: &[String]) -> Self {
+        let metrics = Metrics::default();
+        metrics.with(|m| {
+            for model in models {
+                m.waiting.insert(model.clone(), 0);
+                m.submitted.insert(model.clone(), 0);
+            }
+        });
+        metrics
+    }
+
+    /// A job for `model` was submitted to this process; `local`: it waits in this process's queue (counted in
+    /// the queue length until [`Metrics::started`]).
+    pub fn submitted(&self, model: &str, local: bool) {
+        self.with(|m| {
+            *m.submitted.entry(model.to_string()).or_default() += 1;
+            if local {
+                *m.waiting.entry(model.to_string()).or_default() += 1;
+            }
+        });
+    }
+
+    /// A job of this process's queue left it (it started, or failed before starting).
+    pub fn started(&self, model: &str) {
+        self.with(|m| {
+            if let Some(n) = m.waiting.get_mut(model) {
+                *n = n.saturating_sub(1);
+            }
+        });
+    }
+
+    /// A submitted job was refused (the queue was full): counted with the outcome `busy`.
+    pub fn refused(&self, model: &str) {
+        self.with(|m| *m.ended.entry((model.to_string(), "busy".to_string())).or_default() += 1);
     }
 
     /// A job for `model` ended with `outcome` (`completed`, `error`) after waiting `queue_wait` and running
@@ -136,9 +170,9 @@ impl Metrics {
         });
     }
 
-    /// The figures in Prometheus' text format, with each model's queue length (`queued`) and whether the queue's
-    /// backing store answers (`up`).
-    pub fn render(&self, queued: &[(String, u64)], up: bool) -> String {
+    /// The figures in Prometheus' text format, with each model's queue length (`queued`: a shared queue's; `None`:
+    /// this process's own) and whether the queue's store answers (`up`).
+    pub fn render(&self, queued: Option<&[(String, u64)]>, up: bool) -> String {
         let mut out = String::new();
         let head = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -146,15 +180,26 @@ impl Metrics {
         head(&mut out, "nnsight_up", "gauge", "Whether the server and its queue's store answer (1) or not (0).");
         let _ = writeln!(out, "nnsight_up {}", u8::from(up));
         head(&mut out, "nnsight_queue_length", "gauge", "Jobs waiting for a worker, by model.");
-        for (model, n) in queued {
-            let _ = writeln!(out, "nnsight_queue_length{{model=\"{model}\"}} {n}");
-        }
         self.with(|m| {
-            head(&mut out, "nnsight_jobs_submitted_total", "counter", "Jobs accepted by this process, by model.");
+            let own: Vec<(String, u64)> = m.waiting.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            for (model, n) in queued.unwrap_or(&own) {
+                let _ = writeln!(out, "nnsight_queue_length{{model=\"{model}\"}} {n}");
+            }
+            head(
+                &mut out,
+                "nnsight_jobs_submitted_total",
+                "counter",
+                "Jobs submitted to this process (refused ones too), by model.",
+            );
             for (model, n) in &m.submitted {
                 let _ = writeln!(out, "nnsight_jobs_submitted_total{{model=\"{model}\"}} {n}");
             }
-            head(&mut out, "nnsight_jobs_total", "counter", "Jobs this process's workers ended, by model and outcome.");
+            head(
+                &mut out,
+                "nnsight_jobs_total",
+                "counter",
+                "Jobs ended by this process's workers (or refused here: busy), by model and outcome.",
+            );
             for ((model, outcome), n) in &m.ended {
                 let _ = writeln!(out, "nnsight_jobs_total{{model=\"{model}\",outcome=\"{outcome}\"}} {n}");
             }
@@ -177,15 +222,18 @@ mod tests {
 
     #[test]
     fn the_text_format_has_counters_and_cumulative_buckets() {
-        let m = Metrics::default();
-        m.submitted("tiny");
+        let m = Metrics::new(&["tiny".to_string()]);
+        m.submitted("tiny", true);
+        m.submitted("tiny", true);
+        m.started("tiny");
         m.ended("tiny", "completed", Duration::from_millis(3), Duration::from_millis(40));
         m.ended("tiny", "error", Duration::from_millis(20), Duration::from_secs(2));
-        let text = m.render(&[("tiny".into(), 4)], true);
+        assert!(m.render(None, true).lines().any(|l| l == "nnsight_queue_length{model=\"tiny\"} 1"));
+        let text = m.render(Some(&[("tiny".into(), 4)]), true);
         for line in [
             "nnsight_up 1",
             "nnsight_queue_length{model=\"tiny\"} 4",
-            "nnsight_jobs_submitted_total{model=\"tiny\"} 1",
+            "nnsight_jobs_submitted_total{model=\"tiny\"} 2",
             "nnsight_jobs_total{model=\"tiny\",outcome=\"completed\"} 1",
             "nnsight_jobs_total{model=\"tiny\",outcome=\"error\"} 1",
             "nnsight_job_run_seconds_bucket{model=\"tiny\",le=\"0.05\"} 1",

@@ -23,13 +23,14 @@ use super::super::execute::{Hosted, Limits};
 use super::super::protocol;
 use super::super::wire::{json, JobState, JobStatus, WireError};
 use super::jobs::{JobQueue, JobStore, QueueFull, QueuedJob, StoreError};
+use super::metrics::Metrics;
 use super::{model_info, ServeOptions, Server};
 use crate::{Error, Result};
 use ::redis::{cmd, Client, Connection, RedisError};
 use scripts::SUBMIT;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 mod scripts;
@@ -98,6 +99,8 @@ struct Shared {
     in_flight: Mutex<Vec<(String, String, Arc<AtomicBool>)>>,
     /// Each model's mean job time in ms (for "retry after").
     mean_ms: HashMap<String, AtomicU64>,
+    /// The server's figures, where this process's workers count the jobs they end.
+    metrics: OnceLock<Arc<Metrics>>,
 }
 
 impl Shared {
@@ -244,6 +247,7 @@ impl RedisQueue {
             stop: AtomicBool::new(false),
             in_flight: Mutex::new(Vec::new()),
             mean_ms: models.iter().map(|(n, _)| (n.clone(), AtomicU64::new(1000))).collect(),
+            metrics: OnceLock::new(),
         });
         for (name, _) in &models {
             create_group(&shared, &shared.stream(name)).map_err(broker)?;
@@ -328,7 +332,7 @@ impl JobQueue for RedisQueue {
     /// Queues the job under its record's id (the HTTP side submits through [`JobQueue::store`] instead, which
     /// takes ids from Redis); a Redis failure fails the record.
     fn push(&self, job: QueuedJob) -> std::result::Result<(), QueueFull> {
-        match submit(&self.shared, &job.record.id, &job.request) {
+        match submit(&self.shared, &job.record.id, &job.request, "-") {
             Ok(()) => Ok(()),
             Err(StoreError::Full(full)) => Err(full),
             Err(StoreError::Unavailable(message)) => {
@@ -341,9 +345,13 @@ impl JobQueue for RedisQueue {
     fn store(&self) -> Option<&dyn JobStore> {
         Some(self)
     }
+
+    fn observe(&self, metrics: Arc<Metrics>) {
+        let _ = self.shared.metrics.set(metrics);
+    }
 }
 
-fn submit(shared: &Shared, id: &str, request: &protocol::Request) -> std::result::Result<(), StoreError> {
+fn submit(shared: &Shared, id: &str, request: &protocol::Request, key_id: &str) -> std::result::Result<(), StoreError> {
     let bytes = protocol::encode_request(request).map_err(|e| StoreError::Unavailable(e.to_string()))?;
     let model = &request.model;
     let queued = event("status", r#"{"state":"queued"}"#);
@@ -362,6 +370,7 @@ fn submit(shared: &Shared, id: &str, request: &protocol::Request) -> std::result
                 .arg(PENDING_TTL.as_secs())
                 .arg(shared.capacity)
                 .arg(GROUP)
+                .arg(key_id)
                 .invoke(c)
         })
         .map_err(StoreError::Unavailable)?;
@@ -375,15 +384,38 @@ fn submit(shared: &Shared, id: &str, request: &protocol::Request) -> std::result
 }
 
 impl JobStore for RedisQueue {
-    fn submit(&self, request: protocol::Request) -> std::result::Result<String, StoreError> {
+    fn submit(&self, request: protocol::Request, key_id: &str) -> std::result::Result<String, StoreError> {
         let shared = &self.shared;
         let n: u64 = shared
             .pool
             .with(|c| cmd("INCR").arg(format!("{}:ids", shared.prefix)).query(c))
             .map_err(StoreError::Unavailable)?;
         let id = format!("job-{n}");
-        submit(shared, &id, &request)?;
+        submit(shared, &id, &request, key_id)?;
         Ok(id)
+    }
+
+    fn queue_lengths(&self) -> std::result::Result<Vec<(String, u64)>, StoreError> {
+        let shared = &self.shared;
+        let mut pipe = ::redis::pipe();
+        for model in &self.models {
+            pipe.cmd("XLEN").arg(shared.stream(model)).cmd("XPENDING").arg(shared.stream(model)).arg(GROUP);
+        }
+        let answers: Vec<::redis::Value> = shared.pool.with(|c| pipe.query(c)).map_err(StoreError::Unavailable)?;
+        let int = |v: Option<&::redis::Value>| match v {
+            Some(::redis::Value::Int(n)) => *n as u64,
+            Some(::redis::Value::Array(items)) => match items.first() {
+                Some(::redis::Value::Int(n)) => *n as u64,
+                _ => 0,
+            },
+            _ => 0,
+        };
+        let mut lengths = Vec::new();
+        for (i, model) in self.models.iter().enumerate() {
+            let (len, pending) = (int(answers.get(2 * i)), int(answers.get(2 * i + 1)));
+            lengths.push((model.clone(), len.saturating_sub(pending)));
+        }
+        Ok(lengths)
     }
 
     fn status(&self, id: &str) -> std::result::Result<Option<JobStatus>, StoreError> {

@@ -6,6 +6,7 @@ use super::super::protocol::{self, decode_request};
 use super::super::wire::{json, JobState, ModelInfo, Submitted, WireError};
 use super::auth::{self, Keys};
 use super::jobs::{JobQueue, JobRecord, JobStore, QueuedJob, StoreError};
+use super::metrics::{JobFacts, Metrics};
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -27,6 +28,8 @@ struct AppState {
     /// Job ids in submission order (the oldest finished ones are forgotten past [`KEEP_JOBS`]).
     order: Mutex<std::collections::VecDeque<String>>,
     next: AtomicU64,
+    /// This process's job figures (`/metrics`).
+    metrics: Arc<Metrics>,
 }
 
 /// How many jobs the server remembers.
@@ -44,7 +47,10 @@ pub(super) fn router(
     keys: Vec<String>,
     limits: Limits,
 ) -> Router {
+    let metrics = Arc::new(Metrics::new(&queue.models()));
+    queue.observe(metrics.clone());
     let state = Arc::new(AppState {
+        metrics,
         queue,
         infos,
         limits,
@@ -59,7 +65,9 @@ pub(super) fn router(
         .route("/v1/jobs", post(submit).route_layer(key.clone()))
         .route("/v1/jobs/{id}", get(status).route_layer(key.clone()))
         .route("/v1/jobs/{id}/events", get(events).route_layer(key.clone()))
-        .route("/v1/jobs/{id}/result", get(result).route_layer(key))
+        .route("/v1/jobs/{id}/result", get(result).route_layer(key.clone()))
+        .route("/metrics", get(show_metrics).route_layer(key))
+        .route("/healthz", get(healthz))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
@@ -153,15 +161,29 @@ async fn submit(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
             return error(StatusCode::BAD_REQUEST, WireError::from(&e));
         }
     }
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let facts = JobFacts::of(&request.job, &request.model, authorization);
     if state.queue.store().is_some() {
-        return match in_store(&state, move |s| s.submit(request)).await {
-            Ok(id) => json_response(StatusCode::ACCEPTED, json(&Submitted { id }).unwrap_or_default()),
-            Err(r) => *r,
+        let (model, key_id) = (facts.model.clone(), facts.key_id.clone());
+        return match in_store(&state, move |s| s.submit(request, &key_id)).await {
+            Ok(id) => {
+                state.metrics.submitted(&model, false);
+                json_response(StatusCode::ACCEPTED, json(&Submitted { id }).unwrap_or_default())
+            }
+            Err(r) => {
+                state.metrics.submitted(&model, false);
+                state.metrics.refused(&model);
+                *r
+            }
         };
     }
     let id = format!("job-{}", state.next.fetch_add(1, Ordering::Relaxed));
     let record = Arc::new(JobRecord::new(id.clone()));
+    let model = facts.model.clone();
+    record.observe(facts, state.metrics.clone());
     if let Err(full) = state.queue.push(QueuedJob { record: record.clone(), request }) {
+        state.metrics.started(&model);
+        state.metrics.refused(&model);
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             WireError::Busy { retry_after_s: full.retry_after.as_secs_f64().ceil() as u64 },
@@ -302,6 +324,32 @@ fn event_stream(rx: tokio::sync::mpsc::Receiver<std::result::Result<String, std:
 
 // Jobs kept in a shared store (a broker: any server process answers for any job). Its calls may wait on the
 // network, so they run on tokio's blocking threads, never on the executor's.
+
+/// `GET /healthz` (no key needed): `200 {"status":"ok"}` while the server, and the store of its queue if it has
+/// one, answer; `503` with the reason otherwise.
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    if state.queue.store().is_some() {
+        if let Err(r) = in_store(&state, |s| s.queue_lengths()).await {
+            return *r;
+        }
+    }
+    json_response(StatusCode::OK, r#"{"status":"ok"}"#.into())
+}
+
+/// `GET /metrics`: this process's job figures in Prometheus' text format.
+async fn show_metrics(State(state): State<Arc<AppState>>) -> Response {
+    let shared =
+        if state.queue.store().is_some() { Some(in_store(&state, |s| s.queue_lengths()).await.ok()) } else { None };
+    let body = match &shared {
+        Some(Some(lengths)) => state.metrics.render(Some(lengths), true),
+        Some(None) => state.metrics.render(Some(&[]), false),
+        None => state.metrics.render(None, true),
+    };
+    let mut r = (StatusCode::OK, body).into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    r
+}
 
 /// Runs `f` on the queue's store on a blocking thread; a store error is the response to give.
 async fn in_store<T: Send + 'static>(

@@ -4,7 +4,7 @@ use ::redis::Script;
 use std::sync::LazyLock;
 
 /// Queues a job unless the model has `capacity` jobs waiting. KEYS: stream, job, events. ARGV: id, model,
-/// request, now, queued event, pending ttl (s), capacity, group. Returns the jobs waiting before it, or -1-N when
+/// request, now, queued event, pending ttl (s), capacity, group, key id. Returns the jobs waiting before it, or -1-N when
 /// full with N waiting.
 pub(super) static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -15,11 +15,11 @@ local p = redis.pcall('XPENDING', KEYS[1], ARGV[8])
 if type(p) == 'table' and p.err == nil then pending = p[1] end
 local waiting = len - pending
 if waiting >= tonumber(ARGV[7]) then return -1 - waiting end
-redis.call('HSET', KEYS[2], 'state', 'queued', 'model', ARGV[2], 'submitted', ARGV[4], 'starts', 0)
+redis.call('HSET', KEYS[2], 'state', 'queued', 'model', ARGV[2], 'submitted', ARGV[4], 'starts', 0, 'key', ARGV[9])
 redis.call('RPUSH', KEYS[3], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('EXPIRE', KEYS[3], ARGV[6])
-redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'request', ARGV[3])
+redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'request', ARGV[3], 'key', ARGV[9])
 return waiting
 "#,
     )

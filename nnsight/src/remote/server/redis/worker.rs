@@ -8,6 +8,7 @@ use super::{
 use crate::graph::TensorData;
 use crate::remote::execute::{execute, Hosted};
 use crate::remote::protocol;
+use crate::remote::server::metrics::{log_job, JobFacts};
 use crate::remote::server::RESULT_TTL;
 use crate::remote::wire::{json, JobState, SentValue, WireError};
 use ::redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
@@ -152,13 +153,38 @@ fn run_entry<H: Hosted>(shared: &Arc<Shared>, model: &H, name: &str, stream: &st
         lost.clone(),
     ));
     let begun = std::time::Instant::now();
-    let outcome = run_captured(shared, model, &id, &bytes, &lost);
+    // Waited since it was queued (the entry id is the time it was added, in ms).
+    let queued_ms = entry.id.split('-').next().and_then(|ms| ms.parse::<u64>().ok()).unwrap_or_else(now_ms);
+    let waited = Duration::from_millis(now_ms().saturating_sub(queued_ms));
+    let request = protocol::decode_request(&bytes);
+    let mut facts = match &request {
+        Ok(r) => JobFacts::of(&r.job, name, None),
+        Err(_) => JobFacts { model: name.to_string(), ..JobFacts::default() },
+    };
+    facts.key_id = field(&entry, "key").map(|k| String::from_utf8_lossy(&k).into_owned()).unwrap_or_else(|| "-".into());
+    let outcome = match request {
+        Ok(request) => run_captured(shared, model, &id, &request, &lost),
+        Err(e) => Err(WireError::from(&e)),
+    };
+    let ran = begun.elapsed();
     shared.in_flight.lock().unwrap_or_else(|p| p.into_inner()).retain(|(_, e, _)| e != &entry.id);
     if let Some(mean) = shared.mean_ms.get(name) {
         let ms = begun.elapsed().as_millis() as u64;
         mean.store((mean.load(Ordering::Relaxed) * 7 + ms) / 8, Ordering::Relaxed);
     }
-    if lost.load(Ordering::Relaxed) {
+    let taken_over = lost.load(Ordering::Relaxed);
+    let what = if taken_over {
+        "taken_over"
+    } else if outcome.is_ok() {
+        "completed"
+    } else {
+        "error"
+    };
+    if let Some(metrics) = shared.metrics.get() {
+        metrics.ended(name, what, waited, ran);
+    }
+    log_job(&id, &facts, waited, ran, what);
+    if taken_over {
         // Another process took the job over (this one was thought dead): its run is the one that counts.
         return;
     }
@@ -171,10 +197,9 @@ fn run_captured<H: Hosted>(
     shared: &Arc<Shared>,
     model: &H,
     id: &str,
-    bytes: &[u8],
+    request: &protocol::Request,
     cancel: &AtomicBool,
 ) -> std::result::Result<Vec<u8>, WireError> {
-    let request = protocol::decode_request(bytes).map_err(|e| WireError::from(&e))?;
     let push = |shared: Arc<Shared>, id: String| {
         move |data: String| {
             let key = shared.events(&id);
