@@ -11,6 +11,8 @@
 //! | `GET /v1/jobs/ID` | the job's state ([`JobStatus`](super::JobStatus)) |
 //! | `GET /v1/jobs/ID/events` | server-sent events: `status`, `log` (a `log!` line), `value` (a `send!`), `end` |
 //! | `GET /v1/jobs/ID/result` | the saved values (safetensors bytes), once completed |
+//! | `GET /metrics` | this process's job figures, Prometheus text (`server/metrics.rs`) |
+//! | `GET /healthz` | `{"status":"ok"}`, or 503 when the queue's store does not answer; no key needed |
 //!
 //! Errors are JSON [`WireError`]s with a fitting status: 401 (key), 400 (malformed, unknown op or function,
 //! another protocol version), 404 (model, job), 413 (request bytes), 422 (over a limit, or the job failed), 503

@@ -152,8 +152,13 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             reclaim_after,
         } => {
             // One line per job on stderr (target `nnsight::job`: id, model, key id, nodes, rows, queue wait, run
-            // time, outcome).
-            let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(true).try_init();
+            // time, outcome). A stderr nobody reads any more (a closed pipe) loses the lines, quietly: reporting
+            // that on stderr too would panic the worker thread writing the line.
+            let _ = tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_target(true)
+                .log_internal_errors(false)
+                .try_init();
             let keys = match keys {
                 Some(file) => ServeOptions::keys_from_file(&file)?,
                 None => std::env::var("NNSIGHT_API_KEYS")

@@ -58,8 +58,13 @@ pub fn key_id(key: &str) -> String {
     hex[..12].to_string()
 }
 
-/// Writes the job's log line: id, model, key id, nodes, rows, queue wait, run time, outcome.
+/// Writes the job's log line: id, model, key id, nodes, rows, queue wait, run time, outcome. A subscriber that
+/// panics loses the line, never the worker thread writing it.
 pub fn log_job(id: &str, facts: &JobFacts, queue_wait: Duration, run: Duration, outcome: &str) {
+    let _ = std::panic::catch_unwind(|| log_line(id, facts, queue_wait, run, outcome));
+}
+
+fn log_line(id: &str, facts: &JobFacts, queue_wait: Duration, run: Duration, outcome: &str) {
     tracing::info!(
         target: "nnsight::job",
         job = id,
