@@ -7,7 +7,7 @@ VENV_PYTHON := $(CACHE)/venv-torch-2.13.0/bin/python
 # Tests share two cores: two test threads, one libtorch thread each (set in tests/common.rs).
 TEST_THREADS ?= 2
 
-.PHONY: demo test setup setup-peer setup-redis bench bench-trace bench-generate bench-remote bench-sweep fmt lint unit gpu-check tiny-models
+.PHONY: demo test setup setup-peer setup-redis bench bench-trace bench-generate bench-remote bench-serve bench-sweep fmt lint unit gpu-check tiny-models
 
 ## make demo: load the default model, print its module tree and the top-5 next tokens of the Eiffel prompt.
 demo: setup
@@ -57,6 +57,11 @@ bench-sweep: setup setup-peer
 ## make bench-remote: a trace run on a server (in this process, loopback HTTP) against the same trace run here.
 bench-remote: setup
 	cargo run --release --example bench_remote
+
+## make bench-serve: one SmolLM2 served here on loopback, 1, 8 and 32 concurrent clients sending trace jobs, with
+## co-batching off and on: jobs/s and p50/p99 latency (ARGS="SECONDS" per row, default 8).
+bench-serve: setup
+	cargo run --release --example bench_serve -- $(ARGS)
 
 ## make gpu-check: on a machine with a GPU, prove libtorch_cuda is linked and run the parity tests on CUDA.
 gpu-check: setup

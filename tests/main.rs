@@ -33,6 +33,7 @@ mod plot;
 mod redis_broker;
 mod remote;
 mod scan;
+mod serve_batching;
 mod server_ops;
 mod session;
 mod standard_names;

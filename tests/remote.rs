@@ -34,8 +34,15 @@ fn server() -> &'static str {
                 value_bytes: 16 << 20,
                 wall_time: Duration::from_millis(1500),
             };
-            let options =
-                ServeOptions { listen: "127.0.0.1:0".parse().unwrap(), keys: vec![KEY.into()], limits, queue: 64 };
+            // Co-batching off: these tests hold a remote run bit for bit to the local one, which holds for a job
+            // run alone (tests/serve_batching.rs covers co-batched jobs).
+            let options = ServeOptions {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                keys: vec![KEY.into()],
+                limits,
+                queue: 64,
+                co_batch: nnsight::remote::CoBatch::off(),
+            };
             let server = Server::start(models, options).expect("start the server");
             let url = server.url();
             (server, url)

@@ -52,7 +52,7 @@ pub use error::{Error, Result};
 pub use exec::Batching;
 pub use generate::{GenerateOptions, GeneratedRow, Generation, OnToken, StepTokens, TextStream};
 pub use handle::{Proxy, Saved, Traceable};
-pub use language_model::{Generator, LanguageModel, LoadOptions};
+pub use language_model::{Generator, LanguageModel, LoadOptions, SharedModel};
 pub use load::{default_model, DEFAULT_MODEL_FILE};
 pub use models::batch::{Batch, Input};
 pub use nnsight_macros::{function, intervene, Traceable};

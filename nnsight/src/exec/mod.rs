@@ -6,11 +6,13 @@
 //! - [`edits`]: persistent edits at run time ([`EditList`], the [`EditHook`] chain).
 //! - [`backend`]: where a block runs ([`Backend`]): [`Here`], or a server's client, which implements it too.
 //! - [`job`]: a [`Job`] (what a request carries) and its local execution on a server's model ([`run_job`]).
+//! - [`merge`]: several trace jobs as one trace and its results split back per job (a server's co-batching).
 
 pub mod backend;
 pub mod batching;
 pub mod edits;
 pub mod job;
+pub mod merge;
 pub mod run;
 pub mod target;
 

@@ -9,6 +9,7 @@
 //! interleaver handles where it meets them; the pure tensor operations are [`TensorOp`]s (`tensor_op.rs`), each
 //! evaluated, evaluated on shapes alone and checked for growth side by side in `interleave::tensor_ops`.
 
+mod append;
 mod decode;
 mod tensor_op;
 pub(crate) mod value;

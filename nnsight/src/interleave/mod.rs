@@ -17,7 +17,7 @@ pub use eval::eval;
 use eval::{at_node, eval_meta, truth};
 pub use limits::with_value_cap;
 use limits::{check_growth, check_size};
-pub use sinks::{capture_logs, capture_logs_with, capture_sent};
+pub use sinks::{capture_logs, capture_logs_with, capture_sent, emitting_invoke};
 pub(crate) use sinks::{emit_log, emit_sent};
 
 use crate::graph::{display, Graph, NodeId, Op, Point, Value};
@@ -105,6 +105,9 @@ pub struct Interleaver<'a> {
     active: std::ops::Range<usize>,
     /// Nodes set aside so far because their invoke stopped or their step never came (see [`Finished::unreached`]).
     unreached: HashSet<NodeId>,
+    /// A persistent edit's graph (one invoke over every row, see [`Interleaver::whole`]): its `log!` lines name
+    /// no invoke ([`emitting_invoke`]).
+    whole: bool,
 }
 
 /// A `cache()` that is recording.
@@ -185,13 +188,16 @@ impl<'a> Interleaver<'a> {
             live: None,
             active: 0..n_invokes,
             unreached: HashSet::default(),
+            whole: false,
         })
     }
 
     /// Prepares `graph`, one invoke that sees every row of whatever batch comes (a persistent edit's graph: its
     /// reads are whole tensors and its writes replace them whole, whatever the batch size).
     pub fn whole(graph: &'a Graph, root: &'a dyn Module) -> Result<Self> {
-        Self::new(graph, vec![(0, i64::MAX)], i64::MAX, root)
+        let mut inter = Self::new(graph, vec![(0, i64::MAX)], i64::MAX, root)?;
+        inter.whole = true;
+        Ok(inter)
     }
 
     /// Whether every node has run (or been skipped): nothing waits for a hook event any more.
@@ -368,6 +374,9 @@ impl<'a> Interleaver<'a> {
                         if let Some(cap) = self.value_cap {
                             check_growth(id, op, &inputs, cap)?;
                         }
+                        // A `log!` or `send!` names its invoke to whoever receives it.
+                        let _emitting = matches!(op, Op::Log { .. } | Op::Send { .. })
+                            .then(|| sinks::Emitting::set((!self.whole).then_some(inv as u32)));
                         let v = match op {
                             Op::Apply { module, .. } => Some(self.apply(module, inputs[0])?),
                             // A trainable tensor: itself, so that gradients reach it.
@@ -423,6 +432,7 @@ impl<'a> Interleaver<'a> {
                         })
                     })
                     .collect();
+                let _emitting = sinks::Emitting::set((!self.whole).then_some(node.invoke));
                 eval(op, &inputs?).map_err(|e| at_node(e, id, self.graph))?
             };
             self.values[id as usize] = Some(value);

@@ -87,3 +87,31 @@ pub(crate) fn emit_sent(label: String, t: Tensor) {
 pub fn capture_sent<T>(receive: impl FnMut(String, Tensor) + 'static, f: impl FnOnce() -> T) -> T {
     with_thread_value(&SENT, Some(Box::new(receive)), f)
 }
+
+thread_local! {
+    /// The invoke of the block's node whose `log!` or `send!` is being delivered on this thread now.
+    static EMITTER: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
+/// The invoke whose node emits the `log!` line or `send!` value being delivered now, read from inside a receiver
+/// of [`capture_logs_with`] or [`capture_sent`] (a server running several jobs as one batch routes each line to
+/// its job this way). `None` for a line of a persistent edit's graph (which sees the whole batch) or one that no
+/// node of a run emitted (a remote run's lines, relayed by its client).
+pub fn emitting_invoke() -> Option<u32> {
+    EMITTER.with(|c| c.get())
+}
+
+/// Sets [`emitting_invoke`] until dropped (then puts the outer value back).
+pub(super) struct Emitting(Option<u32>);
+
+impl Emitting {
+    pub(super) fn set(invoke: Option<u32>) -> Self {
+        Emitting(EMITTER.with(|c| c.replace(invoke)))
+    }
+}
+
+impl Drop for Emitting {
+    fn drop(&mut self) {
+        EMITTER.with(|c| c.set(self.0));
+    }
+}

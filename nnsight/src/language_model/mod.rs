@@ -12,6 +12,7 @@ pub use generate::Generator;
 
 mod generate;
 mod hosted;
+pub use hosted::SharedModel;
 mod targets;
 use crate::models::{self, Architecture, AutoModel, CausalLm, RawConfig};
 use crate::nn::{Ctx, Hook, ModuleTree};

@@ -44,17 +44,18 @@ pub trait Hosted: Send + 'static {
     fn run_job(&self, job: &Job, watch: Watch<'_>) -> Result<Finished>;
     /// What a client needs to build a handle of it, under the name `name` ([`ModelInfo`]).
     fn describe(&self, name: &str) -> Result<ModelInfo>;
+    /// The rows and the padded length of `job`'s batch were it run alone: a server co-batching jobs merges only
+    /// jobs of one length (padding a job's rows to another length would change the shapes of its values). `None`
+    /// (the default): the model cannot say, and the job runs alone.
+    fn batch_shape(&self, job: &Job) -> Option<(usize, usize)> {
+        let _ = job;
+        None
+    }
 }
 
 /// Runs `job` on `model` within `limits`; `cancel` set from elsewhere stops it at the next module call.
 pub fn execute<H: Hosted + ?Sized>(model: &H, job: &Job, limits: &Limits, cancel: &AtomicBool) -> Result<Finished> {
-    let nodes: u64 = job.graphs().map(|g| g.nodes.len() as u64).sum();
-    if nodes > limits.graph_nodes {
-        return Err(Error::Limit { what: "graph nodes".into(), limit: limits.graph_nodes, given: nodes });
-    }
-    for g in job.graphs() {
-        crate::function::validate(g)?;
-    }
+    check(job, limits)?;
     let start = Instant::now();
     let seconds = limits.wall_time.as_secs_f64();
     let watch = move || -> Result<()> {
@@ -64,11 +65,30 @@ pub fn execute<H: Hosted + ?Sized>(model: &H, job: &Job, limits: &Limits, cancel
         Ok(())
     };
     let finished = crate::interleave::with_value_cap(limits.value_bytes, || model.run_job(job, &watch))?;
+    check_saved(&finished, limits)?;
+    Ok(finished)
+}
+
+/// What is checked of `job` before it runs: its graphs' node count within `limits`, and every function they call
+/// known here.
+pub fn check(job: &Job, limits: &Limits) -> Result<()> {
+    let nodes: u64 = job.graphs().map(|g| g.nodes.len() as u64).sum();
+    if nodes > limits.graph_nodes {
+        return Err(Error::Limit { what: "graph nodes".into(), limit: limits.graph_nodes, given: nodes });
+    }
+    for g in job.graphs() {
+        crate::function::validate(g)?;
+    }
+    Ok(())
+}
+
+/// What is checked of a job's results after it ran: the bytes of its saved values within `limits`.
+pub fn check_saved(finished: &Finished, limits: &Limits) -> Result<()> {
     let saved: u64 = finished.values.values().map(bytes_of).sum();
     if saved > limits.saved_bytes {
         return Err(Error::Limit { what: "saved bytes".into(), limit: limits.saved_bytes, given: saved });
     }
-    Ok(finished)
+    Ok(())
 }
 
 /// Bytes of the tensors in a value.

@@ -15,5 +15,5 @@ pub mod wire;
 pub use client::{Remote, KEY_VARIABLE};
 pub use execute::{Hosted, Limits};
 pub use protocol::{Job, Request, PROTOCOL_VERSION};
-pub use server::{JobQueue, LocalQueue, RedisOptions, RedisQueue, ServeOptions, Server};
+pub use server::{BatchCounters, CoBatch, JobQueue, LocalQueue, RedisOptions, RedisQueue, ServeOptions, Server};
 pub use wire::{JobState, JobStatus, ModelInfo, WireError};

@@ -21,15 +21,18 @@
 //! This file holds what touches the hosted models ([`Hosted`]: a `LanguageModel` is one): starting and stopping a
 //! server, and the in-process queue ([`LocalQueue`], whose worker threads own the models and run their jobs). The rest is one thing per file:
 //! `server/routes.rs` (the route table, the handlers and the jobs they remember), `server/auth.rs` (the key check,
-//! one layer over the routes) and `server/jobs.rs` (a job's record and the [`JobQueue`] interface).
+//! one layer over the routes), `server/jobs.rs` (a job's record and the [`JobQueue`] interface) and
+//! `server/cobatch.rs` (waiting jobs run together as one batch: [`CoBatch`]).
 
 mod auth;
+mod cobatch;
 mod jobs;
 mod metrics;
 mod redis;
 mod routes;
 
 pub use self::redis::{RedisOptions, RedisQueue, MAX_STARTS, STATE_TTL};
+pub use cobatch::{run_jobs, BatchCounters, CoBatch};
 pub use jobs::{JobQueue, JobRecord, JobStore, QueueFull, QueuedJob, StoreError};
 pub use metrics::{key_id, JobFacts, Metrics};
 pub use routes::RESULT_TTL;
@@ -57,6 +60,8 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// How many jobs may wait for each model; more are refused with "busy" (default 64).
     pub queue: usize,
+    /// How a model's worker runs the jobs waiting for it together ([`CoBatch`]; on by default).
+    pub co_batch: CoBatch,
 }
 
 impl Default for ServeOptions {
@@ -66,6 +71,7 @@ impl Default for ServeOptions {
             keys: Vec::new(),
             limits: Limits::default(),
             queue: 64,
+            co_batch: CoBatch::default(),
         }
     }
 }
@@ -78,11 +84,12 @@ impl ServeOptions {
     }
 }
 
-/// The in-process queue: a bounded channel and one worker thread per model; the thread owns the model and runs
-/// its jobs one after another.
+/// The in-process queue: a bounded channel and worker threads per model; a worker takes the jobs waiting for its
+/// model and runs them, together where they can merge ([`CoBatch`]).
 pub struct LocalQueue {
     senders: HashMap<String, SyncSender<QueuedJob>>,
     stats: Arc<HashMap<String, QueueStats>>,
+    counters: HashMap<String, Arc<BatchCounters>>,
 }
 
 /// A model's queue length and mean job time (for "retry after").
@@ -99,8 +106,19 @@ impl LocalQueue {
     }
 
     /// Starts a worker per copy of each model (so that as many of its jobs run at once), the copies of a model
-    /// sharing one queue of `capacity` jobs; jobs run within `limits`.
+    /// sharing one queue of `capacity` jobs; jobs run within `limits`, co-batched as [`CoBatch::default`] says.
+    /// Copies may be handles of one model ([`crate::SharedModel`]): then its weights are loaded once.
     pub fn start_pools<H: Hosted>(models: Vec<(String, Vec<H>)>, capacity: usize, limits: Limits) -> Self {
+        Self::start_pools_with(models, capacity, limits, CoBatch::default())
+    }
+
+    /// [`LocalQueue::start_pools`], co-batching as `policy` says.
+    pub fn start_pools_with<H: Hosted>(
+        models: Vec<(String, Vec<H>)>,
+        capacity: usize,
+        limits: Limits,
+        policy: CoBatch,
+    ) -> Self {
         let stats: Arc<HashMap<String, QueueStats>> = Arc::new(
             models
                 .iter()
@@ -108,25 +126,34 @@ impl LocalQueue {
                 .collect(),
         );
         let mut senders = HashMap::new();
+        let mut all_counters = HashMap::new();
         for (name, copies) in models {
+            let counters = Arc::new(BatchCounters::default());
+            all_counters.insert(name.clone(), counters.clone());
             let (tx, rx) = sync_channel::<QueuedJob>(capacity.max(1));
             let rx = Arc::new(Mutex::new(rx));
             let workers = copies.len().max(1) as u64;
             for (i, model) in copies.into_iter().enumerate() {
                 let (stats, limits, label, rx) = (stats.clone(), limits.clone(), name.clone(), rx.clone());
+                let counters = counters.clone();
                 std::thread::Builder::new()
                     .name(format!("nnsight-worker-{name}-{i}"))
                     .spawn(move || {
                         let mine = &stats[&label];
                         loop {
-                            // One worker waits on the queue at a time; the lock is let go before the job runs.
-                            let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                            let Ok(job) = next else { return };
-                            mine.waiting.fetch_sub(1, Ordering::Relaxed);
+                            // One worker waits on the queue at a time (and gathers a batch); the lock is let go
+                            // before the jobs run.
+                            let taken = {
+                                let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+                                let Ok(first) = rx.recv() else { return };
+                                cobatch::gather(&model, first, &rx, &policy, &limits)
+                            };
+                            let n = taken.len() as u64;
+                            mine.waiting.fetch_sub(n, Ordering::Relaxed);
                             let started = Instant::now();
-                            run_job(&model, &job, &limits);
+                            cobatch::run_taken(&model, taken, &limits, &policy, &counters);
                             // The mean time between two jobs ending, with every worker busy.
-                            let ms = started.elapsed().as_millis() as u64 / workers;
+                            let ms = started.elapsed().as_millis() as u64 / n.max(1) / workers;
                             let old = mine.mean_ms.load(Ordering::Relaxed);
                             mine.mean_ms.store((old * 7 + ms) / 8, Ordering::Relaxed);
                         }
@@ -135,7 +162,12 @@ impl LocalQueue {
             }
             senders.insert(name, tx);
         }
-        LocalQueue { senders, stats }
+        LocalQueue { senders, stats, counters: all_counters }
+    }
+
+    /// What `model`'s workers have run so far (batches, merged jobs); `None` for a model not served here.
+    pub fn counters(&self, model: &str) -> Option<Arc<BatchCounters>> {
+        self.counters.get(model).cloned()
     }
 }
 
@@ -173,6 +205,7 @@ fn run_job<H: Hosted>(model: &H, job: &QueuedJob, limits: &Limits) {
     record.set_state(JobState::Running, None);
     let (for_logs, for_values) = (record.clone(), record.clone());
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // A job alone names no invoke of another's: its lines are all its own.
         crate::interleave::capture_logs_with(
             move |line| for_logs.event("log", serde_json::json!({ "line": line }).to_string()),
             || {
@@ -190,6 +223,11 @@ fn run_job<H: Hosted>(model: &H, job: &QueuedJob, limits: &Limits) {
             },
         )
     }));
+    settle(&record, outcome);
+}
+
+/// Ends a job's record with its outcome: its result bytes, its error, or a panic of its run.
+fn settle(record: &JobRecord, outcome: std::thread::Result<Result<Vec<u8>>>) {
     match outcome {
         Ok(Ok(bytes)) => {
             *record.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(bytes));
@@ -221,7 +259,8 @@ impl Server {
         Self::start_pools(models.into_iter().map(|(n, m)| (n, vec![m])).collect(), options)
     }
 
-    /// [`Server::start`] with several copies of a model (loaded once each): that many of its jobs run at once.
+    /// [`Server::start`] with several workers per model, one per copy given (each copy loaded once, or handles of
+    /// one model: [`crate::SharedModel`]): that many of its batches run at once.
     pub fn start_pools<H: Hosted>(models: Vec<(String, Vec<H>)>, options: ServeOptions) -> Result<Server> {
         if options.keys.is_empty() && !options.listen.ip().is_loopback() {
             return Err(Error::InvalidInput {
@@ -241,7 +280,7 @@ impl Server {
             };
             infos.insert(name.clone(), model_info(name, model)?);
         }
-        let queue = LocalQueue::start_pools(models, options.queue, options.limits.clone());
+        let queue = LocalQueue::start_pools_with(models, options.queue, options.limits.clone(), options.co_batch);
         Self::start_with(Box::new(queue), infos, options)
     }
 

@@ -11,8 +11,8 @@ mod new;
 
 use clap::{Parser, Subcommand};
 use nnsight::models::AutoModel;
-use nnsight::remote::{Limits, RedisOptions, RedisQueue, ServeOptions, Server};
-use nnsight::{GenerateOptions, LanguageModel, TextStream};
+use nnsight::remote::{CoBatch, Limits, RedisOptions, RedisQueue, ServeOptions, Server};
+use nnsight::{GenerateOptions, LanguageModel, SharedModel, TextStream};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,9 +60,19 @@ enum Command {
         /// only, no key needed).
         #[arg(long, value_name = "FILE")]
         keys: Option<PathBuf>,
-        /// Copies of each model to load: that many of its jobs run at once (each copy takes the model's memory).
+        /// Worker threads per model: that many of its batches run at once. They share one copy of the weights.
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// Whether trace jobs waiting for a model run together as one batch (`off`: every job alone, bit for bit
+        /// as a local run of it).
+        #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+        co_batch: String,
+        /// Most rows of one co-batch (all its jobs' invokes together).
+        #[arg(long, default_value_t = 64)]
+        batch_rows: usize,
+        /// How long a worker that took a job waits for more to fill its batch, in milliseconds.
+        #[arg(long, default_value_t = 2)]
+        batch_wait_ms: u64,
         /// Jobs that may wait per model before the server answers "busy".
         #[arg(long, default_value_t = 64)]
         queue: usize,
@@ -142,6 +152,9 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             listen,
             keys,
             workers,
+            co_batch,
+            batch_rows,
+            batch_wait_ms,
             queue,
             max_request_mib,
             max_nodes,
@@ -202,19 +215,27 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 if workers == 0 {
                     return Err("--workers must be at least 1".into());
                 }
-                let copies =
-                    (0..workers).map(|_| LanguageModel::<AutoModel>::load(&path)).collect::<Result<Vec<_>, _>>()?;
+                let model = LanguageModel::<AutoModel>::load(&path)?;
                 eprintln!(
                     "loaded `{name}` ({}) from {}{}",
-                    copies[0].model().architecture(),
+                    model.model().architecture(),
                     path.display(),
-                    if workers > 1 { format!(", {workers} copies") } else { String::new() }
+                    if workers > 1 { format!(", {workers} workers sharing it") } else { String::new() }
                 );
-                loaded.push((name, copies));
+                let shared = SharedModel::new(model);
+                loaded.push((name, vec![shared; workers]));
             }
             let names: Vec<String> = loaded.iter().map(|(n, _)| n.clone()).collect();
             let key_count = keys.len();
-            let options = ServeOptions { listen, keys, limits, queue };
+            if batch_rows == 0 {
+                return Err("--batch-rows must be at least 1".into());
+            }
+            let co_batch = CoBatch {
+                enabled: co_batch == "on",
+                max_rows: batch_rows,
+                max_wait: Duration::from_millis(batch_wait_ms),
+            };
+            let options = ServeOptions { listen, keys, limits, queue, co_batch };
             let broker = redis.as_ref().map(|url| RedisOptions {
                 reclaim_after: Duration::from_secs_f64(reclaim_after),
                 ..RedisOptions::new(url.as_str())
