@@ -200,6 +200,9 @@ pub(super) fn run_taken<H: Hosted>(
     }
 }
 
+/// A job's events (name, JSON data) held until its batch ends.
+type Events = Vec<(&'static str, String)>;
+
 /// Runs `group` (mergeable jobs of one padded length and the same edits, `rows` rows in all) as one trace; if that
 /// fails, each job alone.
 fn run_merged<H: Hosted>(model: &H, group: Vec<QueuedJob>, rows: usize, limits: &Limits, counters: &BatchCounters) {
@@ -215,7 +218,7 @@ fn run_merged<H: Hosted>(model: &H, group: Vec<QueuedJob>, rows: usize, limits: 
         job.record.event("batch", serde_json::json!({ "jobs": n, "rows": rows }).to_string());
     }
     // Each job's events, held until the batch ends; a line no invoke names (an edit's) goes to every job.
-    let events: Rc<RefCell<Vec<Vec<(&'static str, String)>>>> = Rc::new(RefCell::new(vec![Vec::new(); n]));
+    let events: Rc<RefCell<Vec<Events>>> = Rc::new(RefCell::new(vec![Vec::new(); n]));
     let owners = Rc::new(merged.invoke_owners());
     let route = {
         let (events, owners) = (events.clone(), owners.clone());
