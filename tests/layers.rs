@@ -19,6 +19,7 @@
 //! | 11 | `__private` (what generated code calls) |
 //! | 12 | `patching` (experiments written with `intervene!` over the facade) |
 //! | 12 | `steering` (steering vectors and llama.cpp control vectors, over the facade) |
+//! | 12 | `sae` (sparse autoencoders: SAELens files, splicing into traces, training, over the facade) |
 //! | 13 | `plot` (pictures of results: it may use every layer, nothing uses it) |
 //!
 //! A unit is a top-level module, or a sub-module listed on its own (`nn::layers`); `nn` re-exports the leaf layers
@@ -49,6 +50,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("__private", 11),
     ("patching", 12),
     ("steering", 12),
+    ("sae", 12),
     ("plot", 13),
 ];
 

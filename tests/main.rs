@@ -32,6 +32,7 @@ mod patching;
 mod plot;
 mod redis_broker;
 mod remote;
+mod sae;
 mod scan;
 mod serve_batching;
 mod server_ops;

@@ -37,6 +37,7 @@ pub mod patching;
 #[cfg(feature = "plot")]
 pub mod plot;
 pub mod remote;
+pub mod sae;
 pub mod steering;
 
 mod ffi;
