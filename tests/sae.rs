@@ -13,11 +13,14 @@ fn folder() -> std::path::PathBuf {
     common::data("sae/smollm2-layer5")
 }
 
-/// `|ours - theirs| <= 1e-4 + 1e-5 max|theirs|`: our SmolLM2 forward and transformers' differ by float32 rounding
-/// (the README's parity table: up to a few 1e-5 on layer outputs, more on logits of magnitude ~20), and the SAE adds
-/// one matmul of 576 terms each way.
+/// `|ours - theirs| <= 1e-4 + relative * max|theirs|`: our SmolLM2 forward and transformers' differ by float32
+/// rounding (the README's parity table: 2.8e-5 on the plain logits; layer 5's output reaches ~650 at the first
+/// token, an attention sink, where it differs by 6e-4). The SAE adds one matmul of 576 terms each way; its random
+/// weights (gain about 2) carry that rounding on to the features and reconstruction (relative 1e-5) and, once
+/// spliced in, through 24 more layers to the logits (observed 2.6e-4 on logits of magnitude ~17: relative 3e-5).
 fn assert_close(name: &str, ours: &Tensor, theirs: &Tensor) {
-    let tolerance = 1e-4 + 1e-5 * theirs.abs().max().double_value(&[]);
+    let relative = if name.starts_with("logits") { 3e-5 } else { 1e-5 };
+    let tolerance = 1e-4 + relative * theirs.abs().max().double_value(&[]);
     let d = max_abs_diff(ours, theirs);
     eprintln!("{name}: max |ours - Python nnsight's| = {d:.2e} (tolerance {tolerance:.2e})");
     assert!(d <= tolerance, "{name}: differs from Python nnsight's by {d:.3e} > {tolerance:.3e}");

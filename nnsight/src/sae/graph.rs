@@ -29,25 +29,25 @@ use crate::models::CausalLm;
 use crate::{intervene, Error, Result};
 use tch::{IndexOp, Kind, Tensor};
 
-/// `(x - b_dec?) @ W_enc + b_enc` in float32 on `x`'s device.
-pub(crate) fn hidden_pre(x: &Tensor, w_enc: &Tensor, b_enc: &Tensor, b_dec: &Tensor, apply_b_dec: bool) -> Tensor {
+/// `(x - input_bias) @ W_enc + b_enc` in float32 on `x`'s device (`input_bias` is `b_dec` when SAELens's
+/// `apply_b_dec_to_input` holds, else zeros).
+pub(crate) fn hidden_pre(x: &Tensor, w_enc: &Tensor, b_enc: &Tensor, input_bias: &Tensor) -> Tensor {
     let device = x.device();
-    let x = x.to_kind(Kind::Float);
-    let sae_in = if apply_b_dec { x - b_dec.to_device(device).to_kind(Kind::Float) } else { x };
+    let sae_in = x.to_kind(Kind::Float) - input_bias.to_device(device).to_kind(Kind::Float);
     sae_in.matmul(&w_enc.to_device(device).to_kind(Kind::Float)) + b_enc.to_device(device).to_kind(Kind::Float)
 }
 
-/// The activation `code` (0 ReLU, 1 JumpReLU, 2 TopK with `k`) applied to pre-activations.
-pub(crate) fn activate(pre: &Tensor, code: i64, k: i64, threshold: &Tensor) -> Result<Tensor> {
+/// The activation `code` (0 ReLU, -1 JumpReLU, `k` >= 1 TopK) applied to pre-activations.
+pub(crate) fn activate(pre: &Tensor, code: i64, threshold: &Tensor) -> Result<Tensor> {
     Ok(match code {
         0 => pre.relu(),
-        1 => {
+        -1 => {
             let threshold = threshold.to_device(pre.device()).to_kind(Kind::Float);
             pre * pre.gt_tensor(&threshold).to_kind(Kind::Float)
         }
-        2 => {
+        k if k > 0 => {
             let d_sae = pre.size().last().copied().unwrap_or(0);
-            if k <= 0 || k > d_sae {
+            if k > d_sae {
                 return Err(Error::InvalidInput { message: format!("sae topk: k must be in 1..={d_sae}, given {k}") });
             }
             let (values, indices) = pre.topk(k, -1, true, true);
@@ -55,26 +55,23 @@ pub(crate) fn activate(pre: &Tensor, code: i64, k: i64, threshold: &Tensor) -> R
         }
         other => {
             return Err(Error::InvalidInput {
-                message: format!("sae: activation code {other} is unknown (0 ReLU, 1 JumpReLU, 2 TopK)"),
+                message: format!("sae: activation code {other} is unknown (0 ReLU, -1 JumpReLU, k >= 1 TopK)"),
             })
         }
     })
 }
 
 /// An SAE's encoder as a graph function: the feature activations of `x` (`[..., d_in]` → `[..., d_sae]`, in `x`'s
-/// dtype), for `activation` 0 (ReLU), 1 (JumpReLU with `threshold`) or 2 (TopK with `k`). [`Sae::encode_in`] adds
-/// calls of it; [`Sae::encode`] is the same computation outside a trace.
-#[allow(clippy::too_many_arguments)]
+/// dtype), `(x - input_bias) @ W_enc + b_enc` through `activation` 0 (ReLU), -1 (JumpReLU with `threshold`) or
+/// `k` >= 1 (TopK). [`Sae::encode_in`] adds calls of it; [`Sae::encode`] is the same computation outside a trace.
 #[crate::function]
 pub fn sae_encode(
     x: &Tensor,
     w_enc: &Tensor,
     b_enc: &Tensor,
-    b_dec: &Tensor,
+    input_bias: &Tensor,
     threshold: &Tensor,
     activation: i64,
-    k: i64,
-    apply_b_dec: bool,
 ) -> Result<Tensor> {
     let d_in = w_enc.size().first().copied();
     if x.size().last().copied() != d_in {
@@ -85,8 +82,8 @@ pub fn sae_encode(
             ),
         });
     }
-    let pre = hidden_pre(x, w_enc, b_enc, b_dec, apply_b_dec);
-    Ok(activate(&pre, activation, k, threshold)?.to_kind(x.kind()))
+    let pre = hidden_pre(x, w_enc, b_enc, input_bias);
+    Ok(activate(&pre, activation, threshold)?.to_kind(x.kind()))
 }
 
 /// An SAE's decoder as a graph function: `f @ W_dec + b_dec` (`[..., d_sae]` → `[..., d_in]`, in `f`'s dtype).
@@ -139,9 +136,8 @@ pub enum FeatureEdit {
 impl Sae {
     /// Inside an `intervene!` block: the feature activations of `x` (a proxy of `[..., d_in]`), `[..., d_sae]`.
     pub fn encode_in<'g>(&self, x: Proxy<'g, Tensor>) -> Proxy<'g, Tensor> {
-        let (code, k) = self.activation.code();
         let threshold = self.threshold_or_empty();
-        sae_encode::call(x.g, x, &self.w_enc, &self.b_enc, &self.b_dec, &threshold, code, k, self.apply_b_dec_to_input)
+        sae_encode::call(x.g, x, &self.w_enc, &self.b_enc, self.input_bias(), &threshold, self.activation.code())
     }
 
     /// Inside an `intervene!` block: the reconstruction of feature activations `f`, `[..., d_in]`.

@@ -17,7 +17,7 @@
 //!   format before and after SAELens 6), [`Sae::save`] writes it (SAELens 6's `cfg.json`).
 //! - **In a trace** ([`graph`]): [`Sae::encode_in`], [`Sae::decode_in`], [`Sae::reconstruct_in`] and
 //!   [`Sae::edit_feature_in`] take a proxy inside any `intervene!` block and give proxies; they add calls of
-//!   registered graph functions ([`graph::sae_encode`], [`graph::sae_decode`]) with the weights as constant
+//!   registered graph functions ([`graph::sae_encode()`], [`graph::sae_decode()`]) with the weights as constant
 //!   tensors, so the graph stays data and runs on a server too. [`Sae::splice`] and [`Sae::edit_feature`] give
 //!   persistent edits, as [`crate::steering`] does.
 //! - **Training** ([`train`]): activations collected with traces, an SAE fitted with Adam (L2 reconstruction plus
@@ -60,12 +60,12 @@ impl Activation {
         }
     }
 
-    /// The code graph functions take for it (0 ReLU, 1 JumpReLU, 2 TopK) and its `k` (0 if none).
-    pub(crate) fn code(&self) -> (i64, i64) {
+    /// The code graph functions take for it: 0 ReLU, -1 JumpReLU, `k` (at least 1) TopK.
+    pub(crate) fn code(&self) -> i64 {
         match self {
-            Activation::Relu => (0, 0),
-            Activation::JumpRelu => (1, 0),
-            Activation::TopK { k } => (2, *k),
+            Activation::Relu => 0,
+            Activation::JumpRelu => -1,
+            Activation::TopK { k } => *k,
         }
     }
 }
@@ -260,7 +260,7 @@ impl Sae {
     /// [`Error::InvalidInput`] when `x`'s last dimension is not `d_in`.
     pub fn hidden_pre(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x, "encode")?;
-        Ok(graph::hidden_pre(&float(x), &self.w_enc, &self.b_enc, &self.b_dec, self.apply_b_dec_to_input))
+        Ok(graph::hidden_pre(&float(x), &self.w_enc, &self.b_enc, &self.input_bias()))
     }
 
     /// The feature activations of `x` (`[..., d_in]` → `[..., d_sae]`), in `x`'s dtype.
@@ -269,9 +269,14 @@ impl Sae {
     /// [`Error::InvalidInput`] when `x`'s last dimension is not `d_in`.
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x, "encode")?;
-        let (code, k) = self.activation.code();
-        let threshold = self.threshold_or_empty();
-        graph::sae_encode(x, &self.w_enc, &self.b_enc, &self.b_dec, &threshold, code, k, self.apply_b_dec_to_input)
+        graph::sae_encode(
+            x,
+            &self.w_enc,
+            &self.b_enc,
+            &self.input_bias(),
+            &self.threshold_or_empty(),
+            self.activation.code(),
+        )
     }
 
     /// The reconstruction `f @ W_dec + b_dec` of feature activations `f` (`[..., d_sae]` → `[..., d_in]`), in `f`'s
@@ -298,6 +303,15 @@ impl Sae {
     /// As [`Sae::encode`].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.decode(&self.encode(x)?)
+    }
+
+    /// What is subtracted from the input before encoding: `b_dec` if `apply_b_dec_to_input`, else zeros.
+    fn input_bias(&self) -> Tensor {
+        if self.apply_b_dec_to_input {
+            self.b_dec.shallow_clone()
+        } else {
+            self.b_dec.zeros_like()
+        }
     }
 
     /// The threshold, or an empty tensor (what the graph function takes when there is none).

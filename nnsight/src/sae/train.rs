@@ -34,7 +34,7 @@ pub fn collect<M: CausalLm>(
 ) -> Result<Tensor> {
     let mut rows = Vec::new();
     for text in texts {
-        let ids = model.encode(*text)?;
+        let ids = model.encode(text)?;
         if (ids.len() as i64) <= from_position {
             continue;
         }
@@ -135,9 +135,9 @@ fn train_with_grad(activations: &Tensor, options: &TrainOptions) -> Result<(Sae,
             options.steps, options.batch_size, options.d_sae
         )));
     }
-    let (code, k) = match options.activation {
-        Activation::Relu => (0, 0),
-        Activation::TopK { k } if k > 0 && k <= options.d_sae => (2, k),
+    let code = match options.activation {
+        Activation::Relu => 0,
+        Activation::TopK { k } if k > 0 && k <= options.d_sae => k,
         Activation::TopK { k } => return Err(invalid(format!("k must be in 1..={}, given {k}", options.d_sae))),
         Activation::JumpRelu => return Err(invalid("training a JumpReLU SAE is not supported (ReLU or TopK)".into())),
     };
@@ -167,8 +167,8 @@ fn train_with_grad(activations: &Tensor, options: &TrainOptions) -> Result<(Sae,
     for step in 1..=options.steps {
         let index = Tensor::randint(n, [options.batch_size], (Kind::Int64, Device::Cpu));
         let batch = x.index_select(0, &index);
-        let pre = super::graph::hidden_pre(&batch, &w_enc, &b_enc, &b_dec, true);
-        let f = super::graph::activate(&pre, code, k, &empty)?;
+        let pre = super::graph::hidden_pre(&batch, &w_enc, &b_enc, &b_dec);
+        let f = super::graph::activate(&pre, code, &empty)?;
         let x_hat = f.matmul(&w_dec) + &b_dec;
         let mse = (&x_hat - &batch).square().sum_dim_intlist(-1, false, Kind::Float).mean(Kind::Float);
         let loss = if code == 0 {
@@ -275,7 +275,7 @@ pub fn loss_recovered<M: CausalLm>(
     };
     let (mut clean, mut spliced, mut zero, mut count) = (0.0, 0.0, 0.0, 0usize);
     for text in texts {
-        let ids = model.encode(*text)?;
+        let ids = model.encode(text)?;
         let seq = ids.len() as i64;
         if seq <= from_position + 1 {
             continue;
