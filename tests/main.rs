@@ -6,6 +6,7 @@ mod batching;
 mod calls;
 mod common;
 mod corrupt_files;
+mod das;
 mod edits;
 mod error_messages;
 mod family_gemma;

@@ -21,6 +21,7 @@
 extern crate self as nnsight;
 
 pub mod autograd;
+pub mod das;
 pub mod envoy;
 pub mod error;
 pub mod exec;
