@@ -21,6 +21,7 @@
 //! | 12 | `steering` (steering vectors and llama.cpp control vectors, over the facade) |
 //! | 12 | `sae` (sparse autoencoders: SAELens files, splicing into traces, training, over the facade) |
 //! | 12 | `das` (boundless distributed alignment search: a trained rotation and boundary, over the facade) |
+//! | 12 | `function_vectors` (function vectors: mean head outputs, causal indirect effects; beside `patching`) |
 //! | 13 | `plot` (pictures of results: it may use every layer, nothing uses it) |
 //!
 //! A unit is a top-level module, or a sub-module listed on its own (`nn::layers`); `nn` re-exports the leaf layers
@@ -53,6 +54,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("steering", 12),
     ("sae", 12),
     ("das", 12),
+    ("function_vectors", 12),
     ("plot", 13),
 ];
 

@@ -13,6 +13,7 @@ mod family_gemma;
 mod family_neox;
 mod family_phi;
 mod family_qwen;
+mod function_vectors;
 mod generate;
 mod generate_trace;
 mod gguf;

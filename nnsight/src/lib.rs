@@ -26,6 +26,7 @@ pub mod envoy;
 pub mod error;
 pub mod exec;
 pub mod function;
+pub mod function_vectors;
 pub mod generate;
 pub mod graph;
 pub mod handle;
