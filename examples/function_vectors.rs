@@ -83,10 +83,20 @@ const EFFECT_PROMPTS: usize = 3;
 const TOP_HEADS: usize = 10;
 const STRENGTHS: &[f64] = &[1.0, 3.0];
 /// The vector is tried after every LAYER_STEP-th layer.
-const LAYER_STEP: usize = 2;
+const LAYER_STEP: usize = 4;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let out = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "target/pictures".into()));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let out = PathBuf::from(
+        args.first().filter(|a| !a.starts_with("--")).cloned().unwrap_or_else(|| "target/pictures".into()),
+    );
+    // `--heads 14.1,20.5,..`: use these heads and skip the effects sweep (the slow part).
+    let given: Option<Vec<(usize, usize)>> =
+        args.iter().position(|a| a == "--heads").and_then(|i| args.get(i + 1)).map(|list| {
+            list.split(',')
+                .filter_map(|lh| lh.split_once('.').and_then(|(l, h)| Some((l.parse().ok()?, h.parse().ok()?))))
+                .collect()
+        });
     let start = Instant::now();
     let model = LanguageModel::<Llama>::load_with(MODEL, LoadOptions::default().progress(false))?;
     let n_layers = model.standard_names().n_layers;
@@ -122,29 +132,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let means = fv::mean_head_outputs(&model, &mean_prompts)?;
-    let (effect_prompts, effect_answers): (Vec<String>, Vec<i64>) = (0..EFFECT_PROMPTS)
-        .map(|_| {
-            let q = rng.examples(train, 1)[0];
-            (icl_prompt(&rng.shuffled(train, SHOTS), q.0), answer(q.1).unwrap_or(0))
-        })
-        .unzip();
-    let t = Instant::now();
-    let cie = fv::causal_indirect_effects(&model, &means.activations, &effect_prompts, &effect_answers)?;
-    let cie_time = t.elapsed().as_secs_f64();
-    let top = fv::top_heads(&cie, TOP_HEADS);
-    println!("\ncausal indirect effect of each head ({} heads x {EFFECT_PROMPTS} shuffled prompts, {cie_time:.1} s); the top {TOP_HEADS}:", cie.values.numel());
-    println!(
-        "  {}",
-        top.iter()
-            .map(|&(l, h)| format!("{l}.{h} ({:.3})", cie.at(&[l as i64, h as i64])))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let cie_path = out.join("function_vectors_cie.png");
-    cie.heatmap()?
-        .title(format!("Function vectors on SmolLM2-135M ({TASK}): each head's causal indirect effect"))
-        .value_name("rise of P(correct answer), shuffled-label prompts")
-        .save(&cie_path)?;
+    let top = match &given {
+        Some(heads) => heads.clone(),
+        None => {
+            let (effect_prompts, effect_answers): (Vec<String>, Vec<i64>) = (0..EFFECT_PROMPTS)
+                .map(|_| {
+                    let q = rng.examples(train, 1)[0];
+                    (icl_prompt(&rng.shuffled(train, SHOTS), q.0), answer(q.1).unwrap_or(0))
+                })
+                .unzip();
+            let t = Instant::now();
+            let cie = fv::causal_indirect_effects(&model, &means.activations, &effect_prompts, &effect_answers)?;
+            let cie_time = t.elapsed().as_secs_f64();
+            let top = fv::top_heads(&cie, TOP_HEADS);
+            println!("\ncausal indirect effect of each head ({} heads x {EFFECT_PROMPTS} shuffled prompts, {cie_time:.1} s); the top {TOP_HEADS}:", cie.values.numel());
+            println!(
+                "  {}",
+                top.iter()
+                    .map(|&(l, h)| format!("{l}.{h} ({:.3})", cie.at(&[l as i64, h as i64])))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let cie_path = out.join("function_vectors_cie.png");
+            cie.heatmap()?
+                .title(format!("Function vectors on SmolLM2-135M ({TASK}): each head's causal indirect effect"))
+                .value_name("rise of P(correct answer), shuffled-label prompts")
+                .save(&cie_path)?;
+            println!("wrote {}", cie_path.display());
+            top
+        }
+    };
 
     // 3. The function vector, added after each layer at the last token of zero-shot prompts, at each strength;
     // the layer and strength chosen on the training queries, the accuracy reported on the held-out ones.
@@ -203,9 +220,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .series_xy(format!("{SHOTS} examples, no vector"), &xy(&vec![icl_acc; layers.len()]))
         .series_xy("zero-shot, no vector", &xy(&vec![zero_acc; layers.len()]))
         .save(&by_layer_path)?;
-    for p in [&cie_path, &by_layer_path] {
-        println!("wrote {}", p.display());
-    }
+    println!("wrote {}", by_layer_path.display());
     println!("whole run {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }
@@ -226,7 +241,7 @@ fn zero_shot_prompt(query: &str) -> String {
 struct Lcg(u64);
 
 impl Lcg {
-    fn next(&mut self, n: usize) -> usize {
+    fn below(&mut self, n: usize) -> usize {
         self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((self.0 >> 33) % n as u64) as usize
     }
@@ -235,7 +250,7 @@ impl Lcg {
     fn examples<'a>(&mut self, pool: &[(&'a str, &'a str)], k: usize) -> Vec<(&'a str, &'a str)> {
         let mut idx: Vec<usize> = (0..pool.len()).collect();
         for i in 0..k {
-            let j = i + self.next(pool.len() - i);
+            let j = i + self.below(pool.len() - i);
             idx.swap(i, j);
         }
         idx[..k].iter().map(|&i| pool[i]).collect()
@@ -244,7 +259,7 @@ impl Lcg {
     /// `k` distinct pairs of `pool` with their labels shuffled among them (a derangement: no label stays).
     fn shuffled<'a>(&mut self, pool: &[(&'a str, &'a str)], k: usize) -> Vec<(&'a str, &'a str)> {
         let ex = self.examples(pool, k);
-        let shift = 1 + self.next(k - 1);
+        let shift = 1 + self.below(k - 1);
         (0..k).map(|i| (ex[i].0, ex[(i + shift) % k].1)).collect()
     }
 }

@@ -110,8 +110,8 @@ pub fn head_outputs<M: CausalLm>(model: &LanguageModel<M>, activations: &Tensor)
         let mut outs = Vec::new();
         for per_layer in &written {
             invoke(vec![0_i64]) {
-                for l in 0..n_layers {
-                    model.layers[l].attn.head_output.output[(.., -1)] = &per_layer[l];
+                for (l, written) in per_layer.iter().enumerate() {
+                    model.layers[l].attn.head_output.output[(.., -1)] = written;
                     outs.push(model.layers[l].attn.output.i((0, -1)).save()); // [hidden]
                 }
             }
