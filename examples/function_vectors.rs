@@ -8,11 +8,13 @@
 //! 2. Each head's mean output at the last token over ICL prompts of training pairs; each head's causal indirect
 //!    effect: its mean written into shuffled-label prompts, the rise of P(correct answer). A heatmap of it.
 //! 3. The function vector: the sum of the top heads' mean outputs (through `o_proj`). Added to the residual stream
-//!    after one layer at the last token of zero-shot prompts: accuracy by layer on training queries (to choose the
-//!    layer) and on held-out ones (what is reported), drawn as lines.
+//!    after every fourth layer at the last token of zero-shot prompts, at strengths 1 and 3: accuracy on training
+//!    queries (to choose the layer and strength) and on held-out ones (what is reported), drawn as lines; and the
+//!    held-out shuffled-label prompts with the vector.
 //!
 //! ```text
 //! cargo run --release --example function_vectors -- [OUT_DIR]     # pictures into OUT_DIR (default target/pictures)
+//! cargo run --release --example function_vectors -- [OUT_DIR] --heads 14.1,20.5,18.1   # these heads, no sweep
 //! ```
 
 use nnsight::function_vectors::{self as fv, FunctionVector};
@@ -210,7 +212,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let by_layer_path = out.join("function_vectors_by_layer.png");
     let mut lines = Lines::new()
-        .title(format!("Function vector added after each layer: zero-shot {TASK} on SmolLM2-135M, held-out queries"))
+        .title(format!("Function vector by layer: zero-shot {TASK}, SmolLM2-135M, held out"))
         .axes("layer the vector is added after (at the last token)", "accuracy (%)");
     let xy = |v: &[f64]| layers.iter().zip(v).map(|(&l, a)| (l as f64, 100.0 * a)).collect::<Vec<_>>();
     for (s, _, test_acc, _) in &sweeps {
