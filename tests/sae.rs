@@ -66,6 +66,9 @@ fn splicing_an_saelens_folder_matches_python_nnsight() -> nnsight::Result<()> {
     assert_close("logits with feature 3 off", &logits, &reference["logits_edited"]);
     assert!(max_abs_diff(&plain, &logits) > 1e-3, "turning feature 3 off changed nothing");
 
+    // The SAE itself on the same activations as Python's (the check: the model's forward rounding aside).
+    assert!(max_abs_diff(&sae.encode(&reference["h"])?, &reference["features"]) <= 1e-4);
+    assert!(max_abs_diff(&sae.forward(&reference["h"])?, &reference["reconstruction"]) <= 1e-4);
     // JumpReLU and TopK on the same weights, on Python's activations.
     let threshold = &reference["threshold"];
     let jump = Sae::new(&sae.w_enc, &sae.b_enc, &sae.w_dec, &sae.b_dec, Some(threshold), Activation::JumpRelu, "")?;
