@@ -348,3 +348,79 @@ fn what_cannot_merge_is_refused() {
     assert_eq!(graph.nodes[9].invoke, 1);
     assert_eq!((merged.job_of_invoke(0), merged.job_of_invoke(1), merged.job_of_invoke(2)), (Some(0), Some(1), None));
 }
+
+/// The resident memory of process `pid`, in MiB (Linux: `VmRSS` of `/proc/PID/status`).
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read the server's /proc status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc status");
+    kib / 1024.0
+}
+
+/// The soak of issue 17: 10 000 trace jobs (an edit and two saves each) from 8 clients through `nnsight serve`
+/// (its own process, so that its resident memory is its own), co-batching on. The server remembers the last 4096
+/// jobs, so after the first 5000 its memory must stay flat: the last 5000 may add at most 24 MiB (allocator
+/// slack; a leak of one result per job, 4 KiB or more, would add 20 MiB and more). Every result is checked.
+#[test]
+fn ten_thousand_jobs_leave_the_servers_memory_flat() {
+    use std::io::{BufRead, BufReader};
+    common::init();
+    let model_arg = format!("{}=tiny", common::data("tiny-gpt2").to_string_lossy());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nnsight"))
+        .args(["serve", "--model", &model_arg, "--listen", "127.0.0.1:0"])
+        .env("NNSIGHT_QUIET", "1")
+        .env_remove("NNSIGHT_API_KEYS")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start nnsight serve");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut url = None;
+    for line in lines.by_ref() {
+        if let Some(rest) = line.unwrap().strip_prefix("serving tiny at ") {
+            url = rest.split_whitespace().next().map(String::from);
+            break;
+        }
+    }
+    // Its job log lines are read (and dropped) so that the pipe never fills.
+    std::thread::spawn(move || lines.for_each(drop));
+    let url = url.expect("the server says where it listens");
+    let pid = child.id();
+    let model = common::tiny_gpt2();
+    let expected = run_job(&model, &trace(experiment(0.5), "Hello world"), None).unwrap();
+    let (clients, per_client) = (8usize, 625usize);
+    let run_half = || {
+        let threads: Vec<_> = (0..clients)
+            .map(|_| {
+                let r = Remote::new(url.clone(), "tiny");
+                std::thread::spawn(move || {
+                    let mut last = None;
+                    for _ in 0..per_client {
+                        last = Some(r.run(trace(experiment(0.5), "Hello world")).expect("a soak job"));
+                    }
+                    last.expect("at least one job")
+                })
+            })
+            .collect();
+        for t in threads {
+            let got = t.join().expect("a client thread");
+            assert!(max_diff(&got, &expected) <= TOLERANCE);
+        }
+    };
+    let start = std::time::Instant::now();
+    run_half();
+    let warm = rss_mib(pid);
+    run_half();
+    let end = rss_mib(pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!(
+        "soak: {} jobs in {:.1} s; server RSS {warm:.1} MiB after 5000, {end:.1} MiB after 10000",
+        2 * clients * per_client,
+        start.elapsed().as_secs_f64()
+    );
+    assert!(end - warm <= 24.0, "the server's memory grew from {warm:.1} to {end:.1} MiB over the last 5000 jobs");
+}
