@@ -53,6 +53,11 @@ fn health_and_metrics_count_the_jobs() -> nnsight::Result<()> {
         "nnsight_jobs_total{model=\"tiny\",outcome=\"error\"} 1",
         "nnsight_job_run_seconds_count{model=\"tiny\"} 3",
         "nnsight_job_queue_seconds_bucket{model=\"tiny\",le=\"+Inf\"} 3",
+        // The three jobs came one after another: three batches of one, none merged.
+        "nnsight_batches_total{model=\"tiny\"} 3",
+        "nnsight_batch_jobs_total{model=\"tiny\"} 3",
+        "nnsight_merged_jobs_total{model=\"tiny\"} 0",
+        "nnsight_batch_reruns_total{model=\"tiny\"} 0",
     ] {
         assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
     }

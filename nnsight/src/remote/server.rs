@@ -178,6 +178,12 @@ impl JobQueue for LocalQueue {
         names
     }
 
+    fn observe(&self, metrics: Arc<Metrics>) {
+        for (model, counters) in &self.counters {
+            metrics.batches(model, counters.clone());
+        }
+    }
+
     fn push(&self, job: QueuedJob) -> std::result::Result<(), QueueFull> {
         let model = job.request.model.clone();
         let Some(tx) = self.senders.get(&model) else {

@@ -4,11 +4,12 @@
 //! The figures are this process's: with the Redis broker, each process counts the jobs submitted to it and the
 //! jobs its workers ran; the queue length is the shared queue's.
 
+use super::cobatch::BatchCounters;
 use crate::exec::Job;
 use crate::models::batch::Input;
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The upper bounds of the latency histograms' buckets, in seconds.
@@ -115,7 +116,12 @@ struct Inner {
     ended: BTreeMap<(String, String), u64>,
     waited: BTreeMap<String, Histogram>,
     ran: BTreeMap<String, Histogram>,
+    /// Each model's co-batching counters (the in-process queue's workers keep them).
+    batches: BTreeMap<String, Arc<BatchCounters>>,
 }
+
+/// One of [`BatchCounters`]' figures.
+type Counter = fn(&BatchCounters) -> u64;
 
 /// A server process's job figures.
 #[derive(Default)]
@@ -175,6 +181,11 @@ impl Metrics {
         });
     }
 
+    /// Shows `counters` (a model's co-batching figures, kept by its workers) with the figures of `model`.
+    pub fn batches(&self, model: &str, counters: Arc<BatchCounters>) {
+        self.with(|m| m.batches.insert(model.to_string(), counters));
+    }
+
     /// The figures in Prometheus' text format, with each model's queue length (`queued`: a shared queue's; `None`:
     /// this process's own) and whether the queue's store answers (`up`).
     pub fn render(&self, queued: Option<&[(String, u64)]>, up: bool) -> String {
@@ -215,6 +226,35 @@ impl Metrics {
             head(&mut out, "nnsight_job_run_seconds", "histogram", "Time jobs ran, by model.");
             for (model, h) in &m.ran {
                 h.render(&mut out, "nnsight_job_run_seconds", model);
+            }
+            if m.batches.is_empty() {
+                return;
+            }
+            // Counters rather than a histogram: the mean batch size over any window is the ratio of the rates of
+            // the first two.
+            let series: [(&str, &str, Counter); 4] = [
+                (
+                    "nnsight_batches_total",
+                    "Batches the workers ran (a job run alone is a batch of one), by model.",
+                    BatchCounters::batches,
+                ),
+                ("nnsight_batch_jobs_total", "Jobs the workers ran in those batches, by model.", BatchCounters::jobs),
+                (
+                    "nnsight_merged_jobs_total",
+                    "Jobs that ran merged with others and got their results so, by model.",
+                    BatchCounters::merged_jobs,
+                ),
+                (
+                    "nnsight_batch_reruns_total",
+                    "Jobs run again alone because their batch failed, by model.",
+                    BatchCounters::reruns,
+                ),
+            ];
+            for (name, help, value) in series {
+                head(&mut out, name, "counter", help);
+                for (model, c) in &m.batches {
+                    let _ = writeln!(out, "{name}{{model=\"{model}\"}} {}", value(c));
+                }
             }
         });
         out
