@@ -209,45 +209,60 @@ impl JobQueue for LocalQueue {
 fn run_job<H: Hosted>(model: &H, job: &QueuedJob, limits: &Limits) {
     let record = job.record.clone();
     record.set_state(JobState::Running, None);
-    let (for_logs, for_values) = (record.clone(), record.clone());
+    // A job alone names no invoke of another's: its lines are all its own.
+    let events = record.clone();
+    let outcome =
+        run_streaming(model, &job.request.job, limits, &record.cancel, move |name, data| events.event(name, data));
+    settle(&record, outcome);
+}
+
+/// Runs `job` on `model` within `limits` on this thread, handing each `log!` line and `send!` value to `emit` as an
+/// event (its name and JSON data) as they come; the result's bytes, or the job's error (a panic of the run fails
+/// only the job). The in-process queue's workers and the Redis broker's run jobs through it.
+pub(super) fn run_streaming<H: Hosted>(
+    model: &H,
+    job: &crate::exec::Job,
+    limits: &Limits,
+    cancel: &std::sync::atomic::AtomicBool,
+    emit: impl Fn(&'static str, String) + Clone + 'static,
+) -> std::result::Result<Vec<u8>, WireError> {
+    let (for_logs, for_values) = (emit.clone(), emit);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        // A job alone names no invoke of another's: its lines are all its own.
         crate::interleave::capture_logs_with(
-            move |line| for_logs.event("log", serde_json::json!({ "line": line }).to_string()),
+            move |line| for_logs("log", serde_json::json!({ "line": line }).to_string()),
             || {
                 crate::interleave::capture_sent(
                     move |label, t| {
                         if let Ok(tensor) = TensorData::from_tensor(&t) {
-                            for_values.event("value", json(&SentValue { label, tensor }).unwrap_or_default());
+                            for_values("value", json(&SentValue { label, tensor }).unwrap_or_default());
                         }
                     },
-                    || {
-                        execute(model, &job.request.job, limits, &record.cancel)
-                            .and_then(|f| protocol::encode_result(&f))
-                    },
+                    || execute(model, job, limits, cancel).and_then(|f| protocol::encode_result(&f)),
                 )
             },
         )
     }));
-    settle(&record, outcome);
-}
-
-/// Ends a job's record with its outcome: its result bytes, its error, or a panic of its run.
-fn settle(record: &JobRecord, outcome: std::thread::Result<Result<Vec<u8>>>) {
     match outcome {
-        Ok(Ok(bytes)) => {
-            *record.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(bytes));
-            record.set_state(JobState::Completed, None);
-        }
-        Ok(Err(e)) => record.set_state(JobState::Error, Some(WireError::from(&e))),
+        Ok(result) => result.map_err(|e| WireError::from(&e)),
         Err(panic) => {
             let what = panic
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "a panic".into());
-            record.set_state(JobState::Error, Some(WireError::Other { message: format!("the job failed: {what}") }));
+            Err(WireError::Other { message: format!("the job failed: {what}") })
         }
+    }
+}
+
+/// Ends a job's record with its outcome: its result bytes or its error.
+fn settle(record: &JobRecord, outcome: std::result::Result<Vec<u8>, WireError>) {
+    match outcome {
+        Ok(bytes) => {
+            *record.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(bytes));
+            record.set_state(JobState::Completed, None);
+        }
+        Err(error) => record.set_state(JobState::Error, Some(error)),
     }
 }
 

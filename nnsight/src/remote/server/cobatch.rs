@@ -268,7 +268,7 @@ fn run_merged<H: Hosted>(model: &H, group: Vec<QueuedJob>, rows: usize, limits: 
             job.record.event(name, data);
         }
         let result = check_saved(&part, limits).and_then(|()| protocol::encode_result(&part));
-        super::settle(&job.record, Ok(result));
+        super::settle(&job.record, result.map_err(|e| super::WireError::from(&e)));
     }
 }
 

@@ -5,12 +5,11 @@ use super::scripts::{FINISH, RENEW, START};
 use super::{
     create_group, end_event, event, now_ms, state_name, status_event, Shared, BLOCK, GROUP, MAX_STARTS, STATE_TTL,
 };
-use crate::graph::TensorData;
-use crate::remote::execute::{execute, Hosted};
+use crate::remote::execute::Hosted;
 use crate::remote::protocol;
 use crate::remote::server::metrics::{log_job, JobFacts};
-use crate::remote::server::RESULT_TTL;
-use crate::remote::wire::{json, JobState, SentValue, WireError};
+use crate::remote::server::{run_streaming, RESULT_TTL};
+use crate::remote::wire::{json, JobState, WireError};
 use ::redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use ::redis::{cmd, Connection, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -200,41 +199,12 @@ fn run_captured<H: Hosted>(
     request: &protocol::Request,
     cancel: &AtomicBool,
 ) -> std::result::Result<Vec<u8>, WireError> {
-    let push = |shared: Arc<Shared>, id: String| {
-        move |data: String| {
-            let key = shared.events(&id);
-            let _ = shared.pool.with(|c| cmd("RPUSH").arg(&key).arg(data).query::<()>(c));
-        }
+    let (events, id) = (shared.clone(), id.to_string());
+    let emit = move |name: &'static str, data: String| {
+        let key = events.events(&id);
+        let _ = events.pool.with(|c| cmd("RPUSH").arg(&key).arg(event(name, &data)).query::<()>(c));
     };
-    let (log, sent) = (push(shared.clone(), id.to_string()), push(shared.clone(), id.to_string()));
-    let limits = &shared.limits;
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        crate::interleave::capture_logs_with(
-            move |line| log(event("log", &serde_json::json!({ "line": line }).to_string())),
-            || {
-                crate::interleave::capture_sent(
-                    move |label, t| {
-                        if let Ok(tensor) = TensorData::from_tensor(&t) {
-                            sent(event("value", &json(&SentValue { label, tensor }).unwrap_or_default()));
-                        }
-                    },
-                    || execute(model, &request.job, limits, cancel).and_then(|f| protocol::encode_result(&f)),
-                )
-            },
-        )
-    }));
-    match outcome {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) => Err(WireError::from(&e)),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "a panic".into());
-            Err(WireError::Other { message: format!("the job failed: {what}") })
-        }
-    }
+    run_streaming(model, &request.job, &shared.limits, cancel, emit)
 }
 
 /// Stores the job's end (once: a job that ended already is left as it is) and acknowledges its entry, trying
