@@ -37,6 +37,7 @@ mod remote;
 mod sae;
 mod scan;
 mod serve_batching;
+mod serve_generation;
 mod server_ops;
 mod session;
 mod standard_names;

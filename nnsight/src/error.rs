@@ -337,6 +337,15 @@ pub enum Error {
     },
 }
 
+/// What a caught panic said (its message, or "a panic"), for the error a server gives the job instead.
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".into())
+}
+
 /// `IndexOutOfRange`'s message, for a module list or a value's dimension.
 fn index_message(place: &str, index: i64, len: usize, dim: Option<usize>) -> String {
     match dim {

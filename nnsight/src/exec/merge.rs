@@ -31,12 +31,40 @@ fn merges(op: &Op) -> bool {
     !matches!(op, Op::Skip { .. } | Op::Backward { .. } | Op::Grad { .. } | Op::ParamGrad { .. } | Op::GradWrite { .. })
 }
 
-/// Whether two mergeable jobs may run in one trace: their persistent edits are equal.
+/// Whether two mergeable jobs may run in one trace, or two generations in one continuous batch: they are of one
+/// kind and their persistent edits are equal.
 pub fn same_edits(a: &Job, b: &Job) -> bool {
     match (a, b) {
         (Job::Trace { edits: x, .. }, Job::Trace { edits: y, .. }) => x == y,
+        (Job::Generate { edits: x, .. }, Job::Generate { edits: y, .. }) => x == y,
         _ => false,
     }
+}
+
+/// Whether a generation job can run in a continuous batch beside others (each invoke has its own input; no node
+/// skips a module, takes gradients or touches attention probabilities, whose last dimension is the batch's cache
+/// length, not the job's own; its edits log and send nothing). The model must agree too (see
+/// [`crate::remote::Hosted::joins`]).
+pub fn joins_continuous(job: &Job) -> bool {
+    let Job::Generate { graph, inputs, options, edits } = job else { return false };
+    if inputs.is_empty()
+        || inputs.iter().any(Option::is_none)
+        || options.on_token.is_some()
+        || graph.validate().is_err()
+    {
+        return false;
+    }
+    let invokes = inputs.len() as u32;
+    let own_rows = |op: &Op| match op {
+        Op::Read { module, .. } | Op::ReadInputs { module, .. } | Op::Write { module, .. } => {
+            !module.ends_with(".probs")
+        }
+        op => merges(op),
+    };
+    if graph.nodes.iter().any(|n| n.invoke >= invokes || !own_rows(&n.op)) {
+        return false;
+    }
+    edits.iter().all(|e| e.nodes.iter().all(|n| own_rows(&n.op) && !matches!(n.op, Op::Log { .. } | Op::Send { .. })))
 }
 
 /// The one trace several jobs run as, and where each job's nodes and invokes lie in it.

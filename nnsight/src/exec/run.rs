@@ -163,21 +163,21 @@ pub fn run_generate<T: GenerateTarget>(
             chained(edits, target.root(), false, hook, |h| target.generate_hooked(&batch, options, h))
         });
         match run {
-            Ok(ids) => {
-                // `model.generated()`: the ids as one event, right-padded with -1 (no token has that id).
-                let width = ids.iter().map(Vec::len).max().unwrap_or(0);
-                let flat: Vec<i64> = ids
-                    .iter()
-                    .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(-1, width - r.len())))
-                    .collect();
-                let t = Tensor::from_slice(&flat).reshape([ids.len() as i64, width as i64]);
-                inter.provide_generated(&t)?;
-            }
+            Ok(ids) => inter.provide_generated(&generated_ids(&ids))?,
             Err(Error::Stopped) => {}
             Err(e) => return Err(e),
         }
     }
     inter.finish_all()
+}
+
+/// `model.generated()`: each row's ids (prompt and new tokens) as one tensor `[rows, longest]`, right-padded with
+/// -1 (no token has that id).
+pub(crate) fn generated_ids(ids: &[Vec<i64>]) -> Tensor {
+    let width = ids.iter().map(Vec::len).max().unwrap_or(0);
+    let flat: Vec<i64> =
+        ids.iter().flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(-1, width - r.len()))).collect();
+    Tensor::from_slice(&flat).reshape([ids.len() as i64, width as i64])
 }
 
 /// Runs `program` over `target`'s meta twin (`scan_root`, run by `forward_scan`) on the invokes' `inputs` made meta,
@@ -205,7 +205,7 @@ pub fn run_scan<T: TraceTarget>(
 
 /// The invokes' inputs batched, and an interleaver of `program` over them that has run what comes before the
 /// forward pass.
-fn started<'g, T: TraceTarget>(
+pub(crate) fn started<'g, T: TraceTarget>(
     target: &'g T,
     program: Program<'g>,
     inputs: &[Option<T::Input>],
@@ -231,7 +231,11 @@ fn interleaver<'g, T: TraceTarget>(
 }
 
 /// Runs `f` with `inner` as the hook, behind `watch` when there is one.
-fn watched<R>(inner: &mut dyn Hook, watch: Option<Watch<'_>>, f: impl FnOnce(&mut dyn Hook) -> Result<R>) -> Result<R> {
+pub(crate) fn watched<R>(
+    inner: &mut dyn Hook,
+    watch: Option<Watch<'_>>,
+    f: impl FnOnce(&mut dyn Hook) -> Result<R>,
+) -> Result<R> {
     match watch {
         Some(watch) => f(&mut Watched { inner, watch }),
         None => f(inner),

@@ -6,7 +6,7 @@ use super::LanguageModel;
 use crate::exec::{run_job, Job, Watch};
 use crate::interleave::Finished;
 use crate::models::CausalLm;
-use crate::remote::{Hosted, ModelInfo};
+use crate::remote::{Arrivals, Hosted, Joining, ModelInfo};
 use crate::{Error, Result};
 use std::sync::{Arc, RwLock};
 
@@ -19,7 +19,7 @@ where
     }
 
     fn batch_shape(&self, job: &Job) -> Option<(usize, usize)> {
-        let Job::Trace { inputs, .. } = job else { return None };
+        let (Job::Trace { inputs, .. } | Job::Generate { inputs, .. }) = job;
         let (mut rows, mut len) = (0, 0);
         for input in inputs {
             for row in self.rows_of(input.clone()?).ok()? {
@@ -46,6 +46,15 @@ where
             special: *self.special_tokens(),
             parameters,
         })
+    }
+
+    fn joins(&self, job: &Job) -> bool {
+        self.joins_continuous(job)
+    }
+
+    fn run_generations(&self, first: Vec<Joining>, arrivals: &mut dyn Arrivals) -> Vec<Joining> {
+        self.run_continuous(first, arrivals);
+        Vec::new()
     }
 }
 
@@ -120,5 +129,15 @@ where
 
     fn batch_shape(&self, job: &Job) -> Option<(usize, usize)> {
         self.0.model.batch_shape(job)
+    }
+
+    fn joins(&self, job: &Job) -> bool {
+        self.0.model.joins(job)
+    }
+
+    /// Holds the model shared (reading) for the whole continuous batch: a gradient job waits until it ends.
+    fn run_generations(&self, first: Vec<Joining>, arrivals: &mut dyn Arrivals) -> Vec<Joining> {
+        let _reading = self.0.gate.read().unwrap_or_else(|p| p.into_inner());
+        self.0.model.run_generations(first, arrivals)
     }
 }

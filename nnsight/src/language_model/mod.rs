@@ -10,6 +10,7 @@ use crate::load::{safetensors, Weights};
 pub use crate::models::batch::{Batch, Input};
 pub use generate::Generator;
 
+mod continuous;
 mod generate;
 mod hosted;
 pub use hosted::SharedModel;

@@ -97,4 +97,63 @@ impl KvCache {
         let (k, v) = self.layers.get(layer)?.as_ref()?;
         Some((k.narrow(2, 0, self.past), v.narrow(2, 0, self.past)))
     }
+
+    /// The cache of `self`'s rows followed by `other`'s (a continuous batch taking in a generation whose prefill
+    /// ran alone): the one with fewer past positions is left-padded with zeros to the other's (a caller pads the
+    /// attention masks alike, with 0s, so the new positions are never attended to), with room for `room` more
+    /// positions. Both must have filled every slot with keys of one layout.
+    pub fn concat(&self, other: &KvCache, room: i64) -> Result<KvCache, TchError> {
+        if self.layers.len() != other.layers.len() {
+            return Err(TchError::Shape(format!(
+                "cannot join a cache of {} layer slots with one of {}",
+                self.layers.len(),
+                other.layers.len()
+            )));
+        }
+        let past = self.past.max(other.past);
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in 0..self.layers.len() {
+            let (Some((ka, va)), Some((kb, vb))) = (self.get(layer), other.get(layer)) else {
+                return Err(TchError::Kind(format!("layer {layer} has no cached keys to join")));
+            };
+            let join = |a: &Tensor, b: &Tensor| -> Result<Tensor, TchError> {
+                let (ba, h, _, d) = a.size4()?;
+                let bb = b.size()[0];
+                let buf = Tensor::f_zeros([ba + bb, h, past + room.max(0), d], (a.kind(), a.device()))?;
+                buf.f_narrow(0, 0, ba)?.f_narrow(2, past - self.past, self.past)?.f_copy_(a)?;
+                buf.f_narrow(0, ba, bb)?.f_narrow(2, past - other.past, other.past)?.f_copy_(b)?;
+                Ok(buf)
+            };
+            layers.push(Some((join(&ka, &kb)?, join(&va, &vb)?)));
+        }
+        Ok(KvCache { layers, past, capacity: past + room.max(0) })
+    }
+
+    /// Keeps the rows `rows` (`[n]` i64 indices, in order) of every slot (a continuous batch letting go of the
+    /// rows of a finished generation).
+    pub fn keep_rows(&mut self, rows: &Tensor) -> Result<(), TchError> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.f_index_select(0, rows)?;
+            *v = v.f_index_select(0, rows)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the first `n` past positions of every slot (columns no row attends to any more), keeping room for
+    /// `room` more positions: a continuous batch whose oldest rows left trims what only they used.
+    pub fn drop_front(&mut self, n: i64, room: i64) -> Result<(), TchError> {
+        let n = n.clamp(0, self.past);
+        let past = self.past - n;
+        for (k, v) in self.layers.iter_mut().flatten() {
+            for buf in [k, v] {
+                let (b, h, _, d) = buf.size4()?;
+                let new = Tensor::f_empty([b, h, past + room.max(0), d], (buf.kind(), buf.device()))?;
+                new.f_narrow(2, 0, past)?.f_copy_(&buf.f_narrow(2, n, past)?)?;
+                *buf = new;
+            }
+        }
+        self.past = past;
+        self.capacity = past + room.max(0);
+        Ok(())
+    }
 }

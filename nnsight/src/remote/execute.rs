@@ -51,6 +51,47 @@ pub trait Hosted: Send + 'static {
         let _ = job;
         None
     }
+    /// Whether `job` can take part in a continuous batch of generations ([`Hosted::run_generations`]): a
+    /// generation whose graph reads nothing that depends on the other rows' cache lengths. `false` (the default):
+    /// it runs alone.
+    fn joins(&self, job: &Job) -> bool {
+        let _ = job;
+        false
+    }
+    /// Runs the generations `first` and those `arrivals` hands over between decode steps as one continuous batch
+    /// (each job's prefill alone, then one decode step over every running job's rows at a time; a job joins after
+    /// its prefill and leaves when its rows stop), until none is left; each job's outcome goes to its
+    /// [`Joining::done`]. Only jobs for which [`Hosted::joins`] is true may be handed over. The default (a model
+    /// that cannot) runs none and hands `first` back.
+    fn run_generations(&self, first: Vec<Joining>, arrivals: &mut dyn Arrivals) -> Vec<Joining> {
+        let _ = arrivals;
+        first
+    }
+}
+
+/// A generation job handed to [`Hosted::run_generations`], with where its events and outcome go.
+pub struct Joining {
+    /// The job (a [`Job::Generate`] for which [`Hosted::joins`] is true).
+    pub job: Job,
+    /// Called before each of the job's steps; an `Err` ends the job with it (its time limit, its cancellation).
+    pub watch: Box<dyn Fn() -> Result<()>>,
+    /// Receives the job's `log!` lines as they come.
+    pub log: std::rc::Rc<dyn Fn(String)>,
+    /// Receives the job's `send!` values as they come.
+    pub sent: std::rc::Rc<dyn Fn(String, tch::Tensor)>,
+    /// Receives the job's outcome (its saved values, or the error that ended it).
+    pub done: Box<dyn FnOnce(Result<Finished>)>,
+}
+
+/// Where a continuous batch finds the jobs that join it between decode steps.
+pub trait Arrivals {
+    /// The jobs that join now, given the rows running (what does not fit, or cannot join, the source keeps or runs
+    /// otherwise). Called between decode steps; it should not wait when `running_rows > 0`.
+    fn poll(&mut self, running_rows: usize) -> Vec<Joining>;
+    /// Called after each decode step with the rows it ran (for a server's counters); the default does nothing.
+    fn stepped(&mut self, rows: usize) {
+        let _ = rows;
+    }
 }
 
 /// Runs `job` on `model` within `limits`; `cancel` set from elsewhere stops it at the next module call.

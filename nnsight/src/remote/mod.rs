@@ -13,7 +13,7 @@ pub mod server;
 pub mod wire;
 
 pub use client::{Remote, KEY_VARIABLE};
-pub use execute::{Hosted, Limits};
+pub use execute::{Arrivals, Hosted, Joining, Limits};
 pub use protocol::{Job, Request, PROTOCOL_VERSION};
 pub use server::{BatchCounters, CoBatch, JobQueue, LocalQueue, RedisOptions, RedisQueue, ServeOptions, Server};
 pub use wire::{JobState, JobStatus, ModelInfo, WireError};

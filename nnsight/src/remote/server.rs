@@ -26,6 +26,7 @@
 
 mod auth;
 mod cobatch;
+mod continuous;
 mod jobs;
 mod metrics;
 mod redis;
@@ -151,7 +152,10 @@ impl LocalQueue {
                             let n = taken.len() as u64;
                             mine.waiting.fetch_sub(n, Ordering::Relaxed);
                             let started = Instant::now();
-                            cobatch::run_taken(&model, taken, &limits, &policy, &counters);
+                            let took = |n: usize| {
+                                mine.waiting.fetch_sub(n as u64, Ordering::Relaxed);
+                            };
+                            cobatch::run_taken(&model, taken, &limits, &policy, &counters, Some((&rx, &took)));
                             // The mean time between two jobs ending, with every worker busy.
                             let ms = started.elapsed().as_millis() as u64 / n.max(1) / workers;
                             let old = mine.mean_ms.load(Ordering::Relaxed);
@@ -245,12 +249,7 @@ pub(super) fn run_streaming<H: Hosted>(
     match outcome {
         Ok(result) => result.map_err(|e| WireError::from(&e)),
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "a panic".into());
-            Err(WireError::Other { message: format!("the job failed: {what}") })
+            Err(WireError::Other { message: format!("the job failed: {}", crate::error::panic_text(&*panic)) })
         }
     }
 }

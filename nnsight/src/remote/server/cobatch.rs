@@ -63,6 +63,9 @@ pub struct BatchCounters {
     merged: AtomicU64,
     reruns: AtomicU64,
     sizes: Mutex<VecDeque<usize>>,
+    joined: AtomicU64,
+    steps: AtomicU64,
+    step_rows: AtomicU64,
 }
 
 /// How many batch sizes [`BatchCounters::recent_sizes`] keeps.
@@ -88,6 +91,29 @@ impl BatchCounters {
     /// The number of jobs of each of the last batches (at most 1024), oldest first.
     pub fn recent_sizes(&self) -> Vec<usize> {
         self.sizes.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect()
+    }
+
+    /// Generation jobs that ran in a continuous batch.
+    pub fn continuous_jobs(&self) -> u64 {
+        self.joined.load(Ordering::Relaxed)
+    }
+    /// Decode steps of continuous batches.
+    pub fn decode_steps(&self) -> u64 {
+        self.steps.load(Ordering::Relaxed)
+    }
+    /// Rows of all decode steps of continuous batches (divided by [`BatchCounters::decode_steps`]: the mean rows
+    /// per step).
+    pub fn decode_step_rows(&self) -> u64 {
+        self.step_rows.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn note_joined(&self) {
+        self.joined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn note_step(&self, rows: usize) {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        self.step_rows.fetch_add(rows as u64, Ordering::Relaxed);
     }
 
     fn note(&self, jobs: usize) {
@@ -160,7 +186,7 @@ pub fn run_jobs<H: Hosted>(
             (j, s)
         })
         .collect();
-    run_taken(model, taken, limits, policy, counters);
+    run_taken(model, taken, limits, policy, counters, None);
 }
 
 /// [`run_jobs`] on jobs whose shapes are known.
@@ -170,10 +196,19 @@ pub(super) fn run_taken<H: Hosted>(
     limits: &Limits,
     policy: &CoBatch,
     counters: &BatchCounters,
+    queue: Option<Queue<'_>>,
 ) {
+    // Generations that can join one continuous batch (the edits of the first), run after the rest.
+    let mut generations: Vec<QueuedJob> = Vec::new();
     // Groups in the order of their first job: (padded length, rows so far, jobs).
     let mut groups: Vec<(Option<usize>, usize, Vec<QueuedJob>)> = Vec::new();
     for (job, shape) in taken {
+        if super::continuous::joins(model, &job, policy, limits)
+            && generations.first().is_none_or(|g| same_edits(&g.request.job, &job.request.job))
+        {
+            generations.push(job);
+            continue;
+        }
         let fits = |g: &(Option<usize>, usize, Vec<QueuedJob>), (rows, len): (usize, usize)| {
             g.0 == Some(len) && g.1 + rows <= policy.max_rows && same_edits(&g.2[0].request.job, &job.request.job)
         };
@@ -198,7 +233,28 @@ pub(super) fn run_taken<H: Hosted>(
             run_merged(model, group, rows, limits, counters);
         }
     }
+    if let Some(like) = generations.first().map(|g| g.request.job.clone()) {
+        let (queue, took) = match queue {
+            Some((q, took)) => (Some(q), took),
+            None => (None, &(|_| {}) as &dyn Fn(usize)),
+        };
+        let source = super::continuous::Source {
+            model,
+            queue,
+            took,
+            limits,
+            policy,
+            counters,
+            like,
+            waiting: Default::default(),
+        };
+        super::continuous::run(generations, source);
+    }
 }
+
+/// A worker's queue, which a continuous batch looks at between decode steps, and what to call with the number of
+/// jobs it took from it.
+pub(super) type Queue<'q> = (&'q Mutex<Receiver<QueuedJob>>, &'q dyn Fn(usize));
 
 /// A job's events (name, JSON data) held until its batch ends.
 type Events = Vec<(&'static str, String)>;

@@ -18,195 +18,18 @@
 //! # }
 //! ```
 
+mod options;
+mod sample;
+
+pub use options::{GenerateOptions, OnToken};
+
 use crate::load::tokenizer::SpecialTokens;
 use crate::models::batch::Batch;
 use crate::models::{CachedInput, CausalLm};
 use crate::nn::{Ctx, Hook, KvCache};
 use crate::{Error, Result};
+use sample::{fresh_seed, sample, Rng};
 use tch::{Device, Kind, Tensor};
-
-/// How [`crate::LanguageModel::generate`] decodes: greedy by default; sampling with a temperature, top-k, top-p and a
-/// seed.
-///
-/// ```
-/// use nnsight::GenerateOptions;
-/// let greedy = GenerateOptions::new().max_new_tokens(10);
-/// let sampled = GenerateOptions::new().do_sample(true).temperature(0.8).top_p(0.95).seed(7);
-/// # let _ = (greedy, sampled);
-/// ```
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GenerateOptions {
-    /// Most tokens added to each row (default 20; at least 1).
-    pub max_new_tokens: usize,
-    /// Sample the next token instead of taking the most likely one (default false: greedy).
-    pub do_sample: bool,
-    /// Sampling temperature (`None`: 1); the logits are divided by it. Must be finite and > 0.
-    pub temperature: Option<f64>,
-    /// Sample among the `k` most likely tokens only (`None`: all; ties with the k-th are kept, as transformers
-    /// does).
-    pub top_k: Option<usize>,
-    /// Sample among the smallest set of most likely tokens whose probability reaches `p` (nucleus sampling; `None`:
-    /// all; in (0, 1]).
-    pub top_p: Option<f64>,
-    /// Seed of the sampling (`None`: a fresh seed per call). Row `r` of a batch draws from its own stream, seeded
-    /// by `(seed, r)`, so a seeded run repeats exactly and a row's draws do not depend on when the others stop.
-    pub seed: Option<u64>,
-    /// Tokens that end a row (the stop token is kept in its new ids); `None` (default): the model's EOS id if
-    /// known. `Some(vec![])`: none, every row runs `max_new_tokens`.
-    pub stop_ids: Option<Vec<i64>>,
-    /// Run the head on every prompt position at step 0 (`model.output` `[batch, prompt_len, vocab]` for a hook)
-    /// instead of the last one only (`[batch, 1, vocab]`, the default, as transformers' `generate` does with
-    /// `logits_to_keep=1`). Later steps have one position either way.
-    pub full_prefill_logits: bool,
-    /// Called with each step's tokens as they come, by every way of generating (`generate`, the iterator, a
-    /// traced generation in `intervene!`); an `Err` ends the generation and is returned.
-    #[serde(skip)]
-    pub on_token: Option<OnToken>,
-}
-
-/// A callback on each step's tokens (see [`GenerateOptions::on_token`]). Options holding one compare equal only
-/// to options holding the same one.
-#[derive(Clone)]
-pub struct OnToken(std::sync::Arc<std::sync::Mutex<TokenCallback>>);
-
-/// The callback inside an [`OnToken`].
-type TokenCallback = dyn FnMut(&StepTokens) -> Result<()> + Send;
-
-impl OnToken {
-    /// Calls the callback.
-    pub fn call(&self, tokens: &StepTokens) -> Result<()> {
-        let mut f = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(tokens)
-    }
-}
-
-impl std::fmt::Debug for OnToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("OnToken(..)")
-    }
-}
-
-impl PartialEq for OnToken {
-    fn eq(&self, other: &Self) -> bool {
-        std::sync::Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
-impl Default for GenerateOptions {
-    fn default() -> Self {
-        GenerateOptions {
-            max_new_tokens: 20,
-            do_sample: false,
-            temperature: None,
-            top_k: None,
-            top_p: None,
-            seed: None,
-            stop_ids: None,
-            full_prefill_logits: false,
-            on_token: None,
-        }
-    }
-}
-
-impl GenerateOptions {
-    /// Greedy decoding of up to 20 new tokens, stopping at the model's EOS.
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// At most `n` new tokens per row.
-    pub fn max_new_tokens(mut self, n: usize) -> Self {
-        self.max_new_tokens = n;
-        self
-    }
-    /// Sample (true) or take the most likely token (false, the default).
-    pub fn do_sample(mut self, sample: bool) -> Self {
-        self.do_sample = sample;
-        self
-    }
-    /// Sampling temperature (needs `do_sample(true)`).
-    pub fn temperature(mut self, t: f64) -> Self {
-        self.temperature = Some(t);
-        self
-    }
-    /// Top-k sampling (needs `do_sample(true)`).
-    pub fn top_k(mut self, k: usize) -> Self {
-        self.top_k = Some(k);
-        self
-    }
-    /// Nucleus (top-p) sampling (needs `do_sample(true)`).
-    pub fn top_p(mut self, p: f64) -> Self {
-        self.top_p = Some(p);
-        self
-    }
-    /// The seed that makes sampling repeat.
-    pub fn seed(mut self, seed: u64) -> Self {
-        self.seed = Some(seed);
-        self
-    }
-    /// Tokens that end a row (replacing the default, the model's EOS; an empty list: none).
-    pub fn stop_ids(mut self, ids: impl IntoIterator<Item = i64>) -> Self {
-        self.stop_ids = Some(ids.into_iter().collect());
-        self
-    }
-    /// Logits of every prompt position at step 0 (see the field).
-    pub fn full_prefill_logits(mut self, full: bool) -> Self {
-        self.full_prefill_logits = full;
-        self
-    }
-
-    /// Calls `f` with each step's tokens as they come (streaming), whichever way the generation runs, a traced
-    /// one in `intervene!(model.generate(..) { .. })` included.
-    pub fn on_token(mut self, f: impl FnMut(&StepTokens) -> Result<()> + Send + 'static) -> Self {
-        self.on_token = Some(OnToken(std::sync::Arc::new(std::sync::Mutex::new(f))));
-        self
-    }
-
-    /// Checks the options against a vocabulary of `vocab` tokens.
-    pub(crate) fn validate(&self, vocab: i64) -> Result<()> {
-        let bad = |m: String| Err(Error::InvalidInput { message: format!("generate: {m}") });
-        if self.max_new_tokens == 0 {
-            return bad("max_new_tokens must be at least 1".into());
-        }
-        if !self.do_sample {
-            let set: Vec<&str> = [
-                ("temperature", self.temperature.is_some()),
-                ("top_k", self.top_k.is_some()),
-                ("top_p", self.top_p.is_some()),
-            ]
-            .into_iter()
-            .filter_map(|(n, s)| s.then_some(n))
-            .collect();
-            if !set.is_empty() {
-                return bad(format!(
-                    "{} set for greedy decoding, which ignores it: add `.do_sample(true)` to sample",
-                    set.join(", ")
-                ));
-            }
-        }
-        if let Some(t) = self.temperature {
-            if !(t.is_finite() && t > 0.0) {
-                return bad(format!(
-                    "temperature must be finite and > 0, found {t} (for greedy decoding leave sampling off)"
-                ));
-            }
-        }
-        if self.top_k == Some(0) {
-            return bad("top_k must be at least 1".into());
-        }
-        if let Some(p) = self.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                return bad(format!("top_p must be in (0, 1], found {p}"));
-            }
-        }
-        if let Some(ids) = &self.stop_ids {
-            if let Some(&id) = ids.iter().find(|&&i| i < 0 || i >= vocab) {
-                return bad(format!("stop id {id} is outside the vocabulary (0..{vocab})"));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// The tokens one step added: what [`crate::LanguageModel::generate_stream`] and the iterator hand out as they come.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,86 +125,6 @@ impl TextStream {
     }
 }
 
-/// SplitMix64 (Steele, Lea and Flood 2014): a small seeded generator, so sampling repeats exactly and leaves
-/// libtorch's global generator alone.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn for_row(seed: u64, row: usize) -> Self {
-        let mut r = Rng(seed ^ (row as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
-        r.next_u64();
-        r
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-}
-
-fn fresh_seed() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ std::process::id() as u64
-}
-
-/// Draws a token from one row's logits: temperature, then top-k, then top-p (the order of transformers' logits
-/// warpers), then a draw from the softmax of what is left.
-fn sample(logits: &[f32], o: &GenerateOptions, rng: &mut Rng) -> i64 {
-    let t = o.temperature.unwrap_or(1.0);
-    let mut x: Vec<f64> = logits.iter().map(|&l| l as f64 / t).collect();
-    let n = x.len();
-    if let Some(k) = o.top_k.filter(|&k| k < n) {
-        let mut sorted: Vec<f64> = x.iter().copied().filter(|v| !v.is_nan()).collect();
-        let kth = if k <= sorted.len() {
-            let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-            *kth
-        } else {
-            f64::NEG_INFINITY
-        };
-        x.iter_mut().filter(|v| v.is_nan() || **v < kth).for_each(|v| *v = f64::NEG_INFINITY);
-    }
-    let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let mut p: Vec<f64> = x.iter().map(|&v| if v > f64::NEG_INFINITY { (v - max).exp() } else { 0.0 }).collect();
-    let mut sum: f64 = p.iter().sum();
-    if let Some(top_p) = o.top_p.filter(|&q| q < 1.0) {
-        // transformers: sort ascending, drop tokens whose cumulative probability is <= 1 - top_p, keep the most
-        // likely one.
-        let mut order: Vec<usize> = (0..n).filter(|&i| p[i] > 0.0).collect();
-        order.sort_by(|&a, &b| p[a].total_cmp(&p[b]).then(b.cmp(&a)));
-        let mut cum = 0.0;
-        let last = order.len().saturating_sub(1);
-        for (rank, &i) in order.iter().enumerate() {
-            cum += p[i] / sum;
-            if cum <= 1.0 - top_p && rank < last {
-                p[i] = 0.0;
-            }
-        }
-        sum = p.iter().sum();
-    }
-    let u = rng.next_f64() * sum;
-    let mut acc = 0.0;
-    let mut chosen = None;
-    for (i, &pi) in p.iter().enumerate() {
-        if pi > 0.0 {
-            acc += pi;
-            chosen = Some(i);
-            if u < acc {
-                break;
-            }
-        }
-    }
-    chosen.unwrap_or(0) as i64
-}
-
 /// The decoding loop's state between forwards: the cache, the mask over every cached position, each row's
 /// tokens. [`crate::LanguageModel::generate_hooked`] and the [`crate::Generator`] drive it one step at a time.
 pub(crate) struct Decoder {
@@ -471,23 +214,30 @@ impl Decoder {
     fn next_input(&mut self) -> Result<CachedInput> {
         let f = |e| Error::torch("generate", e);
         let b = self.rows.len() as i64;
+        let (ids, positions, col) = self.next_rows();
+        let mk = |v: &[i64]| Tensor::from_slice(v).f_view([b, 1]).and_then(|t| t.f_to_device(self.device)).map_err(f);
+        let input_ids = mk(&ids)?;
+        let position_ids = mk(&positions)?;
+        let mask = Tensor::f_cat(&[&self.mask, &mk(&col)?], 1).map_err(f)?;
+        self.padded |= col.contains(&0);
+        self.mask = mask.shallow_clone();
+        Ok(CachedInput { input_ids, attention_mask: mask, position_ids, padded: self.padded, last_logits_only: true })
+    }
+
+    /// What each row feeds the next decode step: its token (its last new one, a pad once it stopped), that token's
+    /// position, and its attention-mask column (1 real, 0 pad); the rows' positions move on.
+    pub(crate) fn next_rows(&mut self) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
         let ids: Vec<i64> = self
             .rows
             .iter()
             .zip(&self.active)
             .map(|(r, &a)| if a { *r.new_ids.last().expect("a step ran") } else { self.pad_id })
             .collect();
-        let col: Vec<i64> = self.active.iter().map(|&a| a as i64).collect();
-        let mk = |v: &[i64]| Tensor::from_slice(v).f_view([b, 1]).and_then(|t| t.f_to_device(self.device)).map_err(f);
-        let input_ids = mk(&ids)?;
-        let position_ids = mk(&self.next_pos)?;
+        let positions = self.next_pos.clone();
         for (pos, &a) in self.next_pos.iter_mut().zip(&self.active) {
             *pos += a as i64;
         }
-        let mask = Tensor::f_cat(&[&self.mask, &mk(&col)?], 1).map_err(f)?;
-        self.padded |= self.active.iter().any(|a| !a);
-        self.mask = mask.shallow_clone();
-        Ok(CachedInput { input_ids, attention_mask: mask, position_ids, padded: self.padded, last_logits_only: true })
+        (ids, positions, self.active.iter().map(|&a| a as i64).collect())
     }
 
     /// Runs the next forward (with `hook`, if any) and picks each active row's token; `None` once done.
@@ -511,7 +261,14 @@ impl Decoder {
         let (input, kv) = self.whole_sequence_if_due(input, kv)?;
         let (logits, kv) = model.run_cached(&mut cx, &input, kv)?;
         self.kv = Some(kv);
-        let picked = self.pick(&logits)?;
+        self.accept(&logits).map(Some)
+    }
+
+    /// Takes each active row's token from `logits` `[rows, seq, vocab]` (the last position), the step's
+    /// bookkeeping (stops, the step count, the options' callback).
+    pub(crate) fn accept(&mut self, logits: &Tensor) -> Result<StepTokens> {
+        self.done = true;
+        let picked = self.pick(logits)?;
         let mut tokens = Vec::with_capacity(self.rows.len());
         for (r, tok) in picked.into_iter().enumerate() {
             if !self.active[r] {
@@ -534,7 +291,28 @@ impl Decoder {
         if let Some(f) = &self.options.on_token {
             f.call(&tokens)?;
         }
-        Ok(Some(tokens))
+        Ok(tokens)
+    }
+
+    /// Whether the generation is over (every row stopped, the steps ran out, or a forward failed).
+    pub(crate) fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The number of rows.
+    pub(crate) fn num_rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Hands the cache and its mask `[rows, past]` over to a caller that runs the decode steps itself (a server's
+    /// continuous batch, after this decoder ran the prefill): from then on it calls [`Decoder::next_rows`] and
+    /// [`Decoder::accept`]. `None` before the prefill, or for a model whose cache must be recomputed at some
+    /// length ([`CausalLm::recompute_cache_at`]).
+    pub(crate) fn take_cache(&mut self) -> Option<(KvCache, Tensor)> {
+        if self.prefill.is_some() || self.fed.is_some() {
+            return None;
+        }
+        Some((self.kv.take()?, self.mask.shallow_clone()))
     }
 
     /// The next forward's input and cache, or, at the decode step where the model asks for it
