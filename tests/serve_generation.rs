@@ -17,9 +17,13 @@ const MADRID: &str = "Madrid is the capital of";
 
 /// SmolLM2 served as `smollm2` with co-batching on (the default policy); the server and its counters.
 fn serve() -> (Server, Arc<BatchCounters>) {
+    serve_within(Limits::default())
+}
+
+fn serve_within(limits: Limits) -> (Server, Arc<BatchCounters>) {
     let model = LanguageModel::<Llama>::load_with(common::smollm2_path(), common::opts()).expect("load SmolLM2");
     let info = model_info("smollm2", &model).expect("describe the model");
-    let (limits, policy) = (Limits::default(), CoBatch::default());
+    let policy = CoBatch::default();
     let queue = LocalQueue::start_pools_with(vec![("smollm2".into(), vec![model])], 64, limits.clone(), policy);
     let counters = queue.counters("smollm2").expect("the model's counters");
     let options =
@@ -155,5 +159,36 @@ fn a_generation_alone_on_a_batching_server_equals_the_local_one_bit_for_bit() ->
     // One job alone: its batch is its own rows, its cache unpadded: the same numbers as a local run.
     assert!(hs.iter().zip(&local_hs).all(|(a, b)| a.equal(b)));
     assert_eq!(counters.continuous_jobs(), 1);
+    Ok(())
+}
+
+#[test]
+fn a_job_over_its_time_limit_leaves_the_batch_and_the_others_finish() -> nnsight::Result<()> {
+    common::init();
+    let (server, counters) = serve_within(Limits { wall_time: Duration::from_secs(3), ..Limits::default() });
+    let remote = Remote::new(server.url(), "smollm2");
+    let endless = {
+        let model = LanguageModel::<Llama>::connect(&remote)?;
+        std::thread::spawn(move || -> nnsight::Result<()> {
+            intervene!(model.generate(EIFFEL, greedy(2000)) {
+                let ids = model.generated().save();
+            });
+            let _ = ids;
+            Ok(())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let model = LanguageModel::<Llama>::connect(&remote)?;
+    let started = std::time::Instant::now();
+    let (ids, hs) = steered_job(&model, &steer())?;
+    let short = started.elapsed();
+    let err = endless.join().unwrap().expect_err("the endless job runs out of time");
+    assert!(matches!(err, nnsight::Error::TimeLimit { .. }), "{err}");
+    let guard = common::smollm2();
+    let (local_ids, local_hs) = steered_job(&guard, &steer())?;
+    assert_eq!(ids, local_ids);
+    assert!(hs.iter().zip(&local_hs).all(|(a, b)| close(a, b)));
+    assert!(short < Duration::from_secs(3), "the short job did not wait for the long one ({short:?})");
+    assert_eq!(counters.continuous_jobs(), 2);
     Ok(())
 }

@@ -5,6 +5,7 @@ use crate::common;
 use nnsight::models::AutoModel;
 use nnsight::prelude::*;
 use nnsight::remote::{Remote, ServeOptions, Server};
+use nnsight::GenerateOptions;
 
 fn get(url: &str, key: Option<&str>) -> (u16, String) {
     let mut req = ureq::get(url);
@@ -42,22 +43,27 @@ fn health_and_metrics_count_the_jobs() -> nnsight::Result<()> {
         Ok(())
     })();
     assert!(failed.is_err());
+    // A generation: a continuous batch of its own, its prefill and then two decode steps of one row.
+    model.generate("Hello", &GenerateOptions::new().max_new_tokens(3).stop_ids([]))?;
 
     let (code, text) = get(&format!("{url}/metrics"), Some("k1"));
     assert_eq!(code, 200);
     for line in [
         "nnsight_up 1",
         "nnsight_queue_length{model=\"tiny\"} 0",
-        "nnsight_jobs_submitted_total{model=\"tiny\"} 3",
-        "nnsight_jobs_total{model=\"tiny\",outcome=\"completed\"} 2",
+        "nnsight_jobs_submitted_total{model=\"tiny\"} 4",
+        "nnsight_jobs_total{model=\"tiny\",outcome=\"completed\"} 3",
         "nnsight_jobs_total{model=\"tiny\",outcome=\"error\"} 1",
-        "nnsight_job_run_seconds_count{model=\"tiny\"} 3",
-        "nnsight_job_queue_seconds_bucket{model=\"tiny\",le=\"+Inf\"} 3",
-        // The three jobs came one after another: three batches of one, none merged.
+        "nnsight_job_run_seconds_count{model=\"tiny\"} 4",
+        "nnsight_job_queue_seconds_bucket{model=\"tiny\",le=\"+Inf\"} 4",
+        // The three traces came one after another: three batches of one, none merged.
         "nnsight_batches_total{model=\"tiny\"} 3",
         "nnsight_batch_jobs_total{model=\"tiny\"} 3",
         "nnsight_merged_jobs_total{model=\"tiny\"} 0",
         "nnsight_batch_reruns_total{model=\"tiny\"} 0",
+        "nnsight_continuous_jobs_total{model=\"tiny\"} 1",
+        "nnsight_decode_steps_total{model=\"tiny\"} 2",
+        "nnsight_decode_step_rows_total{model=\"tiny\"} 2",
     ] {
         assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
     }

@@ -232,7 +232,7 @@ impl Metrics {
             }
             // Counters rather than a histogram: the mean batch size over any window is the ratio of the rates of
             // the first two.
-            let series: [(&str, &str, Counter); 4] = [
+            let series: [(&str, &str, Counter); 7] = [
                 (
                     "nnsight_batches_total",
                     "Batches the workers ran (a job run alone is a batch of one), by model.",
@@ -248,6 +248,21 @@ impl Metrics {
                     "nnsight_batch_reruns_total",
                     "Jobs run again alone because their batch failed, by model.",
                     BatchCounters::reruns,
+                ),
+                (
+                    "nnsight_continuous_jobs_total",
+                    "Generation jobs that ran in a continuous batch, by model.",
+                    BatchCounters::continuous_jobs,
+                ),
+                (
+                    "nnsight_decode_steps_total",
+                    "Decode steps of continuous batches, by model.",
+                    BatchCounters::decode_steps,
+                ),
+                (
+                    "nnsight_decode_step_rows_total",
+                    "Rows of those decode steps (over the steps: the mean rows per step), by model.",
+                    BatchCounters::decode_step_rows,
                 ),
             ];
             for (name, help, value) in series {
