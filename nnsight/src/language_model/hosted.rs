@@ -135,9 +135,33 @@ where
         self.0.model.joins(job)
     }
 
-    /// Holds the model shared (reading) for the whole continuous batch: a gradient job waits until it ends.
+    /// Holds the model shared (reading) while the continuous batch runs, and lets go of it while `arrivals` is
+    /// asked for jobs (which may run other jobs there, each taking the gate itself, and lets a waiting gradient
+    /// job have the model between two steps).
     fn run_generations(&self, first: Vec<Joining>, arrivals: &mut dyn Arrivals) -> Vec<Joining> {
-        let _reading = self.0.gate.read().unwrap_or_else(|p| p.into_inner());
-        self.0.model.run_generations(first, arrivals)
+        let gate = &self.0.gate;
+        let mut gated = Gated { inner: arrivals, gate, held: Some(gate.read().unwrap_or_else(|p| p.into_inner())) };
+        self.0.model.run_generations(first, &mut gated)
+    }
+}
+
+/// A continuous batch's [`Arrivals`] behind a [`SharedModel`]'s gate: held shared during the steps, let go while
+/// the source is asked for jobs.
+struct Gated<'g, 'a> {
+    inner: &'a mut dyn Arrivals,
+    gate: &'g RwLock<()>,
+    held: Option<std::sync::RwLockReadGuard<'g, ()>>,
+}
+
+impl Arrivals for Gated<'_, '_> {
+    fn poll(&mut self, running_rows: usize) -> Vec<Joining> {
+        self.held = None;
+        let jobs = self.inner.poll(running_rows);
+        self.held = Some(self.gate.read().unwrap_or_else(|p| p.into_inner()));
+        jobs
+    }
+
+    fn stepped(&mut self, rows: usize) {
+        self.inner.stepped(rows);
     }
 }
