@@ -165,7 +165,7 @@ fn a_generation_alone_on_a_batching_server_equals_the_local_one_bit_for_bit() ->
 #[test]
 fn a_job_over_its_time_limit_leaves_the_batch_and_the_others_finish() -> nnsight::Result<()> {
     common::init();
-    let (server, counters) = serve_within(Limits { wall_time: Duration::from_secs(3), ..Limits::default() });
+    let (server, counters) = serve_within(Limits { wall_time: Duration::from_secs(8), ..Limits::default() });
     let remote = Remote::new(server.url(), "smollm2");
     let endless = {
         let model = LanguageModel::<Llama>::connect(&remote)?;

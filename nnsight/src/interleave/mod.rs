@@ -257,6 +257,13 @@ impl<'a> Interleaver<'a> {
         Ok(Finished { values: out, unreached })
     }
 
+    /// Whether an event of `module` (a module or an inner point's path) can matter to this run: some node waits
+    /// on it, or a cache records. A hook that splits a batch between runs asks this first (every other event is
+    /// passed through unchanged anyway).
+    pub fn listens(&self, module: &str) -> bool {
+        !self.caches.is_empty() || self.watched.contains(module)
+    }
+
     /// Whether every invoke of the pass has stopped (at least one by `stop()`, the others by `stop()` or by
     /// running out of nodes): nothing more is needed from the forward pass.
     pub fn all_stopped(&self) -> bool {

@@ -314,7 +314,15 @@ struct Split<'s, 'a> {
 }
 
 impl Split<'_, '_> {
-    fn each(&mut self, x: Tensor, f: impl Fn(&mut Interleaver<'_>, Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    fn each(
+        &mut self,
+        module: &str,
+        x: Tensor,
+        f: impl Fn(&mut Interleaver<'_>, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if !self.members.iter().any(|m| m.ended.is_none() && m.inter.listens(module)) {
+            return Ok(x);
+        }
         let total: i64 = self.members.iter().map(|m| m.decoder.num_rows() as i64).sum();
         if x.dim() == 0 || x.size()[0] != total {
             // Not a value of the batch's rows: no job's rows to hand out.
@@ -326,7 +334,7 @@ impl Split<'_, '_> {
             let n = m.decoder.num_rows() as i64;
             let mine = x.narrow(0, row, n);
             row += n;
-            if m.ended.is_some() {
+            if m.ended.is_some() || !m.inter.listens(module) {
                 parts.push(mine);
                 continue;
             }
@@ -362,15 +370,15 @@ impl Split<'_, '_> {
 
 impl Hook for Split<'_, '_> {
     fn input(&mut self, module: &str, x: Tensor) -> Result<Tensor> {
-        self.each(x, |h, x| h.input(module, x))
+        self.each(module, x, |h, x| h.input(module, x))
     }
     fn output(&mut self, module: &str, y: Tensor) -> Result<Tensor> {
-        self.each(y, |h, y| h.output(module, y))
+        self.each(module, y, |h, y| h.output(module, y))
     }
     fn wants_points(&mut self, module: &str, names: &[&str]) -> bool {
         self.members.iter_mut().any(|m| m.ended.is_none() && m.inter.wants_points(module, names))
     }
     fn point(&mut self, path: &str, t: Tensor) -> Result<Tensor> {
-        self.each(t, |h, t| h.point(path, t))
+        self.each(path, t, |h, t| h.point(path, t))
     }
 }
