@@ -183,7 +183,8 @@ impl<M: CausalLm> LanguageModel<M> {
         let mk = |v: &[i64]| Tensor::from_slice(v).f_view([rows, 1]).and_then(|t| t.f_to_device(device)).map_err(f);
         let mask = Tensor::f_cat(&[&batch.mask, &mk(&column)?], 1).map_err(f)?;
         // Unpadded (one job whose rows never stopped), the forward takes the same path as the job's own run.
-        let padded = bool::try_from(mask.f_eq(0).and_then(|z| z.f_any()).map_err(f)?).map_err(f)?;
+        let zero = mask.f_eq(0).and_then(|z| z.f_any()).and_then(|z| z.f_to_device(tch::Device::Cpu)).map_err(f)?;
+        let padded = bool::try_from(zero).map_err(f)?;
         let input = CachedInput {
             input_ids: mk(&ids)?,
             attention_mask: mask.shallow_clone(),
@@ -284,7 +285,7 @@ fn keep_rows(batch: &mut Batch<'_>, keep: &[i64]) -> std::result::Result<(), tch
     batch.mask = batch.mask.f_index_select(0, &index)?;
     // Leading columns masked in every row: the first column any row attends to.
     let used = batch.mask.f_ne(0)?.f_any_dims(Some([0i64].as_slice()), false)?;
-    let first = i64::try_from(used.f_to_kind(tch::Kind::Int64)?.f_argmax(0, false)?)?;
+    let first = i64::try_from(used.f_to_kind(tch::Kind::Int64)?.f_argmax(0, false)?.f_to_device(tch::Device::Cpu)?)?;
     let past = batch.kv.past_len();
     if first >= TRIM_AT && first * 4 >= past {
         batch.kv.drop_front(first, TRIM_AT)?;
