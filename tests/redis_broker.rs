@@ -1,6 +1,7 @@
 //! The Redis broker (`nnsight serve --redis URL`): a job through Redis equals the local run bit for bit; two
 //! server processes on one Redis share its queue and both run jobs; a process killed (SIGKILL) in the middle of a
 //! job loses nothing: the job is taken over and completes on the other, and its result is stored and reported once.
+//! Jobs waiting in the stream run co-batched, as in the in-process queue (each job's result and end its own).
 //!
 //! Each test starts its own `redis-server` (Debian's package, installed by `scripts/setup.sh redis`; a test fails,
 //! never skips, without it) on a free loopback port, with no persistence, killed when the test ends. The server
@@ -9,14 +10,19 @@
 
 use crate::common;
 use nnsight::graph::Value;
+use nnsight::graph::{BinaryOp, Graph, NodeId, Op, Point, TensorOp};
 use nnsight::interleave::Finished;
 use nnsight::models::AutoModel;
 use nnsight::nn::fast_linear;
 use nnsight::prelude::*;
 use nnsight::remote::execute::execute;
 use nnsight::remote::protocol::Job;
-use nnsight::remote::{JobState, Limits, RedisOptions, RedisQueue, Remote, ServeOptions};
+use nnsight::remote::server::model_info;
+use nnsight::remote::{
+    BatchCounters, CoBatch, JobState, Limits, RedisOptions, RedisQueue, Remote, ServeOptions, Server,
+};
 use nnsight::Error;
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -89,8 +95,8 @@ impl Drop for RedisServer {
 /// The API key of the server processes.
 const KEY: &str = "k1";
 
-/// `nnsight serve --redis URL` serving tiny GPT-2 as `tiny` with the key [`KEY`], as a child process killed when
-/// dropped; what it writes on stderr after it starts is kept (and shown).
+/// `nnsight serve --redis URL --co-batch off` serving tiny GPT-2 as `tiny` with the key [`KEY`], as a child
+/// process killed when dropped; what it writes on stderr after it starts is kept (and shown).
 struct ServeProcess {
     child: Child,
     url: String,
@@ -103,6 +109,8 @@ impl ServeProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_nnsight"))
             .args(["serve", "--model", &model, "--listen", "127.0.0.1:0", "--redis", &redis.url()])
             .args(["--reclaim-after", "2"])
+            // Each slow job alone: two submitted together could otherwise merge on one process.
+            .args(["--co-batch", "off"])
             .env("NNSIGHT_QUIET", "1")
             .env("NNSIGHT_LINEAR", "aten")
             .env("OMP_NUM_THREADS", "1")
@@ -402,4 +410,136 @@ fn an_unreachable_redis_is_a_clear_error() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("cannot reach Redis at {url}")), "{stderr}");
+}
+
+/// Serves tiny GPT-2 as `tiny` in this process with its jobs in `redis`, batching as `policy` says: the server and
+/// its workers' counters.
+fn serve_here(redis: &RedisServer, policy: CoBatch, limits: Limits) -> (Server, Arc<BatchCounters>) {
+    let served = tiny();
+    let info = model_info("tiny", &served).expect("describe the model");
+    let models = vec![("tiny".to_string(), vec![served])];
+    let queue = RedisQueue::start_with(models, 64, limits.clone(), RedisOptions::new(redis.url()), policy)
+        .expect("join the broker");
+    let counters = queue.counters("tiny").expect("the model's counters");
+    let options =
+        ServeOptions { listen: "127.0.0.1:0".parse().unwrap(), limits, co_batch: policy, ..Default::default() };
+    let infos = HashMap::from([("tiny".to_string(), info)]);
+    (Server::start_with(Box::new(queue), infos, options).expect("start the server"), counters)
+}
+
+/// Batches of exactly `rows` rows: a worker waits up to 20 s for them, so what merges is decided by the policy.
+fn batches_of(rows: usize) -> CoBatch {
+    CoBatch { enabled: true, max_rows: rows, max_wait: Duration::from_secs(20) }
+}
+
+fn read(g: &mut Graph, module: &str) -> NodeId {
+    g.push(Op::Read { module: module.into(), point: Point::Output, call: 0 }, 0)
+}
+
+/// A user's experiment on tiny GPT-2: layer 0's output scaled by `factor`, layer 1's output and the logits saved.
+fn experiment(factor: f64) -> Job {
+    let mut g = Graph::default();
+    let h0 = read(&mut g, "transformer.h.0");
+    let scaled = g.push(
+        Op::Tensor(TensorOp::BinaryScalar { kind: BinaryOp::Mul, a: h0, scalar: factor, scalar_first: false }),
+        0,
+    );
+    g.push(
+        Op::Write { module: "transformer.h.0".into(), point: Point::Output, call: 0, value: scaled, index: None },
+        0,
+    );
+    let h1 = read(&mut g, "transformer.h.1");
+    g.push(Op::Save { value: h1 }, 0);
+    let out = read(&mut g, "lm_head");
+    g.push(Op::Save { value: out }, 0);
+    Job::Trace { graph: g, inputs: vec![Some("Hello world".into())], edits: vec![] }
+}
+
+/// The largest difference between two runs' saved values (the same nodes in both).
+fn max_diff(a: &Finished, b: &Finished) -> f64 {
+    assert!(!b.values.is_empty());
+    assert_eq!(a.values.len(), b.values.len());
+    let mut worst = 0.0f64;
+    for (id, v) in &b.values {
+        let (x, y) = (a.values[id].tensor().unwrap(), v.tensor().unwrap());
+        assert_eq!(x.size(), y.size(), "node {id}");
+        worst = worst.max(common::max_abs_diff(x, y));
+    }
+    worst
+}
+
+/// A job's events as Redis holds them (`name\ndata`).
+fn stored_events(redis: &RedisServer, id: &str) -> Vec<String> {
+    let mut c = redis.connection().unwrap();
+    redis::cmd("LRANGE").arg(format!("nnsight:job:{id}:events")).arg(0).arg(-1).query(&mut c).unwrap()
+}
+
+/// A sample of the server's `/metrics` (served without keys).
+fn metric(server: &Server, line_start: &str) -> f64 {
+    let text = ureq::get(&format!("{}/metrics", server.url())).call().unwrap().into_string().unwrap();
+    text.lines().find_map(|l| l.strip_prefix(line_start).and_then(|v| v.trim().parse().ok())).unwrap_or(-1.0)
+}
+
+/// Within float noise, as in `serve_batching`: a merged job's rows are computed in a product of more rows.
+const TOLERANCE: f64 = 1e-4;
+
+#[test]
+fn jobs_waiting_in_redis_run_as_one_batch_and_each_equals_its_run_alone() {
+    common::init();
+    let redis = RedisServer::start();
+    let (server, counters) = serve_here(&redis, batches_of(4), Limits::default());
+    let r = Remote::new(server.url(), "tiny");
+    let jobs: Vec<Job> = (0..4).map(|k| experiment(1.0 + k as f64 / 4.0)).collect();
+    let ids: Vec<String> = jobs.iter().map(|j| r.submit(j.clone()).unwrap()).collect();
+    let model = tiny();
+    for (job, id) in jobs.iter().zip(&ids) {
+        let got = r.wait(id).expect("a job of the batch");
+        let d = max_diff(&got, &nnsight::exec::run_job(&model, job, None).unwrap());
+        assert!(d <= TOLERANCE, "{id}: {d}");
+        // Its own events: it ran in the batch of four, and ended once.
+        let events = stored_events(&redis, id);
+        assert_eq!(events.iter().filter(|e| e.starts_with("batch\n{\"jobs\":4")).count(), 1, "{events:?}");
+        assert_eq!(events.iter().filter(|e| e.starts_with("end\n")).count(), 1, "{events:?}");
+    }
+    assert_eq!(counters.recent_sizes(), vec![4], "the four jobs ran as one batch");
+    assert_eq!((counters.merged_jobs(), counters.reruns()), (4, 0));
+    assert_eq!(metric(&server, "nnsight_batches_total{model=\"tiny\"}"), 1.0);
+    assert_eq!(metric(&server, "nnsight_merged_jobs_total{model=\"tiny\"}"), 4.0);
+    assert_eq!(metric(&server, "nnsight_jobs_total{model=\"tiny\",outcome=\"completed\"}"), 4.0);
+    // Every entry acknowledged and deleted: nothing waits, nothing is pending.
+    let mut c = redis.connection().unwrap();
+    let left: u64 = redis::cmd("XLEN").arg("nnsight:queue:tiny").query(&mut c).unwrap();
+    assert_eq!(left, 0);
+}
+
+#[test]
+fn a_failing_job_in_a_redis_batch_leaves_the_others_as_they_are_alone() {
+    common::init();
+    let redis = RedisServer::start();
+    let (server, counters) = serve_here(&redis, batches_of(3), Limits::default());
+    let r = Remote::new(server.url(), "tiny");
+    // Fails at run time: layer 0's output [1, 2, 64] reshaped to 7 rows.
+    let mut g = Graph::default();
+    let h0 = read(&mut g, "transformer.h.0");
+    let bad = g.push(Op::Tensor(TensorOp::Reshape { a: h0, shape: vec![7, -1] }), 0);
+    g.push(Op::Save { value: bad }, 0);
+    let failing = Job::Trace { graph: g, inputs: vec![Some("Hello world".into())], edits: vec![] };
+    let good = [experiment(0.5), experiment(2.0)];
+    let ids = [r.submit(good[0].clone()).unwrap(), r.submit(failing).unwrap(), r.submit(good[1].clone()).unwrap()];
+    let err = r.wait(&ids[1]).expect_err("the failing job fails").to_string();
+    assert!(err.to_lowercase().contains("reshape"), "{err}");
+    let model = tiny();
+    for (job, id) in good.iter().zip([&ids[0], &ids[2]]) {
+        // Run again alone after the batch failed: bit for bit the job's run alone.
+        let got = r.wait(id).expect("a good job of the batch");
+        assert_eq!(max_diff(&got, &nnsight::exec::run_job(&model, job, None).unwrap()), 0.0, "{id}");
+    }
+    for id in &ids {
+        let events = stored_events(&redis, id);
+        assert!(events.iter().any(|e| e.starts_with("batch\n") && e.contains("\"rerun\":true")), "{events:?}");
+        assert_eq!(events.iter().filter(|e| e.starts_with("end\n")).count(), 1, "{events:?}");
+    }
+    assert_eq!(counters.recent_sizes(), vec![3], "the three jobs were tried as one batch");
+    assert_eq!((counters.merged_jobs(), counters.reruns()), (0, 3));
+    assert_eq!(metric(&server, "nnsight_batch_reruns_total{model=\"tiny\"}"), 3.0);
 }

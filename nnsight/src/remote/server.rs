@@ -152,10 +152,15 @@ impl LocalQueue {
                             let n = taken.len() as u64;
                             mine.waiting.fetch_sub(n, Ordering::Relaxed);
                             let started = Instant::now();
-                            let took = |n: usize| {
-                                mine.waiting.fetch_sub(n as u64, Ordering::Relaxed);
+                            // What waits in the queue now, for a continuous batch between two decode steps
+                            // (never waiting: another worker may hold the queue, waiting for a job).
+                            let mut more = || -> Vec<QueuedJob> {
+                                let Ok(rx) = rx.try_lock() else { return Vec::new() };
+                                let jobs: Vec<QueuedJob> = rx.try_iter().collect();
+                                mine.waiting.fetch_sub(jobs.len() as u64, Ordering::Relaxed);
+                                jobs
                             };
-                            cobatch::run_taken(&model, taken, &limits, &policy, &counters, Some((&rx, &took)));
+                            cobatch::run_taken(&model, taken, &limits, &policy, &counters, Some(&mut more));
                             // The mean time between two jobs ending, with every worker busy.
                             let ms = started.elapsed().as_millis() as u64 / n.max(1) / workers;
                             let old = mine.mean_ms.load(Ordering::Relaxed);
@@ -207,17 +212,6 @@ impl JobQueue for LocalQueue {
             }
         }
     }
-}
-
-/// Runs one job on the worker's thread: events stream as it runs, and a panic in it fails only the job.
-fn run_job<H: Hosted>(model: &H, job: &QueuedJob, limits: &Limits) {
-    let record = job.record.clone();
-    record.set_state(JobState::Running, None);
-    // A job alone names no invoke of another's: its lines are all its own.
-    let events = record.clone();
-    let outcome =
-        run_streaming(model, &job.request.job, limits, &record.cancel, move |name, data| events.event(name, data));
-    settle(&record, outcome);
 }
 
 /// Runs `job` on `model` within `limits` on this thread, handing each `log!` line and `send!` value to `emit` as an

@@ -11,10 +11,13 @@
 //! What merges: trace jobs whose batches alone have the same padded length (padding a job's rows further would
 //! change its values' shapes) and equal persistent edits. Generation jobs, jobs that take gradients, skip modules
 //! or have whole-batch invokes run alone.
+//!
+//! The in-process queue's jobs ([`QueuedJob`]) and the Redis broker's (whose events, state and result live in
+//! Redis) run through the same code: each is a [`Member`], which says where its events go and how it ends.
 
 use super::super::execute::{check, check_saved, Hosted, Limits};
 use super::super::protocol;
-use super::super::wire::{json, JobState, SentValue};
+use super::super::wire::{json, JobState, SentValue, WireError};
 use super::jobs::QueuedJob;
 use crate::exec::merge::{merge, mergeable, same_edits};
 use crate::graph::TensorData;
@@ -22,8 +25,9 @@ use crate::{Error, Result};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -127,8 +131,55 @@ impl BatchCounters {
     }
 }
 
+/// Where a job's events go ([`Member::emitter`]): called with an event's name and JSON data.
+pub(super) type Emitter = Arc<dyn Fn(&'static str, String)>;
+
+/// A job a worker took from its queue, as co-batching sees it: what to run, where its events go, and how it ends.
+pub(super) trait Member {
+    /// What to run.
+    fn job(&self) -> &crate::exec::Job;
+    /// Where its events go (as they come for a job run alone; when its batch ends for a merged one).
+    fn emitter(&self) -> Emitter;
+    /// Marks it running.
+    fn start(&self);
+    /// Set from elsewhere to stop it (a cancellation, or its job taken over): it stops at the next module call.
+    fn cancel(&self) -> &AtomicBool;
+    /// Ends it with its result's bytes or its error; called once.
+    fn settle(&self, outcome: std::result::Result<Vec<u8>, WireError>);
+}
+
+impl Member for QueuedJob {
+    fn job(&self) -> &crate::exec::Job {
+        &self.request.job
+    }
+    fn emitter(&self) -> Emitter {
+        let record = self.record.clone();
+        Arc::new(move |name, data| record.event(name, data))
+    }
+    fn start(&self) {
+        self.record.set_state(JobState::Running, None);
+    }
+    fn cancel(&self) -> &AtomicBool {
+        &self.record.cancel
+    }
+    fn settle(&self, outcome: std::result::Result<Vec<u8>, WireError>) {
+        super::settle(&self.record, outcome);
+    }
+}
+
 /// A job taken from the queue, with its batch's (rows, padded length) if it can merge.
-pub(super) type Taken = (QueuedJob, Option<(usize, usize)>);
+pub(super) type Taken<M = QueuedJob> = (M, Option<(usize, usize)>);
+
+/// The (rows, padded length) of `job`'s batch alone if `policy` lets it merge with others, else `None` (it runs
+/// alone).
+pub(super) fn shape_of<H: Hosted>(
+    model: &H,
+    job: &crate::exec::Job,
+    policy: &CoBatch,
+    limits: &Limits,
+) -> Option<(usize, usize)> {
+    (policy.enabled && mergeable(job) && check(job, limits).is_ok()).then(|| model.batch_shape(job)).flatten()
+}
 
 /// `first` and the jobs waiting after it, as `policy` says: all that wait, up to `policy.max_rows` rows, waiting up
 /// to `policy.max_wait` for more.
@@ -139,10 +190,7 @@ pub(super) fn gather<H: Hosted>(
     policy: &CoBatch,
     limits: &Limits,
 ) -> Vec<Taken> {
-    let shape = |job: &QueuedJob| {
-        let j = &job.request.job;
-        (policy.enabled && mergeable(j) && check(j, limits).is_ok()).then(|| model.batch_shape(j)).flatten()
-    };
+    let shape = |job: &QueuedJob| shape_of(model, &job.request.job, policy, limits);
     let rows = |s: &Option<(usize, usize)>| s.map_or(policy.max_rows, |s| s.0);
     let s = shape(&first);
     let mut total = rows(&s);
@@ -168,8 +216,8 @@ pub(super) fn gather<H: Hosted>(
 }
 
 /// Runs `jobs` (taken from one model's queue, oldest first): those that can merge as batches of at most
-/// `policy.max_rows` rows, the others alone; counts them in `counters`. A queue other than the in-process one
-/// (a broker's) runs what it took this way too.
+/// `policy.max_rows` rows, the others alone; counts them in `counters`. (The Redis broker's workers run what they
+/// take through the same code.)
 pub fn run_jobs<H: Hosted>(
     model: &H,
     jobs: Vec<QueuedJob>,
@@ -177,40 +225,52 @@ pub fn run_jobs<H: Hosted>(
     policy: &CoBatch,
     counters: &BatchCounters,
 ) {
+    run_members(model, jobs, limits, policy, counters);
+}
+
+/// [`run_jobs`] on jobs of any queue.
+pub(super) fn run_members<H: Hosted, M: Member + 'static>(
+    model: &H,
+    jobs: Vec<M>,
+    limits: &Limits,
+    policy: &CoBatch,
+    counters: &BatchCounters,
+) {
     let taken = jobs
         .into_iter()
         .map(|j| {
-            let s = (policy.enabled && mergeable(&j.request.job) && check(&j.request.job, limits).is_ok())
-                .then(|| model.batch_shape(&j.request.job))
-                .flatten();
+            let s = shape_of(model, j.job(), policy, limits);
             (j, s)
         })
         .collect();
     run_taken(model, taken, limits, policy, counters, None);
 }
 
-/// [`run_jobs`] on jobs whose shapes are known.
-pub(super) fn run_taken<H: Hosted>(
+/// [`run_jobs`] on jobs whose shapes are known ([`shape_of`]).
+///
+/// Generations that can join run after the others as one continuous batch, which asks `more` (when given) for the
+/// jobs waiting in the worker's queue between its decode steps.
+pub(super) fn run_taken<H: Hosted, M: Member + 'static>(
     model: &H,
-    taken: Vec<Taken>,
+    taken: Vec<Taken<M>>,
     limits: &Limits,
     policy: &CoBatch,
     counters: &BatchCounters,
-    queue: Option<Queue<'_>>,
+    more: Option<&mut dyn FnMut() -> Vec<M>>,
 ) {
     // Generations that can join one continuous batch (the edits of the first), run after the rest.
-    let mut generations: Vec<QueuedJob> = Vec::new();
+    let mut generations: Vec<M> = Vec::new();
     // Groups in the order of their first job: (padded length, rows so far, jobs).
-    let mut groups: Vec<(Option<usize>, usize, Vec<QueuedJob>)> = Vec::new();
+    let mut groups: Vec<(Option<usize>, usize, Vec<M>)> = Vec::new();
     for (job, shape) in taken {
-        if super::continuous::joins(model, &job, policy, limits)
-            && generations.first().is_none_or(|g| same_edits(&g.request.job, &job.request.job))
+        if super::continuous::joins(model, job.job(), policy, limits)
+            && generations.first().is_none_or(|g| same_edits(g.job(), job.job()))
         {
             generations.push(job);
             continue;
         }
-        let fits = |g: &(Option<usize>, usize, Vec<QueuedJob>), (rows, len): (usize, usize)| {
-            g.0 == Some(len) && g.1 + rows <= policy.max_rows && same_edits(&g.2[0].request.job, &job.request.job)
+        let fits = |g: &(Option<usize>, usize, Vec<M>), (rows, len): (usize, usize)| {
+            g.0 == Some(len) && g.1 + rows <= policy.max_rows && same_edits(g.2[0].job(), job.job())
         };
         match shape {
             Some(s) if s.0 <= policy.max_rows => match groups.iter_mut().find(|g| fits(g, s)) {
@@ -227,42 +287,26 @@ pub(super) fn run_taken<H: Hosted>(
         counters.note(group.len());
         if group.len() == 1 {
             let job = &group[0];
-            job.record.event("batch", serde_json::json!({ "jobs": 1 }).to_string());
-            super::run_job(model, job, limits);
+            (job.emitter())("batch", serde_json::json!({ "jobs": 1 }).to_string());
+            run_alone(model, job, limits);
         } else {
             run_merged(model, group, rows, limits, counters);
         }
     }
-    if let Some(like) = generations.first().map(|g| g.request.job.clone()) {
-        let (queue, took) = match queue {
-            Some((q, took)) => (Some(q), took),
-            None => (None, &(|_| {}) as &dyn Fn(usize)),
-        };
-        let source = super::continuous::Source {
-            model,
-            queue,
-            took,
-            limits,
-            policy,
-            counters,
-            like,
-            waiting: Default::default(),
-        };
+    if let Some(like) = generations.first().map(|g| g.job().clone()) {
+        let source =
+            super::continuous::Source { model, more, limits, policy, counters, like, waiting: Default::default() };
         super::continuous::run(generations, source);
     }
 }
-
-/// A worker's queue, which a continuous batch looks at between decode steps, and what to call with the number of
-/// jobs it took from it.
-pub(super) type Queue<'q> = (&'q Mutex<Receiver<QueuedJob>>, &'q dyn Fn(usize));
 
 /// A job's events (name, JSON data) held until its batch ends.
 type Events = Vec<(&'static str, String)>;
 
 /// Runs `group` (mergeable jobs of one padded length and the same edits, `rows` rows in all) as one trace; if that
 /// fails, each job alone.
-fn run_merged<H: Hosted>(model: &H, group: Vec<QueuedJob>, rows: usize, limits: &Limits, counters: &BatchCounters) {
-    let jobs: Vec<&crate::exec::Job> = group.iter().map(|j| &j.request.job).collect();
+fn run_merged<H: Hosted, M: Member>(model: &H, group: Vec<M>, rows: usize, limits: &Limits, counters: &BatchCounters) {
+    let jobs: Vec<&crate::exec::Job> = group.iter().map(|j| j.job()).collect();
     let Some(merged) = merge(&jobs) else {
         counters.reruns.fetch_add(group.len() as u64, Ordering::Relaxed);
         group.iter().for_each(|job| alone(model, job, limits));
@@ -270,8 +314,8 @@ fn run_merged<H: Hosted>(model: &H, group: Vec<QueuedJob>, rows: usize, limits: 
     };
     let n = group.len();
     for job in &group {
-        job.record.set_state(JobState::Running, None);
-        job.record.event("batch", serde_json::json!({ "jobs": n, "rows": rows }).to_string());
+        job.start();
+        (job.emitter())("batch", serde_json::json!({ "jobs": n, "rows": rows }).to_string());
     }
     // Each job's events, held until the batch ends; a line no invoke names (an edit's) goes to every job.
     let events: Rc<RefCell<Vec<Events>>> = Rc::new(RefCell::new(vec![Vec::new(); n]));
@@ -290,7 +334,7 @@ fn run_merged<H: Hosted>(model: &H, group: Vec<QueuedJob>, rows: usize, limits: 
     let start = Instant::now();
     let seconds = limits.wall_time.as_secs_f64();
     let watch = || -> Result<()> {
-        let cancelled = group.iter().any(|j| j.record.cancel.load(Ordering::Relaxed));
+        let cancelled = group.iter().any(|j| j.cancel().load(Ordering::Relaxed));
         if cancelled || start.elapsed() > limits.wall_time {
             return Err(Error::TimeLimit { seconds });
         }
@@ -320,16 +364,26 @@ fn run_merged<H: Hosted>(model: &H, group: Vec<QueuedJob>, rows: usize, limits: 
     counters.merged.fetch_add(n as u64, Ordering::Relaxed);
     let events = std::mem::take(&mut *events.borrow_mut());
     for ((job, part), events) in group.iter().zip(merged.split(finished)).zip(events) {
+        let emit = job.emitter();
         for (name, data) in events {
-            job.record.event(name, data);
+            emit(name, data);
         }
         let result = check_saved(&part, limits).and_then(|()| protocol::encode_result(&part));
-        super::settle(&job.record, result.map_err(|e| super::WireError::from(&e)));
+        job.settle(result.map_err(|e| WireError::from(&e)));
     }
 }
 
 /// Runs `job` alone after its batch failed.
-fn alone<H: Hosted>(model: &H, job: &QueuedJob, limits: &Limits) {
-    job.record.event("batch", serde_json::json!({ "jobs": 1, "rerun": true }).to_string());
-    super::run_job(model, job, limits);
+fn alone<H: Hosted, M: Member>(model: &H, job: &M, limits: &Limits) {
+    (job.emitter())("batch", serde_json::json!({ "jobs": 1, "rerun": true }).to_string());
+    run_alone(model, job, limits);
+}
+
+/// Runs one job on the worker's thread: its events stream as it runs, and a panic in it fails only the job.
+fn run_alone<H: Hosted, M: Member>(model: &H, job: &M, limits: &Limits) {
+    job.start();
+    // A job alone names no invoke of another's: its lines are all its own.
+    let emit = job.emitter();
+    let outcome = super::run_streaming(model, job.job(), limits, job.cancel(), move |name, data| emit(name, data));
+    job.settle(outcome);
 }

@@ -116,7 +116,7 @@ struct Inner {
     ended: BTreeMap<(String, String), u64>,
     waited: BTreeMap<String, Histogram>,
     ran: BTreeMap<String, Histogram>,
-    /// Each model's co-batching counters (the in-process queue's workers keep them).
+    /// Each model's co-batching counters (its workers keep them: the in-process queue's or the broker's).
     batches: BTreeMap<String, Arc<BatchCounters>>,
 }
 

@@ -1,12 +1,13 @@
 //! A broker for many server processes on many machines: Redis Streams behind [`JobQueue`].
 //!
 //! Every process serving a model is a consumer of one consumer group on that model's stream. A submitted job is
-//! `XADD`ed to the stream; a free worker of any process takes it with `XREADGROUP`, runs it (the same
-//! [`execute`] as the in-process queue), stores its result and final state with one script that also `XACK`s
-//! (and `XDEL`s) the entry. The job's state, events and result live in Redis, so any process answers
+//! `XADD`ed to the stream; a free worker of any process takes it, with the jobs waiting after it up to the
+//! co-batching policy's rows (`XREADGROUP COUNT`, waiting up to the policy's time for more), runs them as the
+//! in-process queue does (co-batched where they merge: [`CoBatch`]), and stores each job's result and final state,
+//! as it ends, with one script that also `XACK`s (and `XDEL`s) the job's entry. The job's state, events and result live in Redis, so any process answers
 //! `/v1/jobs/ID`, `/events` and `/result` for any job.
 //!
-//! A worker renews its claim on the entry it runs every quarter of [`RedisOptions::reclaim_after`] (`XCLAIM` of
+//! A worker renews its claim on every entry it has taken (all of a batch's) every quarter of [`RedisOptions::reclaim_after`] (`XCLAIM` of
 //! its own entry, which resets the entry's idle time). An entry idle longer than that belongs to a process that
 //! stopped (killed, crashed, cut off): an idle worker elsewhere takes it over with `XAUTOCLAIM` and runs the job
 //! again. A job therefore runs at least once, and possibly more than once; its result is stored exactly once: the
@@ -22,6 +23,7 @@
 use super::super::execute::{Hosted, Limits};
 use super::super::protocol;
 use super::super::wire::{json, JobState, JobStatus, WireError};
+use super::cobatch::{BatchCounters, CoBatch};
 use super::jobs::{JobQueue, JobStore, QueueFull, QueuedJob, StoreError};
 use super::metrics::Metrics;
 use super::{model_info, ServeOptions, Server};
@@ -93,6 +95,10 @@ struct Shared {
     consumer: String,
     capacity: usize,
     limits: Limits,
+    /// How a worker batches the jobs it takes.
+    policy: CoBatch,
+    /// Each model's co-batching counters (all its workers').
+    counters: HashMap<String, Arc<BatchCounters>>,
     reclaim_after: Duration,
     stop: AtomicBool,
     /// The entries this process's workers are running: (stream, entry id, set when another process took it over).
@@ -222,13 +228,25 @@ fn parse_state(s: &str) -> Option<JobState> {
 
 impl RedisQueue {
     /// Joins the broker at `options.url` with `models` (name, copies): a worker thread per copy takes that
-    /// model's jobs from the shared stream; at most `capacity` jobs wait per model; jobs run within `limits`.
-    /// Fails, naming the URL, when Redis cannot be reached.
+    /// model's jobs from the shared stream; at most `capacity` jobs wait per model; jobs run within `limits`,
+    /// co-batched as [`CoBatch::default`] says. Fails, naming the URL, when Redis cannot be reached.
     pub fn start<H: Hosted>(
         models: Vec<(String, Vec<H>)>,
         capacity: usize,
         limits: Limits,
         options: RedisOptions,
+    ) -> Result<Self> {
+        Self::start_with(models, capacity, limits, options, CoBatch::default())
+    }
+
+    /// [`RedisQueue::start`], co-batching as `policy` says: a worker takes the jobs waiting in the stream up to
+    /// `policy.max_rows` rows, waiting up to `policy.max_wait` for more, and runs those that merge as one batch.
+    pub fn start_with<H: Hosted>(
+        models: Vec<(String, Vec<H>)>,
+        capacity: usize,
+        limits: Limits,
+        options: RedisOptions,
+        policy: CoBatch,
     ) -> Result<Self> {
         let url = redact(&options.url);
         let broker = |message: String| Error::Broker { url: url.clone(), message };
@@ -243,6 +261,8 @@ impl RedisQueue {
             consumer,
             capacity: capacity.max(1),
             limits,
+            policy,
+            counters: models.iter().map(|(n, _)| (n.clone(), Arc::new(BatchCounters::default()))).collect(),
             reclaim_after: options.reclaim_after.max(Duration::from_millis(200)),
             stop: AtomicBool::new(false),
             in_flight: Mutex::new(Vec::new()),
@@ -295,13 +315,19 @@ impl RedisQueue {
         if infos.is_empty() {
             return Err(Error::InvalidInput { message: "no model to serve".into() });
         }
-        let queue = RedisQueue::start(models, options.queue, options.limits.clone(), redis)?;
+        let queue = RedisQueue::start_with(models, options.queue, options.limits.clone(), redis, options.co_batch)?;
         Server::start_with(Box::new(queue), infos, options)
     }
 
     /// This process's consumer name (the `worker` field of the jobs it runs).
     pub fn consumer(&self) -> &str {
         &self.shared.consumer
+    }
+
+    /// What this process's workers of `model` have run so far (batches, merged jobs); `None` for a model not
+    /// served here.
+    pub fn counters(&self, model: &str) -> Option<Arc<BatchCounters>> {
+        self.shared.counters.get(model).cloned()
     }
 }
 
@@ -347,6 +373,9 @@ impl JobQueue for RedisQueue {
     }
 
     fn observe(&self, metrics: Arc<Metrics>) {
+        for (model, counters) in &self.shared.counters {
+            metrics.batches(model, counters.clone());
+        }
         let _ = self.shared.metrics.set(metrics);
     }
 }

@@ -1,5 +1,7 @@
-//! A worker of the broker: takes its model's jobs from the stream (first those a stopped process left), runs
-//! them, stores their ends; and the thread renewing the claims on the jobs this process runs.
+//! A worker of the broker: takes its model's jobs from the stream (first those a stopped process left, each run
+//! alone; else every waiting job up to the co-batching policy's rows, waiting up to its time for more), runs them
+//! through co-batching (the in-process queue's code: [`run_taken`]), stores each job's end on its own; and the
+//! thread renewing the claims on the jobs this process runs.
 
 use super::scripts::{FINISH, RENEW, START};
 use super::{
@@ -7,14 +9,15 @@ use super::{
 };
 use crate::remote::execute::Hosted;
 use crate::remote::protocol;
+use crate::remote::server::cobatch::{run_taken, shape_of, Emitter, Member, Taken};
 use crate::remote::server::metrics::{log_job, JobFacts};
-use crate::remote::server::{run_streaming, RESULT_TTL};
+use crate::remote::server::RESULT_TTL;
 use crate::remote::wire::{json, JobState, WireError};
 use ::redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use ::redis::{cmd, Connection, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A worker: takes the model's jobs (first any a stopped process left behind, then new ones) and runs them,
 /// until the queue is dropped. Redis going away is waited out, with a message.
@@ -36,9 +39,18 @@ pub(super) fn work<H: Hosted>(shared: &Arc<Shared>, model: &H, name: &str) {
             },
         };
         match next_entry(shared, c, &stream) {
-            Ok(Some(entry)) => {
+            Ok(Some((entry, reclaimed))) => {
                 pause = Duration::from_millis(100);
-                run_entry(shared, model, name, &stream, entry);
+                let mut taken: Vec<Taken<RedisJob>> = take(shared, model, name, &stream, entry).into_iter().collect();
+                // A job taken over from a stopped process runs alone: it may be what stopped it.
+                if !reclaimed && !taken.is_empty() {
+                    if let Err(e) = gather(shared, c, model, name, &stream, &mut taken) {
+                        // What was taken runs; the connection is made again for the next read.
+                        eprintln!("nnsight serve: worker of `{name}`: {}", shared.pool.describe(&e));
+                        con = None;
+                    }
+                }
+                run_batch(shared, model, name, taken);
             }
             Ok(None) => pause = Duration::from_millis(100),
             Err(e) if e.code() == Some("NOGROUP") => {
@@ -62,9 +74,9 @@ pub(super) fn work<H: Hosted>(shared: &Arc<Shared>, model: &H, name: &str) {
     }
 }
 
-/// The next entry to run: one a silent worker has held longer than the reclaim time, else a new one (waiting up
-/// to [`BLOCK`] for it).
-fn next_entry(shared: &Shared, c: &mut Connection, stream: &str) -> ::redis::RedisResult<Option<StreamId>> {
+/// The next entry to run and whether it was taken over: one a silent worker has held longer than the reclaim
+/// time, else a new one (waiting up to [`BLOCK`] for it).
+fn next_entry(shared: &Shared, c: &mut Connection, stream: &str) -> ::redis::RedisResult<Option<(StreamId, bool)>> {
     let claimed: StreamAutoClaimReply = cmd("XAUTOCLAIM")
         .arg(stream)
         .arg(GROUP)
@@ -75,21 +87,82 @@ fn next_entry(shared: &Shared, c: &mut Connection, stream: &str) -> ::redis::Red
         .arg(1)
         .query(c)?;
     if let Some(entry) = claimed.claimed.into_iter().next() {
-        return Ok(Some(entry));
+        return Ok(Some((entry, true)));
     }
-    let read: Option<StreamReadReply> = cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(GROUP)
-        .arg(&shared.consumer)
-        .arg("COUNT")
-        .arg(1)
-        .arg("BLOCK")
-        .arg(BLOCK.as_millis() as u64)
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">")
-        .query(c)?;
-    Ok(read.and_then(|r| r.keys.into_iter().next()).and_then(|k| k.ids.into_iter().next()))
+    Ok(read_new(shared, c, stream, 1, Some(BLOCK))?.into_iter().next().map(|e| (e, false)))
+}
+
+/// Up to `count` new entries of the stream, waiting up to `block` (at least a millisecond) for one; at once
+/// without.
+fn read_new(
+    shared: &Shared,
+    c: &mut Connection,
+    stream: &str,
+    count: usize,
+    block: Option<Duration>,
+) -> ::redis::RedisResult<Vec<StreamId>> {
+    let mut read = cmd("XREADGROUP");
+    read.arg("GROUP").arg(GROUP).arg(&shared.consumer).arg("COUNT").arg(count.max(1));
+    if let Some(block) = block {
+        // BLOCK 0 would wait for ever.
+        read.arg("BLOCK").arg((block.as_millis() as u64).max(1));
+    }
+    let read: Option<StreamReadReply> = read.arg("STREAMS").arg(stream).arg(">").query(c)?;
+    Ok(read.and_then(|r| r.keys.into_iter().next()).map(|k| k.ids).unwrap_or_default())
+}
+
+/// Adds to `taken` the new entries that wait after it, as the co-batching policy says: up to its rows in all,
+/// waiting up to its time for more (each read asking for as many entries as jobs the size of the first fit).
+fn gather<H: Hosted>(
+    shared: &Arc<Shared>,
+    c: &mut Connection,
+    model: &H,
+    name: &str,
+    stream: &str,
+    taken: &mut Vec<Taken<RedisJob>>,
+) -> ::redis::RedisResult<()> {
+    let policy = &shared.policy;
+    if !policy.enabled {
+        return Ok(());
+    }
+    // A job that cannot merge fills the batch (as the in-process queue counts it).
+    let rows = |s: &Option<(usize, usize)>| s.map_or(policy.max_rows, |s| s.0.max(1));
+    let per_job = taken.first().map_or(1, |(_, s)| rows(s));
+    let mut total: usize = taken.iter().map(|(_, s)| rows(s)).sum();
+    let deadline = Instant::now() + policy.max_wait;
+    while total < policy.max_rows && !shared.stop.load(Ordering::Relaxed) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // A wait under a millisecond reads what is there; a long one in steps within the connection's timeout.
+        let block = (left >= Duration::from_millis(1)).then(|| left.min(BLOCK));
+        let count = ((policy.max_rows - total) / per_job).max(1);
+        let entries = read_new(shared, c, stream, count, block)?;
+        if entries.is_empty() && left <= BLOCK {
+            break;
+        }
+        for entry in entries {
+            if let Some(t) = take(shared, model, name, stream, entry) {
+                total += rows(&t.1);
+                taken.push(t);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the jobs taken (oldest first) through co-batching; each stores its end as it settles.
+fn run_batch<H: Hosted>(shared: &Arc<Shared>, model: &H, name: &str, taken: Vec<Taken<RedisJob>>) {
+    let Some(counters) = shared.counters.get(name) else { return };
+    let n = taken.len() as u64;
+    if n == 0 {
+        return;
+    }
+    let begun = Instant::now();
+    run_taken(model, taken, &shared.limits, &shared.policy, counters, None);
+    if let Some(mean) = shared.mean_ms.get(name) {
+        // The mean time between two jobs ending, for "retry after".
+        let ms = begun.elapsed().as_millis() as u64 / n;
+        mean.store((mean.load(Ordering::Relaxed) * 7 + ms) / 8, Ordering::Relaxed);
+    }
 }
 
 fn field(entry: &StreamId, name: &str) -> Option<Vec<u8>> {
@@ -100,8 +173,16 @@ fn field(entry: &StreamId, name: &str) -> Option<Vec<u8>> {
     }
 }
 
-/// Runs one entry's job: marks it running here, runs it with its events going to Redis, stores its end.
-fn run_entry<H: Hosted>(shared: &Arc<Shared>, model: &H, name: &str, stream: &str, entry: StreamId) {
+/// Takes one entry's job: marks it running here (its claim renewed from now on) and decodes it; `None` when it
+/// is not to run (not a job, ended already, started too often, undecodable: each acknowledged, and ended where
+/// it must be; or Redis away: it stays pending and is taken over later).
+fn take<H: Hosted>(
+    shared: &Arc<Shared>,
+    model: &H,
+    name: &str,
+    stream: &str,
+    entry: StreamId,
+) -> Option<Taken<RedisJob>> {
     let id = field(&entry, "id").map(|b| String::from_utf8_lossy(&b).into_owned());
     let (Some(id), Some(bytes)) = (id, field(&entry, "request")) else {
         // Not a job of ours: acknowledged and dropped.
@@ -116,7 +197,7 @@ fn run_entry<H: Hosted>(shared: &Arc<Shared>, model: &H, name: &str, stream: &st
                 .arg(&entry.id)
                 .query::<()>(c)
         });
-        return;
+        return None;
     };
     let running = status_event(&id, JobState::Running, None);
     let started: std::result::Result<i64, String> = shared.pool.with(|c| {
@@ -134,14 +215,18 @@ fn run_entry<H: Hosted>(shared: &Arc<Shared>, model: &H, name: &str, stream: &st
         // Taken by another worker meanwhile, or Redis away: the entry stays pending and is taken over later.
         Err(e) => {
             eprintln!("nnsight serve: job {id}: {e}");
-            return;
+            return None;
         }
-        Ok(-1) | Ok(0) => return finish(Err(WireError::Other { message: String::new() })), // only acknowledges
+        Ok(-1) | Ok(0) => {
+            finish(Err(WireError::Other { message: String::new() })); // only acknowledges
+            return None;
+        }
         Ok(-2) => {
             let message = format!(
                 "job {id} was started {MAX_STARTS} times and its worker stopped each time (a crash, a kill, or a lost connection to Redis); it is not tried again"
             );
-            return finish(Err(WireError::Other { message }));
+            finish(Err(WireError::Other { message }));
+            return None;
         }
         Ok(_) => {}
     }
@@ -151,7 +236,6 @@ fn run_entry<H: Hosted>(shared: &Arc<Shared>, model: &H, name: &str, stream: &st
         entry.id.clone(),
         lost.clone(),
     ));
-    let begun = std::time::Instant::now();
     // Waited since it was queued (the entry id is the time it was added, in ms).
     let queued_ms = entry.id.split('-').next().and_then(|ms| ms.parse::<u64>().ok()).unwrap_or_else(now_ms);
     let waited = Duration::from_millis(now_ms().saturating_sub(queued_ms));
@@ -161,50 +245,93 @@ fn run_entry<H: Hosted>(shared: &Arc<Shared>, model: &H, name: &str, stream: &st
         Err(_) => JobFacts { model: name.to_string(), ..JobFacts::default() },
     };
     facts.key_id = field(&entry, "key").map(|k| String::from_utf8_lossy(&k).into_owned()).unwrap_or_else(|| "-".into());
-    let outcome = match request {
-        Ok(request) => run_captured(shared, model, &id, &request, &lost),
-        Err(e) => Err(WireError::from(&e)),
+    let claim = Claim {
+        shared: shared.clone(),
+        model: name.to_string(),
+        stream: stream.to_string(),
+        entry: entry.id,
+        id,
+        lost,
+        facts,
+        waited,
+        begun: Instant::now(),
     };
-    let ran = begun.elapsed();
-    shared.in_flight.lock().unwrap_or_else(|p| p.into_inner()).retain(|(_, e, _)| e != &entry.id);
-    if let Some(mean) = shared.mean_ms.get(name) {
-        let ms = begun.elapsed().as_millis() as u64;
-        mean.store((mean.load(Ordering::Relaxed) * 7 + ms) / 8, Ordering::Relaxed);
+    match request {
+        Ok(request) => {
+            let shape = shape_of(model, &request.job, &shared.policy, &shared.limits);
+            Some((RedisJob { claim, request }, shape))
+        }
+        Err(e) => {
+            claim.end(Err(WireError::from(&e)));
+            None
+        }
     }
-    let taken_over = lost.load(Ordering::Relaxed);
-    let what = if taken_over {
-        "taken_over"
-    } else if outcome.is_ok() {
-        "completed"
-    } else {
-        "error"
-    };
-    if let Some(metrics) = shared.metrics.get() {
-        metrics.ended(name, what, waited, ran);
-    }
-    log_job(&id, &facts, waited, ran, what);
-    if taken_over {
-        // Another process took the job over (this one was thought dead): its run is the one that counts.
-        return;
-    }
-    finish(outcome);
 }
 
-/// Decodes and runs a job as the in-process queue does (the same [`execute`]), its `log!` lines and `send!`
-/// values appended to its events as they come; a panic fails only the job.
-fn run_captured<H: Hosted>(
-    shared: &Arc<Shared>,
-    model: &H,
-    id: &str,
-    request: &protocol::Request,
-    cancel: &AtomicBool,
-) -> std::result::Result<Vec<u8>, WireError> {
-    let (events, id) = (shared.clone(), id.to_string());
-    let emit = move |name: &'static str, data: String| {
-        let key = events.events(&id);
-        let _ = events.pool.with(|c| cmd("RPUSH").arg(&key).arg(event(name, &data)).query::<()>(c));
-    };
-    run_streaming(model, &request.job, &shared.limits, cancel, emit)
+/// A job this process has started: where it is in Redis, and what its log line and the figures need.
+struct Claim {
+    shared: Arc<Shared>,
+    model: String,
+    stream: String,
+    entry: String,
+    id: String,
+    /// Set when another process took the job over (this one was thought dead): its run stops, and stores nothing.
+    lost: Arc<AtomicBool>,
+    facts: JobFacts,
+    waited: Duration,
+    begun: Instant,
+}
+
+impl Claim {
+    /// Counts and logs the job's end and stores it (unless the job was taken over: the other run is the one that
+    /// counts); its claim is no longer renewed.
+    fn end(&self, outcome: std::result::Result<Vec<u8>, WireError>) {
+        let shared = &self.shared;
+        let ran = self.begun.elapsed();
+        shared.in_flight.lock().unwrap_or_else(|p| p.into_inner()).retain(|(_, e, _)| e != &self.entry);
+        let taken_over = self.lost.load(Ordering::Relaxed);
+        let what = if taken_over {
+            "taken_over"
+        } else if outcome.is_ok() {
+            "completed"
+        } else {
+            "error"
+        };
+        if let Some(metrics) = shared.metrics.get() {
+            metrics.ended(&self.model, what, self.waited, ran);
+        }
+        log_job(&self.id, &self.facts, self.waited, ran, what);
+        if !taken_over {
+            finish(shared, &self.stream, &self.entry, &self.id, outcome);
+        }
+    }
+}
+
+/// A job of the broker as co-batching runs it: its `log!` lines, `send!` values and batch events are appended to
+/// its events in Redis, and its end is stored there.
+pub(super) struct RedisJob {
+    claim: Claim,
+    request: protocol::Request,
+}
+
+impl Member for RedisJob {
+    fn job(&self) -> &crate::exec::Job {
+        &self.request.job
+    }
+    fn emitter(&self) -> Emitter {
+        let (shared, key) = (self.claim.shared.clone(), self.claim.shared.events(&self.claim.id));
+        Arc::new(move |name, data| {
+            let _ = shared.pool.with(|c| cmd("RPUSH").arg(&key).arg(event(name, &data)).query::<()>(c));
+        })
+    }
+    /// Nothing to do: [`take`] marked it running in Redis.
+    fn start(&self) {}
+    fn cancel(&self) -> &AtomicBool {
+        &self.claim.lost
+    }
+    fn settle(&self, outcome: std::result::Result<Vec<u8>, WireError>) {
+        self.claim.end(outcome);
+    }
 }
 
 /// Stores the job's end (once: a job that ended already is left as it is) and acknowledges its entry, trying
