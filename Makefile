@@ -58,8 +58,9 @@ bench-sweep: setup setup-peer
 bench-remote: setup
 	cargo run --release --example bench_remote
 
-## make bench-serve: one SmolLM2 served here on loopback, 1, 8 and 32 concurrent clients sending trace jobs, with
-## co-batching off and on: jobs/s and p50/p99 latency (ARGS="SECONDS" per row, default 8).
+## make bench-serve: one SmolLM2 served here on loopback, 1, 8 and 32 concurrent clients sending trace jobs, then
+## generation jobs, with co-batching off and on: jobs/s (tokens/s) and p50/p99 latency
+## (ARGS="[trace|generate|both] [SECONDS]": which part, seconds per row, default both and 8).
 bench-serve: setup
 	cargo run --release --example bench_serve -- $(ARGS)
 
