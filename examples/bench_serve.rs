@@ -261,17 +261,18 @@ fn bench_generate(off: &Served, on: &Served, tokens: usize, seconds: f64) -> Res
     );
     println!("more for {seconds} s; {}", machine::cpu());
     println!();
-    println!("| clients | co-batching | jobs/s | tokens/s | p50 latency (ms) | p99 latency (ms) | jobs per batch |");
-    println!("|--------:|:-----------:|-------:|---------:|-----------------:|-----------------:|---------------:|");
+    println!("| clients | co-batching | jobs/s | tokens/s | p50 latency (ms) | p99 latency (ms) | rows per step |");
+    println!("|--------:|:-----------:|-------:|---------:|-----------------:|-----------------:|--------------:|");
     let mut rates: HashMap<(usize, bool), (f64, f64)> = HashMap::new();
     for clients in [1, 8, 32] {
         for (mode, served) in [(false, off), (true, on)] {
             let url = served.server.url();
             // Warm-up: one job per client.
             load_generate(&url, clients, Duration::ZERO)?;
-            let (b0, j0) = (served.counters.batches(), served.counters.jobs());
+            // Rows per decode step of the continuous batch (1 when each job runs alone).
+            let (s0, r0) = (served.counters.decode_steps(), served.counters.decode_step_rows());
             let (times, made, wall) = load_generate(&url, clients, Duration::from_secs_f64(seconds))?;
-            let (b, j) = (served.counters.batches() - b0, served.counters.jobs() - j0);
+            let (steps, rows) = (served.counters.decode_steps() - s0, served.counters.decode_step_rows() - r0);
             let expected = times.len() * NEW_TOKENS;
             if made != expected {
                 return Err(format!("{made} new tokens from {} jobs of {NEW_TOKENS}", times.len()).into());
@@ -280,9 +281,9 @@ fn bench_generate(off: &Served, on: &Served, tokens: usize, seconds: f64) -> Res
             let (p50, p99) = (stats::median(times.clone()), percentile(times, 0.99));
             rates.insert((clients, mode), (token_rate, p99));
             println!(
-                "| {clients:>7} | {:^11} | {rate:>6.2} | {token_rate:>8.1} | {p50:>16.1} | {p99:>16.1} | {:>14.1} |",
+                "| {clients:>7} | {:^11} | {rate:>6.2} | {token_rate:>8.1} | {p50:>16.1} | {p99:>16.1} | {:>13.1} |",
                 if mode { "on" } else { "off" },
-                j as f64 / b.max(1) as f64
+                if steps == 0 { 1.0 } else { rows as f64 / steps as f64 }
             );
         }
     }
