@@ -302,6 +302,16 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// A block of a session run as one job failed (the job's other blocks gave no result either).
+    #[error("in block {block} of the session: {source}")]
+    SessionBlock {
+        /// Which block (1 is the first).
+        block: usize,
+        /// What failed.
+        #[source]
+        source: Box<Error>,
+    },
+
     /// A graph (e.g. read from JSON) is malformed.
     #[error("invalid graph: {message}")]
     InvalidGraph {

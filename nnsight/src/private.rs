@@ -2,6 +2,7 @@
 //! change without notice. Generated code reaches it as `::nnsight::__private`.
 
 pub use crate::envoy::results::Finish;
+pub use crate::envoy::session::{Carry, CarryPlain, CarrySaved, CarrySaveds, CarryUnsaved, Session};
 pub use crate::envoy::{
     Envoy, FinishPlain, FinishSaved, FinishUnsaved, GraphCell, HookPoint, IndexableEnvoy, InnerPoint, InputsPoint,
     IntoIndex, IntoTensorProxy, ModuleListEnvoy, ParamPoint, Points, Proxy, Scan, Trace, TraceResults, TraceTarget,

@@ -67,6 +67,11 @@ pub fn expand(r: Rewritten) -> TokenStream {
             }
         }
     }
+    if let Some(session) = &r.session {
+        // In a session sent as one request: the block joins it; the session runs and finishes the bindings.
+        out.extend(quote_spanned!(s=> #session.add(&__nn_tr)?;));
+        return out;
+    }
     out.extend(quote_spanned! {s=>
         #[allow(unused_mut, unused_variables)]
         let mut __nn_results = __nn_tr.run()?;

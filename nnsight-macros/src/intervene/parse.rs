@@ -43,6 +43,9 @@ pub struct Intervene {
     pub options: Option<Expr>,
     /// The server of `ROOT.trace(..).remote(SERVER)`: the block runs there.
     pub remote: Option<Expr>,
+    /// The session of `ROOT.trace(..).__nn_session(SESSION)`, written by a session sent as one request (see
+    /// [`super::session`]): the block is added to it instead of run.
+    pub session: Option<Ident>,
     /// The statements and invoke blocks of the body, in order.
     pub items: Vec<Item>,
 }
@@ -132,25 +135,31 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
     };
     // `.remote(server)`: the block runs on a server.
     let mut remote = None;
+    let mut session = None;
     if input.peek(Token![.]) {
         input.parse::<Token![.]>()?;
         let word: Ident = input.parse()?;
-        if word != "remote" || !input.peek(syn::token::Paren) {
+        if word == "__nn_session" && input.peek(syn::token::Paren) && kind.may_be_remote() {
+            let inner;
+            parenthesized!(inner in input);
+            session = Some(inner.parse::<Ident>()?);
+        } else if word != "remote" || !input.peek(syn::token::Paren) {
             return Err(syn::Error::new(
                 word.span(),
                 format!("expected `.remote(server)` or a block after `{root}.{form}(...)`"),
             ));
-        }
-        let server;
-        parenthesized!(server in input);
-        let e: Expr = server.parse()?;
-        if !kind.may_be_remote() {
-            errors.push(syn::Error::new(
-                word.span(),
-                format!("a {form} runs here (on shapes, or as an edit of the model): it cannot be `.remote(..)`"),
-            ));
         } else {
-            remote = Some(e);
+            let server;
+            parenthesized!(server in input);
+            let e: Expr = server.parse()?;
+            if !kind.may_be_remote() {
+                errors.push(syn::Error::new(
+                    word.span(),
+                    format!("a {form} runs here (on shapes, or as an edit of the model): it cannot be `.remote(..)`"),
+                ));
+            } else {
+                remote = Some(e);
+            }
         }
     }
     if !input.peek(syn::token::Brace) {
@@ -212,7 +221,7 @@ fn parse_intervene(input: ParseStream, errors: &mut Errors) -> syn::Result<Inter
         )),
         _ => {}
     }
-    Ok(Intervene { root, form: kind, trace, input: input_expr, options, remote, items })
+    Ok(Intervene { root, form: kind, trace, input: input_expr, options, remote, session, items })
 }
 
 /// The one optional input of `trace(..)` / `invoke(..)`; a second one is reported and dropped.

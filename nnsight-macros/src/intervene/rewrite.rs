@@ -45,6 +45,8 @@ pub struct Rewritten {
     pub options: Option<Expr>,
     /// The server of `.remote(SERVER)`.
     pub remote: Option<Expr>,
+    /// The session the block is added to (see [`super::parse::Intervene::session`]).
+    pub session: Option<syn::Ident>,
     /// Rewritten statements and invoke blocks, in order.
     pub items: Vec<Item>,
     /// Top-level bindings to finish after the run, in order.
@@ -61,7 +63,7 @@ pub struct Export {
 
 /// Rewrites every statement of the body and decides the exports.
 pub fn rewrite(ast: Intervene, errors: &mut Errors) -> Rewritten {
-    let Intervene { root, form, trace, input, options, remote, items } = ast;
+    let Intervene { root, form, trace, input, options, remote, session, items } = ast;
     let mut exports = Exports::new(&root);
     let mut rw = Rewriter::new(&root, errors);
     let mut stmt = |s: Stmt, rw: &mut Rewriter| {
@@ -79,7 +81,7 @@ pub fn rewrite(ast: Intervene, errors: &mut Errors) -> Rewritten {
         })
         .collect();
     let exports = exports.finish();
-    Rewritten { root, form, trace, input, options, remote, items, exports }
+    Rewritten { root, form, trace, input, options, remote, session, items, exports }
 }
 
 /// A span with the call site's hygiene (generated names resolve as if written by the user, lints see macro

@@ -101,6 +101,11 @@ pub fn generated(g: &GraphCell) -> super::Proxy<'_, Generated> {
 }
 
 impl<'m, T: GenerateTarget> Generate<'m, T> {
+    /// The decoding options.
+    pub(crate) fn options(&self) -> &T::Options {
+        &self.options
+    }
+
     /// The root envoy: `model` inside the block.
     pub fn root(&self) -> &'m T::View {
         self.trace.root()

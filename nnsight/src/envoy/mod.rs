@@ -1,5 +1,6 @@
 //! The blocks that tie a graph to a model and hand it to a backend to run: `trace` and `scan` ([`Trace`],
-//! [`Scan`]), `generate` ([`Generate`]) and persistent edits ([`Edited`]). What they run on ([`TraceTarget`] and
+//! [`Scan`]), `generate` ([`Generate`]), persistent edits ([`Edited`]), and a remote session of blocks alone sent as
+//! one request ([`Session`]). What they run on ([`TraceTarget`] and
 //! its kin) and how a run goes are the execution layer's ([`crate::exec`]), re-exported here. The typed handles
 //! they build graphs with (envoys, hook points, proxies) live in `crate::handle` and are re-exported here too, so
 //! `nnsight::envoy::Proxy` and the like keep working.
@@ -8,6 +9,7 @@ pub mod edit;
 pub(crate) mod generate;
 mod nnsight;
 pub(crate) mod results;
+pub(crate) mod session;
 pub(crate) mod trace;
 
 pub use crate::exec::{EditList, GenerateTarget, Prepared, ScanTarget, TraceTarget};
@@ -17,6 +19,7 @@ pub use generate::{Generate, Generated};
 pub use nnsight::NNsight;
 pub use results::{
     Cache, CacheOptions, FinishPlain, FinishSaved, FinishUnsaved, FromValue, NotSaved, SavedInsideTheBlock,
-    TraceResults, UnsavedUse,
+    SavedValues, TraceResults, UnsavedUse,
 };
+pub use session::{Session, SessionResults};
 pub use trace::{Scan, Trace};

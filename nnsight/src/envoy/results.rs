@@ -3,6 +3,7 @@
 //! value; an unsaved one becomes [`NotSaved`], whose every use is a compile error saying to `.save()` it).
 
 use crate::graph::{NodeId, Value};
+use crate::handle::builder::GraphCell;
 use crate::handle::proxy::{Proxy, Saved};
 use crate::{Error, Result};
 use std::cell::Cell;
@@ -42,6 +43,24 @@ impl TraceResults {
             },
         })?;
         T::from_value(v)
+    }
+}
+
+/// Where the bindings after a block (or after a session sent as one request) take their saved values from:
+/// [`TraceResults`], or a session's results, which find the block by the graph the proxy belongs to.
+pub trait SavedValues {
+    /// The saved value of `node` of the graph `g`, as a `T`.
+    fn take_saved<T: FromValue>(&mut self, g: &GraphCell, node: NodeId) -> Result<T>;
+    /// Whether `node` of `g` was skipped at the end of its run.
+    fn skipped(&self, g: &GraphCell, node: NodeId) -> bool;
+}
+
+impl SavedValues for TraceResults {
+    fn take_saved<T: FromValue>(&mut self, _: &GraphCell, node: NodeId) -> Result<T> {
+        self.take(node)
+    }
+    fn skipped(&self, _: &GraphCell, node: NodeId) -> bool {
+        self.unreached(node)
     }
 }
 
@@ -178,18 +197,19 @@ impl<T> Finish<T> {
     }
 }
 
-/// A saved proxy becomes its value.
+/// A saved proxy becomes its value (whose results `R` are: a block's, or a session's).
 pub trait FinishSaved {
     /// The value type.
     type Out;
     /// Takes the value from the results.
-    fn __nn_finish(self, r: &mut TraceResults) -> Result<Self::Out>;
+    fn __nn_finish<R: SavedValues>(self, r: &mut R) -> Result<Self::Out>;
 }
 
 impl<'g, T: FromValue> FinishSaved for &&&Finish<Saved<'g, T>> {
     type Out = T;
-    fn __nn_finish(self, r: &mut TraceResults) -> Result<T> {
-        r.take(self.take().0.id)
+    fn __nn_finish<R: SavedValues>(self, r: &mut R) -> Result<T> {
+        let saved = self.take().0;
+        r.take_saved(saved.g, saved.id)
     }
 }
 
@@ -197,9 +217,9 @@ impl<'g, T: FromValue> FinishSaved for &&&Finish<Vec<Saved<'g, T>>> {
     type Out = Vec<T>;
     /// Values saved in generation steps that never came (or after a `stop()`) are left out: the vector holds
     /// those that were computed, in order.
-    fn __nn_finish(self, r: &mut TraceResults) -> Result<Vec<T>> {
-        let ids: Vec<NodeId> = self.take().into_iter().map(|s| s.0.id).filter(|&id| !r.unreached(id)).collect();
-        ids.into_iter().map(|id| r.take(id)).collect()
+    fn __nn_finish<R: SavedValues>(self, r: &mut R) -> Result<Vec<T>> {
+        let kept: Vec<Proxy<'g, T>> = self.take().into_iter().map(|s| s.0).filter(|p| !r.skipped(p.g, p.id)).collect();
+        kept.into_iter().map(|p| r.take_saved(p.g, p.id)).collect()
     }
 }
 
@@ -208,12 +228,12 @@ pub trait FinishUnsaved {
     /// [`NotSaved`].
     type Out;
     /// Marks it unusable.
-    fn __nn_finish(self, r: &mut TraceResults) -> Result<Self::Out>;
+    fn __nn_finish<R: SavedValues>(self, r: &mut R) -> Result<Self::Out>;
 }
 
 impl<'g, T> FinishUnsaved for &&Finish<Proxy<'g, T>> {
     type Out = NotSaved<T>;
-    fn __nn_finish(self, _: &mut TraceResults) -> Result<NotSaved<T>> {
+    fn __nn_finish<R: SavedValues>(self, _: &mut R) -> Result<NotSaved<T>> {
         let _ = self.take();
         Ok(NotSaved(std::marker::PhantomData))
     }
@@ -224,19 +244,19 @@ pub trait FinishPlain {
     /// The same type.
     type Out;
     /// Returns it.
-    fn __nn_finish(self, r: &mut TraceResults) -> Result<Self::Out>;
+    fn __nn_finish<R: SavedValues>(self, r: &mut R) -> Result<Self::Out>;
 }
 
 impl<T> FinishPlain for &Finish<T> {
     type Out = T;
-    fn __nn_finish(self, _: &mut TraceResults) -> Result<T> {
+    fn __nn_finish<R: SavedValues>(self, _: &mut R) -> Result<T> {
         Ok(self.take())
     }
 }
 
 /// What a proxy that was not `.save()`d becomes after the block: nothing can be done with it. To use the value
 /// after the block, call `.save()` on it inside the block.
-pub struct NotSaved<T>(std::marker::PhantomData<T>);
+pub struct NotSaved<T>(pub(crate) std::marker::PhantomData<T>);
 
 /// Never implemented: the bound that makes every use of a [`NotSaved`] value a compile error saying what to do.
 #[diagnostic::on_unimplemented(

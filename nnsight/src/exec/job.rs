@@ -1,7 +1,9 @@
 //! A job: what a request asks a server to run (a graph, its invokes' inputs, the client model's edits, and for a
-//! generation its options), and its local execution ([`run_job`]), which a server's worker calls on its model.
+//! generation its options, or a session's blocks), and its local execution ([`run_job`]), which a server's worker
+//! calls on its model.
 
 use super::run::{run_generate, run_trace, Watch};
+use super::session::SessionBlock;
 use super::target::GenerateTarget;
 use crate::generate::GenerateOptions;
 use crate::graph::Graph;
@@ -37,23 +39,41 @@ pub enum Job {
         #[serde(default)]
         edits: Vec<Graph>,
     },
+    /// A session's blocks (each a trace or a generation job), run one after another in one job; a later block's
+    /// [`Import`]s take values an earlier block saved (see [`super::session`]).
+    Session {
+        /// The blocks, in order.
+        blocks: Vec<SessionBlock>,
+    },
 }
 
 impl Job {
-    /// The graphs of the job (the block's, then the edits').
-    pub fn graphs(&self) -> impl Iterator<Item = &Graph> {
-        let (graph, edits) = match self {
-            Job::Trace { graph, edits, .. } | Job::Generate { graph, edits, .. } => (graph, edits),
-        };
-        std::iter::once(graph).chain(edits.iter())
+    /// The graphs of the job (each block's, then its edits'; a session's blocks in order).
+    pub fn graphs(&self) -> Box<dyn Iterator<Item = &Graph> + '_> {
+        match self {
+            Job::Trace { graph, edits, .. } | Job::Generate { graph, edits, .. } => {
+                Box::new(std::iter::once(graph).chain(edits.iter()))
+            }
+            Job::Session { blocks } => Box::new(blocks.iter().flat_map(|b| b.job.graphs())),
+        }
     }
 
-    /// The graphs of the job, to change (the block's, then the edits').
-    pub fn graphs_mut(&mut self) -> impl Iterator<Item = &mut Graph> {
-        let (graph, edits) = match self {
-            Job::Trace { graph, edits, .. } | Job::Generate { graph, edits, .. } => (graph, edits),
-        };
-        std::iter::once(graph).chain(edits.iter_mut())
+    /// The graphs of the job, to change (in the order of [`Job::graphs`]).
+    pub fn graphs_mut(&mut self) -> Box<dyn Iterator<Item = &mut Graph> + '_> {
+        match self {
+            Job::Trace { graph, edits, .. } | Job::Generate { graph, edits, .. } => {
+                Box::new(std::iter::once(graph).chain(edits.iter_mut()))
+            }
+            Job::Session { blocks } => Box::new(blocks.iter_mut().flat_map(|b| b.job.graphs_mut())),
+        }
+    }
+
+    /// The invokes' inputs of the job (a session's blocks' together).
+    pub fn inputs(&self) -> Vec<&Option<Input>> {
+        match self {
+            Job::Trace { inputs, .. } | Job::Generate { inputs, .. } => inputs.iter().collect(),
+            Job::Session { blocks } => blocks.iter().flat_map(|b| b.job.inputs()).collect(),
+        }
     }
 }
 
@@ -77,5 +97,6 @@ where
             }
             run_generate(target, graph.into(), inputs, options, &edits(extra), watch)
         }
+        Job::Session { blocks } => super::session::run_session(blocks, |job| run_job(target, job, watch)),
     }
 }

@@ -6,6 +6,7 @@
 //! - [`edits`]: persistent edits at run time ([`EditList`], the [`EditHook`] chain).
 //! - [`backend`]: where a block runs ([`Backend`]): [`Here`], or a server's client, which implements it too.
 //! - [`job`]: a [`Job`] (what a request carries) and its local execution on a server's model ([`run_job`]).
+//! - [`session`]: a session's blocks as one job ([`Job::Session`]): values crossing blocks on the server.
 //! - [`merge`]: several trace jobs as one trace and its results split back per job (a server's co-batching).
 
 pub mod backend;
@@ -14,6 +15,7 @@ pub mod edits;
 pub mod job;
 pub mod merge;
 pub mod run;
+pub mod session;
 pub mod target;
 
 pub use backend::{Backend, GenerateBackend, Here, LocalGenerateTarget, LocalTarget};
@@ -21,5 +23,6 @@ pub use batching::{last_passes, with_batching, Batching, PassInfo};
 pub use edits::{EditHook, EditList, PassThrough};
 pub use job::{run_job, Job};
 pub use run::{run_generate, run_scan, run_trace, Program, Watch};
+pub use session::{Import, SessionBlock};
 pub(crate) use target::OrderRecorder;
 pub use target::{GenerateTarget, Prepared, ScanTarget, TraceTarget};

@@ -103,6 +103,16 @@ impl<'g> IntoTensorProxy<'g> for Saved<'g, Tensor> {
         self.0
     }
 }
+impl<'g> IntoTensorProxy<'g> for &Proxy<'g, Tensor> {
+    fn into_proxy(self, _: &'g GraphCell) -> Proxy<'g, Tensor> {
+        *self
+    }
+}
+impl<'g> IntoTensorProxy<'g> for &Saved<'g, Tensor> {
+    fn into_proxy(self, _: &'g GraphCell) -> Proxy<'g, Tensor> {
+        self.0
+    }
+}
 impl<'g> IntoTensorProxy<'g> for &Tensor {
     fn into_proxy(self, g: &'g GraphCell) -> Proxy<'g, Tensor> {
         g.constant_tensor(self)
@@ -417,20 +427,36 @@ impl<'g> IntoLeft<'g> for Saved<'g, Tensor> {
         self.0
     }
 }
+impl<'g> IntoLeft<'g> for &Proxy<'g, Tensor> {
+    fn into_left(self) -> Proxy<'g, Tensor> {
+        *self
+    }
+}
+impl<'g> IntoLeft<'g> for &Saved<'g, Tensor> {
+    fn into_left(self) -> Proxy<'g, Tensor> {
+        self.0
+    }
+}
 
 // ---- operators ---------------------------------------------------------------------------------------------------
 
 // Operators take concrete right-hand sides (no blanket impl), and numbers only as `f64` and `i64`, so that a
-// literal (`h * 2.0`, `h + 1`) has exactly one candidate and `let y = h * 2.0; y.sum()` type-checks.
+// literal (`h * 2.0`, `h + 1`) has exactly one candidate and `let y = h * 2.0; y.sum()` type-checks. A proxy by
+// reference works as by value (`&h * 2.0` reads the same whether `h` is a tensor or, in a session sent as one
+// request, an earlier block's saved proxy).
 macro_rules! binary_ops {
     ($($trait:ident $method:ident $kind:ident),*) => {$(
         binary_ops!(@lhs $trait $method $kind Proxy<'g, Tensor>);
         binary_ops!(@lhs $trait $method $kind Saved<'g, Tensor>);
+        binary_ops!(@lhs $trait $method $kind &Proxy<'g, Tensor>);
+        binary_ops!(@lhs $trait $method $kind &Saved<'g, Tensor>);
         binary_ops!(@scalars $trait $method $kind f64 i64);
     )*};
     (@lhs $trait:ident $method:ident $kind:ident $lhs:ty) => {
         binary_ops!(@rhs $trait $method $kind $lhs, Proxy<'g, Tensor>);
         binary_ops!(@rhs $trait $method $kind $lhs, Saved<'g, Tensor>);
+        binary_ops!(@rhs $trait $method $kind $lhs, &Proxy<'g, Tensor>);
+        binary_ops!(@rhs $trait $method $kind $lhs, &Saved<'g, Tensor>);
         binary_ops!(@rhs $trait $method $kind $lhs, &Tensor);
         binary_ops!(@rhs $trait $method $kind $lhs, Tensor);
     };
@@ -450,6 +476,18 @@ macro_rules! binary_ops {
             }
         }
         impl<'g> std::ops::$trait<$s> for Saved<'g, Tensor> {
+            type Output = Proxy<'g, Tensor>;
+            fn $method(self, rhs: $s) -> Proxy<'g, Tensor> {
+                std::ops::$trait::$method(self.0, rhs)
+            }
+        }
+        impl<'g> std::ops::$trait<$s> for &Proxy<'g, Tensor> {
+            type Output = Proxy<'g, Tensor>;
+            fn $method(self, rhs: $s) -> Proxy<'g, Tensor> {
+                std::ops::$trait::$method(*self, rhs)
+            }
+        }
+        impl<'g> std::ops::$trait<$s> for &Saved<'g, Tensor> {
             type Output = Proxy<'g, Tensor>;
             fn $method(self, rhs: $s) -> Proxy<'g, Tensor> {
                 std::ops::$trait::$method(self.0, rhs)

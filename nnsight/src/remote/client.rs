@@ -103,6 +103,13 @@ impl Remote {
         self.wait(&id)
     }
 
+    /// Runs a session's `blocks` as one job ([`Job::Session`]) and waits for it; each block's saved values.
+    pub fn run_session(&self, blocks: Vec<crate::exec::SessionBlock>) -> Result<Vec<Finished>> {
+        let sizes: Vec<usize> = blocks.iter().map(|b| b.job.graphs().next().map_or(0, |g| g.nodes.len())).collect();
+        let all = self.run(Job::Session { blocks })?;
+        crate::exec::session::split(all, &sizes)
+    }
+
     /// Submits `job` without waiting; returns its id (for [`Remote::status`], [`Remote::wait`], [`Remote::fetch`]).
     pub fn submit(&self, job: Job) -> Result<String> {
         let request = Request { protocol: PROTOCOL_VERSION, model: self.model.clone(), job };

@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 /// The version of the wire format. A request of another version is refused with an error naming both.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 3 added session jobs ([`Job::Session`]).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The metadata key holding the JSON part.
 const KEY: &str = "nnsight";
@@ -98,6 +99,9 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request> {
                 d.data = t.data().to_vec();
             }
         }
+    }
+    if let Job::Session { blocks } = &request.job {
+        crate::exec::session::validate(blocks)?;
     }
     Ok(request)
 }

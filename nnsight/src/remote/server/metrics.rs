@@ -31,11 +31,9 @@ pub struct JobFacts {
 impl JobFacts {
     /// The facts of `job` for `model`, submitted with the `Authorization` header `authorization`.
     pub fn of(job: &Job, model: &str, authorization: Option<&str>) -> Self {
-        let inputs = match job {
-            Job::Trace { inputs, .. } | Job::Generate { inputs, .. } => inputs,
-        };
-        let rows = inputs
-            .iter()
+        let rows = job
+            .inputs()
+            .into_iter()
             .map(|i| match i {
                 Some(Input::Text(_)) => 1,
                 Some(Input::Texts(t)) => t.len() as u64,
