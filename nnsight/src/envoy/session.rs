@@ -104,8 +104,11 @@ pub trait SessionPart {
     fn session_job(&self) -> Result<(&GraphCell, Job)>;
 }
 
-/// The job's graph and the target's persistent edits, as a server gets them.
-fn parts<T: TraceTarget>(tr: &Trace<'_, T>, form: &str) -> Result<(Graph, Vec<Option<T::Input>>, Vec<Graph>)> {
+/// A block's graph, its invokes' inputs and its target's persistent edits.
+type Parts<I> = (Graph, Vec<Option<I>>, Vec<Graph>);
+
+/// The job's graph, inputs and the target's persistent edits, as a server gets them.
+fn parts<T: TraceTarget>(tr: &Trace<'_, T>, form: &str) -> Result<Parts<T::Input>> {
     let inputs = tr.take_inputs(form)?;
     let graph = tr.graph().inner.borrow().graph.clone();
     crate::graph::note_run(&graph);
