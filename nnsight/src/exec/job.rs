@@ -40,7 +40,7 @@ pub enum Job {
         edits: Vec<Graph>,
     },
     /// A session's blocks (each a trace or a generation job), run one after another in one job; a later block's
-    /// [`Import`]s take values an earlier block saved (see [`super::session`]).
+    /// [`Import`](super::session::Import)s take values an earlier block saved (see [`super::session`]).
     Session {
         /// The blocks, in order.
         blocks: Vec<SessionBlock>,
