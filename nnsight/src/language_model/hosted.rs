@@ -19,7 +19,7 @@ where
     }
 
     fn batch_shape(&self, job: &Job) -> Option<(usize, usize)> {
-        let (Job::Trace { inputs, .. } | Job::Generate { inputs, .. }) = job;
+        let (Job::Trace { inputs, .. } | Job::Generate { inputs, .. }) = job else { return None };
         let (mut rows, mut len) = (0, 0);
         for input in inputs {
             for row in self.rows_of(input.clone()?).ok()? {
