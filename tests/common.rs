@@ -116,3 +116,21 @@ impl Drop for DropCount {
         self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// An HTTP server on a free loopback port in front of `queue`, serving `info` under its name, with `policy` and
+/// `limits` (the servers of the co-batching tests).
+pub fn serve_queue(
+    queue: Box<dyn nnsight::remote::JobQueue>,
+    info: nnsight::remote::ModelInfo,
+    policy: nnsight::remote::CoBatch,
+    limits: nnsight::remote::Limits,
+) -> nnsight::remote::Server {
+    let options = nnsight::remote::ServeOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        limits,
+        co_batch: policy,
+        ..Default::default()
+    };
+    let infos = std::collections::HashMap::from([(info.name.clone(), info)]);
+    nnsight::remote::Server::start_with(queue, infos, options).expect("start the server")
+}

@@ -22,7 +22,6 @@ use nnsight::remote::{
     BatchCounters, CoBatch, JobState, Limits, RedisOptions, RedisQueue, Remote, ServeOptions, Server,
 };
 use nnsight::Error;
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -421,10 +420,7 @@ fn serve_here(redis: &RedisServer, policy: CoBatch, limits: Limits) -> (Server, 
     let queue = RedisQueue::start_with(models, 64, limits.clone(), RedisOptions::new(redis.url()), policy)
         .expect("join the broker");
     let counters = queue.counters("tiny").expect("the model's counters");
-    let options =
-        ServeOptions { listen: "127.0.0.1:0".parse().unwrap(), limits, co_batch: policy, ..Default::default() };
-    let infos = HashMap::from([("tiny".to_string(), info)]);
-    (Server::start_with(Box::new(queue), infos, options).expect("start the server"), counters)
+    (common::serve_queue(Box::new(queue), info, policy, limits), counters)
 }
 
 /// Batches of exactly `rows` rows: a worker waits up to 20 s for them, so what merges is decided by the policy.

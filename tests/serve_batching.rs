@@ -10,9 +10,8 @@ use nnsight::exec::{run_job, Job};
 use nnsight::graph::{BinaryOp, Graph, NodeId, Op, Point, ReduceOp, TensorOp};
 use nnsight::prelude::*;
 use nnsight::remote::server::model_info;
-use nnsight::remote::{BatchCounters, CoBatch, Hosted, Limits, LocalQueue, Remote, ServeOptions, Server};
+use nnsight::remote::{BatchCounters, CoBatch, Hosted, Limits, LocalQueue, Remote, Server};
 use nnsight::SharedModel;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,10 +20,7 @@ fn serve<H: Hosted>(copies: Vec<H>, policy: CoBatch, limits: Limits) -> (Server,
     let info = model_info("tiny", &copies[0]).expect("describe the model");
     let queue = LocalQueue::start_pools_with(vec![("tiny".into(), copies)], 64, limits.clone(), policy);
     let counters = queue.counters("tiny").expect("the model's counters");
-    let options =
-        ServeOptions { listen: "127.0.0.1:0".parse().unwrap(), limits, co_batch: policy, ..Default::default() };
-    let infos = HashMap::from([("tiny".to_string(), info)]);
-    (Server::start_with(Box::new(queue), infos, options).expect("start the server"), counters)
+    (common::serve_queue(Box::new(queue), info, policy, limits), counters)
 }
 
 /// Batches of exactly `rows` rows: a worker waits up to 20 s for them.

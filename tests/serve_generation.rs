@@ -26,10 +26,7 @@ fn serve_within(limits: Limits) -> (Server, Arc<BatchCounters>) {
     let policy = CoBatch::default();
     let queue = LocalQueue::start_pools_with(vec![("smollm2".into(), vec![model])], 64, limits.clone(), policy);
     let counters = queue.counters("smollm2").expect("the model's counters");
-    let options =
-        ServeOptions { listen: "127.0.0.1:0".parse().unwrap(), limits, co_batch: policy, ..Default::default() };
-    let infos = HashMap::from([("smollm2".to_string(), info)]);
-    (Server::start_with(Box::new(queue), infos, options).expect("start the server"), counters)
+    (common::serve_queue(Box::new(queue), info, policy, limits), counters)
 }
 
 fn greedy(n: usize) -> GenerateOptions {
