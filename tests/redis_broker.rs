@@ -539,3 +539,43 @@ fn a_failing_job_in_a_redis_batch_leaves_the_others_as_they_are_alone() {
     assert_eq!((counters.merged_jobs(), counters.reruns()), (0, 3));
     assert_eq!(metric(&server, "nnsight_batch_reruns_total{model=\"tiny\"}"), 3.0);
 }
+
+#[test]
+fn generations_through_redis_join_a_running_continuous_batch() -> nnsight::Result<()> {
+    common::init();
+    let redis = RedisServer::start();
+    let served = LanguageModel::<Llama>::load_with(common::smollm2_path(), common::opts())?;
+    let info = model_info("smollm2", &served)?;
+    let (limits, policy) = (Limits::default(), CoBatch::default());
+    let models = vec![("smollm2".to_string(), vec![served])];
+    let queue = RedisQueue::start_with(models, 64, limits.clone(), RedisOptions::new(redis.url()), policy)?;
+    let counters = queue.counters("smollm2").expect("the model's counters");
+    let server = common::serve_queue(Box::new(queue), info, policy, limits);
+    let r = Remote::new(server.url(), "smollm2");
+    let generation = |prompt: &str, n: usize| {
+        let mut g = Graph::default();
+        let ids = g.push(Op::Generated, 0);
+        g.push(Op::Save { value: ids }, 0);
+        let options = nnsight::GenerateOptions::new().max_new_tokens(n).stop_ids([]);
+        Job::Generate { graph: g, inputs: vec![Some(prompt.into())], options, edits: vec![] }
+    };
+    // A long generation first; two more arrive while it decodes and join it between steps.
+    let jobs = [
+        generation("The Eiffel Tower is in the city of", 80),
+        generation("Madrid is", 10),
+        generation("One, two, three, four, five,", 12),
+    ];
+    let first = r.submit(jobs[0].clone())?;
+    std::thread::sleep(Duration::from_millis(200));
+    let rest: Vec<String> = jobs[1..].iter().map(|j| r.submit(j.clone())).collect::<nnsight::Result<_>>()?;
+    let guard = common::smollm2();
+    for (job, id) in jobs.iter().zip(std::iter::once(&first).chain(&rest)) {
+        let got = r.wait(id)?;
+        let alone = nnsight::exec::run_job(&*guard, job, None)?;
+        assert_same(&got, &alone);
+    }
+    assert_eq!(counters.continuous_jobs(), 3);
+    let (steps, rows) = (counters.decode_steps(), counters.decode_step_rows());
+    assert!(rows > steps + 10, "{rows} rows in {steps} steps: the later jobs joined the running one");
+    Ok(())
+}

@@ -50,7 +50,7 @@ pub(super) fn work<H: Hosted>(shared: &Arc<Shared>, model: &H, name: &str) {
                         con = None;
                     }
                 }
-                run_batch(shared, model, name, taken);
+                run_batch(shared, model, name, &stream, taken);
             }
             Ok(None) => pause = Duration::from_millis(100),
             Err(e) if e.code() == Some("NOGROUP") => {
@@ -149,15 +149,25 @@ fn gather<H: Hosted>(
     Ok(())
 }
 
-/// Runs the jobs taken (oldest first) through co-batching; each stores its end as it settles.
-fn run_batch<H: Hosted>(shared: &Arc<Shared>, model: &H, name: &str, taken: Vec<Taken<RedisJob>>) {
+/// Runs the jobs taken (oldest first) through co-batching; each stores its end as it settles. A continuous batch
+/// of generations among them reads the stream's new entries between its decode steps (without waiting):
+/// generations join it, other jobs run there.
+fn run_batch<H: Hosted>(shared: &Arc<Shared>, model: &H, name: &str, stream: &str, taken: Vec<Taken<RedisJob>>) {
     let Some(counters) = shared.counters.get(name) else { return };
     let n = taken.len() as u64;
     if n == 0 {
         return;
     }
     let begun = Instant::now();
-    run_taken(model, taken, &shared.limits, &shared.policy, counters, None);
+    let mut more = || -> Vec<RedisJob> {
+        if shared.stop.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let entries = shared.pool.with(|c| read_new(shared, c, stream, shared.policy.max_rows, None));
+        let entries = entries.unwrap_or_default();
+        entries.into_iter().filter_map(|e| take(shared, model, name, stream, e)).map(|(job, _)| job).collect()
+    };
+    run_taken(model, taken, &shared.limits, &shared.policy, counters, Some(&mut more));
     if let Some(mean) = shared.mean_ms.get(name) {
         // The mean time between two jobs ending, for "retry after".
         let ms = begun.elapsed().as_millis() as u64 / n;
