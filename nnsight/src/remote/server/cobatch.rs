@@ -9,8 +9,8 @@
 //! alone streams them as they come.
 //!
 //! What merges: trace jobs whose batches alone have the same padded length (padding a job's rows further would
-//! change its values' shapes) and equal persistent edits. Generation jobs, jobs that take gradients, skip modules
-//! or have whole-batch invokes run alone.
+//! change its values' shapes) and equal persistent edits. Generation jobs that can join run as one continuous
+//! batch (`server/continuous.rs`); jobs that take gradients, skip modules or have whole-batch invokes run alone.
 //!
 //! The in-process queue's jobs ([`QueuedJob`]) and the Redis broker's (whose events, state and result live in
 //! Redis) run through the same code: each is a [`Member`], which says where its events go and how it ends.
