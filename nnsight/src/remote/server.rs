@@ -21,7 +21,7 @@
 //! This file holds what touches the hosted models ([`Hosted`]: a `LanguageModel` is one): starting and stopping a
 //! server, and the in-process queue ([`LocalQueue`], whose worker threads own the models and run their jobs). The rest is one thing per file:
 //! `server/routes.rs` (the route table, the handlers and the jobs they remember), `server/auth.rs` (the key check,
-//! one layer over the routes), `server/jobs.rs` (a job's record and the [`JobQueue`] interface) and
+//! one layer over the routes), `server/jobs.rs` (a job's record and the [`JobQueue`] interface),
 //! `server/cobatch.rs` (waiting jobs run together as one batch: [`CoBatch`]) and `server/continuous.rs` (generation
 //! jobs joining and leaving one batch between decode steps).
 
