@@ -225,21 +225,8 @@ pub(super) fn run_streaming<H: Hosted>(
     cancel: &std::sync::atomic::AtomicBool,
     emit: impl Fn(&'static str, String) + Clone + 'static,
 ) -> std::result::Result<Vec<u8>, WireError> {
-    let (for_logs, for_values) = (emit.clone(), emit);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        crate::interleave::capture_logs_with(
-            move |line| for_logs("log", serde_json::json!({ "line": line }).to_string()),
-            || {
-                crate::interleave::capture_sent(
-                    move |label, t| {
-                        if let Ok(tensor) = TensorData::from_tensor(&t) {
-                            for_values("value", json(&SentValue { label, tensor }).unwrap_or_default());
-                        }
-                    },
-                    || execute(model, job, limits, cancel).and_then(|f| protocol::encode_result(&f)),
-                )
-            },
-        )
+        with_events(emit, || execute(model, job, limits, cancel).and_then(|f| protocol::encode_result(&f)))
     }));
     match outcome {
         Ok(result) => result.map_err(|e| WireError::from(&e)),
@@ -247,6 +234,36 @@ pub(super) fn run_streaming<H: Hosted>(
             Err(WireError::Other { message: format!("the job failed: {}", crate::error::panic_text(&*panic)) })
         }
     }
+}
+
+/// Runs `f` with this thread's `log!` lines and `send!` values handed to `emit` as a job's events as they come
+/// ([`log_event`], [`value_event`]): what every way of running a job streams.
+pub(super) fn with_events<T>(emit: impl Fn(&'static str, String) + Clone + 'static, f: impl FnOnce() -> T) -> T {
+    let (for_logs, for_values) = (emit.clone(), emit);
+    crate::interleave::capture_logs_with(
+        move |line| for_logs("log", log_event(&line)),
+        || {
+            crate::interleave::capture_sent(
+                move |label, t| {
+                    if let Some(data) = value_event(label, &t) {
+                        for_values("value", data);
+                    }
+                },
+                f,
+            )
+        },
+    )
+}
+
+/// The data of a `log` event: `{"line": ..}`.
+pub(super) fn log_event(line: &str) -> String {
+    serde_json::json!({ "line": line }).to_string()
+}
+
+/// The data of a `value` event (a [`SentValue`]); `None` for a tensor that cannot travel.
+pub(super) fn value_event(label: String, t: &tch::Tensor) -> Option<String> {
+    let tensor = TensorData::from_tensor(t).ok()?;
+    Some(json(&SentValue { label, tensor }).unwrap_or_default())
 }
 
 /// Ends a job's record with its outcome: its result bytes or its error.

@@ -17,10 +17,9 @@
 
 use super::super::execute::{check, check_saved, Hosted, Limits};
 use super::super::protocol;
-use super::super::wire::{json, JobState, SentValue, WireError};
+use super::super::wire::{JobState, WireError};
 use super::jobs::QueuedJob;
 use crate::exec::merge::{merge, mergeable, same_edits};
-use crate::graph::TensorData;
 use crate::{Error, Result};
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -330,7 +329,6 @@ fn run_merged<H: Hosted, M: Member>(model: &H, group: Vec<M>, rows: usize, limit
             }
         }
     };
-    let route_sent = route.clone();
     let start = Instant::now();
     let seconds = limits.wall_time.as_secs_f64();
     let watch = || -> Result<()> {
@@ -341,19 +339,9 @@ fn run_merged<H: Hosted, M: Member>(model: &H, group: Vec<M>, rows: usize, limit
         Ok(())
     };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        crate::interleave::capture_logs_with(
-            move |line| route("log", serde_json::json!({ "line": line }).to_string()),
-            || {
-                crate::interleave::capture_sent(
-                    move |label, t| {
-                        if let Ok(tensor) = TensorData::from_tensor(&t) {
-                            route_sent("value", json(&SentValue { label, tensor }).unwrap_or_default());
-                        }
-                    },
-                    || crate::interleave::with_value_cap(limits.value_bytes, || model.run_job(&merged.job, &watch)),
-                )
-            },
-        )
+        super::with_events(route, || {
+            crate::interleave::with_value_cap(limits.value_bytes, || model.run_job(&merged.job, &watch))
+        })
     }));
     let Ok(Ok(finished)) = outcome else {
         // Nothing of the batch reached its jobs: each runs alone, as it would have without co-batching.

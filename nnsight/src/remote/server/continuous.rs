@@ -9,10 +9,9 @@
 
 use super::super::execute::{check, check_saved, Arrivals, Hosted, Joining, Limits};
 use super::super::protocol;
-use super::super::wire::{json, SentValue, WireError};
+use super::super::wire::WireError;
 use super::cobatch::{BatchCounters, CoBatch, Member};
 use crate::exec::merge::same_edits;
-use crate::graph::TensorData;
 use crate::{Error, Result};
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -75,11 +74,11 @@ impl<H: Hosted, M: Member + 'static> Source<'_, '_, H, M> {
         };
         let log = {
             let emit = emit.clone();
-            Rc::new(move |line: String| emit("log", serde_json::json!({ "line": line }).to_string()))
+            Rc::new(move |line: String| emit("log", super::log_event(&line)))
         };
         let sent = Rc::new(move |label: String, t: tch::Tensor| {
-            if let Ok(tensor) = TensorData::from_tensor(&t) {
-                emit("value", json(&SentValue { label, tensor }).unwrap_or_default());
+            if let Some(data) = super::value_event(label, &t) {
+                emit("value", data);
             }
         });
         let what = job.job().clone();
